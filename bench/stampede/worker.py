@@ -1,0 +1,129 @@
+"""A load process: holds up to ~18,000 devices under gevent and obeys the controller.
+
+Started by `controller.py` as `python -m bench.stampede.worker '<json settings>'`.
+It reads one JSON command per line on stdin (connect, drop, events, stop) and
+writes its counters as one JSON line per second on stdout. When stdin closes
+(the controller died) it exits, so no load process outlives its run.
+"""
+
+from __future__ import annotations
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import random
+import resource
+import sys
+import time
+from typing import Any
+
+import gevent
+import orjson
+from gevent.fileobject import FileObjectPosix
+from gevent.lock import BoundedSemaphore
+
+from bench.stampede.device import Device, World, live
+from bench.stampede.links import Target
+
+EVENT_TICK = 0.1
+
+
+class Worker:
+    def __init__(self, settings: dict[str, Any]) -> None:
+        targets = [Target(url) for url in settings["targets"]]
+        self.number = settings["worker"]
+        self.world = World(
+            targets=targets, sources=settings["sources"], floor=settings["floor"],
+            gate=BoundedSemaphore(settings["concurrency"]),
+            connect_timeout=settings["connect_timeout"],
+            welcome_timeout=settings["welcome_timeout"], heartbeat=settings["heartbeat"])
+        secret = settings["secret"].encode()
+        first, count = settings["first"], settings["count"]
+        self.devices = [
+            Device(f"{settings['prefix']}-{index:06d}", secret, targets[index % len(targets)])
+            for index in range(first, first + count)]
+        self.greenlets: list[gevent.Greenlet] = []
+        self.event_rate = 0.0
+        self.event_seq = 0
+        self.out = FileObjectPosix(sys.stdout.fileno(), "wb", close=False)
+
+    def connect(self, jitter: float) -> None:
+        """Start every device, each after a random delay of up to `jitter` seconds."""
+        self.drop()
+        self.greenlets = [gevent.spawn_later(random.uniform(0, jitter), live, device, self.world)
+                          for device in self.devices]
+
+    def drop(self) -> None:
+        """Close every connection at once (the devices' own doing, so nothing counts as lost)."""
+        gevent.killall(self.greenlets)
+        self.greenlets = []
+
+    def report_forever(self) -> None:
+        while True:
+            gevent.sleep(1.0)
+            line = {"worker": self.number, "t": time.time(), **self.world.stats.report()}
+            self.out.write(orjson.dumps(line) + b"\n")
+            self.out.flush()
+
+    def heartbeats_forever(self) -> None:
+        """Ping from every device once per heartbeat; phases are spread at connect time."""
+        while True:
+            gevent.sleep(1.0)
+            now = time.monotonic()
+            for device in self.devices:
+                if device.link is not None and now >= device.next_ping:
+                    device.next_ping = now + device.heartbeat
+                    device.send({"type": "ping"})
+
+    def events_forever(self) -> None:
+        """Send events at `event_rate` per second from random connected devices."""
+        owed = 0.0
+        while True:
+            gevent.sleep(EVENT_TICK)
+            owed += self.event_rate * EVENT_TICK
+            while owed >= 1:
+                owed -= 1
+                self.send_event(random.choice(self.devices))
+
+    def send_event(self, device: Device) -> None:
+        self.event_seq += 1
+        event_id = f"w{self.number}-{self.event_seq}"
+        if device.send({"type": "event", "id": event_id, "name": "bench.tick",
+                        "data": {"seq": self.event_seq}}):
+            device.pending[event_id] = time.monotonic()
+            self.world.stats.events_sent += 1
+
+    def obey(self) -> None:
+        """Run controller commands until `stop` or until stdin closes."""
+        commands = FileObjectPosix(sys.stdin.fileno(), "rb", close=False)
+        while line := commands.readline():
+            command = orjson.loads(line)
+            op = command["op"]
+            if op == "connect":
+                self.connect(command.get("jitter", 0.0))
+            elif op == "drop":
+                self.drop()
+            elif op == "events":
+                self.event_rate = float(command["rate"])
+            elif op == "stop":
+                break
+        self.drop()
+
+
+def raise_file_limit() -> None:
+    """Use the hard open-file limit: every device is a file."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def main() -> None:
+    raise_file_limit()
+    worker = Worker(orjson.loads(sys.argv[1]))
+    for forever in (worker.report_forever, worker.heartbeats_forever, worker.events_forever):
+        gevent.spawn(forever)
+    worker.obey()
+
+
+if __name__ == "__main__":
+    main()
