@@ -1,0 +1,27 @@
+# Two commands: `make run` starts the gateway, `make test` runs the whole suite.
+# Both create .venv and install the pinned requirements first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test lint rabbitmq bench
+
+$(BIN)/activate: requirements.txt tests/requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r tests/requirements.txt
+	touch $(BIN)/activate
+
+run: $(BIN)/activate
+	$(BIN)/gunicorn -c gunicorn.conf.py wsgi:app
+
+test: $(BIN)/activate rabbitmq
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+lint: $(BIN)/activate
+	$(BIN)/ruff check .
+
+# Make sure RabbitMQ answers on 127.0.0.1:5672 (tests talk to the real broker).
+rabbitmq:
+	@./.ci/ensure-rabbitmq

@@ -1,0 +1,111 @@
+"""A small backend client for Warren over RabbitMQ: send commands, wait for replies, read events.
+
+What a backend service (or a test, or a person at a prompt) uses to talk to
+devices without knowing where their connections live:
+
+    with BackendClient("amqp://guest:guest@127.0.0.1:5672//") as backend:
+        reply = backend.command("lock-0001", "unlock", {"for": 5}, timeout=5)
+        for event in backend.events("lock-0001.#", timeout=10): ...
+
+Commands are published mandatory to `devices.commands` with `reply_to` set to
+RabbitMQ's direct reply-to pseudo-queue, so a device with no session anywhere
+comes back at once as `offline` (PROTOCOL.md section 5). The client is
+blocking and single-threaded: one connection, used by one caller.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+from kombu import Connection
+
+from app.broker import COMMANDS, EVENTS
+
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+
+
+class BackendClient:
+    def __init__(self, url: str) -> None:
+        self.connection = Connection(url, connect_timeout=5)
+        self.connection.connect()
+        self.channel = self.connection.channel()
+        self._replies: dict[str, dict[str, Any]] = {}
+        self._returned: set[str] = set()
+        self.channel.events["basic_return"].add(self._on_return)
+        self.channel.basic_consume(DIRECT_REPLY_TO, no_ack=True, callback=self._on_reply)
+
+    def __enter__(self) -> BackendClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.connection.release()
+
+    # -- commands -------------------------------------------------------------------
+    def send(self, device: str, name: str, data: Any = None, timeout: float = 5.0) -> str:
+        """Publish a command without waiting; returns its id (also its correlation id)."""
+        command_id = uuid.uuid4().hex
+        message = self.channel.prepare_message(
+            orjson.dumps({"name": name, "data": data}), content_type="application/json",
+            properties={"message_id": command_id, "correlation_id": command_id,
+                        "reply_to": DIRECT_REPLY_TO, "expiration": str(max(1, int(timeout * 1000))),
+                        "timestamp": int(time.time())})
+        self.channel.basic_publish(message, exchange=COMMANDS.name, routing_key=device, mandatory=True)
+        return command_id
+
+    def wait(self, command_id: str, timeout: float = 5.0) -> dict[str, Any]:
+        """The device's reply `{"device","id","ok","data","error"}`; `offline` at once if nobody holds it.
+
+        Raises TimeoutError when neither a reply nor a return comes within `timeout`.
+        """
+        deadline = time.monotonic() + timeout
+        while command_id not in self._replies:
+            if command_id in self._returned:
+                self._returned.discard(command_id)
+                return {"id": command_id, "ok": False, "data": None, "error": "offline"}
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no reply to command {command_id} within {timeout:g}s")
+            try:
+                self.connection.drain_events(timeout=min(remaining, 1.0))
+            except TimeoutError:
+                continue
+        return self._replies.pop(command_id)
+
+    def command(self, device: str, name: str, data: Any = None, timeout: float = 5.0) -> dict[str, Any]:
+        """Send a command and wait for its reply."""
+        return self.wait(self.send(device, name, data, timeout), timeout)
+
+    def _on_reply(self, message: Any) -> None:
+        correlation_id = message.properties.get("correlation_id")
+        if correlation_id:
+            self._replies[correlation_id] = orjson.loads(message.body)
+
+    def _on_return(self, exception: Any, exchange: str, routing_key: str, message: Any) -> None:
+        self._returned.add(message.properties.get("correlation_id", ""))
+
+    # -- events ---------------------------------------------------------------------
+    def events(self, binding: str = "#", timeout: float = 10.0) -> Iterator[dict[str, Any]]:
+        """Yield device events (and presence) matching a topic binding, until `timeout` of silence."""
+        channel = self.connection.channel()
+        try:
+            queue, _, _ = channel.queue_declare(queue="", exclusive=True, auto_delete=True)
+            channel.queue_bind(queue, EVENTS.name, routing_key=binding)
+            received: list[dict[str, Any]] = []
+            channel.basic_consume(queue, no_ack=True,
+                                  callback=lambda message: received.append(orjson.loads(message.body)))
+            while True:
+                while received:
+                    yield received.pop(0)
+                try:
+                    self.connection.drain_events(timeout=timeout)
+                except TimeoutError:
+                    return
+        finally:
+            channel.close()

@@ -1,0 +1,581 @@
+"""The worker's RabbitMQ side: two kombu connections, each owned by its own pair of greenlets.
+
+Why two connections: RabbitMQ blocks *publishing* connections under memory or
+disk alarms; commands and takeover notices must keep flowing to devices while
+events are refused, so consuming lives on a connection that never publishes events.
+
+Why a reader and a writer per connection: a py-amqp connection is not safe for
+two greenlets at once. Exactly one greenlet reads (`drain_events`), exactly one
+writes (it drains an outbox queue that any session may fill without blocking),
+and the reader's rare protocol writes (close-ok) go through the same lock as the
+writer's frames. Sessions never touch a socket of RabbitMQ.
+
+Publisher confirms are pipelined: each publish gets the channel's next delivery
+tag and a callback; `basic.ack`/`basic.nack` (possibly `multiple`) resolve them
+in order, a `basic.return` that precedes the ack marks an event unroutable.
+
+A lost connection is not a crash: the link marks itself down, fails what was in
+flight with `broker_unavailable`, reconnects with exponential backoff and jitter,
+re-declares, re-binds every live device and carries on. Only a bug (an exception
+nobody expected) ends the link's greenlet, and then its supervisor decides.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+import time
+import uuid
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import gevent
+import orjson
+from gevent.event import AsyncResult, Event
+from gevent.lock import RLock
+from gevent.queue import Empty, Queue
+from kombu import Connection, Consumer, Exchange, Queue as KombuQueue
+
+from app import metrics
+
+log = logging.getLogger("warren.broker")
+
+EVENTS = Exchange("devices.events", type="topic", durable=True)
+COMMANDS = Exchange("devices.commands", type="direct", durable=True)
+TAKEOVER_TYPE = "warren.takeover"
+DEFAULT_COMMAND_TTL = 60.0
+CONFIRM_TIMEOUT = 10.0
+BACKOFF_FIRST, BACKOFF_MAX = 0.2, 10.0
+HEARTBEAT = 20
+
+# Why the link went down. Errors a network or a broker can cause; anything else is a bug.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (OSError, socket.timeout, EOFError)
+try:
+    import amqp.exceptions
+
+    CONNECTION_ERRORS += (amqp.exceptions.AMQPError,)
+except ImportError:  # pragma: no cover - amqp comes with kombu
+    pass
+
+Done = Callable[[str | None], None]
+"""A publish's outcome: None once RabbitMQ confirmed it, else the nack reason."""
+
+
+@dataclass
+class Command:
+    """A command taken from this worker's queue, on its way to a device."""
+
+    device: str
+    id: str
+    name: str
+    data: Any
+    reply_to: str | None
+    correlation_id: str
+    deadline: float  # time.monotonic() after which it must not reach the device
+
+
+@dataclass
+class _Pending:
+    done: Done
+    message_id: str
+    deadline: float
+
+
+def backoff_delays(first: float = BACKOFF_FIRST, maximum: float = BACKOFF_MAX):
+    """Exponential backoff with full jitter, so that workers do not reconnect in step."""
+    delay = first
+    while True:
+        yield random.uniform(first / 2, delay)
+        delay = min(maximum, delay * 2)
+
+
+class Link:
+    """One kombu connection and channel with its reader and writer greenlets.
+
+    Subclasses say what to declare after (re)connecting (`setup`) and what to do
+    with deliveries; everything that writes goes through `submit`.
+    """
+
+    role = "link"
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.connected = Event()
+        self.outbox: Queue = Queue()
+        self.channel: Any = None
+        self.connection: Connection | None = None
+        self._lost: Event = Event()
+        self.reconnects = 0
+
+    # -- called from any greenlet -------------------------------------------
+    def submit(self, operation: Callable[[], None]) -> None:
+        """Queue a write for the writer greenlet; never blocks."""
+        self.outbox.put(operation)
+
+    @property
+    def is_amqp(self) -> bool:
+        return not self.url.startswith("memory://")
+
+    # -- the link's own greenlet --------------------------------------------
+    def run(self) -> None:
+        """Connect, serve, and reconnect forever; return only when killed."""
+        delays = backoff_delays()
+        while True:
+            try:
+                self._connect()
+            except CONNECTION_ERRORS as exc:
+                delay = next(delays)
+                log.warning("%s: cannot reach RabbitMQ (%s); retrying in %.1fs", self.role, exc, delay)
+                gevent.sleep(delay)
+                continue
+            delays = backoff_delays()
+            try:
+                self._serve()
+            except CONNECTION_ERRORS as exc:
+                log.warning("%s: lost RabbitMQ (%s)", self.role, exc)
+            finally:
+                self._teardown()
+            gevent.sleep(next(delays))
+
+    def _connect(self) -> None:
+        connection = Connection(self.url, heartbeat=HEARTBEAT if self.is_amqp else 0,
+                                connect_timeout=5, transport_options={"polling_interval": 0.005})
+        connection.connect()
+        self.connection = connection
+        self.channel = connection.channel()
+        if self.is_amqp:
+            self._serialize_writes(connection.connection)
+        self._lost.clear()
+        self.setup()
+        self.reconnects += 1
+        metrics.BROKER_CONNECTED.labels(link=self.role).set(1)
+        log.info("%s: connected to RabbitMQ", self.role)
+        self.connected.set()
+
+    @staticmethod
+    def _serialize_writes(amqp_connection: Any) -> None:
+        """Make every frame write of this connection hold one lock (reader's close-ok included)."""
+        lock = RLock()
+        write = amqp_connection.frame_writer
+
+        def locked_write(*args: Any, **kwargs: Any) -> Any:
+            with lock:
+                return write(*args, **kwargs)
+
+        amqp_connection.frame_writer = locked_write
+
+    def _serve(self) -> None:
+        reader = gevent.spawn(self._read_forever)
+        try:
+            self._write_forever()
+        finally:
+            reader.kill(block=True)
+        if reader.exception is not None and not isinstance(reader.exception, gevent.GreenletExit):
+            raise reader.exception
+
+    def _read_forever(self) -> None:
+        try:
+            while True:
+                self.connection.drain_events(timeout=None)
+        except BaseException:
+            self._lost.set()
+            self.outbox.put(None)  # wake the writer
+            raise
+
+    def _write_forever(self) -> None:
+        while not self._lost.is_set():
+            try:
+                operation = self.outbox.get(timeout=1.0)
+            except Empty:
+                operation = None
+            if operation is not None:
+                operation()
+            self.tick()
+            if self.is_amqp:
+                self.connection.heartbeat_check()
+
+    def _teardown(self) -> None:
+        self.connected.clear()
+        metrics.BROKER_CONNECTED.labels(link=self.role).set(0)
+        self.on_lost()
+        connection, self.connection, self.channel = self.connection, None, None
+        if connection is not None:
+            try:
+                connection.collect()
+            except Exception:  # noqa: BLE001 - a dead connection may fail to clean up
+                pass
+
+    # -- hooks --------------------------------------------------------------
+    def setup(self) -> None:
+        """Declare and subscribe after each connect."""
+
+    def tick(self) -> None:
+        """Periodic work in the writer greenlet (about once a second, and after each write)."""
+
+    def on_lost(self) -> None:
+        """Fail what was in flight; called after the connection is gone."""
+
+
+class Publisher(Link):
+    """Events, presence and replies, with pipelined publisher confirms and mandatory returns."""
+
+    role = "publisher"
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.blocked = False
+        self._pending: OrderedDict[int, _Pending] = OrderedDict()
+        self._returned: set[str] = set()
+        self._next_tag = 1
+        self.on_command_returned: Callable[[str], None] = lambda correlation_id: None
+
+    @property
+    def accepting(self) -> bool:
+        return self.connected.is_set() and not self.blocked
+
+    def setup(self) -> None:
+        self._next_tag = 1
+        self.blocked = False
+        for exchange in (EVENTS, COMMANDS):
+            exchange(self.channel).declare()
+        if self.is_amqp:
+            self.channel.confirm_select()
+            self.channel.events["basic_ack"].add(self._on_ack)
+            self.channel.events["basic_nack"].add(self._on_nack)
+            self.channel.events["basic_return"].add(self._on_return)
+            self.connection.connection.on_blocked = self._on_blocked
+            self.connection.connection.on_unblocked = self._on_unblocked
+
+    def publish(self, exchange: str, routing_key: str, body: bytes, *, done: Done | None = None,
+                mandatory: bool = False, persistent: bool = True, **properties: Any) -> None:
+        """Queue a publish; `done` learns its outcome. Never blocks the caller."""
+        if not self.accepting:
+            if done is not None:
+                done("broker_unavailable")
+            return
+        self.submit(lambda: self._write_publish(exchange, routing_key, body, done, mandatory,
+                                                persistent, properties))
+
+    def _write_publish(self, exchange: str, routing_key: str, body: bytes, done: Done | None,
+                       mandatory: bool, persistent: bool, properties: dict[str, Any]) -> None:
+        if self.channel is None or self.blocked:
+            if done is not None:
+                done("broker_unavailable")
+            return
+        properties.setdefault("message_id", uuid.uuid4().hex)
+        if persistent:
+            properties["delivery_mode"] = 2
+        message = self.channel.prepare_message(body, content_type="application/json",
+                                               content_encoding="utf-8", properties=properties)
+        if not self.is_amqp:
+            self.channel.basic_publish(message, exchange=exchange, routing_key=routing_key)
+            if done is not None:
+                done(None)
+            return
+        tag, self._next_tag = self._next_tag, self._next_tag + 1
+        self._pending[tag] = _Pending(done or _ignore, properties["message_id"],
+                                      time.monotonic() + CONFIRM_TIMEOUT)
+        self.channel.basic_publish(message, exchange=exchange, routing_key=routing_key,
+                                   mandatory=mandatory)
+
+    def _settle(self, tag: int, multiple: bool, outcome: str | None) -> None:
+        tags = [t for t in self._pending if t <= tag] if multiple else [tag]
+        for settled in tags:
+            pending = self._pending.pop(settled, None)
+            if pending is None:
+                continue
+            if pending.message_id in self._returned:
+                self._returned.discard(pending.message_id)
+                pending.done("unroutable")
+            else:
+                pending.done(outcome)
+
+    def _on_ack(self, delivery_tag: int, multiple: bool) -> None:
+        self._settle(delivery_tag, multiple, None)
+
+    def _on_nack(self, delivery_tag: int, multiple: bool) -> None:
+        self._settle(delivery_tag, multiple, "broker_unavailable")
+
+    def _on_return(self, exception: Any, exchange: str, routing_key: str, message: Any) -> None:
+        properties = message.properties
+        self._returned.add(properties.get("message_id", ""))
+        if exchange == COMMANDS.name:
+            self.on_command_returned(properties.get("correlation_id") or properties.get("message_id"))
+
+    def _on_blocked(self, reason: str) -> None:
+        log.warning("publisher: RabbitMQ blocked publishing (%s)", reason)
+        self.blocked = True
+        metrics.BROKER_BLOCKED.set(1)
+
+    def _on_unblocked(self) -> None:
+        log.info("publisher: RabbitMQ unblocked publishing")
+        self.blocked = False
+        metrics.BROKER_BLOCKED.set(0)
+
+    def tick(self) -> None:
+        """Give up on confirms that take too long; the device will resend (at-least-once)."""
+        now = time.monotonic()
+        while self._pending:
+            tag, pending = next(iter(self._pending.items()))
+            if pending.deadline > now:
+                break
+            del self._pending[tag]
+            pending.done("broker_unavailable")
+
+    def on_lost(self) -> None:
+        pending, self._pending = self._pending, OrderedDict()
+        self._returned.clear()
+        for item in pending.values():
+            item.done("broker_unavailable")
+        self._fail_outbox()
+
+    def _fail_outbox(self) -> None:
+        """Queued publishes never reached RabbitMQ; run them now so they fail as unavailable."""
+        while True:
+            try:
+                operation = self.outbox.get_nowait()
+            except Empty:
+                return
+            if operation is not None:
+                operation()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending) + self.outbox.qsize()
+
+
+class CommandConsumer(Link):
+    """This worker's exclusive command queue: one binding per connected device.
+
+    It also receives takeover notices (other sessions of our devices) and the
+    replies to commands sent through this worker's HTTP API.
+    """
+
+    role = "consumer"
+
+    def __init__(self, url: str, on_message: Callable[[Any], None]) -> None:
+        super().__init__(url)
+        self.queue_name = f"warren.commands.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        self.bound: Counter[str] = Counter()
+        self._on_message = on_message
+        self._unannounced: dict[str, tuple[float, str]] = {}
+        self._consumer: Consumer | None = None
+
+    def _queue(self) -> KombuQueue:
+        return KombuQueue(self.queue_name, exchange=COMMANDS, exclusive=True, auto_delete=True,
+                          durable=False, no_declare=False, bindings=[])
+
+    def setup(self) -> None:
+        for exchange in (EVENTS, COMMANDS):
+            exchange(self.channel).declare()
+        queue = self._queue()(self.channel)
+        queue.declare()
+        self._consumer = Consumer(self.channel, queues=[queue], no_ack=True,
+                                  on_message=self._on_message, accept=None)
+        self._consumer.consume()
+        self._rebind_everything()
+
+    def _rebind_everything(self) -> None:
+        """After a reconnect the queue is new: bind every live device again, then announce.
+
+        Binds still queued from before are harmless: `_write_bind` and `_write_unbind`
+        check the current state, so a stale operation writes nothing.
+        """
+        for count, device in enumerate(list(self.bound)):
+            self._write_bind(device)
+            if count % 1000 == 999:
+                gevent.sleep(0)
+        unannounced, self._unannounced = self._unannounced, {}
+        for device, (started, session_id) in unannounced.items():
+            self._write_takeover(device, started, session_id)
+
+    def bind(self, device: str) -> None:
+        self.bound[device] += 1
+        if self.bound[device] == 1:
+            self.submit(lambda: self._write_bind(device))
+
+    def unbind(self, device: str) -> None:
+        self.bound[device] -= 1
+        if self.bound[device] <= 0:
+            del self.bound[device]
+            self.submit(lambda: self._write_unbind(device))
+
+    def announce(self, device: str, started: float, session_id: str) -> None:
+        """Tell every other worker holding `device` that a newer session exists.
+
+        Written on this channel after our own bind, so the broker sees the bind first.
+        """
+        if not self.connected.is_set():
+            self._unannounced[device] = (started, session_id)
+            return
+        self.submit(lambda: self._write_takeover(device, started, session_id))
+
+    def _write_bind(self, device: str) -> None:
+        if device in self.bound and self.channel is not None:
+            self.channel.queue_bind(self.queue_name, COMMANDS.name, routing_key=device, nowait=True) \
+                if self.is_amqp else self.channel.queue_bind(self.queue_name, COMMANDS.name, device)
+
+    def _write_unbind(self, device: str) -> None:
+        if device not in self.bound and self.channel is not None and self.is_amqp:
+            self.channel.queue_unbind(self.queue_name, COMMANDS.name, routing_key=device, nowait=True)
+
+    def _write_takeover(self, device: str, started: float, session_id: str) -> None:
+        if self.channel is None:
+            self._unannounced[device] = (started, session_id)
+            return
+        body = orjson.dumps({"device": device, "session": session_id, "started": started})
+        message = self.channel.prepare_message(body, content_type="application/json",
+                                               properties={"type": TAKEOVER_TYPE})
+        self.channel.basic_publish(message, exchange=COMMANDS.name, routing_key=device)
+
+    def on_lost(self) -> None:
+        self._consumer = None
+        # Our exclusive queue died with the connection; a fresh name avoids racing its deletion.
+        self.queue_name = f"warren.commands.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+
+
+def _ignore(_outcome: str | None) -> None:
+    pass
+
+
+class Broker:
+    """What sessions and the HTTP API see of RabbitMQ (PROTOCOL.md section 5)."""
+
+    def __init__(self, url: str, deliver: Callable[[Command], None],
+                 takeover: Callable[[str, float, str], None]) -> None:
+        self.url = url
+        self.publisher = Publisher(url)
+        self.consumer = CommandConsumer(url, self._on_message)
+        self.publisher.on_command_returned = self._on_command_returned
+        self._deliver = deliver
+        self._takeover = takeover
+        self._waiting: dict[str, AsyncResult] = {}
+
+    @property
+    def ready(self) -> bool:
+        return self.publisher.accepting and self.consumer.connected.is_set()
+
+    # -- device side ----------------------------------------------------------
+    def publish_event(self, device: str, session: str, name: str, event_id: str, data: Any,
+                      done: Done, mandatory: bool = True) -> None:
+        body = orjson.dumps({"device": device, "session": session, "id": event_id, "name": name,
+                             "data": data, "ts": int(time.time() * 1000)})
+        self.publisher.publish(EVENTS.name, f"{device}.{name}", body, done=done,
+                               mandatory=mandatory, message_id=f"{device}/{event_id}/{uuid.uuid4().hex[:8]}")
+
+    def reply(self, command: Command, ok: bool, data: Any = None, error: str | None = None) -> None:
+        """Send a device's reply (or the gateway's `offline`/`expired`) to the command's sender."""
+        if not command.reply_to:
+            return
+        body = orjson.dumps({"device": command.device, "id": command.id, "ok": ok,
+                             "data": data, "error": error})
+        self.publisher.publish("", command.reply_to, body, persistent=False,
+                               correlation_id=command.correlation_id)
+
+    def bind(self, device: str) -> None:
+        self.consumer.bind(device)
+
+    def unbind(self, device: str) -> None:
+        self.consumer.unbind(device)
+
+    def announce(self, device: str, started: float, session_id: str) -> None:
+        self.consumer.announce(device, started, session_id)
+
+    # -- backend side (the HTTP API) -------------------------------------------
+    def send_command(self, device: str, name: str, data: Any, timeout: float) -> AsyncResult:
+        """Publish a command and return a result that gets the device's reply as a dict.
+
+        The reply comes back to this worker's own queue; a command nobody holds is
+        returned by RabbitMQ at once and resolves as `{"ok": False, "error": "offline"}`.
+        """
+        result = AsyncResult()
+        command_id = uuid.uuid4().hex
+        self._waiting[command_id] = result
+        result.rawlink(lambda _: self._waiting.pop(command_id, None))
+
+        def failed(outcome: str | None) -> None:
+            if outcome is not None and not result.ready():
+                result.set({"ok": False, "error": outcome, "data": None})
+
+        body = orjson.dumps({"name": name, "data": data})
+        self.publisher.publish(COMMANDS.name, device, body, done=failed, mandatory=True,
+                               persistent=False, message_id=command_id, correlation_id=command_id,
+                               reply_to=self.consumer.queue_name,
+                               expiration=str(max(1, int(timeout * 1000))),
+                               timestamp=int(time.time()))
+        return result
+
+    def _on_command_returned(self, correlation_id: str | None) -> None:
+        waiting = self._waiting.get(correlation_id or "")
+        if waiting is not None and not waiting.ready():
+            waiting.set({"ok": False, "error": "offline", "data": None})
+
+    # -- deliveries -------------------------------------------------------------
+    def _on_message(self, message: Any) -> None:
+        """Route one delivery from our queue: a reply to us, a takeover notice, or a command."""
+        properties = message.properties
+        if message.delivery_info.get("exchange", "") == "":
+            self._on_reply(properties.get("correlation_id"), message.body)
+        elif properties.get("type") == TAKEOVER_TYPE:
+            notice = orjson.loads(message.body)
+            self._takeover(notice["device"], notice["started"], notice["session"])
+        else:
+            self._on_command(message)
+
+    def _on_reply(self, correlation_id: str | None, body: bytes) -> None:
+        waiting = self._waiting.get(correlation_id or "")
+        if waiting is None or waiting.ready():
+            return
+        try:
+            reply = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            log.warning("ignoring a reply that is not JSON (correlation_id=%s)", correlation_id)
+            return
+        waiting.set(reply)
+
+    def _on_command(self, message: Any) -> None:
+        properties = message.properties
+        device = message.delivery_info.get("routing_key", "")
+        command_id = str(properties.get("message_id") or uuid.uuid4().hex)
+        command = Command(device=device, id=command_id, name="", data=None,
+                          reply_to=properties.get("reply_to"),
+                          correlation_id=str(properties.get("correlation_id") or command_id),
+                          deadline=_deadline(properties))
+        try:
+            body = orjson.loads(message.body)
+            command.name = body["name"]
+            command.data = body.get("data")
+            if not isinstance(command.name, str) or not command.name:
+                raise ValueError("name")
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            log.warning("command %s for %s is not {name, data} JSON; refused", command_id, device)
+            metrics.COMMANDS.labels(outcome="malformed").inc()
+            self.reply(command, ok=False, error="bad_command")
+            return
+        self._deliver(command)
+
+
+def _deadline(properties: dict[str, Any]) -> float:
+    """When a command must no longer reach its device, on our monotonic clock.
+
+    RabbitMQ does not say how long a message sat in the queue; when the sender
+    stamped `timestamp` (seconds) we count from there, else from now.
+    """
+    ttl = DEFAULT_COMMAND_TTL
+    expiration = properties.get("expiration")
+    if expiration:
+        try:
+            ttl = max(0.0, float(expiration) / 1000)
+        except ValueError:
+            pass
+    sent = properties.get("timestamp")
+    waited = 0.0
+    if isinstance(sent, (int, float)):
+        waited = max(0.0, time.time() - float(sent))
+    elif hasattr(sent, "timestamp"):
+        waited = max(0.0, time.time() - sent.timestamp())
+    return time.monotonic() + ttl - waited

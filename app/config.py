@@ -1,0 +1,151 @@
+"""All configuration, read from the environment in one place (PROTOCOL.md section 7).
+
+A bad value stops start-up with a `ConfigError` naming the variable and the
+value, before any worker forks: a typo must not become a half-working gateway.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+AMQP_URL_VARIABLES = ("AMQP_URL", "CLOUDAMQP_URL", "RABBITMQ_URL")
+IN_PROCESS_BROKER = "memory://"
+
+
+class ConfigError(ValueError):
+    """A configuration variable holds a value Warren cannot use."""
+
+    def __init__(self, variable: str, value: str, why: str) -> None:
+        super().__init__(f"{variable}={value!r}: {why}")
+        self.variable = variable
+
+
+@dataclass(frozen=True)
+class Config:
+    port: int = 8000
+    device_port: int | None = 7878
+    bind_host: str = "0.0.0.0"
+    amqp_url: str = IN_PROCESS_BROKER
+    device_secrets: tuple[bytes, ...] = ()
+    api_tokens: tuple[str, ...] = ()
+    web_concurrency: int = 2
+    max_connections: int = 18000
+    heartbeat: float = 30.0
+    hello_timeout: float = 10.0
+    max_frame_bytes: int = 65536
+    sentry_dsn: str | None = None
+    # Extensions beyond PROTOCOL.md section 7 (README: "Configuration").
+    event_rate: float = 50.0
+    event_burst: int = 100
+    hello_rate: float = 10000.0
+    send_buffer_bytes: int = 262144
+    graceful_timeout: float = 25.0
+    log_format: str = "text"
+    log_level: str = "INFO"
+    environment: str = "production"
+    release: str | None = None
+
+    @property
+    def in_process_broker(self) -> bool:
+        return self.amqp_url.startswith("memory://")
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(name, raw, "must be a whole number") from None
+    if value < minimum:
+        raise ConfigError(name, raw, f"must be at least {minimum}")
+    return value
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(name, raw, "must be a number of seconds") from None
+    if not value > 0 or value == float("inf"):
+        raise ConfigError(name, raw, "must be a positive number of seconds")
+    return value
+
+
+def _port(env: Mapping[str, str], name: str, default: int | None) -> int | None:
+    """A TCP port; an empty DEVICE_PORT disables the raw TCP listener."""
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None if name == "DEVICE_PORT" and name in env else default
+    value = _int(env, name, 0)
+    if value > 65535:
+        raise ConfigError(name, raw, "must be a port number between 0 and 65535")
+    return value
+
+
+def _amqp_url(env: Mapping[str, str]) -> str:
+    for name in AMQP_URL_VARIABLES:
+        raw = env.get(name, "").strip()
+        if raw:
+            _check_url(name, raw)
+            return raw
+    return IN_PROCESS_BROKER
+
+
+def _check_url(name: str, raw: str) -> None:
+    try:
+        parts = urlsplit(raw)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        raise ConfigError(name, raw, f"is not a URL ({exc})") from None
+    if parts.scheme not in {"amqp", "amqps", "pyamqp", "memory"}:
+        raise ConfigError(name, raw, "must start with amqp:// or amqps://")
+    if parts.scheme != "memory" and not parts.hostname:
+        raise ConfigError(name, raw, "has no host name")
+
+
+def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in env.get(name, "").split(",") if item.strip())
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, choices: set[str]) -> str:
+    raw = env.get(name, "").strip() or default
+    if raw not in choices:
+        raise ConfigError(name, raw, f"must be one of {', '.join(sorted(choices))}")
+    return raw
+
+
+def load(env: Mapping[str, str] | None = None) -> Config:
+    """Read the configuration; raise ConfigError naming the first bad variable."""
+    env = os.environ if env is None else env
+    return Config(
+        port=_port(env, "PORT", 8000) or 8000,
+        device_port=_port(env, "DEVICE_PORT", 7878),
+        bind_host=env.get("BIND_HOST", "").strip() or "0.0.0.0",
+        amqp_url=_amqp_url(env),
+        device_secrets=tuple(s.encode() for s in _list(env, "DEVICE_SECRETS")),
+        api_tokens=_list(env, "API_TOKENS"),
+        web_concurrency=_int(env, "WEB_CONCURRENCY", os.cpu_count() or 1, minimum=1),
+        max_connections=_int(env, "MAX_CONNECTIONS", 18000, minimum=1),
+        heartbeat=_seconds(env, "HEARTBEAT", 30.0),
+        hello_timeout=_seconds(env, "HELLO_TIMEOUT", 10.0),
+        max_frame_bytes=_int(env, "MAX_FRAME_BYTES", 65536, minimum=64),
+        sentry_dsn=env.get("SENTRY_DSN", "").strip() or None,
+        event_rate=_seconds(env, "EVENT_RATE", 50.0),
+        event_burst=_int(env, "EVENT_BURST", 100, minimum=1),
+        hello_rate=_seconds(env, "HELLO_RATE", 10000.0),
+        send_buffer_bytes=_int(env, "SEND_BUFFER_BYTES", 262144, minimum=4096),
+        graceful_timeout=_seconds(env, "GRACEFUL_TIMEOUT", 25.0),
+        log_format=_choice(env, "LOG_FORMAT", "text", {"text", "json"}),
+        log_level=_choice(env, "LOG_LEVEL", "INFO", {"DEBUG", "INFO", "WARNING", "ERROR"}),
+        environment=env.get("SENTRY_ENVIRONMENT", "").strip() or "production",
+        release=(env.get("SENTRY_RELEASE") or env.get("SOURCE_VERSION")
+                 or env.get("HEROKU_SLUG_COMMIT") or "").strip() or None,
+    )

@@ -1,0 +1,116 @@
+"""A worker's live sessions and the rules that join them to RabbitMQ.
+
+The gateway is the registry (one session per device id in this worker), the
+admission control (who may start a session now), and the glue between the
+broker's deliveries and the sessions: commands, takeovers, presence.
+
+Takeover across workers and hosts: a new session binds its device on this
+worker's queue, then announces itself on the same channel, so every other
+worker holding that device hears of it. Each session is ordered by (hello time,
+session id). On hearing of another session of its device, a session ends with
+`replaced` if the other is newer, and announces itself again if it is the newer
+one, so that whichever way two hellos race, exactly one session survives.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from typing import TYPE_CHECKING
+
+from app import metrics
+from app.broker import Broker, Command
+from app.config import Config
+from app.session import TokenBucket
+
+if TYPE_CHECKING:
+    from app.session import Session
+
+log = logging.getLogger("warren.gateway")
+
+MAX_BROKER_BACKLOG = 20000
+
+
+class Gateway:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.sessions: dict[str, Session] = {}
+        self.broker = Broker(config.amqp_url, deliver=self.deliver, takeover=self.takeover)
+        self.hellos = TokenBucket(config.hello_rate, max(1, int(config.hello_rate)))
+        self.shutting_down = False
+        self.drain_window = 10.0
+
+    # -- admission --------------------------------------------------------------
+    def admit(self) -> tuple[str, float] | None:
+        """None when a new session may start, else (error code, retry_after)."""
+        if self.shutting_down:
+            return "shutting_down", self.retry_after()
+        if len(self.sessions) >= self.config.max_connections:
+            return "overloaded", random.uniform(5, 30)
+        if self.broker.publisher.in_flight > MAX_BROKER_BACKLOG or not self.hellos.take():
+            return "overloaded", random.uniform(1, 10)
+        return None
+
+    def retry_after(self) -> float:
+        """A jittered wait, so that devices told to go away do not come back together."""
+        return random.uniform(1.0, self.drain_window)
+
+    # -- session life -------------------------------------------------------------
+    def open(self, session: Session) -> None:
+        older = self.sessions.get(session.device)
+        if older is not None:
+            older.end("replaced")
+        self.sessions[session.device] = session
+        self.broker.bind(session.device)
+        self.broker.announce(session.device, session.started, session.id)
+        transport = session.conn.transport
+        metrics.SESSIONS.labels(transport=transport).inc()
+        metrics.SESSIONS_OPENED.labels(transport=transport).inc()
+        self._presence(session, "connected", {"transport": transport})
+        log.debug("session %s opened for %s over %s", session.id, session.device, transport)
+
+    def close(self, session: Session, reason: str) -> None:
+        if self.sessions.get(session.device) is session:
+            del self.sessions[session.device]
+        self.broker.unbind(session.device)
+        metrics.SESSIONS.labels(transport=session.conn.transport).dec()
+        metrics.SESSIONS_CLOSED.labels(reason=reason).inc()
+        self._presence(session, "closed", {"reason": reason})
+
+    def _presence(self, session: Session, what: str, data: dict) -> None:
+        self.broker.publish_event(session.device, session.id, f"session.{what}", session.id, data,
+                                  done=_ignore_outcome, mandatory=False)
+
+    # -- from RabbitMQ ------------------------------------------------------------
+    def deliver(self, command: Command) -> None:
+        """A command from our queue: to its device's session, or `offline`/`expired` to its sender."""
+        if command.deadline <= time.monotonic():
+            metrics.COMMANDS.labels(outcome="expired").inc()
+            self.broker.reply(command, ok=False, error="expired")
+            return
+        session = self.sessions.get(command.device)
+        if session is None or not session.deliver(command):
+            metrics.COMMANDS.labels(outcome="offline").inc()
+            self.broker.reply(command, ok=False, error="offline")
+
+    def takeover(self, device: str, started: float, session_id: str) -> None:
+        session = self.sessions.get(device)
+        if session is None or session.id == session_id:
+            return
+        if (session.started, session.id) < (started, session_id):
+            session.end("replaced")
+        else:
+            self.broker.announce(device, session.started, session.id)
+
+    # -- shutdown -------------------------------------------------------------------
+    def drain(self, window: float) -> None:
+        """Ask every session to go, each told to come back at a different time."""
+        self.shutting_down = True
+        self.drain_window = max(1.0, window)
+        for session in list(self.sessions.values()):
+            session.drain()
+
+
+def _ignore_outcome(_outcome: str | None) -> None:
+    pass

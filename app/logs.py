@@ -1,0 +1,47 @@
+"""Logging: one line per meaningful event, as text or as JSON (`LOG_FORMAT=json`).
+
+Session lines carry `device` and `session` through `extra=`; the JSON formatter
+puts every such field into the object, so log search can filter on them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+import orjson
+
+from app.config import Config
+
+STANDARD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+            "pid": os.getpid(),
+        }
+        line.update({k: v for k, v in vars(record).items() if k not in STANDARD_FIELDS})
+        if record.exc_info:
+            line["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(line, default=str).decode()
+
+
+def configure(config: Config) -> None:
+    """Route Warren's loggers to stderr in the chosen format (gunicorn keeps its own)."""
+    handler = logging.StreamHandler(sys.stderr)
+    if config.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
+    root = logging.getLogger("warren")
+    root.handlers[:] = [handler]
+    root.setLevel(config.log_level)
+    root.propagate = False

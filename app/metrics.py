@@ -1,0 +1,57 @@
+"""Prometheus metrics, correct across every gunicorn worker of an instance.
+
+prometheus_client's multiprocess mode: each worker writes its samples to files
+in PROMETHEUS_MULTIPROC_DIR (gunicorn.conf.py makes it fresh at start and marks
+dead workers), and `/metrics` on any worker sums them all. Gauges say how they
+combine: `livesum` adds the live workers' values.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram,
+                               generate_latest, multiprocess)
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+SESSIONS = Gauge("warren_sessions", "Authenticated device sessions now.", ["transport"],
+                 multiprocess_mode="livesum")
+CONNECTIONS = Gauge("warren_connections", "Open connections (devices before hello, HTTP, sessions).",
+                    multiprocess_mode="livesum")
+SESSIONS_OPENED = Counter("warren_sessions_opened", "Sessions welcomed.", ["transport"])
+SESSIONS_CLOSED = Counter("warren_sessions_closed", "Sessions ended, by reason.", ["reason"])
+HELLO_FAILURES = Counter("warren_hello_failures", "Hellos refused, by error code.", ["code"])
+ERRORS_SENT = Counter("warren_errors_sent", "Error frames sent to devices, by code.", ["code"])
+EVENTS = Counter("warren_events", "Device events: acked, or nacked by reason.", ["outcome"])
+EVENT_CONFIRM = Histogram("warren_event_confirm_seconds", "Event received to RabbitMQ confirm.",
+                          buckets=LATENCY_BUCKETS)
+COMMANDS = Counter("warren_commands", "Commands by outcome (delivered, replied, expired, offline...).",
+                   ["outcome"])
+COMMAND_DEVICE_RTT = Histogram("warren_command_device_seconds",
+                               "Command written to the device to its reply.", buckets=LATENCY_BUCKETS)
+COMMAND_API_RTT = Histogram("warren_command_api_seconds",
+                            "HTTP command API: request to the device's reply.", buckets=LATENCY_BUCKETS)
+SUPERVISOR_RESTARTS = Counter("warren_supervisor_restarts", "Children restarted, by supervisor.",
+                              ["supervisor"])
+SUPERVISOR_GAVE_UP = Counter("warren_supervisor_gave_up", "Supervisors that exhausted their budget.",
+                             ["supervisor"])
+BROKER_CONNECTED = Gauge("warren_broker_connected", "Workers whose RabbitMQ link is up, by link.",
+                         ["link"], multiprocess_mode="livesum")
+BROKER_BLOCKED = Gauge("warren_broker_blocked", "Workers whose publishing RabbitMQ blocks.",
+                       multiprocess_mode="livesum")
+ACCEPT_PAUSED = Gauge("warren_accept_paused",
+                      "Workers that stopped accepting because they are full (backlog pressure).",
+                      multiprocess_mode="livesum")
+WORKERS = Gauge("warren_workers", "Live gunicorn workers.", multiprocess_mode="livesum")
+
+
+def render() -> tuple[bytes, str]:
+    """The Prometheus text for the whole instance (all workers when in multiprocess mode)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    from prometheus_client import REGISTRY
+
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

@@ -1,0 +1,69 @@
+"""gunicorn settings for Warren: every value comes from the environment (app/config.py).
+
+`gunicorn -c gunicorn.conf.py wsgi:app` (the Procfile's `web` line) binds the
+HTTP port (`PORT`, with `/ws` for devices) and the raw TCP device port
+(`DEVICE_PORT`) and pre-forks `WEB_CONCURRENCY` Warren workers that all accept
+on both: the listen sockets are the acceptor pool.
+"""
+
+import os
+import shutil
+import sys
+import tempfile
+
+from app.config import ConfigError, load
+
+try:
+    _config = load()
+except ConfigError as _error:
+    sys.exit(f"warren: bad configuration: {_error}")
+
+bind = [f"{_config.bind_host}:{_config.port}"]
+if _config.device_port is not None:
+    bind.append(f"{_config.bind_host}:{_config.device_port}")
+
+worker_class = "app.worker.WarrenWorker"
+workers = 1 if _config.in_process_broker else _config.web_concurrency
+# The kernel caps this at net.core.somaxconn; a stampede needs the room.
+backlog = 65535
+# Heroku-style platforms send SIGKILL 30 s after SIGTERM: drain well before that.
+graceful_timeout = int(_config.graceful_timeout)
+# Workers report in every second from their hub; 30 s of silence means a blocked hub, not a busy one.
+timeout = 30
+# A long-lived device connection is not a request to recycle.
+max_requests = 0
+keepalive = 75
+worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
+accesslog = None
+proc_name = "warren"
+
+# prometheus_client picks its multiprocess mode when first imported, which
+# happens in this master when gunicorn loads the worker class: set it first.
+os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR",
+                      os.path.join(tempfile.gettempdir(), f"warren-metrics-{os.getpid()}"))
+shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+
+
+def on_starting(server):
+    """Say loudly what is missing."""
+    if _config.in_process_broker:
+        server.log.warning(
+            "WARNING: no AMQP_URL, CLOUDAMQP_URL or RABBITMQ_URL is set: running ONE worker on "
+            "kombu's in-process broker. Events go nowhere durable and other processes cannot "
+            "send commands. Set AMQP_URL=amqp://guest:guest@127.0.0.1:5672// for RabbitMQ.")
+    if not _config.device_secrets:
+        server.log.warning("WARNING: DEVICE_SECRETS is not set: every device hello will be refused.")
+    if not _config.api_tokens:
+        server.log.warning("WARNING: API_TOKENS is not set: the command API answers 401 to everyone.")
+
+
+def child_exit(server, worker):
+    """A dead worker's gauges must stop counting (prometheus_client multiprocess mode)."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    shutil.rmtree(os.environ.get("PROMETHEUS_MULTIPROC_DIR", ""), ignore_errors=True)
