@@ -39,6 +39,7 @@ class Stats:
     acked: int = 0
     nacked: Counter = field(default_factory=Counter)
     unanswered_events: int = 0
+    last_welcome: float = 0.0
     acked_ids: list[str] = field(default_factory=list)
     ack_ms: list[float] = field(default_factory=list)
     welcome_ms: list[float] = field(default_factory=list)
@@ -151,6 +152,7 @@ def connect(device: Device, world: World) -> Link:
     device.next_ping = time.monotonic() + device.heartbeat * random.uniform(0.5, 1.0)
     world.stats.up += 1
     world.stats.established += 1
+    world.stats.last_welcome = time.time()
     world.stats.welcome_ms.append(round((time.monotonic() - started) * 1000, 2))
     return link
 

@@ -1,0 +1,155 @@
+"""`python -m bench.stampede SCENARIO`: simulate devices (and a backend) against a Warren.
+
+Examples (from the repository root):
+  python -m bench.stampede ramp --floor tcp://127.0.0.1:7979 --devices 20000
+  python -m bench.stampede hold --target tcp://127.0.0.1:7878 --devices 20000 \\
+      --floor tcp://127.0.0.1:7979 --command-rate 200 --event-rate 50 --duration 60
+  python -m bench.stampede suite --devices 30000
+
+Every run is bounded (device count, --duration, --ramp-timeout) and stops by
+itself; its load processes exit with it, Ctrl-C included.
+"""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import argparse
+import os
+import platform
+import resource
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import gevent
+import psutil
+
+from bench.stampede import report
+from bench.stampede.controller import Plan, Run, processes_for
+from bench.stampede.gauges import pid_listening_on
+from bench.stampede.scenarios import SCENARIOS
+
+DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
+
+
+def first_of(variable: str, default: str) -> str:
+    """The first item of a comma-separated environment variable (the minting secret, a token)."""
+    return (os.environ.get(variable, "").split(",")[0].strip()) or default
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.stampede", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("scenario", choices=[*SCENARIOS, "suite"])
+    where = parser.add_argument_group("where")
+    where.add_argument("--target", action="append", default=[],
+                       help="gateway device endpoint: tcp://host:7878 or ws://host:8000/ws "
+                            "(repeat to split devices over several)")
+    where.add_argument("--floor", help="floor echo server, e.g. tcp://127.0.0.1:7979: "
+                                        "measured first, every figure also reported as a ratio to it")
+    where.add_argument("--gateway-pid", type=int, help="gunicorn master (found from the port if local)")
+    where.add_argument("--floor-pid", type=int, help="floor parent (found from the port if local)")
+    where.add_argument("--amqp-url", default=os.environ.get("AMQP_URL") or DEFAULT_AMQP_URL)
+    where.add_argument("--http-url", default="http://127.0.0.1:8000", help="gateway HTTP API")
+    where.add_argument("--secret", default=first_of("DEVICE_SECRETS", "bench-secret"))
+    where.add_argument("--api-token", default=first_of("API_TOKENS", ""))
+    load = parser.add_argument_group("load")
+    load.add_argument("--devices", type=int, default=1000)
+    load.add_argument("--processes", type=int, help="load processes (default: one per 15,000 devices)")
+    load.add_argument("--concurrency", type=int, default=500, help="in-flight connects per process")
+    load.add_argument("--heartbeat", type=float, help="ping interval (default: the welcome's)")
+    load.add_argument("--prefix", default="stampede", help="device ids are PREFIX-000000 ...")
+    load.add_argument("--commands-via", choices=["amqp", "http", "none"], default="amqp")
+    load.add_argument("--command-rate", type=float, default=50.0, help="commands per second")
+    load.add_argument("--command-timeout", type=float, default=5.0)
+    load.add_argument("--event-rate", type=float, default=20.0, help="events per second (all devices)")
+    timing = parser.add_argument_group("timing (seconds)")
+    timing.add_argument("--duration", type=float, default=20.0, help="traffic time in hold/kill-load")
+    timing.add_argument("--jitter", type=float, default=10.0, help="stampede: reconnects spread over this")
+    timing.add_argument("--quiet", type=float, default=5.0, help="hold: heartbeats-only window first")
+    timing.add_argument("--settle", type=float, default=3.0, help="pause after connecting before measuring")
+    timing.add_argument("--ramp-timeout", type=float, default=120.0)
+    output = parser.add_argument_group("output")
+    output.add_argument("--out", type=Path, help="JSON results (default bench/results/SCENARIO.json)")
+    output.add_argument("--plot", type=Path, help="PNG plot (default: next to --out)")
+    suite = parser.add_argument_group("suite (starts the floor and the gateway itself)")
+    suite.add_argument("--workers", type=int, help="gateway and floor workers (default: enough for "
+                                                    "--devices at 18,000 sessions each, at least 2)")
+    suite.add_argument("--floor-port", type=int, default=7979)
+    suite.add_argument("--device-port", type=int, default=7878)
+    suite.add_argument("--http-port", type=int, default=8000)
+    args = parser.parse_args(argv)
+    args.out = args.out or Path("bench/results") / f"{args.scenario}.json"
+    args.plot = args.plot or args.out.with_suffix(".png")
+    if args.scenario != "suite" and not (args.target or args.floor):
+        parser.error("give --target and/or --floor")
+    return args
+
+
+def local_pid(url: str) -> int | None:
+    """The pid of the server behind `url` when it listens on this machine."""
+    parts = urlsplit(url)
+    if parts.hostname not in ("localhost",) and not (parts.hostname or "").startswith("127."):
+        return None
+    return pid_listening_on(parts.port)
+
+
+def servers(args: argparse.Namespace) -> list[tuple[str, list[str], int | None]]:
+    """(label, device endpoints, pid to measure) for the floor (first) and the gateway."""
+    found = []
+    if args.floor:
+        found.append(("floor", [args.floor], args.floor_pid or local_pid(args.floor)))
+    if args.target:
+        found.append(("gateway", args.target, args.gateway_pid or local_pid(args.target[0])))
+    return found
+
+
+def machine() -> dict[str, Any]:
+    return {"cores": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "kernel": platform.release(), "python": platform.python_version(),
+            "open_files_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[1]}
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the scenario against the floor (if given), then the gateway; return every figure."""
+    results: dict[str, Any] = {"scenario": args.scenario, "devices": args.devices,
+                               "command": " ".join(["python -m bench.stampede", *sys.argv[1:]]),
+                               "machine": machine(), "runs": {}, "timelines": {}}
+    minimum_processes = 3 if args.scenario == "kill-load" else 1
+    for label, targets, pid in servers(args):
+        plan = Plan(label=label, targets=targets, devices=args.devices, floor=label == "floor",
+                    processes=args.processes or processes_for(args.devices, minimum_processes),
+                    secret=args.secret, prefix=args.prefix, concurrency=args.concurrency,
+                    heartbeat=args.heartbeat)
+        with Run(plan, pid, args.commands_via, args.amqp_url, args.http_url, args.api_token,
+                 args.command_timeout) as run:
+            results["runs"][label] = SCENARIOS[args.scenario](run, args)
+            results["timelines"][label] = run.timeline
+        gevent.sleep(args.settle)
+    results["ratios"] = report.ratios(results["runs"])
+    return results
+
+
+def publish(results: dict[str, Any], args: argparse.Namespace) -> None:
+    """Write the JSON and the PNG, print the table."""
+    report.write_json(results, args.out)
+    report.plot(results, results["timelines"], args.plot)
+    print(report.table(results))
+    print(f"\nwrote {args.out} and {args.plot}")
+
+
+def main() -> None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    args = parse_args()
+    if args.scenario == "suite":
+        from bench.stampede.suite import run_suite
+        run_suite(args)
+        return
+    publish(measure(args), args)
+
+
+if __name__ == "__main__":
+    main()

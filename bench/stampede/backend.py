@@ -1,0 +1,190 @@
+"""The backend side of a run: send commands to devices and check that acked events arrived.
+
+Commands go through RabbitMQ (exchange `devices.commands`, mandatory, with
+reply_to and expiration) or through the HTTP API; either way the round trip is
+the time from sending to the reply reaching us. Events are consumed from our
+own queue bound to `devices.events` with `#`, so "acked but never arrived" can
+be counted (PROTOCOL.md section 5).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import amqp
+import gevent
+import gevent.pool
+import kombu
+import orjson
+import urllib3
+
+COMMAND = orjson.dumps({"name": "unlock", "data": {}})
+PACE_TICK = 0.01
+
+
+class CommandLog:
+    """Outcomes of every command, and (send time, round trip) of the ones a device answered."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.outcomes: Counter = Counter()
+        self.samples: list[tuple[float, float]] = []
+
+    def answered(self, started: float) -> None:
+        self.outcomes["ok"] += 1
+        now = time.monotonic()
+        self.samples.append((time.time() - (now - started), (now - started) * 1000))
+
+
+def open_channel(url: str) -> tuple[kombu.Connection, amqp.Channel]:
+    """A raw py-amqp channel (kombu only parses the URL and connects)."""
+    connection = kombu.Connection(url)
+    connection.connect()
+    return connection, connection.connection.channel()
+
+
+def drain_forever(connection: kombu.Connection) -> None:
+    while True:
+        try:
+            connection.connection.drain_events(timeout=1)
+        except TimeoutError:
+            continue
+
+
+class AmqpCommands:
+    """Publishes commands like a backend service would, replies to a queue of our own."""
+
+    def __init__(self, url: str, timeout: float) -> None:
+        self.timeout = timeout
+        self.log = CommandLog()
+        self.pending: dict[str, float] = {}
+        self.connection, self.channel = open_channel(url)
+        self.channel.exchange_declare("devices.commands", "direct", passive=True)
+        self.reply_to, _, _ = self.channel.queue_declare("", exclusive=True, auto_delete=True)
+        self.channel.basic_consume(self.reply_to, callback=self.on_reply, no_ack=True)
+        self.channel.events["basic_return"].add(self.on_return)
+        gevent.spawn(drain_forever, self.connection)
+        gevent.spawn(self.expire_forever)
+
+    def send(self, device: str) -> None:
+        command_id = uuid.uuid4().hex
+        message = amqp.Message(COMMAND, content_type="application/json", message_id=command_id,
+                               correlation_id=command_id, reply_to=self.reply_to,
+                               expiration=str(int(self.timeout * 1000)))
+        self.pending[command_id] = time.monotonic()
+        self.log.sent += 1
+        self.channel.basic_publish(message, exchange="devices.commands", routing_key=device,
+                                   mandatory=True)
+
+    def on_reply(self, message: amqp.Message) -> None:
+        started = self.pending.pop(message.properties.get("correlation_id"), None)
+        if started is None:
+            self.log.outcomes["late_reply"] += 1
+            return
+        reply = orjson.loads(message.body)
+        if reply.get("ok"):
+            self.log.answered(started)
+        else:
+            self.log.outcomes[f"failed:{reply.get('error')}"] += 1
+
+    def on_return(self, _exc: Any, _exchange: str, _routing_key: str, message: amqp.Message) -> None:
+        """RabbitMQ returned a mandatory command: no worker holds a route to that device."""
+        if self.pending.pop(message.properties.get("correlation_id"), None) is not None:
+            self.log.outcomes["returned_offline"] += 1
+
+    def expire_forever(self) -> None:
+        """Count commands without any answer well after their expiration as timed out."""
+        while True:
+            gevent.sleep(1.0)
+            deadline = time.monotonic() - self.timeout - 2
+            for command_id, started in list(self.pending.items()):
+                if started < deadline:
+                    del self.pending[command_id]
+                    self.log.outcomes["timeout"] += 1
+
+    def close(self) -> None:
+        self.connection.release()
+
+
+class HttpCommands:
+    """Sends commands through `POST /devices/<id>/commands`, each in its own greenlet."""
+
+    def __init__(self, base_url: str, token: str, timeout: float, concurrency: int = 256) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        self.body = orjson.dumps({"name": "unlock", "data": {}, "timeout": timeout})
+        self.http = urllib3.PoolManager(maxsize=concurrency, timeout=timeout + 5, retries=False)
+        self.greenlets = gevent.pool.Pool(concurrency)
+        self.log = CommandLog()
+
+    def send(self, device: str) -> None:
+        if self.greenlets.full():
+            self.log.outcomes["not_sent_too_many_in_flight"] += 1
+            return
+        self.log.sent += 1
+        self.greenlets.spawn(self.post, device)
+
+    def post(self, device: str) -> None:
+        started = time.monotonic()
+        try:
+            response = self.http.request("POST", f"{self.base_url}/devices/{device}/commands",
+                                         body=self.body, headers=self.headers)
+        except urllib3.exceptions.HTTPError as exc:
+            self.log.outcomes[f"http_error:{type(exc).__name__}"] += 1
+            return
+        if response.status == 200 and orjson.loads(response.data).get("ok"):
+            self.log.answered(started)
+        else:
+            self.log.outcomes[f"http_{response.status}"] += 1
+
+    def close(self) -> None:
+        self.greenlets.join(timeout=10)
+        self.http.clear()
+
+
+class EventVerifier:
+    """Consumes everything on `devices.events` to check acked events and count presence."""
+
+    def __init__(self, url: str) -> None:
+        self.seen: set[str] = set()
+        self.presence: Counter = Counter()
+        self.connection, channel = open_channel(url)
+        channel.exchange_declare("devices.events", "topic", passive=True)
+        queue, _, _ = channel.queue_declare("", exclusive=True, auto_delete=True)
+        channel.queue_bind(queue, "devices.events", "#")
+        channel.basic_consume(queue, callback=self.on_event, no_ack=True)
+        gevent.spawn(drain_forever, self.connection)
+
+    def on_event(self, message: amqp.Message) -> None:
+        key = message.delivery_info.get("routing_key", "")
+        if ".session." in key:
+            self.presence[key.rsplit(".", 1)[-1]] += 1
+        else:
+            self.seen.add(orjson.loads(message.body).get("id"))
+
+    def missing(self, acked_ids: list[str], wait: float = 10.0) -> list[str]:
+        """Acked event ids not (yet) consumed, after waiting up to `wait` seconds for stragglers."""
+        deadline = time.monotonic() + wait
+        missing = [event_id for event_id in acked_ids if event_id not in self.seen]
+        while missing and time.monotonic() < deadline:
+            gevent.sleep(0.5)
+            missing = [event_id for event_id in missing if event_id not in self.seen]
+        return missing
+
+    def close(self) -> None:
+        self.connection.release()
+
+
+def pace(rate: float, seconds: float, action: Callable[[], None]) -> None:
+    """Call `action` `rate` times a second, evenly, for `seconds`."""
+    started = time.monotonic()
+    done = 0
+    while (elapsed := time.monotonic() - started) < seconds:
+        while done < int(elapsed * rate):
+            action()
+            done += 1
+        gevent.sleep(PACE_TICK)

@@ -1,0 +1,251 @@
+"""The controller side of a run: load processes, their counters, gauges and the per-second timeline.
+
+A `Run` owns everything one measurement needs (the fleet of load processes, the
+backend connections, the gauges) and cleans all of it up on exit, Ctrl-C included.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Self
+
+import gevent
+import orjson
+
+from bench.stampede.backend import AmqpCommands, EventVerifier, HttpCommands
+from bench.stampede.gauges import TreeGauge, rabbit_rss_mb
+
+DEVICES_PER_PROCESS = 15000
+SOURCES_PER_PROCESS = 4
+SUMMED = ("up", "established", "commands", "events_sent", "acked", "unanswered_events")
+COUNTED = ("failures", "lost", "errors", "nacked")
+
+
+@dataclass
+class Plan:
+    """What to simulate: how many devices, where, and how they behave."""
+
+    label: str
+    targets: list[str]
+    devices: int
+    processes: int
+    floor: bool
+    secret: str
+    prefix: str = "stampede"
+    concurrency: int = 1000
+    connect_timeout: float = 10.0
+    welcome_timeout: float = 15.0
+    heartbeat: float | None = None
+
+    def share(self, worker: int) -> tuple[int, int]:
+        """(first device index, device count) of one load process."""
+        size = math.ceil(self.devices / self.processes)
+        first = worker * size
+        return first, max(0, min(size, self.devices - first))
+
+    def settings(self, worker: int) -> dict[str, Any]:
+        first, count = self.share(worker)
+        sources = [f"127.0.{worker + 1}.{k}" for k in range(1, SOURCES_PER_PROCESS + 1)]
+        return {"worker": worker, "first": first, "count": count, "targets": self.targets,
+                "sources": sources, "floor": self.floor, "secret": self.secret,
+                "prefix": self.prefix, "concurrency": self.concurrency,
+                "connect_timeout": self.connect_timeout,
+                "welcome_timeout": self.welcome_timeout, "heartbeat": self.heartbeat}
+
+    def device_name(self, index: int) -> str:
+        return f"{self.prefix}-{index:06d}"
+
+
+def processes_for(devices: int, minimum: int = 1) -> int:
+    return max(minimum, math.ceil(devices / DEVICES_PER_PROCESS))
+
+
+class Fleet:
+    """The load processes of a run and the latest counters each one reported."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.processes = [self.spawn(worker) for worker in range(plan.processes)]
+        self.latest: dict[int, dict[str, Any]] = {}
+        self.acked_ids: list[str] = []
+        self.ack_ms: list[float] = []
+        self.welcome_ms: list[float] = []
+        self.readers = [gevent.spawn(self.listen, process) for process in self.processes]
+
+    def spawn(self, worker: int) -> subprocess.Popen:
+        settings = orjson.dumps(self.plan.settings(worker)).decode()
+        return subprocess.Popen([sys.executable, "-m", "bench.stampede.worker", settings],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+    def listen(self, process: subprocess.Popen) -> None:
+        """Keep the latest totals of one worker and collect its samples."""
+        for line in process.stdout:
+            report = orjson.loads(line)
+            self.latest[report["worker"]] = report
+            self.acked_ids += report["acked_ids"]
+            self.ack_ms += report["ack_ms"]
+            self.welcome_ms += report["welcome_ms"]
+        worker = self.processes.index(process)
+        if worker in self.latest:
+            self.latest[worker]["up"] = 0  # it died: none of its sessions is up any more
+
+    def tell(self, command: dict[str, Any], workers: list[int] | None = None) -> None:
+        for worker in range(len(self.processes)) if workers is None else workers:
+            process = self.processes[worker]
+            if process.poll() is None:
+                process.stdin.write(orjson.dumps(command) + b"\n")
+                process.stdin.flush()
+
+    def kill(self, workers: list[int]) -> None:
+        """SIGKILL some load processes: their devices vanish without a goodbye."""
+        for worker in workers:
+            self.processes[worker].send_signal(signal.SIGKILL)
+
+    def totals(self, workers: list[int] | None = None) -> dict[str, Any]:
+        """Counters summed over the workers' latest reports."""
+        reports = [report for worker, report in self.latest.items()
+                   if workers is None or worker in workers]
+        totals: dict[str, Any] = {name: sum(r[name] for r in reports) for name in SUMMED}
+        for name in COUNTED:
+            totals[name] = dict(sum((Counter(r[name]) for r in reports), Counter()))
+        return totals
+
+    def last_welcome(self) -> float:
+        """Wall-clock time of the most recent welcome in any worker."""
+        return max((report["last_welcome"] for report in self.latest.values()), default=0.0)
+
+    def stop(self) -> None:
+        """Ask every worker to stop, then make sure none is left."""
+        for process in self.processes:
+            try:
+                process.stdin.close()
+            except OSError:
+                pass
+        deadline = time.monotonic() + 10
+        for process in self.processes:
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        gevent.killall(self.readers)
+
+
+def percentiles(values: list[float]) -> dict[str, float | None]:
+    """p50, p99 and p99.9 (nearest rank), None when there is nothing to rank."""
+    if not values:
+        return {"p50": None, "p99": None, "p99_9": None, "max": None, "n": 0}
+    ranked = sorted(values)
+
+    def rank(q: float) -> float:
+        return round(ranked[min(len(ranked) - 1, math.ceil(q * len(ranked)) - 1)], 2)
+
+    return {"p50": rank(0.5), "p99": rank(0.99), "p99_9": rank(0.999),
+            "max": round(ranked[-1], 2), "n": len(ranked)}
+
+
+class Run:
+    """One measurement against one server; a context manager that always cleans up."""
+
+    def __init__(self, plan: Plan, gateway_pid: int | None, commands: str,
+                 amqp_url: str, http_url: str, api_token: str, command_timeout: float) -> None:
+        self.plan = plan
+        self.gauge = TreeGauge(gateway_pid) if gateway_pid else None
+        self.commands: AmqpCommands | HttpCommands | None = None
+        self.events: EventVerifier | None = None
+        if not plan.floor and commands == "amqp":
+            self.commands = AmqpCommands(amqp_url, command_timeout)
+        elif not plan.floor and commands == "http":
+            self.commands = HttpCommands(http_url, api_token, command_timeout)
+        if not plan.floor and commands != "none":
+            self.events = EventVerifier(amqp_url)
+        self.started = time.monotonic()
+        self.started_wall = time.time()
+        self.timeline: list[dict[str, Any]] = []
+        self.marks: dict[str, dict[str, Any]] = {}
+        self.fleet = Fleet(plan)
+        self.recorder = gevent.spawn(self.record_forever)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.recorder.kill()
+        self.fleet.stop()
+        for side in (self.commands, self.events):
+            if side is not None:
+                side.close()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def totals(self) -> dict[str, Any]:
+        return self.fleet.totals()
+
+    def gauges(self) -> dict[str, Any]:
+        """The server tree's RSS and CPU plus RabbitMQ's RSS, now."""
+        sample: dict[str, Any] = self.gauge.sample() if self.gauge else {}
+        if not self.plan.floor:
+            sample["rabbit_rss_mb"] = rabbit_rss_mb()
+        return sample
+
+    def mark(self, name: str, pss: bool = False) -> dict[str, Any]:
+        """Remember the time, counters and gauges at a moment the scenario cares about."""
+        mark = {"t": round(self.elapsed(), 3), "wall": time.time(), **self.totals(), **self.gauges()}
+        if pss and self.gauge:
+            mark["pss_mb"] = self.gauge.pss_mb()
+        self.marks[name] = mark
+        return mark
+
+    def wait_until_up(self, count: int, timeout: float) -> bool:
+        """Wait until `count` sessions are up; False if `timeout` passes first."""
+        deadline = time.monotonic() + timeout
+        while self.totals()["up"] < count:
+            if time.monotonic() > deadline:
+                return False
+            gevent.sleep(0.05)
+        return True
+
+    def wait_until_down(self, timeout: float) -> bool:
+        """Wait until no session is up (after a drop); False if `timeout` passes first."""
+        deadline = time.monotonic() + timeout
+        while self.totals()["up"] > 0:
+            if time.monotonic() > deadline:
+                return False
+            gevent.sleep(0.05)
+        return True
+
+    def record_forever(self) -> None:
+        """Once a second: append to the timeline and print a progress line to stderr."""
+        while True:
+            gevent.sleep(1.0)
+            entry = self.sample()
+            self.timeline.append(entry)
+            print(progress_line(self.plan.label, entry), file=sys.stderr, flush=True)
+
+    def sample(self) -> dict[str, Any]:
+        totals = self.totals()
+        previous = self.timeline[-1] if self.timeline else {"established": 0}
+        entry = {"t": round(self.elapsed(), 2), **totals,
+                 "rate": totals["established"] - previous["established"], **self.gauges()}
+        if self.commands:
+            log = self.commands.log
+            entry["commands_sent"] = log.sent
+            entry["command_outcomes"] = dict(log.outcomes)
+        return entry
+
+
+def progress_line(label: str, entry: dict[str, Any]) -> str:
+    failures = ", ".join(f"{reason} {count}" for reason, count in sorted(entry["failures"].items()))
+    lost = ", ".join(f"{reason} {count}" for reason, count in sorted(entry["lost"].items()))
+    line = (f"[{label} {entry['t']:6.1f}s] up {entry['up']:>7} | +{entry['rate']:>6}/s"
+            f" | failures: {failures or 'none'} | lost: {lost or 'none'}")
+    if "command_outcomes" in entry:
+        line += f" | commands sent {entry['commands_sent']} {entry['command_outcomes']}"
+    return line

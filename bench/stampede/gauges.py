@@ -1,0 +1,88 @@
+"""The server's own cost, read from outside: memory and CPU of its process tree, and RabbitMQ's memory.
+
+A gunicorn master forks its workers, so every figure sums the master and all
+its descendants. RSS is cheap and sampled every second; PSS (shared pages split
+between the processes that share them) reads smaps and is taken only at a few
+moments.
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+import psutil
+
+MB = 1024 * 1024
+
+
+def process_tree(pid: int) -> list[psutil.Process]:
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+class TreeGauge:
+    """Memory and CPU of one process and its descendants."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def sample(self) -> dict[str, float]:
+        """RSS (MiB) and user+system CPU seconds of the tree, now."""
+        rss = cpu = 0.0
+        for process in process_tree(self.pid):
+            try:
+                rss += process.memory_info().rss
+                times = process.cpu_times()
+                cpu += times.user + times.system
+            except psutil.Error:
+                continue
+        return {"rss_mb": rss / MB, "cpu_s": cpu}
+
+    def pss_mb(self) -> float | None:
+        """Proportional set size of the tree in MiB, or None where the kernel does not offer it."""
+        total = 0.0
+        for process in process_tree(self.pid):
+            try:
+                total += process.memory_full_info().pss
+            except (psutil.Error, AttributeError):
+                return None
+        return total / MB
+
+
+def pid_listening_on(port: int) -> int | None:
+    """The top process of the tree that listens on `port` (a gunicorn master, the floor's parent)."""
+    pids = {conn.pid for conn in psutil.net_connections("tcp")
+            if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port and conn.pid}
+    for pid in pids:
+        try:
+            if psutil.Process(pid).ppid() not in pids:
+                return pid
+        except psutil.Error:
+            continue
+    return None
+
+
+def rabbit_rss_mb() -> float | None:
+    """RSS of the local RabbitMQ node (its beam.smp process), if one runs here."""
+    for process in psutil.process_iter(["name", "memory_info"]):
+        if process.info["name"] and process.info["name"].startswith("beam"):
+            return process.info["memory_info"].rss / MB
+    return None
+
+
+def rabbit_breakdown() -> dict[str, float]:
+    """RabbitMQ's own memory breakdown in MB (best effort: empty when the CLI is missing or fails)."""
+    try:
+        output = subprocess.run(
+            ["rabbitmq-diagnostics", "-q", "memory_breakdown", "--unit", "mb"],
+            capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    breakdown = {}
+    for line in output.splitlines():
+        name, _, rest = line.partition(":")
+        try:
+            breakdown[name.strip()] = float(rest.split()[0])
+        except (IndexError, ValueError):
+            continue
+    return breakdown

@@ -1,0 +1,120 @@
+"""What a run leaves behind: a table on stdout, a JSON file and a PNG plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import orjson
+
+FLOOR = "floor"
+
+
+def flatten(figures: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested figures as dotted names -> scalars (lists such as time series are left out)."""
+    flat: dict[str, Any] = {}
+    for key, value in figures.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and "p50" not in value and all(map(is_number, value.values())):
+            flat[name] = ", ".join(f"{k} {v}" for k, v in sorted(value.items())) or "none"
+        elif isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        elif not isinstance(value, list):
+            flat[name] = value
+    return flat
+
+
+def ratios(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Every numeric figure of every non-floor run divided by the floor's same figure."""
+    if FLOOR not in runs:
+        return {}
+    floor = flatten(runs[FLOOR])
+    result = {}
+    for label, figures in runs.items():
+        if label == FLOOR:
+            continue
+        result[label] = {name: round(value / floor[name], 2)
+                         for name, value in flatten(figures).items()
+                         if is_number(value) and is_number(floor.get(name)) and floor[name]}
+    return result
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def table(results: dict[str, Any]) -> str:
+    """A plain-text table: one row per figure, one column per run, then the ratios to the floor."""
+    runs = results["runs"]
+    labels = list(runs)
+    flat = {label: flatten(runs[label]) for label in labels}
+    names = list(dict.fromkeys(name for label in labels for name in flat[label]))
+    ratio_labels = list(results.get("ratios", {}))
+    header = ["figure", *labels, *(f"{label}/floor" for label in ratio_labels)]
+    rows = [header]
+    for name in names:
+        row = [name, *(cell(flat[label].get(name)) for label in labels)]
+        row += [cell(results["ratios"][label].get(name)) for label in ratio_labels]
+        rows.append(row)
+    widths = [min(60, max(len(row[i]) for row in rows)) for i in range(len(header))]
+    lines = ["  ".join(text[:60].ljust(width) for text, width in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return f"scenario: {results['scenario']}\n" + "\n".join(lines)
+
+
+def cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.2f}"
+    if is_number(value):
+        return f"{value:,}"
+    return str(value)
+
+
+def write_json(results: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS))
+
+
+def plot(results: dict[str, Any], timelines: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    """Sessions up over time for every run, and command round-trip percentiles over time."""
+    figure, (sessions, round_trips) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
+    for label, timeline in timelines.items():
+        sessions.plot([e["t"] for e in timeline], [e["up"] for e in timeline], label=label)
+    sessions.set_ylabel("sessions up")
+    sessions.set_title(f"stampede: {results['scenario']}, {results['devices']:,} devices")
+    sessions.legend(loc="lower right")
+    for label, figures in results["runs"].items():
+        for series in round_trip_series(figures):
+            times = [window["t"] for window in series]
+            for quantile, style in (("p50", "-"), ("p99", "--"), ("p99_9", ":")):
+                round_trips.plot(times, [window[quantile] for window in series], style,
+                                 label=f"{label} {quantile.replace('_', '.')}")
+    round_trips.set_ylabel("command round trip (ms)")
+    round_trips.set_xlabel("seconds since the run started")
+    if round_trips.lines:
+        round_trips.set_yscale("log")
+        round_trips.legend(loc="upper right")
+    else:
+        round_trips.text(0.5, 0.5, "no commands in this run", ha="center", transform=round_trips.transAxes)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+
+
+def round_trip_series(figures: dict[str, Any]) -> list[list[dict[str, Any]]]:
+    """Every non-empty `round_trip_over_time` found in a run's figures."""
+    found = []
+    for value in figures.values():
+        if isinstance(value, dict):
+            series = value.get("round_trip_over_time")
+            if series:
+                found.append(series)
+            found += round_trip_series(value)
+    return found

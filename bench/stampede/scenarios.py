@@ -1,0 +1,198 @@
+"""The scenarios: ramp, hold, stampede and kill-load, each a function of a `Run` and the options.
+
+Each returns a plain dict of figures (the JSON report). Every scenario starts
+with a ramp, so every run also reports what connecting costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from collections import Counter
+from typing import Any
+
+import gevent
+
+from bench.stampede.backend import CommandLog, pace
+from bench.stampede.controller import Run, percentiles
+
+KIB_PER_MIB = 1024
+ROUND_TRIP_WINDOW = 5.0
+
+
+def delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    """Per-reason counts that happened between two marks."""
+    return {k: v for k, v in (Counter(after) - Counter(before)).items() if v}
+
+
+def cost(before: dict[str, Any], after: dict[str, Any], count: int, field: str,
+         scale: float) -> float | None:
+    """How much of gauge `field` each of `count` things cost between two marks (None without a gauge)."""
+    if count <= 0 or before.get(field) is None or after.get(field) is None:
+        return None
+    return round((after[field] - before[field]) * scale / count, 3)
+
+
+def ramp(run: Run, options: argparse.Namespace) -> dict[str, Any]:
+    """Connect every device as fast as the bounded in-flight connects allow, then hold a moment."""
+    devices = run.plan.devices
+    before = run.mark("before_connect", pss=True)
+    run.fleet.tell({"op": "connect", "jitter": 0.0})
+    all_up = run.wait_until_up(devices, options.ramp_timeout)
+    connected = run.mark("connected")
+    gevent.sleep(options.settle)
+    held = run.mark("held", pss=True)
+    seconds = max(run.fleet.last_welcome() - before["wall"], 1e-3)
+    established = connected["established"] - before["established"]
+    return {
+        "devices": devices, "all_up": all_up, "up": connected["up"],
+        "seconds": round(seconds, 3), "sessions_per_s": round(established / seconds, 1),
+        "peak_sessions_per_s": max((entry["rate"] for entry in run.timeline), default=0),
+        "failures": delta(connected["failures"], before["failures"]),
+        "welcome_ms": percentiles(run.fleet.welcome_ms),
+        "server_rss_mb_idle": before.get("rss_mb"), "server_rss_mb_held": held.get("rss_mb"),
+        "rss_kib_per_session": cost(before, held, held["up"], "rss_mb", KIB_PER_MIB),
+        "pss_kib_per_session": cost(before, held, held["up"], "pss_mb", KIB_PER_MIB),
+        "cpu_ms_per_session": cost(before, connected, established, "cpu_s", 1000),
+        "rabbit_rss_mb_idle": before.get("rabbit_rss_mb"),
+        "rabbit_rss_mb_held": held.get("rabbit_rss_mb"),
+        "rabbit_kib_per_session": cost(before, held, held["up"], "rabbit_rss_mb", KIB_PER_MIB),
+    }
+
+
+def hold(run: Run, options: argparse.Namespace) -> dict[str, Any]:
+    """Hold every session: a quiet window (heartbeats only), then commands and events flow."""
+    figures = {"ramp": ramp(run, options)}
+    quiet_start = run.mark("quiet_start")
+    gevent.sleep(options.quiet)
+    quiet_end = run.mark("quiet_end")
+    idle_cpu_per_s = cost(quiet_start, quiet_end, 1, "cpu_s", 1 / max(options.quiet, 1e-3))
+    start = run.mark("traffic_start")
+    if not run.plan.floor:
+        run.fleet.tell({"op": "events", "rate": options.event_rate / run.plan.processes})
+    send_commands(run, options, list(range(run.plan.devices)))
+    run.fleet.tell({"op": "events", "rate": 0})
+    gevent.sleep(min(options.command_timeout, 5) + 1)
+    end = run.mark("traffic_end")
+    figures["hold"] = {
+        "seconds": options.duration, "command_rate": options.command_rate,
+        "event_rate": options.event_rate,
+        "lost_sessions": delta(end["lost"], start["lost"]),
+        "idle_cpu_s_per_s": idle_cpu_per_s,
+        **traffic_cost(start, end, idle_cpu_per_s or 0.0),
+        "commands": command_figures(run),
+        "events": event_figures(run, start, end),
+        "rabbit_rss_mb_end": end.get("rabbit_rss_mb"),
+    }
+    return figures
+
+
+def send_commands(run: Run, options: argparse.Namespace, device_indexes: list[int]) -> None:
+    """Send commands to random devices among `device_indexes` at the command rate (or just wait)."""
+    if run.commands is None or options.command_rate <= 0:
+        gevent.sleep(options.duration)
+        return
+    commands = run.commands
+
+    def one() -> None:
+        commands.send(run.plan.device_name(random.choice(device_indexes)))
+
+    pace(options.command_rate, options.duration, one)
+
+
+def traffic_cost(start: dict[str, Any], end: dict[str, Any], idle_cpu_per_s: float) -> dict[str, Any]:
+    """Server CPU per message (command answered or event acked) above the quiet baseline."""
+    if start.get("cpu_s") is None:
+        return {}
+    messages = (end["commands"] - start["commands"]) + (end["acked"] - start["acked"])
+    busy = (end["cpu_s"] - start["cpu_s"]) - idle_cpu_per_s * (end["t"] - start["t"])
+    return {"cpu_s_busy_above_idle": round(busy, 3),
+            "cpu_ms_per_message": round(busy * 1000 / messages, 3) if messages else None}
+
+
+def command_figures(run: Run) -> dict[str, Any] | None:
+    if run.commands is None:
+        return None
+    log = run.commands.log
+    return {"sent": log.sent, "outcomes": dict(log.outcomes),
+            "round_trip_ms": percentiles([rtt for _, rtt in log.samples]),
+            "round_trip_over_time": round_trip_windows(log, run.started_wall)}
+
+
+def round_trip_windows(log: CommandLog, started_wall: float) -> list[dict[str, Any]]:
+    """Round-trip percentiles per window of ROUND_TRIP_WINDOW seconds, by send time."""
+    windows: dict[int, list[float]] = {}
+    for sent, rtt in log.samples:
+        windows.setdefault(int((sent - started_wall) // ROUND_TRIP_WINDOW), []).append(rtt)
+    return [{"t": index * ROUND_TRIP_WINDOW, **percentiles(rtts)}
+            for index, rtts in sorted(windows.items())]
+
+
+def event_figures(run: Run, start: dict[str, Any], end: dict[str, Any]) -> dict[str, Any] | None:
+    if run.events is None:
+        return None
+    missing = run.events.missing(run.fleet.acked_ids)
+    return {"sent": end["events_sent"] - start["events_sent"],
+            "acked": end["acked"] - start["acked"],
+            "nacked": delta(end["nacked"], start["nacked"]),
+            "unanswered_when_session_ended": end["unanswered_events"],
+            "acked_but_not_consumed": len(missing), "missing_examples": missing[:10],
+            "ack_ms": percentiles(run.fleet.ack_ms),
+            "presence_seen": dict(run.events.presence)}
+
+
+def stampede(run: Run, options: argparse.Namespace) -> dict[str, Any]:
+    """All devices drop at once and come back at once (and again spread over --jitter seconds)."""
+    figures: dict[str, Any] = {"ramp": ramp(run, options)}
+    for jitter in sorted({0.0, options.jitter}):
+        run.fleet.tell({"op": "drop"})
+        run.wait_until_down(options.ramp_timeout)
+        gevent.sleep(options.settle)
+        figures[f"reconnect_jitter_{jitter:g}s"] = reconnect(run, options, jitter)
+    return figures
+
+
+def reconnect(run: Run, options: argparse.Namespace, jitter: float) -> dict[str, Any]:
+    before = run.mark(f"reconnect_{jitter:g}_start")
+    run.fleet.tell({"op": "connect", "jitter": jitter})
+    all_back = run.wait_until_up(run.plan.devices, options.ramp_timeout + jitter)
+    after = run.mark(f"reconnect_{jitter:g}_done")
+    established = after["established"] - before["established"]
+    return {"jitter_s": jitter, "all_back": all_back, "up": after["up"],
+            "seconds_until_all_back": round(run.fleet.last_welcome() - before["wall"], 3),
+            "failures": delta(after["failures"], before["failures"]),
+            "cpu_ms_per_session": cost(before, after, established, "cpu_s", 1000)}
+
+
+def kill_load(run: Run, options: argparse.Namespace) -> dict[str, Any]:
+    """SIGKILL the load processes holding a third of the devices; the rest must not notice."""
+    figures: dict[str, Any] = {"ramp": ramp(run, options)}
+    workers = list(range(run.plan.processes))
+    victims = workers[:max(1, len(workers) // 3)]
+    survivors = workers[len(victims):]
+    survivor_devices = [index for worker in survivors
+                        for index in range(*span(run.plan.share(worker)))]
+    before = run.fleet.totals(survivors)
+    run.fleet.kill(victims)
+    run.mark("killed")
+    send_commands(run, options, survivor_devices)
+    gevent.sleep(min(options.command_timeout, 5) + 1)
+    after = run.fleet.totals(survivors)
+    run.mark("after_kill")
+    figures["kill"] = {
+        "killed_processes": len(victims), "surviving_processes": len(survivors),
+        "survivor_devices": len(survivor_devices), "survivors_up_after": after["up"],
+        "survivors_sessions_lost": delta(after["lost"], before["lost"]),
+        "survivors_reconnects": after["established"] - before["established"],
+        "commands": command_figures(run),
+    }
+    return figures
+
+
+def span(share: tuple[int, int]) -> tuple[int, int]:
+    first, count = share
+    return first, first + count
+
+
+SCENARIOS = {"ramp": lambda run, options: {"ramp": ramp(run, options)},
+             "hold": hold, "stampede": stampede, "kill-load": kill_load}
