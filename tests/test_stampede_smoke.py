@@ -1,0 +1,73 @@
+"""Smoke test of the load tool: a few hundred devices against the floor echo server, in seconds.
+
+It proves the tool runs end to end (workers, progress, JSON, PNG), not how fast
+anything is. A gateway test (marked `gateway`) needs a running Warren and RabbitMQ.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DEVICES = 300
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on port {port}")
+
+
+@pytest.fixture
+def floor() -> Iterator[str]:
+    """A floor echo server with two workers on a free port, stopped afterwards."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "bench.floor", "--port", str(port),
+                               "--workers", "2"], cwd=ROOT)
+    try:
+        wait_for_port(port)
+        yield f"tcp://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def run_stampede(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bench.stampede", *args], cwd=ROOT, check=False,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_every_device_reaches_the_floor_and_results_are_written(floor: str, tmp_path: Path) -> None:
+    out = tmp_path / "ramp.json"
+    done = run_stampede("stampede", "--floor", floor, "--devices", str(DEVICES),
+                        "--processes", "2", "--jitter", "1", "--settle", "0.5",
+                        "--ramp-timeout", "30", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    results = orjson.loads(out.read_bytes())
+    floor_figures = results["runs"]["floor"]
+    assert floor_figures["ramp"]["up"] == DEVICES
+    assert floor_figures["ramp"]["failures"] == {}
+    for jitter in ("0", "1"):
+        assert floor_figures[f"reconnect_jitter_{jitter}s"]["all_back"]
+    assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
+    assert "sessions_per_s" in done.stdout
+    assert "up" in done.stderr  # the live progress lines
