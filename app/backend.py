@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Self
 
 import orjson
 from kombu import Connection
@@ -38,7 +38,7 @@ class BackendClient:
         self.channel.events["basic_return"].add(self._on_return)
         self.channel.basic_consume(DIRECT_REPLY_TO, no_ack=True, callback=self._on_reply)
 
-    def __enter__(self) -> BackendClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

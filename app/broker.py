@@ -38,7 +38,8 @@ import orjson
 from gevent.event import AsyncResult, Event
 from gevent.lock import RLock
 from gevent.queue import Empty, Queue
-from kombu import Connection, Consumer, Exchange, Queue as KombuQueue
+from kombu import Connection, Consumer, Exchange
+from kombu import Queue as KombuQueue
 
 from app import metrics
 
@@ -206,8 +207,8 @@ class Link:
         if connection is not None:
             try:
                 connection.collect()
-            except Exception:  # noqa: BLE001 - a dead connection may fail to clean up
-                pass
+            except Exception as exc:  # noqa: BLE001 - a dead connection may fail to clean up
+                log.debug("%s: cleaning up the old connection failed: %r", self.role, exc)
 
     # -- hooks --------------------------------------------------------------
     def setup(self) -> None:

@@ -16,7 +16,7 @@ import os
 import socket
 import sys
 import time
-from typing import Any
+from typing import Any, Self
 from urllib.parse import urlsplit
 
 import orjson
@@ -107,7 +107,7 @@ class DeviceClient:
         except OSError:
             pass
 
-    def __enter__(self) -> DeviceClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

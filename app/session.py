@@ -11,7 +11,6 @@ the connection supervisor logs and reports.
 from __future__ import annotations
 
 import logging
-import socket
 import time
 import uuid
 from collections import OrderedDict
@@ -33,7 +32,7 @@ MAX_PENDING_COMMANDS = 64
 class TokenBucket:
     """At most `rate` frames a second on average, `burst` at once."""
 
-    __slots__ = ("rate", "burst", "tokens", "stamp")
+    __slots__ = ("burst", "rate", "stamp", "tokens")
 
     def __init__(self, rate: float, burst: int) -> None:
         self.rate, self.burst = rate, burst
@@ -55,8 +54,19 @@ class TokenBucket:
 class Session:
     """The protocol state of one device connection."""
 
-    __slots__ = ("conn", "gateway", "device", "id", "started", "closing", "draining",
-                 "in_flight", "pending", "bucket", "__weakref__")
+    __slots__ = (
+        "__weakref__",
+        "bucket",
+        "closing",
+        "conn",
+        "device",
+        "draining",
+        "gateway",
+        "id",
+        "in_flight",
+        "pending",
+        "started",
+    )
 
     def __init__(self, conn: FrameConnection, gateway: Gateway) -> None:
         self.conn = conn
@@ -81,7 +91,7 @@ class Session:
         except ProtocolError as exc:
             reason = exc.code
             self.send_error(exc.code, exc.message, exc.frame_id)
-        except (socket.timeout, TimeoutError):
+        except TimeoutError:
             reason = "idle_timeout" if self.id else "hello_timeout"
             self.send_error(reason, "no frame in time")
         finally:

@@ -196,6 +196,13 @@ class Supervisor:
 
     def start_child(self, *spec_or_args: object) -> Child:
         """Add and start a child: a ChildSpec, or for simple_one_for_one the extra start args."""
+        if self._forget_in_hub:
+            # Temporary dynamic children never involve the supervisor's loop again, so
+            # start them right here: O(1), no switch, and callable from a hub callback
+            # (gevent's accept callback starts one per connection).
+            if not self._greenlet:
+                raise RuntimeError(f"supervisor {self.name!r} is not running")
+            return self._launch(self._template, spec_or_args)
         if self._template is not None:
             return self._call(self._start_dynamic_child, spec_or_args)
         if len(spec_or_args) != 1 or not isinstance(spec_or_args[0], ChildSpec):

@@ -39,7 +39,7 @@ class Sender:
     past `limit` bytes the connection is cut, so one device cannot grow the worker.
     """
 
-    __slots__ = ("_sock", "_queue", "_queued", "_limit", "_writer", "overflowed", "_finishing")
+    __slots__ = ("_finishing", "_limit", "_queue", "_queued", "_sock", "_writer", "overflowed")
 
     def __init__(self, sock: socket.socket, limit: int) -> None:
         self._sock = sock

@@ -14,7 +14,7 @@ class TcpConnection:
     """Newline-delimited frames over a TCP socket; `\\r\\n` accepted."""
 
     transport = "tcp"
-    __slots__ = ("_sock", "_buffer", "_max_frame", "_sender", "peer")
+    __slots__ = ("_buffer", "_max_frame", "_sender", "_sock", "peer")
 
     def __init__(self, sock: socket.socket, peer: str, max_frame_bytes: int, send_limit: int) -> None:
         self._sock = sock

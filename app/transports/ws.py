@@ -44,7 +44,7 @@ class WsConnection:
     """Text messages over an upgraded socket, as frames."""
 
     transport = "ws"
-    __slots__ = ("_sock", "_ws", "_max_frame", "_sender", "_partial", "_partial_binary", "peer")
+    __slots__ = ("_max_frame", "_partial", "_partial_binary", "_sender", "_sock", "_ws", "peer")
 
     def __init__(self, sock: socket.socket, peer: str, environ: Mapping[str, str],
                  max_frame_bytes: int, send_limit: int, already_read: bytes = b"") -> None:
