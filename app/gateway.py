@@ -67,8 +67,10 @@ class Gateway:
         transport = session.conn.transport
         metrics.SESSIONS.labels(transport=transport).inc()
         metrics.SESSIONS_OPENED.labels(transport=transport).inc()
+        metrics.SESSIONS_BY_WORKER.set(len(self.sessions))
         self._presence(session, "connected", {"transport": transport})
-        log.debug("session %s opened for %s over %s", session.id, session.device, transport)
+        log.info("session opened", extra={"device": session.device, "session": session.id,
+                                          "transport": transport})
 
     def close(self, session: Session, reason: str) -> None:
         if self.sessions.get(session.device) is session:
@@ -76,7 +78,10 @@ class Gateway:
         self.broker.unbind(session.device)
         metrics.SESSIONS.labels(transport=session.conn.transport).dec()
         metrics.SESSIONS_CLOSED.labels(reason=reason).inc()
+        metrics.SESSIONS_BY_WORKER.set(len(self.sessions))
         self._presence(session, "closed", {"reason": reason})
+        log.info("session closed", extra={"device": session.device, "session": session.id,
+                                          "reason": reason, "transport": session.conn.transport})
 
     def _presence(self, session: Session, what: str, data: dict) -> None:
         self.broker.publish_event(session.device, session.id, f"session.{what}", session.id, data,

@@ -24,6 +24,9 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5
 
 SESSIONS = Gauge("warren_sessions", "Authenticated device sessions now.", ["transport"],
                  multiprocess_mode="livesum")
+# liveall keeps one sample per live worker (a `pid` label): the status page's per-worker view.
+SESSIONS_BY_WORKER = Gauge("warren_worker_sessions", "Authenticated device sessions now, per worker.",
+                           multiprocess_mode="liveall")
 CONNECTIONS = Gauge("warren_connections", "Open connections (devices before hello, HTTP, sessions).",
                     multiprocess_mode="livesum")
 SESSIONS_OPENED = Counter("warren_sessions_opened", "Sessions welcomed.", ["transport"])
@@ -41,6 +44,8 @@ COMMAND_API_RTT = Histogram("warren_command_api_seconds",
                             "HTTP command API: request to the device's reply.", buckets=LATENCY_BUCKETS)
 SUPERVISOR_RESTARTS = Counter("warren_supervisor_restarts", "Children restarted, by supervisor.",
                               ["supervisor"])
+CHILD_CRASHES = Counter("warren_crashes", "Supervised children (sessions included) that crashed.",
+                        ["supervisor"])
 SUPERVISOR_GAVE_UP = Counter("warren_supervisor_gave_up", "Supervisors that exhausted their budget.",
                              ["supervisor"])
 BROKER_CONNECTED = Gauge("warren_broker_connected", "Workers whose RabbitMQ link is up, by link.",

@@ -1,7 +1,8 @@
 """Error reporting: Sentry in each worker, and the supervisor's one reporting hook.
 
 sentry-sdk is initialised after the fork and after gevent's monkey patching
-(from the worker's `init_process`), never in gunicorn's master, so its
+(at the start of the worker's `run`, which gunicorn's GeventWorker calls
+after `monkey.patch_all()`), never in gunicorn's master, so its
 transport thread and sockets belong to the worker that uses them. Expected
 protocol errors are answered with error frames and never reach Sentry; a
 crash of a session greenlet, or a supervisor giving up, does.
@@ -24,6 +25,7 @@ class SupervisorReporter(supervisor.Reporter):
     """Counts restarts, reports crashes and give-ups to Sentry (when configured)."""
 
     def crash(self, supervisor_name: str, child_id: str, exc: BaseException) -> None:
+        metrics.CHILD_CRASHES.labels(supervisor=supervisor_name).inc()
         with sentry_sdk.new_scope() as scope:
             scope.set_tag("supervisor", supervisor_name)
             scope.set_tag("child", child_id)

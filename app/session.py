@@ -94,6 +94,10 @@ class Session:
         except TimeoutError:
             reason = "idle_timeout" if self.id else "hello_timeout"
             self.send_error(reason, "no frame in time")
+        except Exception as exc:
+            # A bug, not the device's fault: the connection supervisor reports it (Sentry tags).
+            exc.warren_device, exc.warren_session = self.device or None, self.id or None
+            raise
         finally:
             if self.id:
                 self.gateway.close(self, reason)

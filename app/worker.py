@@ -66,10 +66,12 @@ class WarrenWorker(GeventWorker):
     def init_process(self) -> None:
         self.config = config_module.load()
         logs.configure(self.config)
-        reporting.init_sentry(self.config)
-        super().init_process()
+        super().init_process()  # gevent's monkey patching, then run()
 
     def run(self) -> None:
+        # After the fork and after monkey patching, so that sentry-sdk's transport
+        # thread and sockets are gevent-cooperative and belong to this worker.
+        reporting.init_sentry(self.config)
         self.gateway = Gateway(self.config)
         self.wsgi.gateway = self.gateway
         self.open_connections = 0
