@@ -18,6 +18,9 @@ DEVICE_ID = re.compile(r"[A-Za-z0-9_:\-]{1,128}")
 EVENT_NAME = re.compile(r"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*")
 MAX_EVENT_ID = 64
 MAX_EVENT_NAME = 120
+# orjson reads JSON nested 1024 deep but writes at most 254 levels; `data` is written
+# inside an envelope, so deeper data could be read but not published (a crash, not an answer).
+MAX_DATA_DEPTH = 200
 
 # Error codes of PROTOCOL.md section 4, and whether each one ends the session.
 CLOSING_ERRORS = frozenset({
@@ -93,6 +96,7 @@ def validate(frame: dict[str, Any]) -> dict[str, Any]:
         if name == "session" or name.startswith("session."):
             raise ProtocolError("bad_frame", "event names starting with 'session.' are reserved",
                                 frame["id"])
+        _check_depth(frame, "data")
         return frame
     if kind == "reply":
         _string(frame, "id", 256)
@@ -100,12 +104,26 @@ def validate(frame: dict[str, Any]) -> dict[str, Any]:
             raise ProtocolError("bad_frame", "'ok' must be true or false", frame["id"])
         if frame.get("error") is not None and not isinstance(frame["error"], str):
             raise ProtocolError("bad_frame", "'error' must be a string", frame["id"])
+        _check_depth(frame, "data")
         return frame
     if kind == "hello":
         raise ProtocolError("bad_frame", "this session has already said hello")
     if not isinstance(kind, str):
         raise ProtocolError("bad_frame", "'type' must be a string", _frame_id(frame))
     raise ProtocolError("bad_frame", f"unknown frame type {kind[:64]!r}", _frame_id(frame))
+
+
+def _check_depth(frame: dict[str, Any], field: str) -> None:
+    """`bad_frame` when frame[field] nests lists/objects deeper than MAX_DATA_DEPTH."""
+    level: list[Any] = [frame.get(field)]
+    for _depth in range(MAX_DATA_DEPTH):
+        level = [child for value in level if isinstance(value, (dict, list))
+                 for child in (value.values() if isinstance(value, dict) else value)]
+        if not level:
+            return
+    if any(isinstance(value, (dict, list)) for value in level):
+        raise ProtocolError("bad_frame", f"'{field}' is nested more than {MAX_DATA_DEPTH} levels deep",
+                            _frame_id(frame))
 
 
 def encode(frame: dict[str, Any]) -> bytes:
