@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 from app import auth, metrics, protocol
@@ -77,7 +76,7 @@ class Session:
         self.closing: str | None = None  # the error code this session is ending with
         self.draining = False
         self.in_flight = 0
-        self.pending: OrderedDict[str, tuple[Command, float]] = OrderedDict()
+        self.pending: dict[str, tuple[Command, float]] = {}  # in delivery order
         self.bucket: TokenBucket | None = None
 
     # -- life -----------------------------------------------------------------
@@ -201,7 +200,7 @@ class Session:
             return False
         self._forget_expired()
         if len(self.pending) >= MAX_PENDING_COMMANDS:
-            self.pending.popitem(last=False)
+            del self.pending[next(iter(self.pending))]
             metrics.COMMANDS.labels(outcome="dropped").inc()
         self.pending[command.id] = (command, time.monotonic())
         self._send({"type": "command", "id": command.id, "name": command.name, "data": command.data})

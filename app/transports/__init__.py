@@ -9,7 +9,6 @@ outgoing buffer.
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Protocol
 
 import gevent
@@ -43,7 +42,7 @@ class Sender:
 
     def __init__(self, sock: socket.socket, limit: int) -> None:
         self._sock = sock
-        self._queue: deque[bytes] = deque()
+        self._queue: list[bytes] = []  # a deque would cost 760 bytes per idle connection
         self._queued = 0
         self._limit = limit
         self._writer: gevent.Greenlet | None = None
