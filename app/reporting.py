@@ -55,7 +55,7 @@ def init_sentry(config: Config) -> None:
         return
     sentry_sdk.init(dsn=config.sentry_dsn, release=config.release, environment=config.environment,
                     default_integrations=False, auto_enabling_integrations=False,
-                    integrations=[], send_default_pii=False)
+                    integrations=[])
     sentry_sdk.set_tag("worker_pid", os.getpid())
     log.info("Sentry reporting enabled (environment %s)", config.environment)
 

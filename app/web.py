@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import gevent
 import orjson
 
-from app import metrics, protocol
+from app import metrics, protocol, status
 
 if TYPE_CHECKING:
     from app.config import Config
@@ -66,6 +66,10 @@ class WarrenApp:
         if path == "/metrics":
             body, content_type = metrics.render()
             return 200, body, content_type
+        if path == "/":
+            return 200, status.PAGE.encode(), "text/html; charset=utf-8"
+        if path == "/status.json":
+            return 200, orjson.dumps(status.snapshot()), "application/json"
         if path == "/ws":
             raise HttpError(400, "bad_request", "GET /ws must be a WebSocket upgrade (version 13)")
         match = COMMAND_PATH.fullmatch(path)
