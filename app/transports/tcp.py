@@ -39,7 +39,9 @@ class TcpConnection:
                 raise ProtocolError("frame_too_large", f"frames are limited to {self._max_frame} bytes")
             try:
                 chunk = self._sock.recv(RECV_BYTES)
-            except ConnectionError:
+            except (ConnectionError, socket.cancel_wait_ex):
+                # cancel_wait_ex: another greenlet cut this connection (`abort`, e.g. replaced or
+                # shutting_down) while we were blocked reading: the end of the stream, not a crash.
                 return None
             if not chunk:
                 return None

@@ -77,8 +77,8 @@ class WsConnection:
                 return None
             try:
                 chunk = self._sock.recv(RECV_BYTES)
-            except ConnectionError:
-                chunk = b""
+            except (ConnectionError, socket.cancel_wait_ex):
+                chunk = b""  # cancel_wait_ex: cut by `abort` from another greenlet (see tcp.py)
             self._ws.receive_data(chunk or None)
 
     def _on_message(self, event: Message) -> bytes | None:
