@@ -1,0 +1,318 @@
+"""Helpers shared by the fault tests (tests/test_faults_*.py); no tests here.
+
+Every fault test runs real gunicorn (conftest.start_gateway, or `launch` below
+when the gateway must start without RabbitMQ) against the real RabbitMQ. Faults
+are injected from outside only: rabbitmqctl, signals, sockets, PYTHONPATH.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import requests
+from conftest import AMQP_URL, API_TOKEN, ROOT, SECRET, Gateway, free_port, metric_value, wait_ready
+from kombu import Connection
+
+from app.backend import BackendClient
+from app.broker import EVENTS
+from app.device import Closed, DeviceClient
+
+AMQP_PORT = 5672
+
+
+def unique(prefix: str = "fx") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+# -- gateways ----------------------------------------------------------------------
+def launch(tmp_path: Path, workers: int = 2, wait: bool = True, **env_overrides: str) -> Gateway:
+    """Start `gunicorn -c gunicorn.conf.py wsgi:app` like conftest.start_gateway.
+
+    With wait=False, return once /healthz answers (RabbitMQ may be down).
+    """
+    port, device_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items()
+           if k not in {"AMQP_URL", "CLOUDAMQP_URL", "RABBITMQ_URL", "PROMETHEUS_MULTIPROC_DIR"}}
+    env.update({
+        "PORT": str(port), "DEVICE_PORT": str(device_port), "WEB_CONCURRENCY": str(workers),
+        "AMQP_URL": AMQP_URL, "DEVICE_SECRETS": SECRET, "API_TOKENS": API_TOKEN,
+        "BIND_HOST": "127.0.0.1", "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / f"metrics-{port}"),
+        "HELLO_TIMEOUT": "2", "EVENT_RATE": "1000", "EVENT_BURST": "1000",
+    })
+    env.update(env_overrides)
+    log_path = tmp_path / f"gunicorn-{port}.log"
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"],
+        cwd=ROOT, env=env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
+    gateway = Gateway(process, port, device_port, env, log_path)
+    if wait:
+        wait_ready(gateway, workers)
+    else:
+        wait_healthy(gateway, workers)
+    return gateway
+
+
+def wait_healthy(gateway: Gateway, workers: int, timeout: float = 30) -> None:
+    """Until /healthz answers and gunicorn shows `workers` workers."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if gateway.process.poll() is not None:
+            raise RuntimeError(f"gunicorn exited with {gateway.process.returncode}:\n{gateway.log()}")
+        try:
+            if get(gateway, "/healthz").status_code == 200 and len(gateway.worker_pids()) == workers:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    gateway.stop()
+    raise RuntimeError(f"gateway not healthy within {timeout}s:\n{gateway.log()}")
+
+
+def get(gateway: Gateway, path: str, timeout: float = 5) -> requests.Response:
+    return requests.get(f"{gateway.http}{path}", timeout=timeout)
+
+
+def metrics(gateway: Gateway) -> str:
+    return get(gateway, "/metrics").text
+
+
+def metric(gateway: Gateway, name: str) -> float:
+    return metric_value(metrics(gateway), name)
+
+
+def readyz_codes(gateway: Gateway, tries: int = 6) -> set[int]:
+    """Status codes of a few /readyz requests (any worker may answer each)."""
+    codes = set()
+    for _ in range(tries):
+        try:
+            codes.add(get(gateway, "/readyz", timeout=3).status_code)
+        except requests.RequestException:
+            codes.add(0)
+    return codes
+
+
+def all_ready(gateway: Gateway, workers: int) -> bool:
+    """Every worker has both RabbitMQ links up (the instance-wide gauge)."""
+    text = metrics(gateway)
+    return (metric_value(text, 'warren_broker_connected{link="consumer"}') >= workers
+            and metric_value(text, 'warren_broker_connected{link="publisher"}') >= workers)
+
+
+def kill_tree(gateway: Gateway) -> None:
+    """SIGKILL the master and its workers at once (a host that dies)."""
+    pids = [gateway.process.pid, *gateway.worker_pids()]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    gateway.process.wait(10)
+    for pid in pids[1:]:
+        wait_until(lambda pid=pid: not psutil.pid_exists(pid) or
+                   psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, timeout=10)
+
+
+# -- RabbitMQ from outside -------------------------------------------------------------
+def rabbitmqctl(*args: str, check: bool = True, timeout: float = 120) -> str:
+    out = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=timeout,
+                         check=False)
+    if check and out.returncode != 0:
+        raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {out.stdout}{out.stderr}")
+    return out.stdout
+
+
+def amqp_connection_names(pids: list[int]) -> list[str]:
+    """RabbitMQ's names of the AMQP connections these processes hold."""
+    names = []
+    for pid in pids:
+        try:
+            connections = psutil.Process(pid).net_connections("tcp")
+        except psutil.NoSuchProcess:
+            continue
+        for conn in connections:
+            if conn.raddr and conn.raddr.port == AMQP_PORT and conn.status == psutil.CONN_ESTABLISHED:
+                names.append(f"{conn.laddr.ip}:{conn.laddr.port} -> {conn.raddr.ip}:{conn.raddr.port}")
+    return names
+
+
+def close_connections(pids: list[int], reason: str = "test") -> list[str]:
+    """Close these processes' AMQP connections from the broker side (`rabbitmqctl close_connection`).
+
+    Only the gateway's own connections: other tests on this RabbitMQ are left alone.
+    """
+    names = set(amqp_connection_names(pids))
+    by_name = {}
+    for line in rabbitmqctl("list_connections", "-q", "--no-table-headers", "pid", "name").splitlines():
+        pid, _, name = line.partition("\t")
+        by_name[name.strip()] = pid.strip()
+    targets = [by_name[name] for name in names if name in by_name]
+    procs = [subprocess.Popen(["rabbitmqctl", "close_connection", pid, reason],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for pid in targets]
+    for proc in procs:
+        proc.wait(60)
+    return targets
+
+
+class DurableQueue:
+    """A durable, non-exclusive queue bound to devices.events (deleted by `delete`)."""
+
+    def __init__(self, *bindings: str) -> None:
+        self.name = unique("faults-q")
+        self.connection = Connection(AMQP_URL, connect_timeout=5)
+        channel = self.connection.channel()
+        EVENTS(channel).declare()
+        channel.queue_declare(self.name, durable=True, exclusive=False, auto_delete=False)
+        for binding in bindings:
+            channel.queue_bind(self.name, EVENTS.name, routing_key=binding)
+        channel.close()
+
+    def drain(self) -> list[dict[str, Any]]:
+        """Every message now in the queue (taken out), as decoded bodies."""
+        import orjson
+
+        self.connection.ensure_connection(max_retries=5)
+        channel = self.connection.channel()
+        bodies = []
+        try:
+            while True:
+                message = channel.basic_get(self.name, no_ack=True)
+                if message is None:
+                    return bodies
+                bodies.append(orjson.loads(message.body))
+        finally:
+            channel.close()
+
+    def delete(self) -> None:
+        try:
+            connection = Connection(AMQP_URL, connect_timeout=5)
+            connection.channel().queue_delete(self.name)
+            connection.release()
+        except Exception:  # noqa: BLE001 - best effort in teardown
+            pass
+        try:
+            self.connection.release()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+# -- devices ---------------------------------------------------------------------------
+def connect(url: str, device: str, timeout: float = 10.0) -> DeviceClient:
+    """A welcomed device session (fails the test otherwise)."""
+    client = DeviceClient(url, timeout=timeout)
+    welcome = client.hello(device, SECRET)
+    assert welcome.get("type") == "welcome", welcome
+    client.session = welcome["session"]
+    client.device = device
+    return client
+
+
+def expect(client: DeviceClient, predicate: Callable[[dict], bool], timeout: float = 10.0,
+           seen: list | None = None) -> dict:
+    """Read frames until one satisfies predicate; others go to `seen`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"no matching frame within {timeout}s; saw {seen}")
+        frame = client.receive(timeout=remaining)
+        if predicate(frame):
+            return frame
+        if seen is not None:
+            seen.append(frame)
+
+
+def ping(client: DeviceClient, timeout: float = 10.0) -> None:
+    client.send({"type": "ping"})
+    expect(client, lambda f: f.get("type") == "pong", timeout)
+
+
+def send_event(client: DeviceClient, event_id: str, name: str = "door.opened",
+               timeout: float = 15.0) -> dict:
+    """Send an event; return its ack or nack."""
+    client.send({"type": "event", "id": event_id, "name": name, "data": {"n": event_id}})
+    return expect(client, lambda f: f.get("type") in {"ack", "nack"} and f.get("id") == event_id, timeout)
+
+
+def command_roundtrip(backend: BackendClient, client: DeviceClient, timeout: float = 10.0) -> dict:
+    """A command through RabbitMQ (BackendClient) to `client`, answered by it; the reply."""
+    command_id = backend.send(client.device, "unlock", {"via": "amqp"}, timeout=timeout)
+    frame = expect(client, lambda f: f.get("type") == "command", timeout)
+    assert frame["id"] == command_id
+    client.send({"type": "reply", "id": frame["id"], "ok": True, "data": {"done": True}})
+    return backend.wait(command_id, timeout)
+
+
+def http_roundtrip(gateway: Gateway, client: DeviceClient, timeout: float = 10.0) -> requests.Response:
+    """A command through the HTTP API to `client`, answered by it; the HTTP response."""
+    result: dict[str, Any] = {}
+    thread = threading.Thread(target=lambda: result.setdefault(
+        "response", gateway.command(client.device, "unlock", timeout=timeout)))
+    thread.start()
+    try:
+        frame = expect(client, lambda f: f.get("type") == "command", timeout + 2)
+        client.send({"type": "reply", "id": frame["id"], "ok": True, "data": {"done": True}})
+    finally:
+        thread.join(timeout + 15)
+    return result["response"]
+
+
+def worker_of(gateway: Gateway, clients: list[DeviceClient]) -> dict[int, list[DeviceClient]]:
+    """Which worker pid holds each client's connection (matched by the client's local port)."""
+    by_port = {client.sock.getsockname()[1]: client for client in clients}
+    held: dict[int, list[DeviceClient]] = {}
+    for pid in gateway.worker_pids():
+        for conn in psutil.Process(pid).net_connections("tcp"):
+            if conn.raddr and conn.raddr.port in by_port and conn.laddr.port in (gateway.port,
+                                                                                  gateway.device_port):
+                held.setdefault(pid, []).append(by_port[conn.raddr.port])
+    return held
+
+
+def is_closed(client: DeviceClient, timeout: float = 5.0) -> bool:
+    """True when the server closed the connection (after whatever frames it sent first)."""
+    try:
+        while True:
+            client.receive(timeout=timeout)
+    except (Closed, ConnectionError):
+        return True
+    except (TimeoutError, socket.timeout):
+        return False
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    pytest.fail(f"condition not met within {timeout}s: {getattr(predicate, '__name__', predicate)}")
+
+
+def read_until_closed(client: DeviceClient, timeout: float = 15.0) -> list[dict]:
+    """Every frame until the server closes the connection (TimeoutError if it does not).
+
+    DeviceClient raises Closed as soon as it parses a WebSocket close, possibly with
+    frames of the same read still buffered: those are collected too.
+    """
+    frames: list[dict] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            frames.append(client.receive(timeout=max(0.1, deadline - time.monotonic())))
+    except (Closed, ConnectionError):
+        frames += client._frames
+        client._frames = []
+    return frames
