@@ -158,7 +158,7 @@ class Link:
         self.setup()
         self.reconnects += 1
         metrics.BROKER_CONNECTED.labels(link=self.role).set(1)
-        log.info("%s: connected to RabbitMQ", self.role)
+        log.info("%s: connected to %s", self.role, "RabbitMQ" if self.is_amqp else "the in-process broker")
         self.connected.set()
 
     def _serve(self) -> None:
@@ -280,15 +280,29 @@ class Publisher(Link):
         message = self.channel.prepare_message(body, content_type="application/json",
                                                content_encoding="utf-8", properties=properties)
         if not self.is_amqp:
-            self.channel.basic_publish(message, exchange=exchange, routing_key=routing_key)
-            if done is not None:
-                done(None)
+            self._publish_in_process(message, exchange, routing_key, done, mandatory, properties)
             return
         tag, self._next_tag = self._next_tag, self._next_tag + 1
         self._pending[tag] = _Pending(done or _ignore, properties["message_id"],
                                       time.monotonic() + CONFIRM_TIMEOUT)
         self.channel.basic_publish(message, exchange=exchange, routing_key=routing_key,
                                    mandatory=mandatory)
+
+    def _publish_in_process(self, message: Any, exchange: str, routing_key: str, done: Done | None,
+                            mandatory: bool, properties: dict[str, Any]) -> None:
+        """kombu's memory transport has no confirms or returns: decide routing here, as RabbitMQ would.
+
+        Unroutable messages are dropped, not parked in kombu's dead-letter queue,
+        where nothing would ever read them.
+        """
+        routed = not exchange or bool(self.channel.typeof(exchange).lookup(
+            self.channel.get_table(exchange), exchange, routing_key, None))
+        if routed:
+            self.channel.basic_publish(message, exchange=exchange, routing_key=routing_key)
+        elif mandatory and exchange == COMMANDS.name:
+            self.on_command_returned(properties.get("correlation_id") or properties.get("message_id"))
+        if done is not None:
+            done(None if routed or not mandatory else "unroutable")
 
     def _settle(self, tag: int, multiple: bool, outcome: str | None) -> None:
         tags = [t for t in self._pending if t <= tag] if multiple else [tag]
