@@ -42,6 +42,7 @@ class DeviceClient:
         self._buffer = b""
         self._frames: list[dict[str, Any]] = []
         self._ws: WSConnection | None = None
+        self._ws_closed: str | None = None  # a close seen while frames read with it were still unread
         if self.websocket:
             self._upgrade(f"{parts.hostname}:{parts.port}", parts.path or "/ws")
 
@@ -84,6 +85,8 @@ class DeviceClient:
             *lines, self._buffer = self._buffer.split(b"\n")
             self._frames += [orjson.loads(line) for line in lines if line]
             return
+        if self._ws_closed is not None:
+            raise Closed(self._ws_closed)
         for event in self._pump():
             if isinstance(event, TextMessage):
                 self._buffer += event.data.encode()
@@ -93,7 +96,9 @@ class DeviceClient:
             elif isinstance(event, Ping):
                 self.sock.sendall(self._ws.send(event.response()))
             elif isinstance(event, CloseConnection):
-                raise Closed(f"WebSocket closed ({event.code})")
+                self._ws_closed = f"WebSocket closed ({event.code})"
+        if self._ws_closed is not None and not self._frames:
+            raise Closed(self._ws_closed)
 
     def hello(self, device: str, secret: bytes | str, **extra: Any) -> dict[str, Any]:
         """Say hello with a token minted from `secret`; return the server's answer."""
