@@ -6,6 +6,10 @@ wsgi:app`, with its configuration in the environment.
 
 from __future__ import annotations
 
+from gevent import monkey
+
+monkey.patch_all()  # first: the supervisor tests run greenlets, and patching must precede imports
+
 import os
 import random
 import signal
