@@ -33,14 +33,25 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(line, default=str).decode()
 
 
+class TextFormatter(logging.Formatter):
+    """The classic line, with the `extra=` fields appended as key=value (device=..., session=...)."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields = " ".join(f"{k}={v}" for k, v in vars(record).items() if k not in STANDARD_FIELDS)
+        if not fields:
+            return line
+        head, newline, rest = line.partition("\n")  # keep a traceback below the fields
+        return f"{head} {fields}{newline}{rest}"
+
+
 def configure(config: Config) -> None:
     """Route Warren's loggers to stderr in the chosen format (gunicorn keeps its own)."""
     handler = logging.StreamHandler(sys.stderr)
-    if config.log_format == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter(
-            "%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
+    handler.setFormatter(JsonFormatter() if config.log_format == "json" else TextFormatter())
     root = logging.getLogger("warren")
     root.handlers[:] = [handler]
     root.setLevel(config.log_level)
