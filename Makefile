@@ -16,6 +16,7 @@ run: $(BIN)/activate
 	$(BIN)/gunicorn -c gunicorn.conf.py wsgi:app
 
 test: $(BIN)/activate rabbitmq
+	@./.ci/ensure-chromium
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
