@@ -106,7 +106,12 @@ class Session:
         """Authenticate the first frame; True once the device is welcomed."""
         config = self.gateway.config
         self.conn.set_timeout(config.hello_timeout)
-        payload = self.conn.receive()
+        try:
+            payload = self.conn.receive()
+        except ProtocolError as exc:
+            if exc.code in protocol.CLOSING_ERRORS:
+                raise
+            return self._refuse("unauthorized", exc.message)  # e.g. a binary WebSocket message
         if payload is None:
             return False
         try:
@@ -135,10 +140,12 @@ class Session:
 
     def _serve(self) -> None:
         while self.closing is None:
-            payload = self.conn.receive()
-            if payload is None:
-                return
             try:
+                # Inside the try: a transport's own `bad_frame` (a binary WebSocket message) keeps
+                # the session open like any other bad frame; `frame_too_large` still closes it.
+                payload = self.conn.receive()
+                if payload is None:
+                    return
                 self._handle(protocol.validate(protocol.decode(payload)))
             except ProtocolError as exc:
                 if exc.code in protocol.CLOSING_ERRORS:
