@@ -182,8 +182,8 @@ class DurableQueue:
         """Every message now in the queue (taken out), as decoded bodies."""
         import orjson
 
-        self.connection.ensure_connection(max_retries=5)
-        channel = self.connection.channel()
+        connection = Connection(AMQP_URL, connect_timeout=5)  # fresh: the broker may have restarted
+        channel = connection.channel()
         bodies = []
         try:
             while True:
@@ -192,7 +192,7 @@ class DurableQueue:
                     return bodies
                 bodies.append(orjson.loads(message.body))
         finally:
-            channel.close()
+            connection.release()
 
     def delete(self) -> None:
         try:
@@ -203,7 +203,7 @@ class DurableQueue:
             pass
         try:
             self.connection.release()
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - it may have died with the broker
             pass
 
 
