@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    pids = fork_workers(listen(args.host, args.port), args.workers)
+    listener = listen(args.host, args.port)  # kept open here too, as a gunicorn master does
+    pids = fork_workers(listener, args.workers)
     print(f"floor: echoing on {args.host}:{args.port} with {args.workers} workers "
           f"(pids {' '.join(map(str, pids))})", file=sys.stderr, flush=True)
 

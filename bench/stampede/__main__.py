@@ -16,20 +16,11 @@ monkey.patch_all()
 
 import argparse
 import os
-import platform
-import resource
 import signal
 import sys
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
 
-import gevent
-import psutil
-
-from bench.stampede import report
-from bench.stampede.controller import Plan, Run, processes_for
-from bench.stampede.gauges import pid_listening_on
+from bench.stampede.measure import measure, publish
 from bench.stampede.scenarios import SCENARIOS
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
@@ -87,58 +78,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.scenario != "suite" and not (args.target or args.floor):
         parser.error("give --target and/or --floor")
     return args
-
-
-def local_pid(url: str) -> int | None:
-    """The pid of the server behind `url` when it listens on this machine."""
-    parts = urlsplit(url)
-    if parts.hostname not in ("localhost",) and not (parts.hostname or "").startswith("127."):
-        return None
-    return pid_listening_on(parts.port)
-
-
-def servers(args: argparse.Namespace) -> list[tuple[str, list[str], int | None]]:
-    """(label, device endpoints, pid to measure) for the floor (first) and the gateway."""
-    found = []
-    if args.floor:
-        found.append(("floor", [args.floor], args.floor_pid or local_pid(args.floor)))
-    if args.target:
-        found.append(("gateway", args.target, args.gateway_pid or local_pid(args.target[0])))
-    return found
-
-
-def machine() -> dict[str, Any]:
-    return {"cores": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-            "kernel": platform.release(), "python": platform.python_version(),
-            "open_files_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[1]}
-
-
-def measure(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the scenario against the floor (if given), then the gateway; return every figure."""
-    results: dict[str, Any] = {"scenario": args.scenario, "devices": args.devices,
-                               "command": " ".join(["python -m bench.stampede", *sys.argv[1:]]),
-                               "machine": machine(), "runs": {}, "timelines": {}}
-    minimum_processes = 3 if args.scenario == "kill-load" else 1
-    for label, targets, pid in servers(args):
-        plan = Plan(label=label, targets=targets, devices=args.devices, floor=label == "floor",
-                    processes=args.processes or processes_for(args.devices, minimum_processes),
-                    secret=args.secret, prefix=args.prefix, concurrency=args.concurrency,
-                    heartbeat=args.heartbeat)
-        with Run(plan, pid, args.commands_via, args.amqp_url, args.http_url, args.api_token,
-                 args.command_timeout) as run:
-            results["runs"][label] = SCENARIOS[args.scenario](run, args)
-            results["timelines"][label] = run.timeline
-        gevent.sleep(args.settle)
-    results["ratios"] = report.ratios(results["runs"])
-    return results
-
-
-def publish(results: dict[str, Any], args: argparse.Namespace) -> None:
-    """Write the JSON and the PNG, print the table."""
-    report.write_json(results, args.out)
-    report.plot(results, results["timelines"], args.plot)
-    print(report.table(results))
-    print(f"\nwrote {args.out} and {args.plot}")
 
 
 def main() -> None:

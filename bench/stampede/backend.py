@@ -55,6 +55,16 @@ def drain_forever(connection: kombu.Connection) -> None:
             continue
 
 
+def close_quietly(connection: kombu.Connection, greenlets: list[gevent.Greenlet]) -> None:
+    """Stop our readers first (a socket may have only one reader), then close; never raise."""
+    gevent.killall(greenlets)
+    try:
+        with gevent.Timeout(5):
+            connection.release()
+    except (gevent.Timeout, OSError, amqp.AMQPError):
+        pass
+
+
 class AmqpCommands:
     """Publishes commands like a backend service would, replies to a queue of our own."""
 
@@ -67,8 +77,8 @@ class AmqpCommands:
         self.reply_to, _, _ = self.channel.queue_declare("", exclusive=True, auto_delete=True)
         self.channel.basic_consume(self.reply_to, callback=self.on_reply, no_ack=True)
         self.channel.events["basic_return"].add(self.on_return)
-        gevent.spawn(drain_forever, self.connection)
-        gevent.spawn(self.expire_forever)
+        self.greenlets = [gevent.spawn(drain_forever, self.connection),
+                          gevent.spawn(self.expire_forever)]
 
     def send(self, device: str) -> None:
         command_id = uuid.uuid4().hex
@@ -107,7 +117,7 @@ class AmqpCommands:
                     self.log.outcomes["timeout"] += 1
 
     def close(self) -> None:
-        self.connection.release()
+        close_quietly(self.connection, self.greenlets)
 
 
 class HttpCommands:
@@ -157,7 +167,7 @@ class EventVerifier:
         queue, _, _ = channel.queue_declare("", exclusive=True, auto_delete=True)
         channel.queue_bind(queue, "devices.events", "#")
         channel.basic_consume(queue, callback=self.on_event, no_ack=True)
-        gevent.spawn(drain_forever, self.connection)
+        self.greenlets = [gevent.spawn(drain_forever, self.connection)]
 
     def on_event(self, message: amqp.Message) -> None:
         key = message.delivery_info.get("routing_key", "")
@@ -176,7 +186,7 @@ class EventVerifier:
         return missing
 
     def close(self) -> None:
-        self.connection.release()
+        close_quietly(self.connection, self.greenlets)
 
 
 def pace(rate: float, seconds: float, action: Callable[[], None]) -> None:

@@ -95,6 +95,14 @@ class Fleet:
         if worker in self.latest:
             self.latest[worker]["up"] = 0  # it died: none of its sessions is up any more
 
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Wait until every worker has built its devices and reported once."""
+        deadline = time.monotonic() + timeout
+        while len(self.latest) < len(self.processes):
+            if time.monotonic() > deadline:
+                raise TimeoutError("load processes did not start in time")
+            gevent.sleep(0.05)
+
     def tell(self, command: dict[str, Any], workers: list[int] | None = None) -> None:
         for worker in range(len(self.processes)) if workers is None else workers:
             process = self.processes[worker]
@@ -170,6 +178,7 @@ class Run:
         self.timeline: list[dict[str, Any]] = []
         self.marks: dict[str, dict[str, Any]] = {}
         self.fleet = Fleet(plan)
+        self.fleet.wait_ready()
         self.recorder = gevent.spawn(self.record_forever)
 
     def __enter__(self) -> Self:

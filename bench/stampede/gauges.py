@@ -27,9 +27,13 @@ class TreeGauge:
         self.pid = pid
 
     def sample(self) -> dict[str, float]:
-        """RSS (MiB) and user+system CPU seconds of the tree, now."""
+        """RSS (MiB) and user+system CPU seconds of the tree, now (nothing if it is gone)."""
+        try:
+            tree = process_tree(self.pid)
+        except psutil.NoSuchProcess:
+            return {}
         rss = cpu = 0.0
-        for process in process_tree(self.pid):
+        for process in tree:
             try:
                 rss += process.memory_info().rss
                 times = process.cpu_times()
@@ -41,25 +45,37 @@ class TreeGauge:
     def pss_mb(self) -> float | None:
         """Proportional set size of the tree in MiB, or None where the kernel does not offer it."""
         total = 0.0
-        for process in process_tree(self.pid):
-            try:
+        try:
+            for process in process_tree(self.pid):
                 total += process.memory_full_info().pss
-            except (psutil.Error, AttributeError):
-                return None
+        except (psutil.Error, AttributeError):
+            return None
         return total / MB
 
 
 def pid_listening_on(port: int) -> int | None:
-    """The top process of the tree that listens on `port` (a gunicorn master, the floor's parent)."""
-    pids = {conn.pid for conn in psutil.net_connections("tcp")
-            if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port and conn.pid}
-    for pid in pids:
-        try:
-            if psutil.Process(pid).ppid() not in pids:
-                return pid
-        except psutil.Error:
-            continue
-    return None
+    """The top process of the tree that listens on `port` (a gunicorn master, the floor's parent).
+
+    Pre-forked workers share the listen socket and psutil names only one of
+    them as its owner, so climb to the highest ancestor that also listens.
+    """
+    owner = next((conn.pid for conn in psutil.net_connections("tcp")
+                  if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port and conn.pid),
+                 None)
+    if owner is None:
+        return None
+    process = psutil.Process(owner)
+    while (parent := process.parent()) is not None and listens_on(parent, port):
+        process = parent
+    return process.pid
+
+
+def listens_on(process: psutil.Process, port: int) -> bool:
+    try:
+        return any(conn.status == psutil.CONN_LISTEN and conn.laddr.port == port
+                   for conn in process.net_connections("tcp"))
+    except psutil.Error:
+        return False
 
 
 def rabbit_rss_mb() -> float | None:

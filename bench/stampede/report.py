@@ -47,23 +47,36 @@ def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def table(results: dict[str, Any]) -> str:
-    """A plain-text table: one row per figure, one column per run, then the ratios to the floor."""
+def rows(results: dict[str, Any]) -> list[list[str]]:
+    """Header, then one row per figure: its value in every run, then the ratios to the floor."""
     runs = results["runs"]
     labels = list(runs)
     flat = {label: flatten(runs[label]) for label in labels}
     names = list(dict.fromkeys(name for label in labels for name in flat[label]))
     ratio_labels = list(results.get("ratios", {}))
-    header = ["figure", *labels, *(f"{label}/floor" for label in ratio_labels)]
-    rows = [header]
+    table = [["figure", *labels, *(f"{label}/floor" for label in ratio_labels)]]
     for name in names:
         row = [name, *(cell(flat[label].get(name)) for label in labels)]
         row += [cell(results["ratios"][label].get(name)) for label in ratio_labels]
-        rows.append(row)
-    widths = [min(60, max(len(row[i]) for row in rows)) for i in range(len(header))]
-    lines = ["  ".join(text[:60].ljust(width) for text, width in zip(row, widths)) for row in rows]
-    lines.insert(1, "  ".join("-" * width for width in widths))
-    return f"scenario: {results['scenario']}\n" + "\n".join(lines)
+        table.append(row)
+    return table
+
+
+def table(results: dict[str, Any]) -> str:
+    """A plain-text table for the terminal."""
+    lines = rows(results)
+    widths = [min(60, max(len(row[i]) for row in lines)) for i in range(len(lines[0]))]
+    text = ["  ".join(value[:60].ljust(width) for value, width in zip(row, widths)) for row in lines]
+    text.insert(1, "  ".join("-" * width for width in widths))
+    return f"scenario: {results['scenario']}\n" + "\n".join(text)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The same table in Markdown, for BENCHMARKS.md."""
+    lines = rows(results)
+    text = [f"| {' | '.join(lines[0])} |", f"|{'---|' * len(lines[0])}"]
+    text += [f"| {' | '.join(row)} |" for row in lines[1:]]
+    return "\n".join(text)
 
 
 def cell(value: Any) -> str:

@@ -60,11 +60,12 @@ class Worker:
         self.greenlets = []
 
     def report_forever(self) -> None:
+        """Report at once (the controller waits for that: it means ready), then every second."""
         while True:
-            gevent.sleep(1.0)
             line = {"worker": self.number, "t": time.time(), **self.world.stats.report()}
             self.out.write(orjson.dumps(line) + b"\n")
             self.out.flush()
+            gevent.sleep(1.0)
 
     def heartbeats_forever(self) -> None:
         """Ping from every device once per heartbeat; phases are spread at connect time."""
