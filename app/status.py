@@ -202,7 +202,7 @@ PAGE = """<!doctype html>
 </main>
 <script>
 "use strict";
-const POLL_MS = 2000, KEEP_MS = 10 * 60 * 1000;
+const POLL_MS = 2000, KEEP_MS = 5 * 60 * 1000;
 const history = [];           // {t, sessions, accepted, errors}, newest last
 let first = null;             // the first snapshot this page saw: "in view" deltas
 const $ = (id) => document.getElementById(id);
@@ -238,13 +238,13 @@ function chart() {
             `<text x="2" y="${yy}" font-size="10" fill="#6b7385">${Math.round(v)}</text>`;
   }
   svg.innerHTML = grid +
-    `<text x="${pad}" y="${H - 4}" font-size="10" fill="#6b7385">-10 min</text>` +
+    `<text x="${pad}" y="${H - 4}" font-size="10" fill="#6b7385">-5 min</text>` +
     `<text x="${W - pad - 20}" y="${H - 4}" font-size="10" fill="#6b7385">now</text>` +
     `<polyline points="${pts}" fill="none" stroke="#2f6fde" stroke-width="2"/>` +
     `<circle cx="${x(last.t)}" cy="${y(last.sessions)}" r="3" fill="#2f6fde"/>`;
 }
 function render(s) {
-  const t = Date.now();
+  const t = s.time * 1000;  // the server's clock: rates stay right however late a poll runs
   if (!first) first = s;
   history.push({t, sessions: s.sessions, accepted: s.accepted, errors: sum(s.errors)});
   while (history.length && history[0].t < t - KEEP_MS) history.shift();
