@@ -194,6 +194,17 @@ def test_session_crash_is_reported_once_with_tags_and_protocol_errors_are_not(se
     # Nothing else: no event for the unauthorized hellos, bad frames or protocol errors.
     assert events == crashes, [(exception_types(e), e.get("message")) for e in events]
 
+    # A graceful shutdown (SIGTERM, as on every deploy) with live sessions reports nothing either.
+    devices = [DeviceClient(gateway.url(transport)) for transport in ("tcp", "ws") * 3]
+    try:
+        for number, device in enumerate(devices):
+            assert device.hello(f"lock-drain-{number}", SECRET)["type"] == "welcome"
+        assert gateway.stop() == 0
+    finally:
+        for device in devices:
+            device.close()
+    assert receiver.snapshot() == crashes, [(exception_types(e), e.get("message")) for e in receiver.snapshot()]
+
 
 def test_supervisor_giving_up_is_its_own_event(receiver):
     """In-process: the real SupervisorReporter with a real sentry-sdk, and a supervisor that gives up."""
