@@ -159,7 +159,8 @@ class HttpCommands:
 class EventVerifier:
     """Consumes everything on `devices.events` to check acked events and count presence."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, device_prefix: str) -> None:
+        self.device_prefix = device_prefix
         self.seen: set[str] = set()
         self.presence: Counter = Counter()
         self.connection, channel = open_channel(url)
@@ -171,6 +172,8 @@ class EventVerifier:
 
     def on_event(self, message: amqp.Message) -> None:
         key = message.delivery_info.get("routing_key", "")
+        if not key.startswith(self.device_prefix):
+            return  # another user's device on a shared RabbitMQ
         if ".session." in key:
             self.presence[key.rsplit(".", 1)[-1]] += 1
         else:

@@ -7,12 +7,13 @@ backend connections, the gauges) and cleans all of it up on exit, Ctrl-C include
 from __future__ import annotations
 
 import math
+import secrets
 import signal
 import subprocess
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Self
 
 import gevent
@@ -42,6 +43,7 @@ class Plan:
     connect_timeout: float = 10.0
     welcome_timeout: float = 15.0
     heartbeat: float | None = None
+    run_id: str = field(default_factory=lambda: secrets.token_hex(3))
 
     def share(self, worker: int) -> tuple[int, int]:
         """(first device index, device count) of one load process."""
@@ -54,7 +56,7 @@ class Plan:
         sources = [f"127.0.{worker + 1}.{k}" for k in range(1, SOURCES_PER_PROCESS + 1)]
         return {"worker": worker, "first": first, "count": count, "targets": self.targets,
                 "sources": sources, "floor": self.floor, "secret": self.secret,
-                "prefix": self.prefix, "concurrency": self.concurrency,
+                "prefix": self.prefix, "run_id": self.run_id, "concurrency": self.concurrency,
                 "connect_timeout": self.connect_timeout,
                 "welcome_timeout": self.welcome_timeout, "heartbeat": self.heartbeat}
 
@@ -172,7 +174,7 @@ class Run:
         elif not plan.floor and commands == "http":
             self.commands = HttpCommands(http_url, api_token, command_timeout)
         if not plan.floor and commands != "none":
-            self.events = EventVerifier(amqp_url)
+            self.events = EventVerifier(amqp_url, f"{plan.prefix}-")
         self.started = time.monotonic()
         self.started_wall = time.time()
         self.timeline: list[dict[str, Any]] = []

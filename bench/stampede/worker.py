@@ -33,6 +33,7 @@ class Worker:
     def __init__(self, settings: dict[str, Any]) -> None:
         targets = [Target(url) for url in settings["targets"]]
         self.number = settings["worker"]
+        self.run_id = settings["run_id"]  # keeps event ids unique across runs sharing a RabbitMQ
         self.world = World(
             targets=targets, sources=settings["sources"], floor=settings["floor"],
             gate=BoundedSemaphore(settings["concurrency"]),
@@ -89,7 +90,7 @@ class Worker:
 
     def send_event(self, device: Device) -> None:
         self.event_seq += 1
-        event_id = f"w{self.number}-{self.event_seq}"
+        event_id = f"{self.run_id}-w{self.number}-{self.event_seq}"
         if device.send({"type": "event", "id": event_id, "name": "bench.tick",
                         "data": {"seq": self.event_seq}}):
             device.pending[event_id] = time.monotonic()
