@@ -316,3 +316,50 @@ def read_until_closed(client: DeviceClient, timeout: float = 15.0) -> list[dict]
         frames += client._frames
         client._frames = []
     return frames
+
+
+def hello_line(device: str) -> bytes:
+    import orjson
+
+    from app import auth
+
+    return orjson.dumps({"type": "hello", "device": device, "token": auth.mint(SECRET.encode(), device),
+                         "v": 1}) + b"\n"
+
+
+def read_line(sock: socket.socket, timeout: float = 30.0) -> dict:
+    """One newline-delimited frame from a raw TCP device socket."""
+    import orjson
+
+    sock.settimeout(timeout)
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(1)
+        if not chunk:
+            raise Closed("the server closed the connection")
+        data += chunk
+    return orjson.loads(data)
+
+
+def bulk_sessions(gateway: Gateway, devices: list[str], timeout: float = 60.0) -> list[socket.socket]:
+    """Many welcomed TCP sessions, cheaply: raw sockets, every hello sent before any welcome is read."""
+    socks = []
+    for device in devices:
+        sock = socket.create_connection(("127.0.0.1", gateway.device_port), timeout=timeout)
+        sock.sendall(hello_line(device))
+        socks.append(sock)
+    for sock in socks:
+        frame = read_line(sock, timeout)
+        assert frame.get("type") == "welcome", frame
+    return socks
+
+
+def reset(sock: socket.socket) -> None:
+    """Close with an RST instead of a FIN (SO_LINGER 0): the way a NAT or a crash drops a device."""
+    import struct
+
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    sock.close()
