@@ -1,7 +1,8 @@
 """Smoke test of the load tool: a few hundred devices against the floor echo server, in seconds.
 
 It proves the tool runs end to end (workers, progress, JSON, PNG), not how fast
-anything is. A gateway test (marked `gateway`) needs a running Warren and RabbitMQ.
+anything is. The test marked `gateway` runs it against a real gunicorn gateway on
+RabbitMQ (conftest's `gateway` fixture).
 """
 
 from __future__ import annotations
@@ -15,15 +16,10 @@ from pathlib import Path
 
 import orjson
 import pytest
+from conftest import AMQP_URL, API_TOKEN, SECRET, Gateway, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICES = 300
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for_port(port: int, timeout: float = 10.0) -> None:
@@ -71,3 +67,23 @@ def test_every_device_reaches_the_floor_and_results_are_written(floor: str, tmp_
     assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
     assert "sessions_per_s" in done.stdout
     assert "up" in done.stderr  # the live progress lines
+
+
+@pytest.mark.gateway
+def test_a_real_gateway_answers_every_command_and_loses_no_acked_event(
+        gateway: Gateway, tmp_path: Path) -> None:
+    out = tmp_path / "hold.json"
+    done = run_stampede("hold", "--target", gateway.tcp, "--devices", str(DEVICES),
+                        "--secret", SECRET, "--amqp-url", AMQP_URL, "--api-token", API_TOKEN,
+                        "--prefix", f"smoke{gateway.port}", "--gateway-pid", str(gateway.process.pid),
+                        "--duration", "3", "--quiet", "1", "--settle", "0.5", "--command-rate", "30",
+                        "--event-rate", "30", "--ramp-timeout", "30", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    figures = orjson.loads(out.read_bytes())["runs"]["gateway"]
+    assert figures["ramp"]["up"] == DEVICES
+    commands, events = figures["hold"]["commands"], figures["hold"]["events"]
+    assert commands["sent"] > 0
+    assert commands["outcomes"] == {"ok": commands["sent"]}
+    assert events["acked"] > 0
+    assert events["acked_but_not_consumed"] == 0
+    assert figures["ramp"]["rss_kib_per_session"] is not None
