@@ -68,9 +68,12 @@ class Gateway:
         metrics.SESSIONS.labels(transport=transport).inc()
         metrics.SESSIONS_OPENED.labels(transport=transport).inc()
         metrics.SESSIONS_BY_WORKER.set(len(self.sessions))
-        self._presence(session, "connected", {"transport": transport})
         log.info("session opened", extra={"device": session.device, "session": session.id,
                                           "transport": transport})
+
+    def welcomed(self, session: Session) -> None:
+        """The session's commands are routed here (or we stopped waiting): tell the backends."""
+        self._presence(session, "connected", {"transport": session.conn.transport})
 
     def close(self, session: Session, reason: str) -> None:
         if self.sessions.get(session.device) is session:
@@ -101,7 +104,11 @@ class Gateway:
 
     def takeover(self, device: str, started: float, session_id: str) -> None:
         session = self.sessions.get(device)
-        if session is None or session.id == session_id:
+        if session is None:
+            return
+        if session.id == session_id:
+            if session.routed is not None:  # our own notice: the bind before it is in effect
+                session.routed.set()
             return
         if (session.started, session.id) < (started, session_id):
             session.end("replaced")

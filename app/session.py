@@ -15,6 +15,8 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
+from gevent.event import Event
+
 from app import auth, metrics, protocol
 from app.protocol import ProtocolError
 
@@ -26,6 +28,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("warren.session")
 
 MAX_PENDING_COMMANDS = 64
+# How long a hello waits for RabbitMQ to route the device's commands here before the welcome.
+ROUTE_WAIT = 5.0
 
 
 class TokenBucket:
@@ -61,9 +65,11 @@ class Session:
         "device",
         "draining",
         "gateway",
+        "held",
         "id",
         "in_flight",
         "pending",
+        "routed",
         "started",
     )
 
@@ -78,6 +84,8 @@ class Session:
         self.in_flight = 0
         self.pending: dict[str, tuple[Command, float]] = {}  # in delivery order
         self.bucket: TokenBucket | None = None
+        self.routed: Event | None = None  # set once our command binding is in effect (hello only)
+        self.held: list[dict[str, Any]] | None = None  # commands that arrived before the welcome
 
     # -- life -----------------------------------------------------------------
     def run(self) -> None:
@@ -127,9 +135,22 @@ class Session:
             return self._refuse(code, "the gateway cannot take a new session now", retry_after)
         self.device, self.id, self.started = device, uuid.uuid4().hex[:16], time.time()
         self.bucket = TokenBucket(config.event_rate, config.event_burst)
+        self.routed = Event()
         self.gateway.open(self)
+        # Welcome only once RabbitMQ routes this device's commands here: a backend that sends a
+        # command as soon as the device is welcomed (or on `session.connected`) must not get
+        # `offline`. Our own takeover notice, published after the bind, coming back proves it.
+        if self.gateway.broker.ready:
+            self.routed.wait(ROUTE_WAIT)
+        self.routed = None
+        self.gateway.welcomed(self)
+        if self.closing is not None:
+            return True  # replaced while waiting: _serve ends at once
         self._send({"type": "welcome", "device": device, "session": self.id,
                     "heartbeat": int(config.heartbeat)})
+        held, self.held = self.held or [], None
+        for frame in held:
+            self._send(frame)
         self.conn.set_timeout(2 * config.heartbeat)
         return True
 
@@ -210,7 +231,12 @@ class Session:
             del self.pending[next(iter(self.pending))]
             metrics.COMMANDS.labels(outcome="dropped").inc()
         self.pending[command.id] = (command, time.monotonic())
-        self._send({"type": "command", "id": command.id, "name": command.name, "data": command.data})
+        frame = {"type": "command", "id": command.id, "name": command.name, "data": command.data}
+        if self.routed is not None:  # still saying hello: the command follows the welcome
+            self.routed.set()
+            self.held = [*(self.held or []), frame]
+        else:
+            self._send(frame)
         metrics.COMMANDS.labels(outcome="delivered").inc()
         return True
 
@@ -237,6 +263,8 @@ class Session:
         """End this session from any greenlet: tell the device why, then cut. Never blocks."""
         if self.closing is not None:
             return
+        if self.routed is not None:
+            self.routed.set()
         self.closing = code
         self.send_error(code, None, retry_after=retry_after)
         self.conn.finish()
