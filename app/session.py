@@ -32,6 +32,11 @@ MAX_PENDING_COMMANDS = 64
 ROUTE_WAIT = 5.0
 
 
+def _seconds(value: float) -> float | int:
+    """30.0 as 30, but HEARTBEAT=0.5 as 0.5 (int() made it 0: a device told to ping constantly)."""
+    return int(value) if float(value).is_integer() else value
+
+
 class TokenBucket:
     """At most `rate` frames a second on average, `burst` at once."""
 
@@ -147,7 +152,7 @@ class Session:
         if self.closing is not None:
             return True  # replaced while waiting: _serve ends at once
         self._send({"type": "welcome", "device": device, "session": self.id,
-                    "heartbeat": int(config.heartbeat)})
+                    "heartbeat": _seconds(config.heartbeat)})
         held, self.held = self.held or [], None
         for frame in held:
             self._send(frame)
