@@ -8,7 +8,7 @@ asserts how long something took: only that it happens within a generous timeout.
 Gateways: the conftest `gateway` (2 workers, HELLO_TIMEOUT=2) for most tests,
 `tight` (1 worker, MAX_CONNECTIONS=3, EVENT_RATE=5, EVENT_BURST=3,
 SEND_BUFFER_BYTES=4096, two device secrets) and `heartbeat` (1 worker,
-HEARTBEAT=1) for the limits.
+HEARTBEAT=0.75) for the limits.
 """
 
 from __future__ import annotations
@@ -907,16 +907,16 @@ def test_a_device_that_stops_reading_is_cut_alone(tight_gw: Gateway, backend: Ba
 
 @pytest.fixture(scope="module")
 def heartbeat(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    instance = start_gateway(tmp_path_factory.mktemp("heartbeat"), workers=1, HEARTBEAT="1")
+    instance = start_gateway(tmp_path_factory.mktemp("heartbeat"), workers=1, HEARTBEAT="0.75")
     yield instance
     instance.stop()
 
 
 def test_idle_timeout(heartbeat: Gateway, transport: str) -> None:
-    """HEARTBEAT=1: a silent session is cut after about 2 s; one that pings stays."""
+    """HEARTBEAT=0.75: a silent session is cut after about 1.5 s; one that pings stays."""
     silent, welcome = connect(heartbeat, transport)
     talker, _ = connect(heartbeat, transport)
-    assert welcome["heartbeat"] == 1
+    assert welcome["heartbeat"] == 0.75  # not rounded down to 0
     responder = Responder(talker, ping_every=0.3)
     try:
         with silent:
