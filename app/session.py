@@ -15,6 +15,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
+from gevent import Timeout
 from gevent.event import Event
 
 from app import auth, metrics, protocol
@@ -120,7 +121,10 @@ class Session:
         config = self.gateway.config
         self.conn.set_timeout(config.hello_timeout)
         try:
-            payload = self.conn.receive()
+            # The whole hello within HELLO_TIMEOUT, not each read: a slow-loris that dribbles a
+            # byte a second would otherwise hold its connection forever.
+            with Timeout(config.hello_timeout, TimeoutError("no hello in time")):
+                payload = self.conn.receive()
         except ProtocolError as exc:
             if exc.code in protocol.CLOSING_ERRORS:
                 raise

@@ -46,6 +46,21 @@ ACCEPT_HEADROOM = 256  # connections beyond MAX_CONNECTIONS: HTTP clients, and d
 class WebSocketHandler(PyWSGIHandler):
     """gunicorn's pywsgi handler, except that `GET /ws` upgrades become device sessions."""
 
+    # A request's head (request line and headers) must arrive within HELLO_TIMEOUT, as a
+    # device's hello must: otherwise a slow-loris on the HTTP port holds a connection (and a
+    # place under the accept cap) forever. pywsgi closes on the request line's timeout and
+    # answers 400 on the headers'. An idle keep-alive connection is closed after it too.
+    def read_requestline(self) -> Any:
+        limit = self.server.warren_worker.config.hello_timeout
+        self._head_deadline = time.monotonic() + limit
+        with gevent.Timeout(limit, TimeoutError("no request line in time")):
+            return super().read_requestline()
+
+    def read_request(self, requestline: Any) -> Any:
+        remaining = max(0.001, getattr(self, "_head_deadline", 0) - time.monotonic())
+        with gevent.Timeout(remaining, TimeoutError("no request head in time")):
+            return super().read_request(requestline)
+
     def run_application(self) -> None:
         if self.environ.get("PATH_INFO") != "/ws" or "HTTP_UPGRADE" not in self.environ:
             super().run_application()
