@@ -642,6 +642,23 @@ def test_command_that_expired_before_delivery_is_answered_expired(gateway: Gatew
         ping_ok(client)  # the command never reached the device: the next frame is the pong
 
 
+def test_a_command_right_after_the_welcome_is_delivered(gateway: Gateway, backend: BackendClient) -> None:
+    """Once a device is welcomed (or announced connected), a command must reach it, never `offline`."""
+    for n in range(12):
+        device = uid()
+        with EventTap(f"{device}.session.connected") as tap:
+            client, _ = connect(gateway, TRANSPORTS[n % 2], device)
+            with client:
+                command_id = backend.send(device, "unlock", timeout=WAIT)
+                expect(client, "command", id=command_id)
+                client.send({"type": "reply", "id": command_id, "ok": True})
+                assert backend.wait(command_id, WAIT)["ok"] is True
+                # A backend that reacts to session.connected reaches the device too.
+                tap.get(f"{device}.session.connected")
+                command_id = backend.send(device, "lock", timeout=WAIT)
+                expect(client, "command", id=command_id)
+
+
 def test_reply_to_an_unknown_command(gateway: Gateway, backend: BackendClient, transport: str) -> None:
     device = uid()
     client, _ = connect(gateway, transport, device)
@@ -732,6 +749,22 @@ def test_http_bad_request(gateway: Gateway, path: str, body: bytes) -> None:
                              headers={"Authorization": f"Bearer {API_TOKEN}", "Content-Type": "application/json"})
     assert response.status_code == 400, response.text
     assert response.json()["error"] == "bad_request" and response.json()["message"]
+
+
+def test_http_body_too_large_is_413(gateway: Gateway) -> None:
+    response = requests.post(f"{gateway.http}/devices/lock-1/commands", timeout=WAIT,
+                             data=orjson.dumps({"name": "unlock", "data": "x" * 70000}),
+                             headers={"Authorization": f"Bearer {API_TOKEN}"})
+    assert response.status_code == 413
+
+
+@pytest.mark.parametrize("version", ["8", ""])
+def test_websocket_upgrade_with_a_bad_version_is_400(gateway: Gateway, version: str) -> None:
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=WAIT) as sock:
+        sock.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: "
+                     + version.encode() + b"\r\n\r\n")
+        assert sock.recv(100).startswith(b"HTTP/1.1 400")
 
 
 def test_http_timeout_30_is_allowed(gateway: Gateway) -> None:
