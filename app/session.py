@@ -153,8 +153,14 @@ class Session:
             self.routed.wait(ROUTE_WAIT)
         self.routed = None
         self.gateway.welcomed(self)
-        if self.closing is not None:
-            return True  # replaced while waiting: _serve ends at once
+        if self.closing is not None:  # replaced while waiting: _serve ends at once
+            for frame in self.held or []:  # never written: their senders hear `offline`
+                entry = self.pending.pop(frame["id"], None)
+                if entry is not None:
+                    metrics.COMMANDS.labels(outcome="offline").inc()
+                    self.gateway.broker.reply(entry[0], ok=False, error="offline")
+            self.held = None
+            return True
         self._send({"type": "welcome", "device": device, "session": self.id,
                     "heartbeat": _seconds(config.heartbeat)})
         held, self.held = self.held or [], None
