@@ -1032,3 +1032,11 @@ def test_nothing_a_device_sends_harms_another_session(gateway: Gateway) -> None:
     finally:
         for client in [*victims.values(), *(a for a in attackers.values() if a is not None)]:
             client.close()
+
+
+def test_no_gateway_logged_a_crash(gateway: Gateway, tight: Gateway, heartbeat: Gateway) -> None:
+    """Last: whatever the tests above sent, no session crashed and no worker died (the logs say so)."""
+    for instance in (gateway, tight, heartbeat):
+        log = instance.log()
+        for marker in ("Traceback", "CRITICAL", "Worker exiting", "WORKER TIMEOUT"):
+            assert marker not in log, f"{marker!r} in {instance.log_path}:\n{log[-5000:]}"

@@ -134,3 +134,10 @@ def test_simultaneous_hellos_on_two_hosts_leave_exactly_one(gateway: Gateway, ho
     finally:
         for client in clients:
             client.close()
+
+
+def test_no_host_logged_a_crash(gateway: Gateway, host_b: Gateway) -> None:
+    for instance in (gateway, host_b):
+        log = instance.log()
+        for marker in ("Traceback", "CRITICAL", "Worker exiting", "WORKER TIMEOUT"):
+            assert marker not in log, f"{marker!r} in {instance.log_path}:\n{log[-5000:]}"
