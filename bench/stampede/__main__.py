@@ -60,7 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     timing = parser.add_argument_group("timing (seconds)")
     timing.add_argument("--duration", type=float, default=20.0, help="traffic time in hold/kill-load")
     timing.add_argument("--jitter", type=float, default=10.0, help="stampede: reconnects spread over this")
-    timing.add_argument("--quiet", type=float, default=5.0, help="hold: heartbeats-only window first")
+    timing.add_argument("--quiet", type=float, default=10.0,
+                        help="hold: heartbeats-only window first (the CPU baseline)")
     timing.add_argument("--settle", type=float, default=3.0, help="pause after connecting before measuring")
     timing.add_argument("--ramp-timeout", type=float, default=120.0)
     output = parser.add_argument_group("output")

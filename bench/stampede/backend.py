@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
 
 import amqp
 import gevent
+import gevent.event
 import gevent.pool
 import kombu
 import orjson
@@ -40,47 +41,104 @@ class CommandLog:
         self.samples.append((time.time() - (now - started), (now - started) * 1000))
 
 
-def open_channel(url: str) -> tuple[kombu.Connection, amqp.Channel]:
-    """A raw py-amqp channel (kombu only parses the URL and connects)."""
-    connection = kombu.Connection(url)
-    connection.connect()
-    return connection, connection.connection.channel()
+BROKER_ERRORS = (OSError, amqp.AMQPError, amqp.exceptions.RecoverableConnectionError)
+RETRY_SECONDS = 1.0
 
 
-def drain_forever(connection: kombu.Connection) -> None:
-    while True:
-        try:
-            connection.connection.drain_events(timeout=1)
-        except TimeoutError:
-            continue
+class BrokerClient:
+    """One RabbitMQ connection owned by one greenlet, reopened when the broker goes away.
+
+    Only that greenlet reads or writes the socket: py-amqp is not safe to share
+    between greenlets. `setup` declares what the subclass needs on a fresh
+    channel; `tick` runs between reads (for example, to publish).
+    """
+
+    read_timeout = 1.0
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.connection: kombu.Connection | None = None
+        self.reconnects = 0
+        self.ready = gevent.event.Event()
+        self.greenlet = gevent.spawn(self.run_forever)
+        if not self.ready.wait(10):
+            self.greenlet.kill()
+            raise ConnectionError(f"cannot reach RabbitMQ at {url} (or the gateway has not declared "
+                                  "its exchanges yet)")
+
+    def run_forever(self) -> None:
+        while True:
+            try:
+                self.connection = kombu.Connection(self.url)
+                self.connection.connect()
+                self.setup(self.connection.connection.channel())
+                self.ready.set()
+                self.serve()
+            except BROKER_ERRORS:
+                self.lost()
+                if self.ready.is_set():
+                    self.reconnects += 1
+            gevent.sleep(RETRY_SECONDS)
+
+    def serve(self) -> None:
+        while True:
+            self.tick()
+            try:
+                self.connection.connection.drain_events(timeout=self.read_timeout)
+            except TimeoutError:
+                continue
+
+    def setup(self, channel: amqp.Channel) -> None:
+        raise NotImplementedError
+
+    def tick(self) -> None:
+        """Work to do between two reads; nothing by default."""
+
+    def lost(self) -> None:
+        """The connection broke; nothing to do by default."""
+
+    def close(self) -> None:
+        self.greenlet.kill()
+        if self.connection is not None:
+            try:
+                with gevent.Timeout(5):
+                    self.connection.release()
+            except (gevent.Timeout, *BROKER_ERRORS):
+                pass
 
 
-def close_quietly(connection: kombu.Connection, greenlets: list[gevent.Greenlet]) -> None:
-    """Stop our readers first (a socket may have only one reader), then close; never raise."""
-    gevent.killall(greenlets)
-    try:
-        with gevent.Timeout(5):
-            connection.release()
-    except (gevent.Timeout, OSError, amqp.AMQPError):
-        pass
-
-
-class AmqpCommands:
+class AmqpCommands(BrokerClient):
     """Publishes commands like a backend service would, replies to a queue of our own."""
+
+    read_timeout = PACE_TICK / 2  # publishing waits at most this long for the socket
 
     def __init__(self, url: str, timeout: float) -> None:
         self.timeout = timeout
         self.log = CommandLog()
         self.pending: dict[str, float] = {}
-        self.connection, self.channel = open_channel(url)
-        self.channel.exchange_declare("devices.commands", "direct", passive=True)
-        self.reply_to, _, _ = self.channel.queue_declare("", exclusive=True, auto_delete=True)
-        self.channel.basic_consume(self.reply_to, callback=self.on_reply, no_ack=True)
-        self.channel.events["basic_return"].add(self.on_return)
-        self.greenlets = [gevent.spawn(drain_forever, self.connection),
-                          gevent.spawn(self.expire_forever)]
+        self.outbox: deque[str] = deque()
+        self.next_expiry = 0.0
+        super().__init__(url)
+
+    def setup(self, channel: amqp.Channel) -> None:
+        channel.exchange_declare("devices.commands", "direct", passive=True)
+        self.reply_to, _, _ = channel.queue_declare("", exclusive=True, auto_delete=True)
+        channel.basic_consume(self.reply_to, callback=self.on_reply, no_ack=True)
+        channel.events["basic_return"].add(self.on_return)
+        self.channel = channel
 
     def send(self, device: str) -> None:
+        """Queue one command; the connection's greenlet publishes it within PACE_TICK / 2."""
+        self.outbox.append(device)
+
+    def tick(self) -> None:
+        while self.outbox:
+            self.publish(self.outbox.popleft())
+        if time.monotonic() > self.next_expiry:
+            self.expire()
+            self.next_expiry = time.monotonic() + 1.0
+
+    def publish(self, device: str) -> None:
         command_id = uuid.uuid4().hex
         message = amqp.Message(COMMAND, content_type="application/json", message_id=command_id,
                                correlation_id=command_id, reply_to=self.reply_to,
@@ -89,6 +147,11 @@ class AmqpCommands:
         self.log.sent += 1
         self.channel.basic_publish(message, exchange="devices.commands", routing_key=device,
                                    mandatory=True)
+
+    def lost(self) -> None:
+        """Commands not yet published when the broker went away are counted, not silently dropped."""
+        self.log.outcomes["not_sent_broker_down"] += len(self.outbox)
+        self.outbox.clear()
 
     def on_reply(self, message: amqp.Message) -> None:
         started = self.pending.pop(message.properties.get("correlation_id"), None)
@@ -106,18 +169,13 @@ class AmqpCommands:
         if self.pending.pop(message.properties.get("correlation_id"), None) is not None:
             self.log.outcomes["returned_offline"] += 1
 
-    def expire_forever(self) -> None:
+    def expire(self) -> None:
         """Count commands without any answer well after their expiration as timed out."""
-        while True:
-            gevent.sleep(1.0)
-            deadline = time.monotonic() - self.timeout - 2
-            for command_id, started in list(self.pending.items()):
-                if started < deadline:
-                    del self.pending[command_id]
-                    self.log.outcomes["timeout"] += 1
-
-    def close(self) -> None:
-        close_quietly(self.connection, self.greenlets)
+        deadline = time.monotonic() - self.timeout - 2
+        for command_id, started in list(self.pending.items()):
+            if started < deadline:
+                del self.pending[command_id]
+                self.log.outcomes["timeout"] += 1
 
 
 class HttpCommands:
@@ -156,19 +214,25 @@ class HttpCommands:
         self.http.clear()
 
 
-class EventVerifier:
-    """Consumes everything on `devices.events` to check acked events and count presence."""
+class EventVerifier(BrokerClient):
+    """Consumes everything on `devices.events` to check acked events and count presence.
+
+    Our queue is exclusive, so it vanishes with a lost connection: after a
+    reconnect (`reconnects` > 0) events published meanwhile are not seen, and
+    `missing` may name events that did arrive in RabbitMQ.
+    """
 
     def __init__(self, url: str, device_prefix: str) -> None:
         self.device_prefix = device_prefix
         self.seen: set[str] = set()
         self.presence: Counter = Counter()
-        self.connection, channel = open_channel(url)
+        super().__init__(url)
+
+    def setup(self, channel: amqp.Channel) -> None:
         channel.exchange_declare("devices.events", "topic", passive=True)
         queue, _, _ = channel.queue_declare("", exclusive=True, auto_delete=True)
         channel.queue_bind(queue, "devices.events", "#")
         channel.basic_consume(queue, callback=self.on_event, no_ack=True)
-        self.greenlets = [gevent.spawn(drain_forever, self.connection)]
 
     def on_event(self, message: amqp.Message) -> None:
         key = message.delivery_info.get("routing_key", "")
@@ -187,9 +251,6 @@ class EventVerifier:
             gevent.sleep(0.5)
             missing = [event_id for event_id in missing if event_id not in self.seen]
         return missing
-
-    def close(self) -> None:
-        close_quietly(self.connection, self.greenlets)
 
 
 def pace(rate: float, seconds: float, action: Callable[[], None]) -> None:

@@ -149,7 +149,8 @@ def connect(device: Device, world: World) -> Link:
     check_welcome(frame, world.floor, link)
     device.link = link
     device.heartbeat = world.heartbeat or float(frame.get("heartbeat") or 30)
-    device.next_ping = time.monotonic() + device.heartbeat * random.uniform(0.5, 1.0)
+    # A random phase: pings are spread evenly from the start, so a quiet window sees their steady rate.
+    device.next_ping = time.monotonic() + device.heartbeat * random.random()
     world.stats.up += 1
     world.stats.established += 1
     world.stats.last_welcome = time.time()

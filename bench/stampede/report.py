@@ -23,7 +23,7 @@ def flatten(figures: dict[str, Any], prefix: str = "") -> dict[str, Any]:
             flat[name] = ", ".join(f"{k} {v}" for k, v in sorted(value.items())) or "none"
         elif isinstance(value, dict):
             flat.update(flatten(value, f"{name}."))
-        elif not isinstance(value, list):
+        elif value is not None and not isinstance(value, list):
             flat[name] = value
     return flat
 

@@ -115,6 +115,7 @@ def command_figures(run: Run) -> dict[str, Any] | None:
         return None
     log = run.commands.log
     return {"sent": log.sent, "outcomes": dict(log.outcomes),
+            "broker_reconnects": getattr(run.commands, "reconnects", 0),
             "round_trip_ms": percentiles([rtt for _, rtt in log.samples]),
             "round_trip_over_time": round_trip_windows(log, run.started_wall)}
 
@@ -138,7 +139,8 @@ def event_figures(run: Run, start: dict[str, Any], end: dict[str, Any]) -> dict[
             "unanswered_when_session_ended": end["unanswered_events"],
             "acked_but_not_consumed": len(missing), "missing_examples": missing[:10],
             "ack_ms": percentiles(run.fleet.ack_ms),
-            "presence_seen": dict(run.events.presence)}
+            "presence_seen": dict(run.events.presence),
+            "verifier_broker_reconnects": run.events.reconnects}
 
 
 def stampede(run: Run, options: argparse.Namespace) -> dict[str, Any]:
