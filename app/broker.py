@@ -339,14 +339,25 @@ class Publisher(Link):
         metrics.BROKER_BLOCKED.set(0)
 
     def tick(self) -> None:
-        """Give up on confirms that take too long; the device will resend (at-least-once)."""
+        """Give up on confirms that take too long; the device will resend (at-least-once).
+
+        A confirm overdue on a connection that RabbitMQ has not blocked means the connection
+        is dead without a word (a network partition drops packets, nothing closes): heartbeats
+        would notice only after two missed (2 x HEARTBEAT), with /readyz saying ready all
+        along. Reconnect now instead.
+        """
         now = time.monotonic()
+        overdue = 0
         while self._pending:
             tag, pending = next(iter(self._pending.items()))
             if pending.deadline > now:
                 break
             del self._pending[tag]
+            overdue += 1
             pending.done("broker_unavailable")
+        if overdue and self.is_amqp and not self.blocked:
+            raise ConnectionError(f"{overdue} publisher confirm(s) overdue after {CONFIRM_TIMEOUT:g}s "
+                                  f"on a connection RabbitMQ did not block")
 
     def on_lost(self) -> None:
         pending, self._pending = self._pending, OrderedDict()
