@@ -224,6 +224,7 @@ def test_memory_alarm_nacks_events_and_recovers(tmp_path, rabbit_restored):
         ping(client)
         assert metric(gateway, "warren_broker_blocked") == 0
         assert readyz_codes(gateway) == {200}
+        assert "lost RabbitMQ" not in gateway.log()  # blocked is not dead: no reconnect
         ids = {body["id"] for body in witness.drain()}
         assert "before" in ids and answers[-1]["id"] in ids
         print(f"[figure] the event caught by the alarm (nacked after the confirm timeout) was "

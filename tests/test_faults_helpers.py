@@ -363,3 +363,93 @@ def reset(sock: socket.socket) -> None:
     except OSError:
         pass
     sock.close()
+
+
+class Blackhole:
+    """A TCP proxy to RabbitMQ that can partition the network: while `partitioned`, bytes
+    are held (neither forwarded nor refused) and new connections hang after accept, as
+    when a firewall or a broken route drops packets. `heal()` drops the connections that
+    lived through the partition (as the TCP stacks would) and forwards again."""
+
+    def __init__(self, target: tuple[str, int] = ("127.0.0.1", AMQP_PORT)) -> None:
+        self.target = target
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(128)
+        self.port = self.listener.getsockname()[1]
+        self.partitioned = False
+        self.generation = 0
+        self.sockets: list[socket.socket] = []
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}//"
+
+    def _accept(self) -> None:
+        while not self.closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            self.sockets.append(client)
+            threading.Thread(target=self._open, args=(client,), daemon=True).start()
+
+    def _open(self, client: socket.socket) -> None:
+        generation = self.generation
+        while self.partitioned:
+            time.sleep(0.05)
+            if self.generation != generation or self.closed:
+                return
+        try:
+            upstream = socket.create_connection(self.target, timeout=5)
+        except OSError:
+            client.close()
+            return
+        upstream.settimeout(None)
+        self.sockets.append(upstream)
+        for src, dst in ((client, upstream), (upstream, client)):
+            threading.Thread(target=self._pump, args=(src, dst, self.generation), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, generation: int) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                while self.partitioned and self.generation == generation:
+                    time.sleep(0.05)
+                if self.generation != generation:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        for sock in (src, dst):
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def partition(self) -> None:
+        self.partitioned = True
+
+    def heal(self) -> None:
+        self.generation += 1
+        old, self.sockets = self.sockets, []
+        self.partitioned = False
+        for sock in old:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.closed = True
+        self.heal()
+        self.listener.close()

@@ -1,0 +1,69 @@
+"""A network partition between the gateway and RabbitMQ: packets dropped, nothing closed.
+
+Unlike a broker restart, nobody tells the gateway: only AMQP heartbeats (20 s, two
+missed) and publisher-confirm timeouts (10 s) can. Through a proxy of our own, so the
+shared RabbitMQ is not disturbed.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from test_faults_helpers import (
+    Blackhole,
+    DurableQueue,
+    all_ready,
+    command_roundtrip,
+    connect,
+    launch,
+    ping,
+    readyz_codes,
+    send_event,
+    unique,
+    wait_until,
+)
+
+from app.backend import BackendClient
+from conftest import AMQP_URL
+
+pytestmark = pytest.mark.slow
+
+
+def test_partition_detected_by_heartbeats_and_healed_without_device_reconnects(tmp_path):
+    proxy = Blackhole()
+    gateway = launch(tmp_path, workers=1, AMQP_URL=proxy.url)
+    device = unique("fxp")
+    witness = DurableQueue(f"{device}.#")
+    client = connect(gateway.tcp, device)
+    try:
+        assert send_event(client, "before")["type"] == "ack"
+        proxy.partition()
+        cut = time.monotonic()
+        nack = send_event(client, "during", timeout=60)
+        assert nack["type"] == "nack" and nack["reason"] == "broker_unavailable", nack
+        assert nack["retry_after"] > 0
+        unconfirmed = time.monotonic() - cut
+        ping(client)
+        wait_until(lambda: readyz_codes(gateway, tries=2) == {503}, timeout=90, interval=0.5)
+        detected = time.monotonic() - cut
+        # The overdue confirm (10 s) gives the link up; heartbeats alone take 2 x 20 s.
+        assert detected < 30, f"partition noticed only after {detected:.0f}s (heartbeats, not confirms)"
+        ping(client)
+        proxy.heal()
+        healed = time.monotonic()
+        wait_until(lambda: all_ready(gateway, 1), timeout=60)
+        with BackendClient(AMQP_URL) as backend:
+            assert command_roundtrip(backend, client)["ok"] is True
+        recovered = time.monotonic() - healed
+        assert send_event(client, "after")["type"] == "ack"
+        print(f"\n[figure] partition: event nacked (confirm timeout) after {unconfirmed:.1f}s; "
+              f"/readyz 503 after {detected:.1f}s; healed -> ready and commands "
+              f"flowing after {recovered:.1f}s; the session survived throughout")
+        ids = {body["id"] for body in witness.drain()}
+        assert {"before", "after"} <= ids
+    finally:
+        client.close()
+        witness.delete()
+        gateway.stop()
+        proxy.close()
