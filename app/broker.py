@@ -359,6 +359,14 @@ class Publisher(Link):
             raise ConnectionError(f"{overdue} publisher confirm(s) overdue after {CONFIRM_TIMEOUT:g}s "
                                   f"on a connection RabbitMQ did not block")
 
+    def give_up(self, reason: str) -> int:
+        """Answer every publish still awaiting its confirm with `reason` now (shutting down with
+        no time left to wait); a confirm that comes later finds nothing. Returns how many."""
+        pending, self._pending = self._pending, OrderedDict()
+        for item in pending.values():
+            item.done(reason)
+        return len(pending)
+
     def on_lost(self) -> None:
         pending, self._pending = self._pending, OrderedDict()
         self._returned.clear()

@@ -188,6 +188,18 @@ class WarrenWorker(GeventWorker):
         while self.gateway.sessions and time.monotonic() < deadline:
             self.notify()
             gevent.sleep(0.2)
+        if self.gateway.sessions:
+            # Confirms RabbitMQ still withholds (an alarm, a partition) would outlast the grace
+            # period: nack those events shutting_down, and end whatever session is left with a
+            # word rather than a cut, before the tree stops and kills the rest.
+            abandoned = self.gateway.broker.publisher.give_up("shutting_down")
+            log.warning("worker %s: %d sessions still draining; %d confirms abandoned",
+                        self.pid, len(self.gateway.sessions), abandoned)
+            for session in list(self.gateway.sessions.values()):
+                session.end("shutting_down", self.gateway.retry_after())
+            grace = time.monotonic() + 1.0
+            while self.gateway.sessions and time.monotonic() < grace:
+                gevent.sleep(0.1)
         self.root.stop()
         metrics.WORKERS.set(0)
         reporting.flush()
