@@ -234,3 +234,48 @@ def test_memory_alarm_nacks_events_and_recovers(tmp_path, rabbit_restored):
         client.close()
         witness.delete()
         gateway.stop()
+
+
+def test_sigterm_while_confirms_hang_still_answers_every_event(tmp_path, rabbit_restored):
+    """SIGTERM while RabbitMQ withholds confirms (memory alarm): the drain window ends before
+    the confirm timeout, yet the in-flight event is nacked shutting_down and the session
+    told shutting_down, never cut without a word."""
+    import signal
+
+    from test_faults_helpers import read_until_closed
+
+    gateway = launch(tmp_path, workers=1, GRACEFUL_TIMEOUT="5")
+    device = unique("fxt")
+    witness = DurableQueue(f"{device}.#")
+    client = connect(gateway.tcp, device)
+    idle = connect(gateway.ws, unique("fxt"))
+    try:
+        assert send_event(client, "before")["type"] == "ack"
+        rabbitmqctl("set_vm_memory_high_watermark", "0.0000001")
+        try:
+            time.sleep(1)
+            client.send({"type": "event", "id": "held", "name": "door.opened", "data": {}})
+            time.sleep(0.5)  # published, its confirm withheld
+            gateway.process.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            frames = read_until_closed(client, timeout=40)
+            idle_frames = read_until_closed(idle, timeout=40)
+            gateway.process.wait(40)
+            elapsed = time.monotonic() - signalled
+        finally:
+            rabbitmqctl("set_vm_memory_high_watermark", "0.4")
+        print(f"\n[figure] SIGTERM with a confirm withheld: gunicorn exited after {elapsed:.1f}s; "
+              f"device saw {frames}")
+        answers = [f for f in frames if f.get("id") == "held" and f.get("type") in {"ack", "nack"}]
+        assert answers and (answers[0]["type"] == "ack" or answers[0]["reason"] == "shutting_down"), frames
+        assert [f["code"] for f in frames if f.get("type") == "error"] == ["shutting_down"], frames
+        assert [f["code"] for f in idle_frames if f.get("type") == "error"] == ["shutting_down"], idle_frames
+        assert elapsed < 30
+        stored = {body["id"] for body in witness.drain() if body["name"] == "door.opened"}
+        assert "before" in stored
+        print(f"[figure] the event nacked shutting_down was {'STORED' if 'held' in stored else 'not stored'}")
+    finally:
+        client.close()
+        idle.close()
+        witness.delete()
+        gateway.stop()
