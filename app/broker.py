@@ -527,8 +527,9 @@ class Broker:
     """What sessions and the HTTP API see of RabbitMQ (PROTOCOL.md section 5)."""
 
     def __init__(self, url: str, deliver: Callable[[Command], None],
-                 takeover: Callable[[str, float, str], None]) -> None:
+                 takeover: Callable[[str, float, str], None], max_command_bytes: int) -> None:
         self.url = url
+        self.max_command_bytes = max_command_bytes
         self.publisher = Publisher(url)
         self.consumer = CommandConsumer(url, self._on_message)
         self.publisher.on_command_returned = self._on_command_returned
@@ -626,6 +627,12 @@ class Broker:
                           reply_to=properties.get("reply_to"),
                           correlation_id=str(properties.get("correlation_id") or command_id),
                           deadline=_deadline(properties))
+        if len(message.body) > self.max_command_bytes:
+            log.warning("command %s for %s is %d bytes, over MAX_FRAME_BYTES; refused",
+                        command_id, device, len(message.body))
+            metrics.COMMANDS.labels(outcome="too_large").inc()
+            self.reply(command, ok=False, error="too_large")
+            return
         try:
             body = orjson.loads(message.body)
             command.name = body["name"]

@@ -36,7 +36,8 @@ class Gateway:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.sessions: dict[str, Session] = {}
-        self.broker = Broker(config.amqp_url, deliver=self.deliver, takeover=self.takeover)
+        self.broker = Broker(config.amqp_url, deliver=self.deliver, takeover=self.takeover,
+                             max_command_bytes=config.max_frame_bytes)
         self.hellos = TokenBucket(config.hello_rate, max(1, int(config.hello_rate)))
         self.shutting_down = False
         self.drain_window = 10.0

@@ -650,6 +650,16 @@ def test_command_for_an_offline_device_is_answered_at_once(backend: BackendClien
     assert reply["ok"] is False and reply["error"] == "offline"
 
 
+def test_command_larger_than_a_frame_is_refused_and_the_session_kept(gateway: Gateway, backend: BackendClient,
+                                                                     transport: str) -> None:
+    device = uid()
+    client, _ = connect(gateway, transport, device)
+    with client:
+        reply = backend.command(device, "upload", {"blob": "x" * 70000}, timeout=WAIT)
+        assert reply["ok"] is False and reply["error"] == "too_large"
+        ping_ok(client)
+
+
 def test_command_that_expired_before_delivery_is_answered_expired(gateway: Gateway, backend: BackendClient,
                                                                    transport: str) -> None:
     device = uid()
