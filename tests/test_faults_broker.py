@@ -24,6 +24,7 @@ from test_faults_helpers import (
     metric,
     ping,
     rabbitmqctl,
+    read_until_closed,
     readyz_codes,
     send_event,
     unique,
@@ -98,7 +99,7 @@ def test_broker_stopped_and_restarted(tmp_path, rabbit_restored):
     prefix = unique("fxr")
     witness = DurableQueue(f"{prefix}-0.door.#")
     clients = [connect(gateway.tcp if n % 2 else gateway.ws, f"{prefix}-{n}") for n in range(4)]
-    late = None
+    late = twin = None
     booted = None
     try:
         assert send_event(clients[0], "before")["type"] == "ack"
@@ -121,6 +122,9 @@ def test_broker_stopped_and_restarted(tmp_path, rabbit_restored):
             assert readyz_codes(booted) == {503}
             late = connect(booted.tcp, f"{prefix}-late")
             ping(late)
+            # A device that gives up on its old connection and says hello again meanwhile.
+            twin = connect(gateway.tcp, clients[2].device)
+            ping(twin)
             time.sleep(3)  # several reconnect attempts later...
             assert booted.process.poll() is None
             assert sorted(booted.worker_pids()) == pids, "workers died while RabbitMQ was down"
@@ -130,6 +134,10 @@ def test_broker_stopped_and_restarted(tmp_path, rabbit_restored):
         restarted = time.monotonic()
 
         wait_until(lambda: all_ready(gateway, 2), timeout=60)
+        # One session per device, across workers, once RabbitMQ is back: the older one goes.
+        old_frames = read_until_closed(clients[2], timeout=30)
+        assert [f["code"] for f in old_frames if f.get("type") == "error"] == ["replaced"], old_frames
+        clients[2] = twin
         with BackendClient(AMQP_URL) as backend:
             for client in clients:
                 assert command_roundtrip(backend, client)["ok"] is True
@@ -144,11 +152,12 @@ def test_broker_stopped_and_restarted(tmp_path, rabbit_restored):
         for client in clients:
             ping(client)
         assert metric(gateway, "warren_sessions") == len(clients)
-        assert metric(gateway, "warren_sessions_closed_total") == 0
+        assert metric(gateway, "warren_sessions_closed_total") == 1  # the replaced one
+        assert metric(gateway, 'warren_sessions_closed_total{reason="replaced"}') == 1
         ids = [body["id"] for body in witness.drain()]
         assert "before" in ids and "after" in ids and "during" not in ids
     finally:
-        for client in clients + ([late] if late else []):
+        for client in clients + [c for c in (late, twin) if c]:
             client.close()
         witness.delete()
         gateway.stop()
@@ -209,6 +218,9 @@ def test_memory_alarm_nacks_events_and_recovers(tmp_path, rabbit_restored):
                 assert answer["type"] == "nack" and answer["reason"] == "broker_unavailable", answer
             ping(client)
             # (/readyz turns 503 on the workers RabbitMQ blocked: those that tried to publish.)
+            hello_sent = time.monotonic()
+            late = connect(gateway.tcp if len(answers) % 2 else gateway.ws, unique("fxm"))
+            print(f"[figure] hello during the alarm welcomed after {time.monotonic() - hello_sent:.1f}s")
         finally:
             rabbitmqctl("set_vm_memory_high_watermark", "0.4")
         cleared = time.monotonic()
@@ -224,6 +236,10 @@ def test_memory_alarm_nacks_events_and_recovers(tmp_path, rabbit_restored):
         ping(client)
         assert metric(gateway, "warren_broker_blocked") == 0
         assert readyz_codes(gateway) == {200}
+        with BackendClient(AMQP_URL) as backend:  # its binding went through once unblocked
+            assert command_roundtrip(backend, late, timeout=20)["ok"] is True
+            assert command_roundtrip(backend, client)["ok"] is True
+        late.close()
         assert "lost RabbitMQ" not in gateway.log()  # blocked is not dead: no reconnect
         ids = {body["id"] for body in witness.drain()}
         assert "before" in ids and answers[-1]["id"] in ids
