@@ -149,13 +149,25 @@ class Link:
         connection = Connection(self.url, heartbeat=HEARTBEAT if self.is_amqp else 0,
                                 connect_timeout=5, transport_options={"polling_interval": 0.005})
         connection.connect()
-        self.connection = connection
-        self.channel = connection.channel()
-        self._batch = None
-        if self.is_amqp:
-            self._batch = _BatchingWriter(connection.connection)
-        self._lost.clear()
-        self.setup()
+        try:
+            self.connection = connection
+            self.channel = connection.channel()
+            self._batch = None
+            if self.is_amqp:
+                self._batch = _BatchingWriter(connection.connection)
+            self._lost.clear()
+            self.setup()
+        except BaseException:
+            # Connected, but the setup failed (a declare refused, the broker closing as it
+            # starts): drop this connection, or each retry leaves one open at RabbitMQ until
+            # its heartbeat timeout.
+            self.connection, self.channel = None, None
+            self.on_lost()
+            try:
+                connection.collect()
+            except Exception as exc:  # noqa: BLE001 - it may be half dead already
+                log.debug("%s: dropping a connection whose setup failed: %r", self.role, exc)
+            raise
         self.reconnects += 1
         metrics.BROKER_CONNECTED.labels(link=self.role).set(1)
         log.info("%s: connected to %s", self.role, "RabbitMQ" if self.is_amqp else "the in-process broker")
