@@ -295,3 +295,35 @@ def test_sigterm_while_confirms_hang_still_answers_every_event(tmp_path, rabbit_
         idle.close()
         witness.delete()
         gateway.stop()
+
+
+def test_broker_refusing_setup_leaks_no_connections(tmp_path):
+    """A RabbitMQ that accepts the connection but refuses the declare (here `devices.events`
+    already exists as another type, in a vhost of its own): the worker keeps retrying with
+    backoff, stays up and not ready, and leaves no connection behind per retry."""
+    from kombu import Connection
+
+    vhost = unique("fx-vhost")
+    rabbitmqctl("add_vhost", vhost)
+    gateway = None
+    try:
+        rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        url = f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
+        with Connection(url) as connection:
+            connection.channel().exchange_declare("devices.events", "direct", durable=True)
+        gateway = launch(tmp_path, workers=1, wait=False, AMQP_URL=url)
+        pid = gateway.worker_pids()
+        counts = []
+        for _ in range(5):
+            time.sleep(2)
+            listed = rabbitmqctl("list_connections", "-q", "--no-table-headers", "vhost")
+            counts.append(sum(1 for line in listed.splitlines() if line.strip() == vhost))
+        print(f"\n[figure] connections open at RabbitMQ while setup keeps failing: {counts}")
+        assert max(counts) <= 2, counts  # at most the two links' current attempts
+        assert gateway.log().count("PRECONDITION_FAILED") >= 2
+        assert readyz_codes(gateway) == {503}
+        assert gateway.process.poll() is None and gateway.worker_pids() == pid
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        rabbitmqctl("delete_vhost", vhost, check=False)
