@@ -22,6 +22,7 @@ from pathlib import Path
 
 from bench.stampede.measure import measure, publish
 from bench.stampede.scenarios import SCENARIOS
+from bench.stampede.suite import SCENARIO_ORDER, known_scenarios, run_suite
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
 
@@ -70,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     suite = parser.add_argument_group("suite (starts the floor and the gateway itself)")
     suite.add_argument("--workers", type=int, help="gateway and floor workers (default: enough for "
                                                     "--devices at 18,000 sessions each, at least 2)")
+    suite.add_argument("--scenarios", type=known_scenarios, default=",".join(SCENARIO_ORDER),
+                       help="which scenarios, comma-separated (default: all)")
     suite.add_argument("--floor-port", type=int, default=7979)
     suite.add_argument("--device-port", type=int, default=7878)
     suite.add_argument("--http-port", type=int, default=8000)
@@ -85,7 +88,6 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args = parse_args()
     if args.scenario == "suite":
-        from bench.stampede.suite import run_suite
         run_suite(args)
         return
     publish(measure(args), args)

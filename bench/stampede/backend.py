@@ -59,6 +59,7 @@ class BrokerClient:
         self.url = url
         self.connection: kombu.Connection | None = None
         self.reconnects = 0
+        self.blocked = 0
         self.ready = gevent.event.Event()
         self.greenlet = gevent.spawn(self.run_forever)
         if not self.ready.wait(10):
@@ -71,6 +72,7 @@ class BrokerClient:
             try:
                 self.connection = kombu.Connection(self.url)
                 self.connection.connect()
+                self.connection.connection.on_blocked = self.on_blocked
                 self.setup(self.connection.connection.channel())
                 self.ready.set()
                 self.serve()
@@ -96,6 +98,10 @@ class BrokerClient:
 
     def lost(self) -> None:
         """The connection broke; nothing to do by default."""
+
+    def on_blocked(self, _reason: str = "") -> None:
+        """RabbitMQ raised a resource alarm and blocks publishers: figures taken now are suspect."""
+        self.blocked += 1
 
     def close(self) -> None:
         self.greenlet.kill()

@@ -116,6 +116,7 @@ def command_figures(run: Run) -> dict[str, Any] | None:
     log = run.commands.log
     return {"sent": log.sent, "outcomes": dict(log.outcomes),
             "broker_reconnects": getattr(run.commands, "reconnects", 0),
+            "broker_blocked_by_alarm": getattr(run.commands, "blocked", 0),
             "round_trip_ms": percentiles([rtt for _, rtt in log.samples]),
             "round_trip_over_time": round_trip_windows(log, run.started_wall)}
 

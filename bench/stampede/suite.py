@@ -4,7 +4,7 @@ The gateway is started as production starts it (`gunicorn -c gunicorn.conf.py
 wsgi:app`) on RabbitMQ, with as many workers as the device count needs (a
 worker holds at most MAX_CONNECTIONS=18000 sessions under the 20,000
 open-file limit) and the floor gets the same worker count. Results go to
-bench/results/suite-SCENARIO.{json,png} and bench/results/suite.md.
+bench/results/suite-DEVICES-SCENARIO.{json,png} and bench/results/suite-DEVICES.md.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def run_suite(args: argparse.Namespace) -> None:
     logs = Path(tempfile.mkdtemp(prefix="stampede-suite-"))
     print(f"suite: {workers} workers each; server logs in {logs}", file=sys.stderr)
     sections = []
-    for scenario in SCENARIO_ORDER:
+    for scenario in args.scenarios.split(","):
         # Fresh servers for every scenario: memory freed by one run must not hide the next one's cost.
         with started(floor_command, dict(os.environ), logs / f"floor-{scenario}.log") as floor, \
                 started(gateway_command, gateway_env(args, workers),
@@ -90,10 +90,18 @@ def run_suite(args: argparse.Namespace) -> None:
             one = scenario_args(args, scenario, floor.pid, gateway.pid)
             results = measure(one)
             publish(results, one)
-            sections.append(markdown_section(results, scenario))
+            sections.append(markdown_section(results, one.plot))
             if gateway.poll() is not None:
                 print(f"suite: the gateway exited during {scenario}; see {logs}", file=sys.stderr)
     write_markdown(args, workers, sections)
+
+
+def known_scenarios(names: str) -> str:
+    """argparse type for --scenarios: a comma-separated subset of SCENARIO_ORDER."""
+    unknown = set(names.split(",")) - set(SCENARIO_ORDER)
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown scenario(s): {', '.join(sorted(unknown))}")
+    return names
 
 
 def scenario_args(args: argparse.Namespace, scenario: str, floor_pid: int,
@@ -104,13 +112,14 @@ def scenario_args(args: argparse.Namespace, scenario: str, floor_pid: int,
     one.floor = f"tcp://127.0.0.1:{args.floor_port}"
     one.target = [f"tcp://127.0.0.1:{args.device_port}"]
     one.floor_pid, one.gateway_pid = floor_pid, gateway_pid
-    one.out = RESULTS / f"suite-{scenario}.json"
+    one.out = RESULTS / f"suite-{args.devices}-{scenario}.json"
     one.plot = one.out.with_suffix(".png")
     return one
 
 
-def markdown_section(results: dict, scenario: str) -> str:
-    return (f"### {scenario}\n\n`{results['command']}`\n\n![{scenario}](results/suite-{scenario}.png)"
+def markdown_section(results: dict, plot: Path) -> str:
+    scenario = results["scenario"]
+    return (f"### {scenario}\n\n`{results['command']}`\n\n![{scenario}]({plot})"
             f"\n\n{report.markdown(results)}\n")
 
 
@@ -119,6 +128,6 @@ def write_markdown(args: argparse.Namespace, workers: int, sections: list[str]) 
     header = (f"## Suite: {args.devices:,} devices, {workers} workers (gateway and floor)\n\n"
               f"Machine: {facts['cores']} cores, {facts['memory_gib']} GiB, kernel {facts['kernel']}, "
               f"Python {facts['python']}, open-file limit {facts['open_files_limit']:,}.\n")
-    path = RESULTS / "suite.md"
+    path = RESULTS / f"suite-{args.devices}.md"
     path.write_text("\n".join([header, *sections]))
     print(f"wrote {path}", file=sys.stderr)
