@@ -233,3 +233,42 @@ def test_hello_flood_of_bad_tokens_does_not_disturb_sessions(small):
         ping(keeper)
     finally:
         keeper.close()
+
+
+def test_a_device_that_stops_reading_is_cut_not_buffered(tmp_path):
+    """Commands pile up for a device that never reads: past SEND_BUFFER_BYTES of unread
+    output its session is cut; the worker does not grow with it, other sessions carry on."""
+    gateway = launch(tmp_path, workers=1, SEND_BUFFER_BYTES="65536")
+    prefix = unique("fxw")
+    keeper = connect(gateway.tcp, f"{prefix}-keeper")
+    stuck = socket.socket()
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stuck.connect(("127.0.0.1", gateway.device_port))
+    stuck.sendall(hello_line(f"{prefix}-stuck"))
+    assert read_line(stuck)["type"] == "welcome"
+    import psutil
+
+    worker = psutil.Process(gateway.worker_pids()[0])
+    rss_before = worker.memory_info().rss
+    try:
+        wait_until(lambda: metric(gateway, "warren_sessions") == 2, timeout=10)
+        payload = {"blob": "x" * 2000}
+        with BackendClient(AMQP_URL) as backend:
+            sent = 0
+            while metric(gateway, "warren_sessions") == 2 and sent < 40000:
+                for _ in range(500):
+                    backend.send(f"{prefix}-stuck", "firmware.chunk", payload, timeout=60)
+                sent += 500
+                time.sleep(0.05)
+            wait_until(lambda: metric(gateway, "warren_sessions") == 1, timeout=30)
+            grown = (worker.memory_info().rss - rss_before) / 1e6
+            print(f"\n[figure] a device that stopped reading was cut after ~{sent} commands of 2 kB; "
+                  f"worker RSS grew {grown:.0f} MB meanwhile")
+            ping(keeper)
+            assert command_roundtrip(backend, keeper)["ok"] is True
+            assert backend.command(f"{prefix}-stuck", "unlock", timeout=5)["error"] == "offline"
+        assert metric(gateway, "warren_crashes_total") == 0
+    finally:
+        stuck.close()
+        keeper.close()
+        gateway.stop()
