@@ -73,6 +73,8 @@ def test_worker_sigkill_costs_only_its_own_sessions(tmp_path):
         assert response.status_code == 404 and response.json()["error"] == "offline"
         for client in lost:
             assert is_closed(client, timeout=10)
+        # gunicorn's child_exit marks the dead worker: the instance's gauges stop counting it.
+        wait_until(lambda: metric(gateway, "warren_sessions") == len(kept), timeout=20)
         for client in kept:  # the other worker's sessions are untouched
             ping(client)
             assert command_roundtrip(backend, client)["ok"] is True
@@ -83,6 +85,7 @@ def test_worker_sigkill_costs_only_its_own_sessions(tmp_path):
         clients += again
         for client in again:
             assert command_roundtrip(backend, client)["ok"] is True
+        assert metric(gateway, "warren_sessions") == len(kept) + len(again)
         for client in kept:
             ping(client)
         print(f"[figure] session loss: {len(lost)} of {len(lost) + len(kept)} (the killed worker's), "
