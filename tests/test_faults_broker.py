@@ -10,14 +10,13 @@ from __future__ import annotations
 import time
 
 import pytest
-import requests
+from conftest import AMQP_URL
 from test_faults_helpers import (
     DurableQueue,
     all_ready,
     close_connections,
     command_roundtrip,
     connect,
-    expect,
     get,
     http_roundtrip,
     launch,
@@ -32,7 +31,6 @@ from test_faults_helpers import (
 )
 
 from app.backend import BackendClient
-from conftest import AMQP_URL
 
 pytestmark = pytest.mark.slow
 

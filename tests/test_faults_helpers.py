@@ -287,7 +287,7 @@ def is_closed(client: DeviceClient, timeout: float = 5.0) -> bool:
             client.receive(timeout=timeout)
     except (Closed, ConnectionError):
         return True
-    except (TimeoutError, socket.timeout):
+    except TimeoutError:
         return False
 
 

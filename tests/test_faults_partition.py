@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from conftest import AMQP_URL
 from test_faults_helpers import (
     Blackhole,
     DurableQueue,
@@ -25,7 +26,6 @@ from test_faults_helpers import (
 )
 
 from app.backend import BackendClient
-from conftest import AMQP_URL
 
 pytestmark = pytest.mark.slow
 
