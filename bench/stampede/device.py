@@ -46,7 +46,7 @@ class Stats:
 
     def report(self) -> dict[str, Any]:
         """The totals, and the samples gathered since the previous report (which are then forgotten)."""
-        report = {name: value for name, value in vars(self).items()}
+        report = dict(vars(self))
         self.acked_ids, self.ack_ms, self.welcome_ms = [], [], []
         return report
 

@@ -164,6 +164,7 @@ def reconnect(run: Run, options: argparse.Namespace, jitter: float) -> dict[str,
     return {"jitter_s": jitter, "all_back": all_back, "up": after["up"],
             "seconds_until_all_back": round(run.fleet.last_welcome() - before["wall"], 3),
             "failures": delta(after["failures"], before["failures"]),
+            "sessions_lost_meanwhile": delta(after["lost"], before["lost"]),
             "cpu_ms_per_session": cost(before, after, established, "cpu_s", 1000)}
 
 
