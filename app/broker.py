@@ -22,6 +22,7 @@ nobody expected) ends the link's greenlet, and then its supervisor decides.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import random
@@ -40,7 +41,7 @@ from amqp.method_framing import frame_writer
 from gevent.event import AsyncResult, Event
 from gevent.lock import RLock
 from gevent.queue import Empty, Queue
-from kombu import Connection, Consumer, Exchange
+from kombu import Connection, Exchange
 from kombu import Queue as KombuQueue
 
 from app import metrics
@@ -252,10 +253,16 @@ class Publisher(Link):
         self._returned: set[str] = set()
         self._next_tag = 1
         self.on_command_returned: Callable[[str], None] = lambda correlation_id: None
+        self._id_prefix = uuid.uuid4().hex[:12]
+        self._id_counter = itertools.count()
 
     @property
     def accepting(self) -> bool:
         return self.connected.is_set() and not self.blocked
+
+    def next_id(self) -> str:
+        """A message id unique to this worker's lifetime, without a syscall (uuid4 reads urandom)."""
+        return f"{self._id_prefix}.{next(self._id_counter):x}"
 
     def setup(self) -> None:
         self._next_tag = 1
@@ -286,7 +293,8 @@ class Publisher(Link):
             if done is not None:
                 done("broker_unavailable")
             return
-        properties.setdefault("message_id", uuid.uuid4().hex)
+        if "message_id" not in properties:
+            properties["message_id"] = self.next_id()
         if persistent:
             properties["delivery_mode"] = 2
         message = self.channel.prepare_message(body, content_type="application/json",
@@ -416,7 +424,6 @@ class CommandConsumer(Link):
         self.bound: Counter[str] = Counter()
         self._on_message = on_message
         self._unannounced: dict[str, tuple[float, str]] = {}
-        self._consumer: Consumer | None = None
 
     def _queue(self) -> KombuQueue:
         return KombuQueue(self.queue_name, exchange=COMMANDS, exclusive=True, auto_delete=True,
@@ -427,9 +434,10 @@ class CommandConsumer(Link):
             exchange(self.channel).declare()
         queue = self._queue()(self.channel)
         queue.declare()
-        self._consumer = Consumer(self.channel, queues=[queue], no_ack=True,
-                                  on_message=self._on_message, accept=None)
-        self._consumer.consume()
+        # The channel's own consume, not kombu's Consumer: deliveries are handed over as they
+        # come (body, properties, delivery_info), without a kombu Message built for each one.
+        self.channel.basic_consume(self.queue_name, no_ack=True, callback=self._on_message,
+                                   consumer_tag=self.queue_name)
         self._rebind_everything()
 
     def _rebind_everything(self) -> None:
@@ -486,7 +494,6 @@ class CommandConsumer(Link):
         self.channel.basic_publish(message, exchange=COMMANDS.name, routing_key=device)
 
     def on_lost(self) -> None:
-        self._consumer = None
         # Our exclusive queue died with the connection; a fresh name avoids racing its deletion.
         self.queue_name = f"warren.commands.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
 
@@ -559,7 +566,7 @@ class Broker:
         body = orjson.dumps({"device": device, "session": session, "id": event_id, "name": name,
                              "data": data, "ts": int(time.time() * 1000)})
         self.publisher.publish(EVENTS.name, f"{device}.{name}", body, done=done,
-                               mandatory=mandatory, message_id=f"{device}/{event_id}/{uuid.uuid4().hex[:8]}")
+                               mandatory=mandatory, message_id=f"{device}/{event_id}/{self.publisher.next_id()}")
 
     def reply(self, command: Command, ok: bool, data: Any = None, error: str | None = None) -> None:
         """Send a device's reply (or the gateway's `offline`/`expired`) to the command's sender."""
