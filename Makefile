@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint rabbitmq bench
+.PHONY: run test lint rabbitmq
 
 $(BIN)/activate: requirements.txt tests/requirements.txt
 	$(PYTHON) -m venv $(VENV)
