@@ -325,16 +325,24 @@ class Publisher(Link):
             done(None if routed or not mandatory else "unroutable")
 
     def _settle(self, tag: int, multiple: bool, outcome: str | None) -> None:
-        tags = [t for t in self._pending if t <= tag] if multiple else [tag]
-        for settled in tags:
-            pending = self._pending.pop(settled, None)
-            if pending is None:
-                continue
-            if pending.message_id in self._returned:
-                self._returned.discard(pending.message_id)
-                pending.done("unroutable")
-            else:
-                pending.done(outcome)
+        """Resolve one publish, or with `multiple` every one up to `tag` (the oldest come first)."""
+        if not multiple:
+            pending = self._pending.pop(tag, None)
+            if pending is not None:
+                self._resolve(pending, outcome)
+            return
+        while self._pending:
+            oldest = next(iter(self._pending))
+            if oldest > tag:
+                return
+            self._resolve(self._pending.pop(oldest), outcome)
+
+    def _resolve(self, pending: _Pending, outcome: str | None) -> None:
+        if pending.message_id in self._returned:  # basic.return came first: no queue took it
+            self._returned.discard(pending.message_id)
+            pending.done("unroutable")
+        else:
+            pending.done(outcome)
 
     def _on_ack(self, delivery_tag: int, multiple: bool) -> None:
         self._settle(delivery_tag, multiple, None)
@@ -388,10 +396,8 @@ class Publisher(Link):
         return len(pending)
 
     def on_lost(self) -> None:
-        pending, self._pending = self._pending, OrderedDict()
+        self.give_up("broker_unavailable")
         self._returned.clear()
-        for item in pending.values():
-            item.done("broker_unavailable")
         self._fail_outbox()
 
     def _fail_outbox(self) -> None:
