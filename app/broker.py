@@ -426,20 +426,15 @@ class CommandConsumer(Link):
 
     def __init__(self, url: str, on_message: Callable[[Any], None]) -> None:
         super().__init__(url)
-        self.queue_name = f"warren.commands.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        self.queue_name = _command_queue_name()
         self.bound: Counter[str] = Counter()
         self._on_message = on_message
         self._unannounced: dict[str, tuple[float, str]] = {}
 
-    def _queue(self) -> KombuQueue:
-        return KombuQueue(self.queue_name, exchange=COMMANDS, exclusive=True, auto_delete=True,
-                          durable=False, no_declare=False, bindings=[])
-
     def setup(self) -> None:
         for exchange in (EVENTS, COMMANDS):
             exchange(self.channel).declare()
-        queue = self._queue()(self.channel)
-        queue.declare()
+        KombuQueue(self.queue_name, exclusive=True, auto_delete=True, durable=False)(self.channel).declare()
         # The channel's own consume, not kombu's Consumer: deliveries are handed over as they
         # come (body, properties, delivery_info), without a kombu Message built for each one.
         self.channel.basic_consume(self.queue_name, no_ack=True, callback=self._on_message,
@@ -452,10 +447,12 @@ class CommandConsumer(Link):
         Binds still queued from before are harmless: `_write_bind` and `_write_unbind`
         check the current state, so a stale operation writes nothing.
         """
-        for count, device in enumerate(list(self.bound)):
-            self._write_bind(device)
-            if count % 1000 == 999:
-                gevent.sleep(0)
+        devices = list(self.bound)
+        for start in range(0, len(devices), WRITE_BATCH):
+            with self._batch.collect() if self._batch else nullcontext():
+                for device in devices[start:start + WRITE_BATCH]:
+                    self._write_bind(device)
+            gevent.sleep(0)  # let sessions run between batches
         unannounced, self._unannounced = self._unannounced, {}
         for device, (started, session_id) in unannounced.items():
             self._write_takeover(device, started, session_id)
@@ -483,11 +480,10 @@ class CommandConsumer(Link):
 
     def _write_bind(self, device: str) -> None:
         if device in self.bound and self.channel is not None:
-            self.channel.queue_bind(self.queue_name, COMMANDS.name, routing_key=device, nowait=True) \
-                if self.is_amqp else self.channel.queue_bind(self.queue_name, COMMANDS.name, device)
+            self.channel.queue_bind(self.queue_name, COMMANDS.name, routing_key=device, nowait=True)
 
     def _write_unbind(self, device: str) -> None:
-        if device not in self.bound and self.channel is not None and self.is_amqp:
+        if device not in self.bound and self.channel is not None:
             self.channel.queue_unbind(self.queue_name, COMMANDS.name, routing_key=device, nowait=True)
 
     def _write_takeover(self, device: str, started: float, session_id: str) -> None:
@@ -501,7 +497,12 @@ class CommandConsumer(Link):
 
     def on_lost(self) -> None:
         # Our exclusive queue died with the connection; a fresh name avoids racing its deletion.
-        self.queue_name = f"warren.commands.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        self.queue_name = _command_queue_name()
+
+
+def _command_queue_name() -> str:
+    """A name that says where the queue's consumer lives (host, worker pid) in RabbitMQ's tools."""
+    return f"warren.commands.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
 
 
 def _ignore(_outcome: str | None) -> None:
