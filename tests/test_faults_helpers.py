@@ -7,6 +7,7 @@ are injected from outside only: rabbitmqctl, signals, sockets, PYTHONPATH.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -195,16 +196,13 @@ class DurableQueue:
             connection.release()
 
     def delete(self) -> None:
-        try:
+        """Best effort in teardown: the broker may be gone, and the connection with it."""
+        with contextlib.suppress(Exception):
             connection = Connection(AMQP_URL, connect_timeout=5)
             connection.channel().queue_delete(self.name)
             connection.release()
-        except Exception:  # noqa: BLE001 - best effort in teardown
-            pass
-        try:
+        with contextlib.suppress(Exception):
             self.connection.release()
-        except Exception:  # noqa: BLE001 - it may have died with the broker
-            pass
 
 
 # -- devices ---------------------------------------------------------------------------
