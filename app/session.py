@@ -142,6 +142,11 @@ class Session:
         if refusal is not None:
             code, retry_after = refusal
             return self._refuse(code, "the gateway cannot take a new session now", retry_after)
+        return self._welcome(device)
+
+    def _welcome(self, device: str) -> bool:
+        """Register the session, wait until its commands route here, then welcome it."""
+        config = self.gateway.config
         self.device, self.id, self.started = device, uuid.uuid4().hex[:16], time.time()
         self.bucket = TokenBucket(config.event_rate, config.event_burst)
         self.routed = Event()
@@ -154,12 +159,7 @@ class Session:
         self.routed = None
         self.gateway.welcomed(self)
         if self.closing is not None:  # replaced while waiting: _serve ends at once
-            for frame in self.held or []:  # never written: their senders hear `offline`
-                entry = self.pending.pop(frame["id"], None)
-                if entry is not None:
-                    metrics.COMMANDS.labels(outcome="offline").inc()
-                    self.gateway.broker.reply(entry[0], ok=False, error="offline")
-            self.held = None
+            self._answer_held_offline()
             return True
         self._send({"type": "welcome", "device": device, "session": self.id,
                     "heartbeat": _seconds(config.heartbeat)})
@@ -168,6 +168,15 @@ class Session:
             self._send(frame)
         self.conn.set_timeout(2 * config.heartbeat)
         return True
+
+    def _answer_held_offline(self) -> None:
+        """Commands held for a welcome that never came were never written: their senders hear `offline`."""
+        for frame in self.held or []:
+            entry = self.pending.pop(frame["id"], None)
+            if entry is not None:
+                metrics.COMMANDS.labels(outcome="offline").inc()
+                self.gateway.broker.reply(entry[0], ok=False, error="offline")
+        self.held = None
 
     def _refuse(self, code: str, message: str, retry_after: float | None = None) -> bool:
         metrics.HELLO_FAILURES.labels(code=code).inc()
