@@ -12,6 +12,7 @@ import os
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
+    REGISTRY,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -58,12 +59,15 @@ ACCEPT_PAUSED = Gauge("warren_accept_paused",
 WORKERS = Gauge("warren_workers", "Live gunicorn workers.", multiprocess_mode="livesum")
 
 
-def render() -> tuple[bytes, str]:
-    """The Prometheus text for the whole instance (all workers when in multiprocess mode)."""
+def instance_registry() -> CollectorRegistry:
+    """The registry that sees the whole instance: every worker's files in multiprocess mode."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-        return generate_latest(registry), CONTENT_TYPE_LATEST
-    from prometheus_client import REGISTRY
+        return registry
+    return REGISTRY
 
-    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+def render() -> tuple[bytes, str]:
+    """The Prometheus text for the whole instance, whichever worker answers."""
+    return generate_latest(instance_registry()), CONTENT_TYPE_LATEST

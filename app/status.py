@@ -16,8 +16,9 @@ import time
 from collections import defaultdict
 from typing import Any
 
-from prometheus_client import CollectorRegistry, multiprocess
 from prometheus_client.metrics_core import Metric
+
+from app import metrics
 
 QUANTILES = (0.5, 0.9, 0.99)
 HISTOGRAMS = {
@@ -29,13 +30,7 @@ HISTOGRAMS = {
 
 def collect() -> list[Metric]:
     """Every metric family of the instance (all workers in multiprocess mode)."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
-        return list(registry.collect())
-    from prometheus_client import REGISTRY
-
-    return list(REGISTRY.collect())
+    return list(metrics.instance_registry().collect())
 
 
 def snapshot(families: list[Metric] | None = None) -> dict[str, Any]:
