@@ -24,7 +24,7 @@ from bench.stampede.gauges import TreeGauge, rabbit_rss_mb
 
 DEVICES_PER_PROCESS = 15000
 SOURCES_PER_PROCESS = 4
-SUMMED = ("up", "established", "commands", "events_sent", "acked", "unanswered_events")
+SUMMED = ("up", "connecting", "backing_off", "established", "commands", "events_sent", "acked", "unanswered_events")
 COUNTED = ("failures", "lost", "errors", "nacked")
 
 
@@ -256,6 +256,7 @@ def progress_line(label: str, entry: dict[str, Any]) -> str:
     failures = ", ".join(f"{reason} {count}" for reason, count in sorted(entry["failures"].items()))
     lost = ", ".join(f"{reason} {count}" for reason, count in sorted(entry["lost"].items()))
     line = (f"[{label} {entry['t']:6.1f}s] up {entry['up']:>7} | +{entry['rate']:>6}/s"
+            f" | connecting {entry['connecting']}, backing off {entry['backing_off']}"
             f" | failures: {failures or 'none'} | lost: {lost or 'none'}")
     if "command_outcomes" in entry:
         line += f" | commands sent {entry['commands_sent']} {entry['command_outcomes']}"

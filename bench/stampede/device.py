@@ -30,6 +30,8 @@ class Stats:
     """Counters a worker reports every second: cumulative totals plus samples since the last report."""
 
     up: int = 0
+    connecting: int = 0
+    backing_off: int = 0
     established: int = 0
     failures: Counter = field(default_factory=Counter)
     lost: Counter = field(default_factory=Counter)
@@ -111,17 +113,35 @@ def live(device: Device, world: World) -> None:
     attempt = 0
     while True:
         try:
-            with world.gate:
-                link = connect(device, world)
+            link = connect_when_allowed(device, world)
         except Failure as failure:
             world.stats.failures[failure.reason] += 1
-            gevent.sleep(backoff(attempt, failure.retry_after))
+            pause(world, backoff(attempt, failure.retry_after))
             attempt += 1
             continue
         attempt = 0
         reason, retry_after = serve(device, link, world)
         world.stats.lost[reason] += 1
-        gevent.sleep(backoff(0, retry_after))
+        pause(world, backoff(0, retry_after))
+
+
+def connect_when_allowed(device: Device, world: World) -> Link:
+    """Connect once a slot among the in-flight connects is free; counted while waiting or connecting."""
+    world.stats.connecting += 1
+    try:
+        with world.gate:
+            return connect(device, world)
+    finally:
+        world.stats.connecting -= 1
+
+
+def pause(world: World, seconds: float) -> None:
+    """Sleep between attempts, counted so that the progress line shows where devices are."""
+    world.stats.backing_off += 1
+    try:
+        gevent.sleep(seconds)
+    finally:
+        world.stats.backing_off -= 1
 
 
 def backoff(attempt: int, retry_after: float | None) -> float:
