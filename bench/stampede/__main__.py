@@ -16,6 +16,7 @@ monkey.patch_all()
 
 import argparse
 import os
+import secrets
 import signal
 import sys
 from pathlib import Path
@@ -53,7 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     load.add_argument("--processes", type=int, help="load processes (default: one per 15,000 devices)")
     load.add_argument("--concurrency", type=int, default=500, help="in-flight connects per process")
     load.add_argument("--heartbeat", type=float, help="ping interval (default: the welcome's)")
-    load.add_argument("--prefix", default="stampede", help="device ids are PREFIX-000000 ...")
+    load.add_argument("--prefix", default=f"stampede{secrets.token_hex(2)}",
+                      help="device ids are PREFIX-000000 ... (default: random per run, so that two "
+                           "runs sharing a RabbitMQ never take over each other's devices)")
     load.add_argument("--commands-via", choices=["amqp", "http", "none"], default="amqp")
     load.add_argument("--command-rate", type=float, default=50.0, help="commands per second")
     load.add_argument("--command-timeout", type=float, default=5.0)
