@@ -8,6 +8,7 @@ Layout, in reading order:
   gauges.py      the gateway's cost: process-tree RSS/PSS and CPU, RabbitMQ memory
   controller.py  spawns workers, aggregates their counters, prints progress
   scenarios.py   ramp, hold, stampede, kill-load
+  measure.py     one scenario against the floor, then the gateway; writes the results
   report.py      table, JSON and PNG
   suite.py       starts the floor and the gateway itself and runs every scenario
 """

@@ -6,6 +6,7 @@ import argparse
 import os
 import platform
 import resource
+import subprocess
 import sys
 from typing import Any
 from urllib.parse import urlsplit
@@ -43,11 +44,24 @@ def machine() -> dict[str, Any]:
             "open_files_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[1]}
 
 
+def revision() -> str | None:
+    """The repository's commit (with "+dirty" for local changes): the gateway measured, when local."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty.strip() else "")
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Run the scenario against the floor (if given), then the gateway; return every figure."""
     results: dict[str, Any] = {"scenario": args.scenario, "devices": args.devices,
                                "command": " ".join(["python -m bench.stampede", *sys.argv[1:]]),
-                               "machine": machine(), "runs": {}, "timelines": {}}
+                               "machine": machine(), "revision": revision(),
+                               "runs": {}, "timelines": {}}
     minimum_processes = 3 if args.scenario == "kill-load" else 1
     for label, targets, pid in servers(args):
         plan = Plan(label=label, targets=targets, devices=args.devices, floor=label == "floor",
