@@ -112,7 +112,7 @@ def plot(results: dict[str, Any], timelines: dict[str, list[dict[str, Any]]], pa
     round_trips.set_xlabel("seconds since the run started")
     if round_trips.lines:
         round_trips.set_yscale("log")
-        round_trips.legend(loc="upper right")
+        round_trips.legend(loc="best")
     else:
         round_trips.text(0.5, 0.5, "no commands in this run", ha="center", transform=round_trips.transAxes)
     figure.tight_layout()
