@@ -6,6 +6,7 @@ backend connections, the gauges) and cleans all of it up on exit, Ctrl-C include
 
 from __future__ import annotations
 
+import gc
 import math
 import secrets
 import signal
@@ -236,6 +237,7 @@ class Run:
         """Once a second: append to the timeline and print a progress line to stderr."""
         while True:
             gevent.sleep(1.0)
+            gc.freeze()  # latencies and timelines only grow: keep them out of the GC's walk
             entry = self.sample()
             self.timeline.append(entry)
             print(progress_line(self.plan.label, entry), file=sys.stderr, flush=True)
