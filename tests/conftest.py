@@ -93,8 +93,11 @@ class Gateway:
         return self.process.returncode
 
 
-def start_gateway(tmp_path: Path, workers: int = 2, **env_overrides: str) -> Gateway:
-    """Start `gunicorn -c gunicorn.conf.py wsgi:app` and wait until every worker is ready."""
+def start_gateway(tmp_path: Path, workers: int = 2, wait: bool = True, **env_overrides: str) -> Gateway:
+    """Start `gunicorn -c gunicorn.conf.py wsgi:app` and wait until every worker is ready.
+
+    With wait=False, return once /healthz answers on every worker (RabbitMQ may be down).
+    """
     port, device_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items()
            if k not in {"AMQP_URL", "CLOUDAMQP_URL", "RABBITMQ_URL", "PROMETHEUS_MULTIPROC_DIR"}}
@@ -109,8 +112,28 @@ def start_gateway(tmp_path: Path, workers: int = 2, **env_overrides: str) -> Gat
         [str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"],
         cwd=ROOT, env=env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
     gateway = Gateway(process, port, device_port, env, log_path)
-    wait_ready(gateway, workers)
+    if wait:
+        wait_ready(gateway, workers)
+    else:
+        wait_healthy(gateway, workers)
     return gateway
+
+
+def wait_healthy(gateway: Gateway, workers: int, timeout: float = 30) -> None:
+    """Until /healthz answers and gunicorn shows `workers` workers."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if gateway.process.poll() is not None:
+            raise RuntimeError(f"gunicorn exited with {gateway.process.returncode}:\n{gateway.log()}")
+        try:
+            healthy = requests.get(f"{gateway.http}/healthz", timeout=5).status_code == 200
+            if healthy and len(gateway.worker_pids()) == workers:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    gateway.stop()
+    raise RuntimeError(f"gateway not healthy within {timeout}s:\n{gateway.log()}")
 
 
 def wait_ready(gateway: Gateway, workers: int, timeout: float = 30) -> None:

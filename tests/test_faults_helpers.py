@@ -12,7 +12,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -23,7 +22,7 @@ from typing import Any
 import psutil
 import pytest
 import requests
-from conftest import AMQP_URL, API_TOKEN, ROOT, SECRET, Gateway, free_port, metric_value, wait_ready
+from conftest import AMQP_URL, SECRET, Gateway, metric_value, start_gateway
 from kombu import Connection
 
 from app.backend import BackendClient
@@ -39,46 +38,9 @@ def unique(prefix: str = "fx") -> str:
 
 # -- gateways ----------------------------------------------------------------------
 def launch(tmp_path: Path, workers: int = 2, wait: bool = True, **env_overrides: str) -> Gateway:
-    """Start `gunicorn -c gunicorn.conf.py wsgi:app` like conftest.start_gateway.
-
-    With wait=False, return once /healthz answers (RabbitMQ may be down).
-    """
-    port, device_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items()
-           if k not in {"AMQP_URL", "CLOUDAMQP_URL", "RABBITMQ_URL", "PROMETHEUS_MULTIPROC_DIR"}}
-    env.update({
-        "PORT": str(port), "DEVICE_PORT": str(device_port), "WEB_CONCURRENCY": str(workers),
-        "AMQP_URL": AMQP_URL, "DEVICE_SECRETS": SECRET, "API_TOKENS": API_TOKEN,
-        "BIND_HOST": "127.0.0.1", "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / f"metrics-{port}"),
-        "HELLO_TIMEOUT": "2", "EVENT_RATE": "1000", "EVENT_BURST": "1000",
-    })
-    env.update(env_overrides)
-    log_path = tmp_path / f"gunicorn-{port}.log"
-    process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"],
-        cwd=ROOT, env=env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
-    gateway = Gateway(process, port, device_port, env, log_path)
-    if wait:
-        wait_ready(gateway, workers)
-    else:
-        wait_healthy(gateway, workers)
-    return gateway
-
-
-def wait_healthy(gateway: Gateway, workers: int, timeout: float = 30) -> None:
-    """Until /healthz answers and gunicorn shows `workers` workers."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if gateway.process.poll() is not None:
-            raise RuntimeError(f"gunicorn exited with {gateway.process.returncode}:\n{gateway.log()}")
-        try:
-            if get(gateway, "/healthz").status_code == 200 and len(gateway.worker_pids()) == workers:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.2)
-    gateway.stop()
-    raise RuntimeError(f"gateway not healthy within {timeout}s:\n{gateway.log()}")
+    """conftest.start_gateway with the fault tests' short hello timeout and generous rate limit."""
+    env = {"HELLO_TIMEOUT": "2", "EVENT_RATE": "1000", "EVENT_BURST": "1000", **env_overrides}
+    return start_gateway(tmp_path, workers, wait=wait, **env)
 
 
 def get(gateway: Gateway, path: str, timeout: float = 5) -> requests.Response:
