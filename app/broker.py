@@ -569,7 +569,7 @@ class Broker:
 
     # -- device side ----------------------------------------------------------
     def publish_event(self, device: str, session: str, name: str, event_id: str, data: Any,
-                      done: Done, mandatory: bool = True) -> None:
+                      done: Done | None, mandatory: bool = True) -> None:
         body = orjson.dumps({"device": device, "session": session, "id": event_id, "name": name,
                              "data": data, "ts": int(time.time() * 1000)})
         self.publisher.publish(EVENTS.name, f"{device}.{name}", body, done=done,

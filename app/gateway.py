@@ -89,7 +89,7 @@ class Gateway:
 
     def _presence(self, session: Session, what: str, data: dict) -> None:
         self.broker.publish_event(session.device, session.id, f"session.{what}", session.id, data,
-                                  done=_ignore_outcome, mandatory=False)
+                                  done=None, mandatory=False)
 
     # -- from RabbitMQ ------------------------------------------------------------
     def deliver(self, command: Command) -> None:
@@ -123,7 +123,3 @@ class Gateway:
         self.drain_window = max(1.0, window)
         for session in list(self.sessions.values()):
             session.drain()
-
-
-def _ignore_outcome(_outcome: str | None) -> None:
-    pass
