@@ -12,8 +12,9 @@ How it runs: every Supervisor owns one greenlet that does all of its work
 never changes under a running job and no locks are needed. Exit callbacks run
 in the gevent hub, where nothing may block, so they only queue a job. The one
 exception is a temporary simple_one_for_one child: it is never restarted, so
-the callback drops it from the children dict directly (O(1)), which keeps tens
-of thousands of short-lived session greenlets cheap.
+start_child starts it in the caller (even a hub callback, such as gevent's
+accept) and its exit callback drops it from the children dict directly (both
+O(1)), which keeps tens of thousands of short-lived session greenlets cheap.
 """
 
 from __future__ import annotations
