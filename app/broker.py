@@ -114,7 +114,6 @@ class Link:
         self.channel: Any = None
         self.connection: Connection | None = None
         self._lost: Event = Event()
-        self.reconnects = 0
 
     # -- called from any greenlet -------------------------------------------
     def submit(self, operation: Callable[[], None]) -> None:
@@ -169,7 +168,6 @@ class Link:
             except Exception as exc:  # noqa: BLE001 - it may be half dead already
                 log.debug("%s: dropping a connection whose setup failed: %r", self.role, exc)
             raise
-        self.reconnects += 1
         metrics.BROKER_CONNECTED.labels(link=self.role).set(1)
         log.info("%s: connected to %s", self.role, "RabbitMQ" if self.is_amqp else "the in-process broker")
         self.connected.set()

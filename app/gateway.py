@@ -70,7 +70,7 @@ class Gateway:
         metrics.SESSIONS_OPENED.labels(transport=transport).inc()
         metrics.SESSIONS_BY_WORKER.set(len(self.sessions))
         log.info("session opened", extra={"device": session.device, "session": session.id,
-                                          "transport": transport})
+                                          "transport": transport, "peer": session.conn.peer})
 
     def welcomed(self, session: Session) -> None:
         """The session's commands are routed here (or we stopped waiting): tell the backends."""
