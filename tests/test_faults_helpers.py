@@ -20,9 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import pytest
 import requests
-from conftest import AMQP_URL, SECRET, Gateway, metric_value, start_gateway
+from conftest import AMQP_URL, SECRET, Gateway, metric_value, start_gateway, wait_until
 from kombu import Connection
 
 from app.backend import BackendClient
@@ -249,16 +248,6 @@ def is_closed(client: DeviceClient, timeout: float = 5.0) -> bool:
         return True
     except TimeoutError:
         return False
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    pytest.fail(f"condition not met within {timeout}s: {getattr(predicate, '__name__', predicate)}")
 
 
 def read_until_closed(client: DeviceClient, timeout: float = 15.0) -> list[dict]:
