@@ -30,7 +30,7 @@ import socket
 import time
 import uuid
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -422,12 +422,13 @@ class CommandConsumer(Link):
 
     role = "consumer"
 
-    def __init__(self, url: str, on_message: Callable[[Any], None]) -> None:
+    def __init__(self, url: str, on_message: Callable[[Any], None],
+                 live_sessions: Callable[[], Iterable[tuple[str, float, str]]]) -> None:
         super().__init__(url)
         self.queue_name = _command_queue_name()
         self.bound: Counter[str] = Counter()
         self._on_message = on_message
-        self._unannounced: dict[str, tuple[float, str]] = {}
+        self._live_sessions = live_sessions
 
     def setup(self) -> None:
         for exchange in (EVENTS, COMMANDS):
@@ -440,8 +441,13 @@ class CommandConsumer(Link):
         self._rebind_everything()
 
     def _rebind_everything(self) -> None:
-        """After a reconnect the queue is new: bind every live device again, then announce.
+        """After a reconnect the queue is new: bind every live device again, then announce
+        every live session again.
 
+        Announcing all of them, not only those that began during the outage: another
+        worker may hold an older session of one of our devices and have rebound after
+        our notice went out, or before; whichever order the workers come back in, the
+        later announcement reaches the other, and the older session ends `replaced`.
         Binds still queued from before are harmless: `_write_bind` and `_write_unbind`
         check the current state, so a stale operation writes nothing.
         """
@@ -451,9 +457,12 @@ class CommandConsumer(Link):
                 for device in devices[start:start + WRITE_BATCH]:
                     self._write_bind(device)
             gevent.sleep(0)  # let sessions run between batches
-        unannounced, self._unannounced = self._unannounced, {}
-        for device, (started, session_id) in unannounced.items():
-            self._write_takeover(device, started, session_id)
+        sessions = list(self._live_sessions())
+        for start in range(0, len(sessions), WRITE_BATCH):
+            with self._batch.collect() if self._batch else nullcontext():
+                for device, started, session_id in sessions[start:start + WRITE_BATCH]:
+                    self._write_takeover(device, started, session_id)
+            gevent.sleep(0)
 
     def bind(self, device: str) -> None:
         self.bound[device] += 1
@@ -470,11 +479,10 @@ class CommandConsumer(Link):
         """Tell every other worker holding `device` that a newer session exists.
 
         Written on this channel after our own bind, so the broker sees the bind first.
+        While disconnected there is nothing to do: the reconnect announces every session.
         """
-        if not self.connected.is_set():
-            self._unannounced[device] = (started, session_id)
-            return
-        self.submit(lambda: self._write_takeover(device, started, session_id))
+        if self.connected.is_set():
+            self.submit(lambda: self._write_takeover(device, started, session_id))
 
     def _write_bind(self, device: str) -> None:
         if device in self.bound and self.channel is not None:
@@ -486,8 +494,7 @@ class CommandConsumer(Link):
 
     def _write_takeover(self, device: str, started: float, session_id: str) -> None:
         if self.channel is None:
-            self._unannounced[device] = (started, session_id)
-            return
+            return  # the reconnect announces every live session
         body = orjson.dumps({"device": device, "session": session_id, "started": started})
         message = self.channel.prepare_message(body, content_type="application/json",
                                                properties={"type": TAKEOVER_TYPE})
@@ -551,11 +558,12 @@ class Broker:
     """What sessions and the HTTP API see of RabbitMQ (PROTOCOL.md section 5)."""
 
     def __init__(self, url: str, deliver: Callable[[Command], None],
-                 takeover: Callable[[str, float, str], None], max_command_bytes: int) -> None:
+                 takeover: Callable[[str, float, str], None], max_command_bytes: int,
+                 live_sessions: Callable[[], Iterable[tuple[str, float, str]]]) -> None:
         self.url = url
         self.max_command_bytes = max_command_bytes
         self.publisher = Publisher(url)
-        self.consumer = CommandConsumer(url, self._on_message)
+        self.consumer = CommandConsumer(url, self._on_message, live_sessions)
         self.publisher.on_command_returned = self._on_command_returned
         self._deliver = deliver
         self._takeover = takeover

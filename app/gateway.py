@@ -9,7 +9,9 @@ worker's queue, then announces itself on the same channel, so every other
 worker holding that device hears of it. Each session is ordered by (hello time,
 session id). On hearing of another session of its device, a session ends with
 `replaced` if the other is newer, and announces itself again if it is the newer
-one, so that whichever way two hellos race, exactly one session survives.
+one, so that whichever way two hellos race, exactly one session survives. After
+RabbitMQ comes back, every worker announces all its sessions again, so that two
+sessions of one device started during an outage find each other.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ class Gateway:
         self.config = config
         self.sessions: dict[str, Session] = {}
         self.broker = Broker(config.amqp_url, deliver=self.deliver, takeover=self.takeover,
-                             max_command_bytes=config.max_frame_bytes)
+                             max_command_bytes=config.max_frame_bytes, live_sessions=self.live_sessions)
         self.hellos = TokenBucket(config.hello_rate, max(1, int(config.hello_rate)))
         self.shutting_down = False
         self.drain_window = 10.0
@@ -90,6 +92,10 @@ class Gateway:
     def _presence(self, session: Session, what: str, data: dict) -> None:
         self.broker.publish_event(session.device, session.id, f"session.{what}", session.id, data,
                                   done=None, mandatory=False)
+
+    def live_sessions(self) -> list[tuple[str, float, str]]:
+        """(device, hello time, session id) of every session, for the broker to announce again."""
+        return [(s.device, s.started, s.id) for s in self.sessions.values()]
 
     # -- from RabbitMQ ------------------------------------------------------------
     def deliver(self, command: Command) -> None:
