@@ -66,16 +66,17 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> i
     return value
 
 
-def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+def _positive(env: Mapping[str, str], name: str, default: float, unit: str = "seconds") -> float:
+    """A positive, finite number: a duration in seconds, or a rate per second."""
     raw = env.get(name, "").strip()
     if not raw:
         return default
     try:
         value = float(raw)
     except ValueError:
-        raise ConfigError(name, raw, "must be a number of seconds") from None
+        raise ConfigError(name, raw, f"must be a number of {unit}") from None
     if not value > 0 or value == float("inf"):
-        raise ConfigError(name, raw, "must be a positive number of seconds")
+        raise ConfigError(name, raw, f"must be a positive number of {unit}")
     return value
 
 
@@ -134,15 +135,15 @@ def load(env: Mapping[str, str] | None = None) -> Config:
         api_tokens=_list(env, "API_TOKENS"),
         web_concurrency=_int(env, "WEB_CONCURRENCY", os.cpu_count() or 1, minimum=1),
         max_connections=_int(env, "MAX_CONNECTIONS", 18000, minimum=1),
-        heartbeat=_seconds(env, "HEARTBEAT", 30.0),
-        hello_timeout=_seconds(env, "HELLO_TIMEOUT", 10.0),
+        heartbeat=_positive(env, "HEARTBEAT", 30.0),
+        hello_timeout=_positive(env, "HELLO_TIMEOUT", 10.0),
         max_frame_bytes=_int(env, "MAX_FRAME_BYTES", 65536, minimum=64),
         sentry_dsn=env.get("SENTRY_DSN", "").strip() or None,
-        event_rate=_seconds(env, "EVENT_RATE", 50.0),
+        event_rate=_positive(env, "EVENT_RATE", 50.0, "frames a second"),
         event_burst=_int(env, "EVENT_BURST", 100, minimum=1),
-        hello_rate=_seconds(env, "HELLO_RATE", 10000.0),
+        hello_rate=_positive(env, "HELLO_RATE", 10000.0, "hellos a second"),
         send_buffer_bytes=_int(env, "SEND_BUFFER_BYTES", 262144, minimum=4096),
-        graceful_timeout=_seconds(env, "GRACEFUL_TIMEOUT", 25.0),
+        graceful_timeout=_positive(env, "GRACEFUL_TIMEOUT", 25.0),
         log_format=_choice(env, "LOG_FORMAT", "text", {"text", "json"}),
         log_level=_choice(env, "LOG_LEVEL", "INFO", {"DEBUG", "INFO", "WARNING", "ERROR"}),
         environment=env.get("SENTRY_ENVIRONMENT", "").strip() or "production",

@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,38 +120,38 @@ def start_gateway(tmp_path: Path, workers: int = 2, wait: bool = True, **env_ove
 
 
 def wait_healthy(gateway: Gateway, workers: int, timeout: float = 30) -> None:
-    """Until /healthz answers and gunicorn shows `workers` workers."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if gateway.process.poll() is not None:
-            raise RuntimeError(f"gunicorn exited with {gateway.process.returncode}:\n{gateway.log()}")
-        try:
-            healthy = requests.get(f"{gateway.http}/healthz", timeout=5).status_code == 200
-            if healthy and len(gateway.worker_pids()) == workers:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.2)
-    gateway.stop()
-    raise RuntimeError(f"gateway not healthy within {timeout}s:\n{gateway.log()}")
+    """Until /healthz answers and gunicorn shows `workers` workers (RabbitMQ may be down)."""
+    def healthy() -> bool:
+        answered = requests.get(f"{gateway.http}/healthz", timeout=5).status_code == 200
+        return answered and len(gateway.worker_pids()) == workers
+
+    _wait_for(gateway, healthy, "healthy", timeout)
 
 
 def wait_ready(gateway: Gateway, workers: int, timeout: float = 30) -> None:
     """Ready when every worker reports both RabbitMQ links up (the instance-wide metric)."""
+    def ready() -> bool:
+        metrics = requests.get(f"{gateway.http}/metrics", timeout=2).text
+        return all(metric_value(metrics, f'warren_broker_connected{{link="{link}"}}') >= workers
+                   for link in ("consumer", "publisher"))
+
+    _wait_for(gateway, ready, "ready", timeout)
+
+
+def _wait_for(gateway: Gateway, condition: Callable[[], bool], what: str, timeout: float) -> None:
+    """Poll `condition` until it holds; stop the gateway and show its log if it never does."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if gateway.process.poll() is not None:
             raise RuntimeError(f"gunicorn exited with {gateway.process.returncode}:\n{gateway.log()}")
         try:
-            metrics = requests.get(f"{gateway.http}/metrics", timeout=2).text
-            if metric_value(metrics, 'warren_broker_connected{link="consumer"}') >= workers and \
-                    metric_value(metrics, 'warren_broker_connected{link="publisher"}') >= workers:
+            if condition():
                 return
         except requests.RequestException:
             pass
         time.sleep(0.2)
     gateway.stop()
-    raise RuntimeError(f"gateway not ready within {timeout}s:\n{gateway.log()}")
+    raise RuntimeError(f"gateway not {what} within {timeout}s:\n{gateway.log()}")
 
 
 def metric_value(text: str, name: str) -> float:
