@@ -14,7 +14,7 @@ import requests
 from conftest import AMQP_URL, API_TOKEN, ROOT, SECRET, Gateway, free_port, wait_ready
 
 from app.config import load
-from app.device import DeviceClient
+from clients.device import DeviceClient
 
 
 def procfile_command(process_type: str = "web") -> str:

@@ -26,8 +26,8 @@ from test_faults_helpers import (
     wait_until,
 )
 
-from app.backend import BackendClient
-from app.device import DeviceClient
+from clients.backend import BackendClient
+from clients.device import DeviceClient
 
 pytestmark = pytest.mark.slow
 

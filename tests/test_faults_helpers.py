@@ -24,9 +24,8 @@ import requests
 from conftest import AMQP_URL, SECRET, Gateway, metric_value, start_gateway, wait_until
 from kombu import Connection
 
-from app.backend import BackendClient
-from app.broker import EVENTS
-from app.device import Closed, DeviceClient
+from clients.backend import EVENTS, BackendClient
+from clients.device import Closed, DeviceClient
 
 AMQP_PORT = 5672
 

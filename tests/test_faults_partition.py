@@ -25,7 +25,7 @@ from test_faults_helpers import (
     wait_until,
 )
 
-from app.backend import BackendClient
+from clients.backend import BackendClient
 
 pytestmark = pytest.mark.slow
 

@@ -33,7 +33,7 @@ from test_faults_helpers import (
     worker_of,
 )
 
-from app.backend import BackendClient
+from clients.backend import BackendClient
 
 pytestmark = pytest.mark.slow
 

@@ -34,8 +34,8 @@ from hypothesis import strategies as st
 from wsproto.events import BytesMessage, TextMessage
 
 from app.auth import mint
-from app.backend import BackendClient
-from app.device import Closed, DeviceClient
+from clients.backend import BackendClient
+from clients.device import Closed, DeviceClient
 
 TRANSPORTS = ["tcp", "ws"]
 MAX_FRAME_BYTES = 65536

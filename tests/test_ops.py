@@ -12,7 +12,7 @@ from conftest import SECRET, metric_value, start_gateway, wait_until
 from prometheus_client.metrics import MetricWrapperBase
 
 from app import metrics
-from app.device import DeviceClient
+from clients.device import DeviceClient
 
 # Every metric the operations issue asks for, by name (counters end in _total in the text format).
 EXPECTED_METRICS = (

@@ -19,7 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from conftest import ROOT, SECRET, start_gateway, wait_until
 
-from app.device import Closed, DeviceClient
+from clients.device import Closed, DeviceClient
 
 
 class SentryReceiver:

@@ -12,7 +12,7 @@ import pytest
 import requests
 from conftest import SECRET, metric_value, start_gateway, wait_until
 
-from app.device import DeviceClient
+from clients.device import DeviceClient
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -28,8 +28,8 @@ from test_gateway import (
 )
 
 from app.auth import mint
-from app.backend import BackendClient
-from app.device import DeviceClient
+from clients.backend import BackendClient
+from clients.device import DeviceClient
 
 
 @pytest.fixture(params=TRANSPORTS)

@@ -1,6 +1,6 @@
 """A device simulator: try the gateway by hand, and the device side of the tests.
 
-    python -m app.device --url tcp://127.0.0.1:7878 --device lock-0001 --secret s3cret
+    python -m clients.device --url tcp://127.0.0.1:7878 --device lock-0001 --secret s3cret
 
 It says hello, prints every frame it receives, pings at the heartbeat the
 server asked for, answers every command with `{"ok": true}` (an `unlock`

@@ -21,9 +21,11 @@ from collections.abc import Iterator
 from typing import Any, Self
 
 import orjson
-from kombu import Connection
+from kombu import Connection, Exchange
 
-from app.broker import COMMANDS, EVENTS
+# The exchanges of PROTOCOL.md section 5, declared by backends as the gateway declares them.
+EVENTS = Exchange("devices.events", type="topic", durable=True)
+COMMANDS = Exchange("devices.commands", type="direct", durable=True)
 
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 
