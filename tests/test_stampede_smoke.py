@@ -69,6 +69,23 @@ def test_every_device_reaches_the_floor_and_results_are_written(floor: str, tmp_
     assert "up" in done.stderr  # the live progress lines
 
 
+def test_the_floor_hold_counts_the_heartbeats_it_answers(floor: str, tmp_path: Path) -> None:
+    out = tmp_path / "hold.json"
+    heartbeat = 2.0
+    done = run_stampede("hold", "--floor", floor, "--devices", str(DEVICES), "--processes", "2",
+                        "--heartbeat", str(heartbeat), "--quiet", "4", "--settle", "0.5",
+                        "--ramp-timeout", "30", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    results = orjson.loads(out.read_bytes())
+    hold = results["runs"]["floor"]["hold"]
+    expected = DEVICES * hold["idle_seconds"] / heartbeat
+    assert 0.5 < hold["idle_heartbeats_answered"] / expected < 1.5
+    assert hold["cpu_ms_per_heartbeat"] is not None
+    assert "commands" not in hold  # the floor has no command path: its hold is the idle window
+    assert results["per_unit"]["floor"]["heartbeats"] == hold["idle_heartbeats_answered"]
+    assert "CPU per heartbeat" in done.stdout
+
+
 @pytest.mark.gateway
 def test_a_real_gateway_answers_every_command_and_loses_no_acked_event(
         gateway: Gateway, tmp_path: Path) -> None:
@@ -76,7 +93,8 @@ def test_a_real_gateway_answers_every_command_and_loses_no_acked_event(
     done = run_stampede("hold", "--target", gateway.tcp, "--devices", str(DEVICES),
                         "--secret", SECRET, "--amqp-url", AMQP_URL, "--api-token", API_TOKEN,
                         "--prefix", f"smoke{gateway.port}", "--gateway-pid", str(gateway.process.pid),
-                        "--duration", "3", "--quiet", "1", "--settle", "0.5", "--command-rate", "30",
+                        "--duration", "3", "--quiet", "2", "--heartbeat", "1", "--settle", "0.5",
+                        "--command-rate", "30",
                         "--event-rate", "30", "--ramp-timeout", "30", "--out", str(out))
     assert done.returncode == 0, done.stderr
     figures = orjson.loads(out.read_bytes())["runs"]["gateway"]
@@ -87,3 +105,6 @@ def test_a_real_gateway_answers_every_command_and_loses_no_acked_event(
     assert events["acked"] > 0
     assert events["acked_but_not_consumed"] == 0
     assert figures["ramp"]["rss_kib_per_session"] is not None
+    assert figures["hold"]["idle_heartbeats_answered"] > 0
+    assert commands["cpu_ms_per_command"] is not None
+    assert events["cpu_ms_per_event"] is not None

@@ -9,6 +9,7 @@ Layout, in reading order:
   controller.py  spawns workers, aggregates their counters, prints progress
   scenarios.py   ramp, hold, stampede, kill-load
   measure.py     one scenario against the floor, then the gateway; writes the results
+  units.py       CPU per unit of work (set-up, heartbeat, command, event), floor beside gateway
   report.py      table, JSON and PNG
-  suite.py       starts the floor and the gateway itself and runs every scenario
+  suite.py       starts the floor and the gateway (from any checkout) and runs every scenario
 """

@@ -43,6 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                             "(repeat to split devices over several)")
     where.add_argument("--floor", help="floor echo server, e.g. tcp://127.0.0.1:7979: "
                                         "measured first, every figure also reported as a ratio to it")
+    where.add_argument("--gateway-dir", type=Path, default=Path("."),
+                       help="checkout of the gateway measured: the suite starts it there (for before/after "
+                            "comparisons); its git revision goes in the results (default: this one)")
     where.add_argument("--gateway-pid", type=int, help="gunicorn master (found from the port if local)")
     where.add_argument("--floor-pid", type=int, help="floor parent (found from the port if local)")
     where.add_argument("--amqp-url", default=os.environ.get("AMQP_URL") or DEFAULT_AMQP_URL)
@@ -53,7 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     load.add_argument("--devices", type=int, default=1000)
     load.add_argument("--processes", type=int, help="load processes (default: one per 15,000 devices)")
     load.add_argument("--concurrency", type=int, default=500, help="in-flight connects per process")
-    load.add_argument("--heartbeat", type=float, help="ping interval (default: the welcome's)")
+    load.add_argument("--heartbeat", type=float, help="ping interval (default: the welcome's; "
+                                                      "the suite also starts the gateway with it)")
     load.add_argument("--prefix", default=f"stampede{secrets.token_hex(2)}",
                       help="device ids are PREFIX-000000 ... (default: random per run, so that two "
                            "runs sharing a RabbitMQ never take over each other's devices)")
@@ -62,26 +66,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     load.add_argument("--command-timeout", type=float, default=5.0)
     load.add_argument("--event-rate", type=float, default=20.0, help="events per second (all devices)")
     timing = parser.add_argument_group("timing (seconds)")
-    timing.add_argument("--duration", type=float, default=20.0, help="traffic time in hold/kill-load")
+    timing.add_argument("--duration", type=float, default=20.0,
+                        help="hold: the commands window, then the events window; kill-load: commands")
     timing.add_argument("--jitter", type=float, default=10.0, help="stampede: reconnects spread over this")
     timing.add_argument("--quiet", type=float, default=10.0,
-                        help="hold: heartbeats-only window first (the CPU baseline)")
+                        help="hold: the idle window first (heartbeats only: CPU per heartbeat, and the "
+                             "baseline the traffic windows are measured above)")
     timing.add_argument("--settle", type=float, default=3.0, help="pause after connecting before measuring")
     timing.add_argument("--ramp-timeout", type=float, default=120.0)
     output = parser.add_argument_group("output")
-    output.add_argument("--out", type=Path, help="JSON results (default bench/results/SCENARIO.json)")
+    output.add_argument("--out", type=Path, help="JSON results (default bench/results/SCENARIO.json; "
+                                                  "suite: OUT's name is the prefix of every file it writes)")
     output.add_argument("--plot", type=Path, help="PNG plot (default: next to --out)")
     suite = parser.add_argument_group("suite (starts the floor and the gateway itself)")
     suite.add_argument("--workers", type=int, help="gateway and floor workers (default: enough for "
                                                     "--devices at 18,000 sessions each, at least 2)")
     suite.add_argument("--scenarios", type=known_scenarios, default=",".join(SCENARIO_ORDER),
                        help="which scenarios, comma-separated (default: all)")
+    suite.add_argument("--transport", choices=["tcp", "ws"], default="tcp",
+                       help="how the gateway's devices connect: the TCP device port or /ws on the HTTP port")
     suite.add_argument("--floor-port", type=int, default=7979)
     suite.add_argument("--device-port", type=int, default=7878)
     suite.add_argument("--http-port", type=int, default=8000)
     args = parser.parse_args(argv)
-    args.out = args.out or Path("bench/results") / f"{args.scenario}.json"
-    args.plot = args.plot or args.out.with_suffix(".png")
+    if args.scenario != "suite":
+        args.out = args.out or Path("bench/results") / f"{args.scenario}.json"
+        args.plot = args.plot or args.out.with_suffix(".png")
     if args.scenario != "suite" and not (args.target or args.floor):
         parser.error("give --target and/or --floor")
     return args

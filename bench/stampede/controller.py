@@ -25,7 +25,8 @@ from bench.stampede.gauges import TreeGauge, rabbit_rss_mb
 
 DEVICES_PER_PROCESS = 15000
 SOURCES_PER_PROCESS = 4
-SUMMED = ("up", "connecting", "backing_off", "established", "commands", "events_sent", "acked", "unanswered_events")
+SUMMED = ("up", "connecting", "backing_off", "established", "commands", "pongs", "events_sent", "acked",
+          "unanswered_events")
 COUNTED = ("failures", "lost", "errors", "nacked")
 
 

@@ -37,6 +37,7 @@ class Stats:
     lost: Counter = field(default_factory=Counter)
     errors: Counter = field(default_factory=Counter)
     commands: int = 0
+    pongs: int = 0
     events_sent: int = 0
     acked: int = 0
     nacked: Counter = field(default_factory=Counter)
@@ -239,6 +240,10 @@ def handle(device: Device, frame: dict[str, Any], world: World) -> tuple[str, fl
     if kind == "command":
         device.send({"type": "reply", "id": frame.get("id"), "ok": True, "data": {}})
         stats.commands += 1
+    elif kind == "pong" or (kind == "ping" and world.floor):
+        # Heartbeats answered are counted, not derived from the interval: the per-heartbeat
+        # CPU figure divides by what the server actually did (the floor echoes the ping itself).
+        stats.pongs += 1
     elif kind == "ack":
         sent = device.pending.pop(frame.get("id"), None)
         if sent is not None:

@@ -8,13 +8,14 @@ import platform
 import resource
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import gevent
 import psutil
 
-from bench.stampede import report
+from bench.stampede import report, units
 from bench.stampede.controller import Plan, Run, processes_for
 from bench.stampede.gauges import pid_listening_on
 from bench.stampede.scenarios import SCENARIOS
@@ -44,12 +45,12 @@ def machine() -> dict[str, Any]:
             "open_files_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[1]}
 
 
-def revision() -> str | None:
-    """The repository's commit (with "+dirty" for local changes): the gateway measured, when local."""
+def revision(directory: Path) -> str | None:
+    """The checkout's commit (with "+dirty" for local changes): the gateway measured, when local."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, cwd=directory,
                                 text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=directory,
                                capture_output=True, text=True, timeout=10, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return None
@@ -60,7 +61,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Run the scenario against the floor (if given), then the gateway; return every figure."""
     results: dict[str, Any] = {"scenario": args.scenario, "devices": args.devices,
                                "command": " ".join(["python -m bench.stampede", *sys.argv[1:]]),
-                               "machine": machine(), "revision": revision(),
+                               "machine": machine(), "gateway_dir": str(args.gateway_dir.resolve()),
+                               "revision": revision(args.gateway_dir),
                                "runs": {}, "timelines": {}}
     minimum_processes = 3 if args.scenario == "kill-load" else 1
     for label, targets, pid in servers(args):
@@ -74,6 +76,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             results["timelines"][label] = run.timeline
         gevent.sleep(args.settle)
     results["ratios"] = report.ratios(results["runs"])
+    results["per_unit"] = units.per_unit(results["runs"])
     return results
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import orjson
 
-FLOOR = "floor"
+from bench.stampede import units
+from bench.stampede.units import FLOOR
 
 
 def flatten(figures: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -68,7 +70,8 @@ def table(results: dict[str, Any]) -> str:
     widths = [min(60, max(len(row[i]) for row in lines)) for i in range(len(lines[0]))]
     text = ["  ".join(value[:60].ljust(width) for value, width in zip(row, widths)) for row in lines]
     text.insert(1, "  ".join("-" * width for width in widths))
-    return f"scenario: {results['scenario']}\n" + "\n".join(text)
+    return (f"scenario: {results['scenario']}\n\n{units.table(results['per_unit'])}\n\n"
+            + "\n".join(text))
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -95,13 +98,14 @@ def write_json(results: dict[str, Any], path: Path) -> None:
 
 
 def plot(results: dict[str, Any], timelines: dict[str, list[dict[str, Any]]], path: Path) -> None:
-    """Sessions up over time for every run, and command round-trip percentiles over time."""
-    figure, (sessions, round_trips) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
+    """Sessions up, server CPU and command round-trip percentiles over time, for every run."""
+    figure, (sessions, cpu, round_trips) = plt.subplots(3, 1, figsize=(9, 10), sharex=True)
     for label, timeline in timelines.items():
         sessions.plot([e["t"] for e in timeline], [e["up"] for e in timeline], label=label)
     sessions.set_ylabel("sessions up")
     sessions.set_title(f"stampede: {results['scenario']}, {results['devices']:,} devices")
     sessions.legend(loc="lower right")
+    plot_cpu(cpu, timelines, results.get("per_unit", {}))
     for label, figures in results["runs"].items():
         for series in round_trip_series(figures):
             times = [window["t"] for window in series]
@@ -119,6 +123,26 @@ def plot(results: dict[str, Any], timelines: dict[str, list[dict[str, Any]]], pa
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=80)
     plt.close(figure)
+
+
+def plot_cpu(axes: plt.Axes, timelines: dict[str, list[dict[str, Any]]],
+             summary: dict[str, dict[str, Any]]) -> None:
+    """Server CPU (cores busy) per second, each run's per-unit figures in its legend entry."""
+    for label, timeline in timelines.items():
+        samples = [e for e in timeline if e.get("cpu_s") is not None]
+        busy = [(b["cpu_s"] - a["cpu_s"]) / max(b["t"] - a["t"], 1e-3) for a, b in pairwise(samples)]
+        axes.plot([e["t"] for e in samples[1:]], busy, label=f"{label}: {legend(summary.get(label, {}))}")
+    axes.set_ylabel("server CPU (cores)")
+    if axes.lines:
+        axes.legend(loc="upper right", fontsize="small")
+
+
+def legend(figures: dict[str, Any]) -> str:
+    """Per-unit CPU in a few words: set-up, heartbeat, command, event (µs)."""
+    names = (("setup_cpu_us", "set-up"), ("heartbeat_cpu_us", "heartbeat"),
+             ("command_cpu_us", "command"), ("event_cpu_us", "event"))
+    words = [f"{name} {figures[key]:,.0f} µs" for key, name in names if figures.get(key) is not None]
+    return ", ".join(words) or "CPU"
 
 
 def round_trip_series(figures: dict[str, Any]) -> list[list[dict[str, Any]]]:

@@ -30,7 +30,7 @@ def cost(before: dict[str, Any], after: dict[str, Any], count: int, field: str,
     """How much of gauge `field` each of `count` things cost between two marks (None without a gauge)."""
     if count <= 0 or before.get(field) is None or after.get(field) is None:
         return None
-    return round((after[field] - before[field]) * scale / count, 3)
+    return round((after[field] - before[field]) * scale / count, 4)
 
 
 def ramp(run: Run, options: argparse.Namespace) -> dict[str, Any]:
@@ -54,6 +54,8 @@ def ramp(run: Run, options: argparse.Namespace) -> dict[str, Any]:
         "rss_kib_per_session": cost(before, held, held["up"], "rss_mb", KIB_PER_MIB),
         "pss_kib_per_session": cost(before, held, held["up"], "pss_mb", KIB_PER_MIB),
         "cpu_ms_per_session": cost(before, connected, established, "cpu_s", 1000),
+        # Already-connected devices ping during the ramp: their share is in cpu_ms_per_session.
+        "heartbeats_answered": connected["pongs"] - before["pongs"],
         "rabbit_rss_mb_idle": before.get("rabbit_rss_mb"),
         "rabbit_rss_mb_held": held.get("rabbit_rss_mb"),
         "rabbit_kib_per_session": cost(before, held, held["up"], "rabbit_rss_mb", KIB_PER_MIB),
@@ -61,30 +63,78 @@ def ramp(run: Run, options: argparse.Namespace) -> dict[str, Any]:
 
 
 def hold(run: Run, options: argparse.Namespace) -> dict[str, Any]:
-    """Hold every session: a quiet window (heartbeats only), then commands and events flow."""
+    """Hold every session: an idle window (heartbeats only), then a commands window, then an events window.
+
+    The windows follow each other rather than overlap so that each unit of work
+    (a heartbeat, a command round trip, an event) gets its own CPU figure: the
+    server's CPU in a window, less the idle rate over its length, over the count.
+    The floor has no commands or events, so its hold ends with the idle window.
+    """
     figures = {"ramp": ramp(run, options)}
-    quiet_start = run.mark("quiet_start")
+    start = run.mark("idle_start")
     gevent.sleep(options.quiet)
-    quiet_end = run.mark("quiet_end")
-    idle_cpu_per_s = cost(quiet_start, quiet_end, 1, "cpu_s", 1 / max(options.quiet, 1e-3))
-    start = run.mark("traffic_start")
-    if not run.plan.floor:
-        run.fleet.tell({"op": "events", "rate": options.event_rate / run.plan.processes})
-    send_commands(run, options, list(range(run.plan.devices)))
-    run.fleet.tell({"op": "events", "rate": 0})
-    gevent.sleep(min(options.command_timeout, 5) + 1)
-    end = run.mark("traffic_end")
+    idle = idle_figures(start, run.mark("idle_end"))
+    rate = idle["idle_cpu_s_per_s"] or 0.0
+    traffic = {} if run.plan.floor else {"commands": command_window(run, options, rate),
+                                         "events": event_window(run, options, rate)}
+    end = run.mark("hold_end")
     figures["hold"] = {
-        "seconds": options.duration, "command_rate": options.command_rate,
-        "event_rate": options.event_rate,
+        **idle, "seconds": options.duration, "command_rate": options.command_rate,
+        "event_rate": options.event_rate, **traffic,
         "lost_sessions": delta(end["lost"], start["lost"]),
-        "idle_cpu_s_per_s": idle_cpu_per_s,
-        **traffic_cost(start, end, idle_cpu_per_s or 0.0),
-        "commands": command_figures(run),
-        "events": event_figures(run, start, end),
         "rabbit_rss_mb_end": end.get("rabbit_rss_mb"),
     }
     return figures
+
+
+def idle_figures(start: dict[str, Any], end: dict[str, Any]) -> dict[str, Any]:
+    """What holding costs: server CPU per second, and per heartbeat answered (counted by the devices)."""
+    seconds = end["t"] - start["t"]
+    heartbeats = end["pongs"] - start["pongs"]
+    return {"idle_seconds": round(seconds, 3), "idle_heartbeats_answered": heartbeats,
+            "idle_cpu_s_per_s": cost(start, end, 1, "cpu_s", 1 / max(seconds, 1e-3)),
+            "cpu_ms_per_heartbeat": cost(start, end, heartbeats, "cpu_s", 1000)}
+
+
+def drain(options: argparse.Namespace) -> None:
+    """Wait for the last answers of a window (a command times out after --command-timeout)."""
+    gevent.sleep(min(options.command_timeout, 5) + 1)
+
+
+def command_window(run: Run, options: argparse.Namespace, idle_rate: float) -> dict[str, Any] | None:
+    """Commands at --command-rate for --duration to random devices; round trips and CPU per command."""
+    if run.commands is None or options.command_rate <= 0:
+        return None
+    start = run.mark("commands_start")
+    send_commands(run, options, list(range(run.plan.devices)))
+    drain(options)
+    end = run.mark("commands_end")
+    answered = end["commands"] - start["commands"]
+    return {**command_figures(run), **above_idle(start, end, idle_rate, answered, "command")}
+
+
+def event_window(run: Run, options: argparse.Namespace, idle_rate: float) -> dict[str, Any] | None:
+    """Events at --event-rate for --duration from random devices; acks, delivery check and CPU per event."""
+    if run.events is None or options.event_rate <= 0:
+        return None
+    start = run.mark("events_start")
+    run.fleet.tell({"op": "events", "rate": options.event_rate / run.plan.processes})
+    gevent.sleep(options.duration)
+    run.fleet.tell({"op": "events", "rate": 0})
+    drain(options)
+    end = run.mark("events_end")
+    acked = end["acked"] - start["acked"]
+    return {**event_figures(run, start, end), **above_idle(start, end, idle_rate, acked, "event")}
+
+
+def above_idle(start: dict[str, Any], end: dict[str, Any], idle_rate: float, count: int,
+               unit: str) -> dict[str, Any]:
+    """Server CPU of a window beyond what holding alone costs over its length, in all and per `unit`."""
+    if start.get("cpu_s") is None:
+        return {}
+    busy = (end["cpu_s"] - start["cpu_s"]) - idle_rate * (end["t"] - start["t"])
+    return {"cpu_s_above_idle": round(busy, 3),
+            f"cpu_ms_per_{unit}": round(busy * 1000 / count, 4) if count > 0 else None}
 
 
 def send_commands(run: Run, options: argparse.Namespace, device_indexes: list[int]) -> None:
@@ -98,16 +148,6 @@ def send_commands(run: Run, options: argparse.Namespace, device_indexes: list[in
         commands.send(run.plan.device_name(random.choice(device_indexes)))
 
     pace(options.command_rate, options.duration, one)
-
-
-def traffic_cost(start: dict[str, Any], end: dict[str, Any], idle_cpu_per_s: float) -> dict[str, Any]:
-    """Server CPU per message (command answered or event acked) above the quiet baseline."""
-    if start.get("cpu_s") is None:
-        return {}
-    messages = (end["commands"] - start["commands"]) + (end["acked"] - start["acked"])
-    busy = (end["cpu_s"] - start["cpu_s"]) - idle_cpu_per_s * (end["t"] - start["t"])
-    return {"cpu_s_busy_above_idle": round(busy, 3),
-            "cpu_ms_per_message": round(busy * 1000 / messages, 3) if messages else None}
 
 
 def command_figures(run: Run) -> dict[str, Any] | None:
@@ -180,7 +220,7 @@ def kill_load(run: Run, options: argparse.Namespace) -> dict[str, Any]:
     run.fleet.kill(victims)
     run.mark("killed")
     send_commands(run, options, survivor_devices)
-    gevent.sleep(min(options.command_timeout, 5) + 1)
+    drain(options)
     after = run.fleet.totals(survivors)
     run.mark("after_kill")
     figures["kill"] = {

@@ -3,8 +3,11 @@
 The gateway is started as production starts it (`gunicorn -c gunicorn.conf.py
 wsgi:app`) on RabbitMQ, with as many workers as the device count needs (a
 worker holds at most MAX_CONNECTIONS=18000 sessions under the 20,000
-open-file limit) and the floor gets the same worker count. Results go to
-bench/results/suite-DEVICES-SCENARIO.{json,png} and bench/results/suite-DEVICES.md.
+open-file limit) and the floor gets the same worker count. `--gateway-dir`
+starts it from another checkout (run with this checkout's virtualenv), so one
+session can measure before and after a change; `--transport ws` connects the
+gateway's devices over `/ws`. Results go to bench/results/PREFIX-SCENARIO.{json,png}
+and bench/results/PREFIX.md, PREFIX being --out's name or suite-DEVICES[-ws].
 """
 
 from __future__ import annotations
@@ -32,10 +35,11 @@ RESULTS = Path("bench/results")
 
 
 @contextmanager
-def started(command: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
+def started(command: list[str], env: dict[str, str], log: Path,
+            cwd: Path | None = None) -> Iterator[subprocess.Popen]:
     """A server process for the duration of the block, terminated (then killed) afterwards."""
     with log.open("wb") as output:
-        process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, env=env, cwd=cwd, stdout=output, stderr=subprocess.STDOUT)
         try:
             yield process
         finally:
@@ -64,10 +68,21 @@ def wait_for_http(url: str, timeout: float, process: subprocess.Popen) -> None:
 
 
 def gateway_env(args: argparse.Namespace, workers: int) -> dict[str, str]:
-    return {**os.environ, "PORT": str(args.http_port), "DEVICE_PORT": str(args.device_port),
-            "WEB_CONCURRENCY": str(workers), "AMQP_URL": args.amqp_url,
-            "DEVICE_SECRETS": args.secret, "API_TOKENS": args.api_token or "bench-token",
-            "MAX_CONNECTIONS": str(SESSIONS_PER_WORKER)}
+    """The gateway's environment; PYTHONPATH is its own checkout, so `app` never comes from this one."""
+    env = {**os.environ, "PORT": str(args.http_port), "DEVICE_PORT": str(args.device_port),
+           "WEB_CONCURRENCY": str(workers), "AMQP_URL": args.amqp_url,
+           "DEVICE_SECRETS": args.secret, "API_TOKENS": args.api_token or "bench-token",
+           "MAX_CONNECTIONS": str(SESSIONS_PER_WORKER), "PYTHONPATH": str(args.gateway_dir.resolve())}
+    if args.heartbeat:
+        env["HEARTBEAT"] = f"{args.heartbeat:g}"
+    return env
+
+
+def prefix(args: argparse.Namespace) -> str:
+    """The name every file of this suite starts with: --out's, or suite-DEVICES[-ws]."""
+    if args.out:
+        return args.out.with_suffix("").name
+    return f"suite-{args.devices}" + ("-ws" if args.transport == "ws" else "")
 
 
 def run_suite(args: argparse.Namespace) -> None:
@@ -79,13 +94,14 @@ def run_suite(args: argparse.Namespace) -> None:
                      "--workers", str(workers)]
     gateway_command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"]
     logs = Path(tempfile.mkdtemp(prefix="stampede-suite-"))
-    print(f"suite: {workers} workers each; server logs in {logs}", file=sys.stderr)
+    print(f"suite: {workers} workers each; gateway from {args.gateway_dir.resolve()}; server logs in {logs}",
+          file=sys.stderr)
     sections = []
     for scenario in args.scenarios.split(","):
         # Fresh servers for every scenario: memory freed by one run must not hide the next one's cost.
         with started(floor_command, dict(os.environ), logs / f"floor-{scenario}.log") as floor, \
                 started(gateway_command, gateway_env(args, workers),
-                        logs / f"gateway-{scenario}.log") as gateway:
+                        logs / f"gateway-{scenario}.log", cwd=args.gateway_dir) as gateway:
             wait_for_http(f"{args.http_url}/readyz", 60, gateway)
             one = scenario_args(args, scenario, floor.pid, gateway.pid)
             results = measure(one)
@@ -110,9 +126,10 @@ def scenario_args(args: argparse.Namespace, scenario: str, floor_pid: int,
     one = copy.copy(args)
     one.scenario = scenario
     one.floor = f"tcp://127.0.0.1:{args.floor_port}"
-    one.target = [f"tcp://127.0.0.1:{args.device_port}"]
+    one.target = [f"tcp://127.0.0.1:{args.device_port}" if args.transport == "tcp"
+                  else f"ws://127.0.0.1:{args.http_port}/ws"]
     one.floor_pid, one.gateway_pid = floor_pid, gateway_pid
-    one.out = RESULTS / f"suite-{args.devices}-{scenario}.json"
+    one.out = (args.out.parent if args.out else RESULTS) / f"{prefix(args)}-{scenario}.json"
     one.plot = one.out.with_suffix(".png")
     return one
 
@@ -125,9 +142,10 @@ def markdown_section(results: dict, plot: Path) -> str:
 
 def write_markdown(args: argparse.Namespace, workers: int, sections: list[str]) -> None:
     facts = machine()
-    header = (f"## Suite: {args.devices:,} devices, {workers} workers (gateway and floor)\n\n"
+    header = (f"## Suite: {args.devices:,} devices ({args.transport}), {workers} workers (gateway and floor)\n\n"
+              f"Gateway from `{args.gateway_dir.resolve()}`.\n\n"
               f"Machine: {facts['cores']} cores, {facts['memory_gib']} GiB, kernel {facts['kernel']}, "
               f"Python {facts['python']}, open-file limit {facts['open_files_limit']:,}.\n")
-    path = RESULTS / f"suite-{args.devices}.md"
+    path = (args.out.parent if args.out else RESULTS) / f"{prefix(args)}.md"
     path.write_text("\n".join([header, *sections]))
     print(f"wrote {path}", file=sys.stderr)

@@ -1,0 +1,100 @@
+"""What one unit of work costs (a session set-up, a heartbeat, a command, an event), floor next to gateway.
+
+The scenarios measure these figures (`ramp.cpu_ms_per_session`,
+`hold.cpu_ms_per_heartbeat`, ...) among many others; this module picks them out,
+states them in the unit they are read in (CPU in µs) and sets each server's
+figure beside the floor's, so the comparison reads at a glance above the full table.
+CPU is the server's process tree only: the load generator and RabbitMQ are left out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+FLOOR = "floor"
+
+
+@dataclass(frozen=True)
+class Unit:
+    key: str
+    label: str
+    path: tuple[str, ...]  # where the figure is in one run's results
+    scale: float = 1.0
+    suffix: str = ""
+    compared: bool = True  # False for counts: a ratio of two counts says nothing about cost
+
+
+UNITS = (
+    Unit("setup_cpu_us", "CPU per session set-up (ramp)", ("ramp", "cpu_ms_per_session"), 1000, " µs"),
+    Unit("heartbeat_cpu_us", "CPU per heartbeat (idle hold window)", ("hold", "cpu_ms_per_heartbeat"),
+         1000, " µs"),
+    Unit("command_cpu_us", "CPU per command round trip above idle",
+         ("hold", "commands", "cpu_ms_per_command"), 1000, " µs"),
+    Unit("event_cpu_us", "CPU per event acked above idle", ("hold", "events", "cpu_ms_per_event"),
+         1000, " µs"),
+    Unit("round_trip_p50_ms", "command round trip p50", ("hold", "commands", "round_trip_ms", "p50"),
+         suffix=" ms"),
+    Unit("round_trip_p99_ms", "command round trip p99", ("hold", "commands", "round_trip_ms", "p99"),
+         suffix=" ms"),
+    Unit("round_trip_p99_9_ms", "command round trip p99.9", ("hold", "commands", "round_trip_ms", "p99_9"),
+         suffix=" ms"),
+    Unit("rss_kib_per_session", "memory per held session (RSS)", ("ramp", "rss_kib_per_session"),
+         suffix=" KiB"),
+    Unit("idle_seconds", "idle window measured", ("hold", "idle_seconds"), suffix=" s", compared=False),
+    Unit("heartbeats", "heartbeats answered in it", ("hold", "idle_heartbeats_answered"), compared=False),
+    Unit("commands", "commands answered", ("hold", "commands", "outcomes", "ok"), compared=False),
+    Unit("events", "events acked", ("hold", "events", "acked"), compared=False),
+)
+
+
+def pick(figures: dict[str, Any], path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(figures, dict):
+            return None
+        figures = figures.get(key)
+    return figures
+
+
+def per_unit(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """{label: {unit key: value}} for every run, then {"LABEL/floor": {unit key: ratio}} for the others."""
+    values = {label: {unit.key: scaled(pick(figures, unit.path), unit.scale) for unit in UNITS}
+              for label, figures in runs.items()}
+    if FLOOR in values:
+        floor = values[FLOOR]
+        for label in [label for label in values if label != FLOOR]:
+            values[f"{label}/{FLOOR}"] = {
+                unit.key: round(values[label][unit.key] / floor[unit.key], 2)
+                for unit in UNITS
+                if unit.compared and values[label][unit.key] is not None and floor[unit.key]}
+    return values
+
+
+def scaled(value: Any, scale: float) -> float | None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    return round(value * scale, 1) if scale != 1 else value
+
+
+def table(summary: dict[str, dict[str, float | None]]) -> str:
+    """The per-unit figures as a plain-text table (rows no run measured are left out)."""
+    labels = list(summary)
+    header = ["per unit of work (server CPU)", *labels]
+    lines = [header]
+    for unit in UNITS:
+        cells = [cell(summary[label].get(unit.key), unit, "/" in label) for label in labels]
+        if any(value != "-" for value, label in zip(cells, labels) if "/" not in label):
+            lines.append([unit.label, *cells])
+    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
+    text = ["  ".join(value.ljust(width) if i == 0 else value.rjust(width)
+                      for i, (value, width) in enumerate(zip(row, widths))) for row in lines]
+    text.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(text)
+
+
+def cell(value: float | None, unit: Unit, ratio: bool) -> str:
+    if value is None:
+        return "-"
+    if ratio:
+        return f"{value:.2f}×"
+    return f"{value:,.1f}{unit.suffix}" if isinstance(value, float) else f"{value:,}{unit.suffix}"
