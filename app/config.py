@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 AMQP_URL_VARIABLES = ("AMQP_URL", "CLOUDAMQP_URL", "RABBITMQ_URL")
@@ -23,15 +23,21 @@ class ConfigError(ValueError):
         self.variable = variable
 
 
+def _cores() -> int:
+    return os.cpu_count() or 1
+
+
 @dataclass(frozen=True)
 class Config:
+    """Every setting and its one default; `load` reads the environment over these."""
+
     port: int = 8000
     device_port: int | None = 7878
     bind_host: str = "0.0.0.0"
     amqp_url: str = IN_PROCESS_BROKER
     device_secrets: tuple[bytes, ...] = ()
     api_tokens: tuple[str, ...] = ()
-    web_concurrency: int = 2
+    web_concurrency: int = field(default_factory=_cores)
     max_connections: int = 18000
     heartbeat: float = 30.0
     hello_timeout: float = 10.0
@@ -43,6 +49,10 @@ class Config:
     hello_rate: float = 10000.0
     send_buffer_bytes: int = 262144
     graceful_timeout: float = 25.0
+    confirm_timeout: float = 10.0  # a publisher confirm overdue this long: the link is presumed dead
+    amqp_heartbeat: int = 20  # AMQP heartbeat with RabbitMQ, seconds (0 turns it off)
+    max_pending_commands: int = 64  # commands awaiting a device's reply, per session
+    route_wait: float = 5.0  # how long a hello waits for its commands to route here before the welcome
     log_format: str = "text"
     log_level: str = "INFO"
     environment: str = "production"
@@ -51,6 +61,9 @@ class Config:
     @property
     def in_process_broker(self) -> bool:
         return self.amqp_url.startswith("memory://")
+
+
+DEFAULTS = Config()
 
 
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
@@ -127,26 +140,30 @@ def load(env: Mapping[str, str] | None = None) -> Config:
     """Read the configuration; raise ConfigError naming the first bad variable."""
     env = os.environ if env is None else env
     return Config(
-        port=_port(env, "PORT", 8000) or 8000,
-        device_port=_port(env, "DEVICE_PORT", 7878),
-        bind_host=env.get("BIND_HOST", "").strip() or "0.0.0.0",
+        port=_port(env, "PORT", DEFAULTS.port) or DEFAULTS.port,
+        device_port=_port(env, "DEVICE_PORT", DEFAULTS.device_port),
+        bind_host=env.get("BIND_HOST", "").strip() or DEFAULTS.bind_host,
         amqp_url=_amqp_url(env),
         device_secrets=tuple(s.encode() for s in _list(env, "DEVICE_SECRETS")),
         api_tokens=_list(env, "API_TOKENS"),
-        web_concurrency=_int(env, "WEB_CONCURRENCY", os.cpu_count() or 1, minimum=1),
-        max_connections=_int(env, "MAX_CONNECTIONS", 18000, minimum=1),
-        heartbeat=_positive(env, "HEARTBEAT", 30.0),
-        hello_timeout=_positive(env, "HELLO_TIMEOUT", 10.0),
-        max_frame_bytes=_int(env, "MAX_FRAME_BYTES", 65536, minimum=64),
+        web_concurrency=_int(env, "WEB_CONCURRENCY", _cores(), minimum=1),
+        max_connections=_int(env, "MAX_CONNECTIONS", DEFAULTS.max_connections, minimum=1),
+        heartbeat=_positive(env, "HEARTBEAT", DEFAULTS.heartbeat),
+        hello_timeout=_positive(env, "HELLO_TIMEOUT", DEFAULTS.hello_timeout),
+        max_frame_bytes=_int(env, "MAX_FRAME_BYTES", DEFAULTS.max_frame_bytes, minimum=64),
         sentry_dsn=env.get("SENTRY_DSN", "").strip() or None,
-        event_rate=_positive(env, "EVENT_RATE", 50.0, "frames a second"),
-        event_burst=_int(env, "EVENT_BURST", 100, minimum=1),
-        hello_rate=_positive(env, "HELLO_RATE", 10000.0, "hellos a second"),
-        send_buffer_bytes=_int(env, "SEND_BUFFER_BYTES", 262144, minimum=4096),
-        graceful_timeout=_positive(env, "GRACEFUL_TIMEOUT", 25.0),
-        log_format=_choice(env, "LOG_FORMAT", "text", {"text", "json"}),
-        log_level=_choice(env, "LOG_LEVEL", "INFO", {"DEBUG", "INFO", "WARNING", "ERROR"}),
-        environment=env.get("SENTRY_ENVIRONMENT", "").strip() or "production",
+        event_rate=_positive(env, "EVENT_RATE", DEFAULTS.event_rate, "frames a second"),
+        event_burst=_int(env, "EVENT_BURST", DEFAULTS.event_burst, minimum=1),
+        hello_rate=_positive(env, "HELLO_RATE", DEFAULTS.hello_rate, "hellos a second"),
+        send_buffer_bytes=_int(env, "SEND_BUFFER_BYTES", DEFAULTS.send_buffer_bytes, minimum=4096),
+        graceful_timeout=_positive(env, "GRACEFUL_TIMEOUT", DEFAULTS.graceful_timeout),
+        confirm_timeout=_positive(env, "CONFIRM_TIMEOUT", DEFAULTS.confirm_timeout),
+        amqp_heartbeat=_int(env, "AMQP_HEARTBEAT", DEFAULTS.amqp_heartbeat),
+        max_pending_commands=_int(env, "MAX_PENDING_COMMANDS", DEFAULTS.max_pending_commands, minimum=1),
+        route_wait=_positive(env, "ROUTE_WAIT", DEFAULTS.route_wait),
+        log_format=_choice(env, "LOG_FORMAT", DEFAULTS.log_format, {"text", "json"}),
+        log_level=_choice(env, "LOG_LEVEL", DEFAULTS.log_level, {"DEBUG", "INFO", "WARNING", "ERROR"}),
+        environment=env.get("SENTRY_ENVIRONMENT", "").strip() or DEFAULTS.environment,
         release=(env.get("SENTRY_RELEASE") or env.get("SOURCE_VERSION")
                  or env.get("HEROKU_SLUG_COMMIT") or "").strip() or None,
     )

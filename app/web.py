@@ -1,7 +1,7 @@
 """The HTTP API of PROTOCOL.md section 6, as a plain WSGI application.
 
 `/ws` never reaches this app as an upgrade: the worker's HTTP handler takes
-upgraded connections first (see `app.worker`). Any worker answers any request;
+upgraded connections first (see `app.listeners`). Any worker answers any request;
 commands travel through RabbitMQ to whichever worker holds the device.
 """
 
@@ -19,8 +19,8 @@ import orjson
 from app import metrics, protocol, status
 
 if TYPE_CHECKING:
+    from app.broker import Broker
     from app.config import Config
-    from app.gateway import Gateway
 
 COMMAND_PATH = re.compile(r"/devices/([^/]+)/commands")
 MAX_BODY = 65536
@@ -36,11 +36,14 @@ class HttpError(Exception):
 
 
 class WarrenApp:
-    """The WSGI callable. The worker attaches its `gateway` after it starts."""
+    """The WSGI callable. Each worker attaches its broker once it has one (after the fork)."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.gateway: Gateway | None = None
+        self.broker: Broker | None = None
+
+    def attach(self, broker: Broker) -> None:
+        self.broker = broker
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         try:
@@ -60,7 +63,7 @@ class WarrenApp:
         if path == "/healthz":
             return 200, b'{"status":"ok"}', "application/json"
         if path == "/readyz":
-            ready = self.gateway is not None and self.gateway.broker.ready
+            ready = self.broker is not None and self.broker.ready
             return (200, b'{"status":"ready"}', "application/json") if ready else \
                 (503, b'{"status":"broker_unavailable"}', "application/json")
         if path == "/metrics":
@@ -85,11 +88,11 @@ class WarrenApp:
         if not protocol.DEVICE_ID.fullmatch(device):
             raise HttpError(400, "bad_request", "the device id must be 1-128 characters of A-Z a-z 0-9 _ : -")
         name, data, timeout = _command_body(environ)
-        gateway = self.gateway
-        if gateway is None or not gateway.broker.ready:
+        broker = self.broker
+        if broker is None or not broker.ready:
             raise HttpError(503, "broker_unavailable", "RabbitMQ is not reachable from this worker")
         started = time.monotonic()
-        result = gateway.broker.send_command(device, name, data, timeout)
+        result = broker.send_command(device, name, data, timeout)
         try:
             reply = result.get(timeout=timeout)
         except gevent.Timeout:

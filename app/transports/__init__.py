@@ -1,50 +1,45 @@
-"""Device transports: they turn a socket into frames and know nothing of sessions or RabbitMQ.
+"""Device transports: they turn a socket into decoded frames and know nothing of sessions or RabbitMQ.
 
-A transport offers a `FrameConnection`: `receive()` returns one frame's payload
-(or None once the peer is gone), `send()` queues one frame without blocking, and
-`finish()` cuts the connection once what is queued is written (without
-blocking its caller), and `close()` flushes briefly and closes. Both transports share `Sender`, the bounded
-outgoing buffer.
+Each transport is a `FrameConnection` (app/sessions/ports.py): `receive()`
+returns one decoded frame (or None once the peer is gone), `send()` encodes and
+queues one frame without blocking, `finish()` cuts the connection once what is
+queued is written (without blocking its caller), and `close()` flushes briefly
+and closes. They share `Sender`, the bounded outgoing buffer.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import ssl
 
 import gevent
 from gevent import socket
 
-
-class FrameConnection(Protocol):
-    transport: str
-    peer: str
-
-    def receive(self) -> bytes | None: ...
-
-    def set_timeout(self, seconds: float | None) -> None: ...
-
-    def send(self, frame: bytes) -> None: ...
-
-    def finish(self) -> None: ...
-
-    def close(self) -> None: ...
+WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError)
 
 
 class Sender:
-    """A bounded, non-blocking outgoing buffer with a writer greenlet that exists only while busy.
+    """A bounded, non-blocking outgoing buffer that writes straight to the socket when it can.
 
     Why: acks and commands are written from the broker's greenlets, which must
-    never wait on one slow device. A device that stops reading fills its buffer;
-    past `limit` bytes the connection is cut, so one device cannot grow the worker.
+    never wait on one slow device. Most frames fit the kernel's send buffer, so
+    they go out at once in the caller, with no greenlet; only when the kernel
+    takes part of a frame (a slow reader, a burst) does a writer greenlet carry
+    the rest, and frames queue behind it in order. A device that stops reading
+    fills its buffer; past `limit` bytes the connection is cut, so one device
+    cannot grow the worker.
+
+    `direct=False` always uses the writer greenlet: gevent's TLS sockets wait for
+    room instead of answering "would block", so they cannot be tried in the caller.
     """
 
-    __slots__ = ("_finishing", "_limit", "_queue", "_queued", "_sock", "_writer", "overflowed")
+    __slots__ = ("_direct", "_finishing", "_limit", "_queue", "_queued", "_sock", "_writer", "overflowed")
 
-    def __init__(self, sock: socket.socket, limit: int) -> None:
+    def __init__(self, sock: socket.socket, limit: int, direct: bool = True) -> None:
         self._sock = sock
         self._queue: list[bytes] = []  # a deque would cost 760 bytes per idle connection
         self._queued = 0
         self._limit = limit
+        self._direct = direct
         self._writer: gevent.Greenlet | None = None
         self.overflowed = False
         self._finishing = False
@@ -52,15 +47,33 @@ class Sender:
     def send(self, data: bytes) -> None:
         if self.overflowed:
             return
+        if self._writer is None and self._direct:
+            data = self._try_now(data)
+            if not data:
+                return
         self._queue.append(data)
         self._queued += len(data)
         if self._queued > self._limit:
-            self.overflowed = True
-            self._queue.clear()
-            abort(self._sock)
+            self._fail()
             return
         if self._writer is None:
             self._writer = gevent.spawn(self._flush)
+
+    def _try_now(self, data: bytes) -> bytes:
+        """Write what the kernel takes without waiting; return the rest (b"" when all went)."""
+        try:
+            sent = self._sock.send(data, 0, 0.0)  # gevent: timeout 0.0 raises instead of waiting
+        except WOULD_BLOCK:
+            return data
+        except OSError:
+            self._fail()
+            return b""
+        return data[sent:] if sent < len(data) else b""
+
+    def _fail(self) -> None:
+        self.overflowed = True
+        self._queue.clear()
+        abort(self._sock)
 
     def _flush(self) -> None:
         try:

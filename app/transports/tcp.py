@@ -2,39 +2,43 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import orjson
 from gevent import socket
 
-from app.protocol import ProtocolError
+from app.protocol import ProtocolError, decode
 from app.transports import Sender
 
 RECV_BYTES = 16384
 
 
 class TcpConnection:
-    """Newline-delimited frames over a TCP socket; `\\r\\n` accepted."""
+    """Newline-delimited JSON frames over a TCP socket; `\\r\\n` accepted."""
 
-    transport = "tcp"
-    __slots__ = ("_buffer", "_max_frame", "_sender", "_sock", "peer")
+    __slots__ = ("_buffer", "_max_frame", "_sender", "_sock", "peer", "transport")
 
-    def __init__(self, sock: socket.socket, peer: str, max_frame_bytes: int, send_limit: int) -> None:
+    def __init__(self, sock: socket.socket, peer: str, max_frame_bytes: int, send_limit: int,
+                 transport: str = "tcp", direct_writes: bool = True) -> None:
         self._sock = sock
         self._buffer = bytearray()
         self._max_frame = max_frame_bytes
-        self._sender = Sender(sock, send_limit)
+        self._sender = Sender(sock, send_limit, direct=direct_writes)
         self.peer = peer
+        self.transport = transport
 
-    def receive(self) -> bytes | None:
-        """The next line without its line end; None when the peer closed."""
+    def receive(self) -> dict[str, Any] | None:
+        """The next frame, decoded; None when the peer closed."""
+        line = self._next_line()
+        return None if line is None else decode(line)
+
+    def _next_line(self) -> bytes | None:
         while True:
             end = self._buffer.find(b"\n")
             if end >= 0:
                 line = bytes(self._buffer[:end])
                 del self._buffer[: end + 1]
-                if line.endswith(b"\r"):
-                    line = line[:-1]
-                if len(line) > self._max_frame:
-                    raise ProtocolError("frame_too_large", f"frames are limited to {self._max_frame} bytes")
-                return line
+                return self._checked(line)
             if len(self._buffer) > self._max_frame + 1:
                 raise ProtocolError("frame_too_large", f"frames are limited to {self._max_frame} bytes")
             try:
@@ -45,13 +49,19 @@ class TcpConnection:
                 return None
             if not chunk:
                 return None
+            if not self._buffer and chunk.find(b"\n") == len(chunk) - 1:
+                return self._checked(chunk[:-1])  # most reads hold exactly one whole frame: no copy
             self._buffer += chunk
 
-    def set_timeout(self, seconds: float | None) -> None:
-        self._sock.settimeout(seconds)
+    def _checked(self, line: bytes) -> bytes:
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if len(line) > self._max_frame:
+            raise ProtocolError("frame_too_large", f"frames are limited to {self._max_frame} bytes")
+        return line
 
-    def send(self, frame: bytes) -> None:
-        self._sender.send(frame + b"\n")
+    def send(self, frame: dict[str, Any]) -> None:
+        self._sender.send(orjson.dumps(frame, option=orjson.OPT_APPEND_NEWLINE))
 
     def finish(self) -> None:
         self._sender.finish()

@@ -9,14 +9,17 @@ masking, fragmentation, ping/pong and the close handshake.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Mapping
+from typing import Any
 
+import orjson
 from gevent import socket
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Message, Ping, TextMessage
 from wsproto.utilities import generate_accept_token
 
-from app.protocol import ProtocolError
+from app.protocol import ProtocolError, decode
 from app.transports import Sender
 
 RECV_BYTES = 16384
@@ -43,13 +46,14 @@ def accept_token(environ: Mapping[str, str]) -> bytes:
 class WsConnection:
     """Text messages over an upgraded socket, as frames."""
 
-    transport = "ws"
-    __slots__ = ("_max_frame", "_partial", "_partial_binary", "_sender", "_sock", "_ws", "peer")
+    __slots__ = ("_max_frame", "_partial", "_partial_binary", "_sender", "_sock", "_ws", "peer", "transport")
 
     def __init__(self, sock: socket.socket, peer: str, environ: Mapping[str, str],
-                 max_frame_bytes: int, send_limit: int, already_read: bytes = b"") -> None:
+                 max_frame_bytes: int, send_limit: int, already_read: bytes = b"",
+                 transport: str = "ws", direct_writes: bool = True) -> None:
         self._sock = sock
-        self._sender = Sender(sock, send_limit)
+        self.transport = transport
+        self._sender = Sender(sock, send_limit, direct=direct_writes)
         self._max_frame = max_frame_bytes
         self._partial: list[str] = []
         self._partial_binary = False
@@ -59,8 +63,12 @@ class WsConnection:
                           b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + token + b"\r\n\r\n")
         self._ws = Connection(ConnectionType.SERVER, trailing_data=already_read)
 
-    def receive(self) -> bytes | None:
-        """The next complete text message as UTF-8 bytes; None once closed."""
+    def receive(self) -> dict[str, Any] | None:
+        """The next complete text message, decoded; None once closed."""
+        payload = self._next_message()
+        return None if payload is None else decode(payload)
+
+    def _next_message(self) -> bytes | None:
         while True:
             for event in self._ws.events():
                 if isinstance(event, CloseConnection):
@@ -98,12 +106,9 @@ class WsConnection:
             raise ProtocolError("frame_too_large", f"frames are limited to {self._max_frame} bytes")
         return payload
 
-    def set_timeout(self, seconds: float | None) -> None:
-        self._sock.settimeout(seconds)
-
-    def send(self, frame: bytes) -> None:
+    def send(self, frame: dict[str, Any]) -> None:
         if self._ws.state.name == "OPEN":
-            self._sender.send(self._ws.send(TextMessage(data=frame.decode())))
+            self._sender.send(text_frame(orjson.dumps(frame)))
 
     def finish(self) -> None:
         if self._ws.state.name in {"OPEN", "REMOTE_CLOSING"}:
@@ -118,3 +123,17 @@ class WsConnection:
             self._sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+
+
+def text_frame(payload: bytes) -> bytes:
+    """One unfragmented, unmasked text message from the server (RFC 6455 section 5.2).
+
+    Built here rather than through wsproto's `send(TextMessage)`, which wants a str and
+    re-encodes it: a frame the hot path writes thousands of times a second.
+    """
+    length = len(payload)
+    if length < 126:
+        return bytes((0x81, length)) + payload
+    if length < 65536:
+        return struct.pack("!BBH", 0x81, 126, length) + payload
+    return struct.pack("!BBQ", 0x81, 127, length) + payload

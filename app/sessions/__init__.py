@@ -1,0 +1,9 @@
+"""Device sessions, knowing nothing of sockets or RabbitMQ.
+
+Reading order:
+  ports.py     what a session needs of the world: a frame connection, a backend, a host
+  limits.py    the token bucket behind every rate limit
+  session.py   one device's protocol state machine (PROTOCOL.md sections 2-4)
+  registry.py  a worker's live sessions: admission, takeover, commands to sessions, presence
+  watchdog.py  one sweep per worker for hello and idle deadlines, instead of a timer per read
+"""

@@ -1,0 +1,151 @@
+"""A worker's live sessions and the rules that join them to RabbitMQ.
+
+The registry is the directory (one session per device id in this worker), the
+admission control (who may start a session now), and the glue between the
+broker's deliveries and the sessions: commands, takeovers, presence. Sessions
+call it through the `Host` port; the broker calls it back through the three
+callbacks it was built with (`deliver`, `takeover`, `live_sessions`).
+
+Takeover across workers and hosts: a new session binds its device on this
+worker's queue, then announces itself, so every other worker holding that
+device hears of it. Each session is ordered by (hello time, session id). On
+hearing of another session of its device, a session ends with `replaced` if the
+other is newer, and announces itself again if it is the newer one, so that
+whichever way two hellos race, exactly one session survives. After RabbitMQ
+comes back, every worker announces all its sessions again, so that two sessions
+of one device started during an outage find each other.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from app import metrics
+from app.broker import Broker
+from app.sessions.limits import TokenBucket
+from app.sessions.watchdog import Watchdog
+
+if TYPE_CHECKING:
+    from app.broker.messages import Command
+    from app.config import Config
+    from app.sessions.session import Session
+
+log = logging.getLogger("warren.registry")
+
+# Publishes queued or awaiting confirms past which new hellos are told `overloaded`:
+# a broker that cannot keep up must not be handed a stampede's presence events too.
+MAX_BROKER_BACKLOG = 20000
+
+
+class Registry:
+    """The worker's sessions by device id; the `Host` every session of this worker sees."""
+
+    def __init__(self, config: Config, broker_factory: Callable[..., Any] = Broker, node_offset: int = 0) -> None:
+        self.config = config
+        self.sessions: dict[str, Session] = {}
+        self.broker = broker_factory(
+            config.amqp_url, deliver=self.deliver, takeover=self.takeover, live_sessions=self.live_sessions,
+            max_command_bytes=config.max_frame_bytes, confirm_timeout=config.confirm_timeout,
+            amqp_heartbeat=config.amqp_heartbeat, node_offset=node_offset)
+        self.watchdog = Watchdog(min(config.hello_timeout, 2 * config.heartbeat))
+        self.hellos = TokenBucket(config.hello_rate, max(1, int(config.hello_rate)))
+        self.shutting_down = False
+        self.drain_window = 10.0
+
+    # -- admission --------------------------------------------------------------
+    def admit(self) -> tuple[str, float] | None:
+        """None when a new session may start, else (error code, retry_after)."""
+        if self.shutting_down:
+            return "shutting_down", self.retry_after()
+        if len(self.sessions) >= self.config.max_connections:
+            return "overloaded", random.uniform(5, 30)
+        if self.broker.backlog > MAX_BROKER_BACKLOG or not self.hellos.take():
+            return "overloaded", random.uniform(1, 10)
+        return None
+
+    def retry_after(self) -> float:
+        """A jittered wait, so that devices told to go away do not come back together."""
+        return random.uniform(1.0, self.drain_window)
+
+    # -- deadlines (the watchdog sweeps every connection that is a session, hello included) ---------
+    def watch(self, session: Session) -> None:
+        self.watchdog.watch(session)
+
+    def forget(self, session: Session) -> None:
+        self.watchdog.forget(session)
+
+    # -- session life -------------------------------------------------------------
+    def open(self, session: Session) -> None:
+        older = self.sessions.get(session.device)
+        if older is not None:
+            older.end("replaced")
+        self.sessions[session.device] = session
+        self.broker.bind(session.device)
+        self.broker.announce(session.device, session.started, session.id)
+        transport = session.conn.transport
+        metrics.SESSIONS.labels(transport=transport).inc()
+        metrics.SESSIONS_OPENED.labels(transport=transport).inc()
+        metrics.SESSIONS_BY_WORKER.set(len(self.sessions))
+        log.info("session opened", extra={"device": session.device, "session": session.id,
+                                          "transport": transport, "peer": session.conn.peer})
+
+    def welcomed(self, session: Session) -> None:
+        """The session's commands are routed here (or we stopped waiting): tell the backends."""
+        self.broker.publish_presence(session.device, session.id, "connected", {"transport": session.conn.transport})
+
+    def close(self, session: Session, reason: str) -> None:
+        if self.sessions.get(session.device) is session:
+            del self.sessions[session.device]
+        self.broker.unbind(session.device)
+        metrics.SESSIONS.labels(transport=session.conn.transport).dec()
+        metrics.SESSIONS_CLOSED.labels(reason=reason).inc()
+        metrics.SESSIONS_BY_WORKER.set(len(self.sessions))
+        self.broker.publish_presence(session.device, session.id, "closed", {"reason": reason})
+        log.info("session closed", extra={"device": session.device, "session": session.id,
+                                          "reason": reason, "transport": session.conn.transport})
+
+    def live_sessions(self) -> list[tuple[str, float, str]]:
+        """(device, hello time, session id) of every session, for the broker to announce again."""
+        return [(s.device, s.started, s.id) for s in self.sessions.values()]
+
+    # -- from RabbitMQ ------------------------------------------------------------
+    def deliver(self, command: Command) -> None:
+        """A command from our queue: to its device's session, or `offline`/`expired` to its sender."""
+        if command.deadline <= time.monotonic():
+            metrics.COMMANDS.labels(outcome="expired").inc()
+            self.broker.reply(command, ok=False, error="expired")
+            return
+        session = self.sessions.get(command.device)
+        if session is None or not session.deliver(command):
+            metrics.COMMANDS_OFFLINE.inc()
+            self.broker.reply(command, ok=False, error="offline")
+
+    def takeover(self, device: str, started: float, session_id: str) -> None:
+        """Another session of `device` exists somewhere (or our own notice came back)."""
+        session = self.sessions.get(device)
+        if session is None:
+            return
+        if session.id == session_id:  # our own notice: the bind before it is in effect
+            session.route_confirmed()
+            return
+        if (session.started, session.id) < (started, session_id):
+            session.end("replaced")
+        else:
+            self.broker.announce(device, session.started, session.id)
+
+    # -- shutdown -------------------------------------------------------------------
+    def drain(self, window: float) -> None:
+        """Ask every session to go, each told to come back at a different time."""
+        self.shutting_down = True
+        self.drain_window = max(1.0, window)
+        for session in list(self.sessions.values()):
+            session.drain()
+
+    def end_all(self, code: str) -> None:
+        """End every session still here with `code` (the drain ran out of time)."""
+        for session in list(self.sessions.values()):
+            session.end(code, retry_after=self.retry_after())

@@ -1,0 +1,319 @@
+"""One device's session, from hello to close (PROTOCOL.md sections 2-4).
+
+A session runs in its connection's greenlet and sees only its ports
+(app/sessions/ports.py): a `FrameConnection` that hands it decoded frames, the
+`Backend` that publishes to RabbitMQ, and the `Host` (the worker's registry and
+watchdog). It knows nothing of sockets, TCP, WebSocket or MQTT. Whatever a
+device sends, the worst outcome is the end of this one session: a
+`ProtocolError` becomes an error frame; anything else is a bug that the
+connection supervisor logs and reports.
+
+The states, in order (a session only moves forward):
+
+    GREETING  connected, waiting for the hello (the watchdog enforces HELLO_TIMEOUT)
+    ROUTING   registered; waiting until RabbitMQ routes this device's commands here
+    OPEN      welcomed; frames flow (the watchdog enforces 2 x heartbeat of silence)
+    CLOSING   ending with a code; nothing more is delivered
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from gevent.event import Event
+
+from app import auth, metrics, protocol
+from app.protocol import ProtocolError
+from app.sessions.limits import TokenBucket
+
+if TYPE_CHECKING:
+    from app.broker.messages import Command
+    from app.sessions.ports import Backend, Frame, FrameConnection, Host
+
+log = logging.getLogger("warren.session")
+
+PONG: dict[str, Any] = {"type": "pong"}
+
+
+class State(enum.IntEnum):
+    GREETING = 0
+    ROUTING = 1
+    OPEN = 2
+    CLOSING = 3
+
+
+def _seconds(value: float) -> float | int:
+    """30.0 as 30, but HEARTBEAT=0.5 as 0.5 (int() made it 0: a device told to ping constantly)."""
+    return int(value) if float(value).is_integer() else value
+
+
+class Session:
+    """The protocol state of one device connection."""
+
+    __slots__ = (
+        "__weakref__",
+        "backend",
+        "bucket",
+        "closing",
+        "conn",
+        "deadline",
+        "device",
+        "draining",
+        "held",
+        "host",
+        "id",
+        "idle_limit",
+        "in_flight",
+        "pending",
+        "routed",
+        "started",
+        "state",
+    )
+
+    def __init__(self, conn: FrameConnection, host: Host, backend: Backend) -> None:
+        self.conn = conn
+        self.host = host
+        self.backend = backend
+        self.state = State.GREETING
+        self.device = ""
+        self.id = ""
+        self.started = 0.0
+        self.closing: str | None = None  # the error code this session is ending with
+        self.draining = False
+        self.in_flight = 0
+        self.pending: dict[str, tuple[Command, float]] = {}  # in delivery order
+        self.bucket: TokenBucket | None = None
+        self.routed: Event | None = None  # exists only in ROUTING
+        self.held: list[Frame] | None = None  # commands that arrived in ROUTING, sent after the welcome
+        # The watchdog ends the session once time.monotonic() passes `deadline`: the whole hello
+        # within HELLO_TIMEOUT of the accept (a slow-loris dribbling a byte a second must not
+        # hold its connection), then 2 x heartbeat of silence, refreshed by every frame.
+        self.idle_limit = 2 * host.config.heartbeat
+        self.deadline = time.monotonic() + host.config.hello_timeout
+
+    # -- life -----------------------------------------------------------------
+    def run(self) -> None:
+        """Serve the connection until it ends; always leaves the registry and the watchdog clean."""
+        reason = "closed"
+        self.host.watch(self)
+        try:
+            if self._hello():
+                self._serve()
+            reason = self.closing or "closed"
+        except ProtocolError as exc:
+            reason = exc.code
+            self.send_error(exc.code, exc.message, exc.frame_id)
+        except Exception as exc:
+            # A bug, not the device's fault: the connection supervisor reports it (Sentry tags).
+            exc.warren_device, exc.warren_session = self.device or None, self.id or None
+            raise
+        finally:
+            self.state = State.CLOSING
+            self.host.forget(self)
+            if self.id:
+                self.host.close(self, reason)
+            self.conn.close()
+
+    def expire(self) -> None:
+        """The watchdog found this session past its deadline."""
+        self.end("idle_timeout" if self.state == State.OPEN else "hello_timeout", "no frame in time")
+
+    def _hello(self) -> bool:
+        """Authenticate the first frame; True once the device is welcomed."""
+        config = self.host.config
+        try:
+            frame = self.conn.receive()
+        except ProtocolError as exc:
+            if exc.code in protocol.CLOSING_ERRORS:
+                raise
+            return self._refuse("unauthorized", exc.message)  # not JSON, a binary WebSocket message
+        if frame is None or self.closing is not None:
+            return False
+        try:
+            device, token = protocol.validate_hello(frame)
+        except ProtocolError as exc:
+            code = "unsupported_version" if exc.code == "unsupported_version" else "unauthorized"
+            return self._refuse(code, exc.message)
+        if not auth.verify(config.device_secrets, device, token):
+            return self._refuse("unauthorized", "the token does not match this device")
+        # The hello is in: from here the route wait (ROUTE_WAIT) bounds the wait, not HELLO_TIMEOUT.
+        self.deadline = time.monotonic() + self.idle_limit
+        refusal = self.host.admit()
+        if refusal is not None:
+            code, retry_after = refusal
+            return self._refuse(code, "the gateway cannot take a new session now", retry_after)
+        return self._welcome(device)
+
+    def _welcome(self, device: str) -> bool:
+        """Register the session, wait until its commands route here, then welcome it."""
+        config = self.host.config
+        self.device, self.id, self.started = device, uuid.uuid4().hex[:16], time.time()
+        self.bucket = TokenBucket(config.event_rate, config.event_burst)
+        self.state, self.routed = State.ROUTING, Event()
+        self.host.open(self)
+        # Welcome only once RabbitMQ routes this device's commands here: a backend that sends a
+        # command as soon as the device is welcomed (or on `session.connected`) must not get
+        # `offline`. The registry calls `route_confirmed` when the proof arrives.
+        if self.backend.accepting:
+            self.routed.wait(config.route_wait)
+        self.routed = None
+        self.host.welcomed(self)
+        if self.closing is not None:  # replaced while waiting: _serve ends at once
+            self._answer_held_offline()
+            return True
+        self.state = State.OPEN
+        self.deadline = time.monotonic() + self.idle_limit
+        self.conn.send({"type": "welcome", "device": device, "session": self.id,
+                        "heartbeat": _seconds(config.heartbeat)})
+        held, self.held = self.held or [], None
+        for frame in held:
+            self.conn.send(frame)
+        return True
+
+    def route_confirmed(self) -> None:
+        """RabbitMQ now routes this device's commands to us (the registry saw the proof)."""
+        if self.routed is not None:
+            self.routed.set()
+
+    def _answer_held_offline(self) -> None:
+        """Commands held for a welcome that never came were never written: their senders hear `offline`."""
+        for frame in self.held or []:
+            entry = self.pending.pop(frame["id"], None)
+            if entry is not None:
+                metrics.COMMANDS_OFFLINE.inc()
+                self.backend.reply(entry[0], ok=False, error="offline")
+        self.held = None
+
+    def _refuse(self, code: str, message: str, retry_after: float | None = None) -> bool:
+        metrics.HELLO_FAILURES.labels(code=code).inc()
+        self.send_error(code, message, retry_after=retry_after)
+        return False
+
+    def _serve(self) -> None:
+        conn, idle_limit = self.conn, self.idle_limit
+        while self.closing is None:
+            try:
+                # Inside the try: a transport's own `bad_frame` (a binary WebSocket message) keeps
+                # the session open like any other bad frame; `frame_too_large` still closes it.
+                frame = conn.receive()
+                if frame is None:
+                    return
+                self.deadline = time.monotonic() + idle_limit
+                if frame.get("type") == "ping" and self.bucket.take():  # the frame that dominates
+                    conn.send(PONG)
+                    continue
+                self._handle(protocol.validate(frame))
+            except ProtocolError as exc:
+                if exc.code in protocol.CLOSING_ERRORS:
+                    raise
+                self.send_error(exc.code, exc.message, exc.frame_id)
+
+    def _handle(self, frame: Frame) -> None:
+        kind = frame["type"]
+        if not self.bucket.take():
+            if kind == "event":
+                self._nack(frame["id"], "rate_limited", self.bucket.wait_time())
+            else:
+                self.send_error("rate_limited", "too many frames", frame.get("id"),
+                                retry_after=self.bucket.wait_time())
+            return
+        if kind == "ping":
+            self.conn.send(PONG)
+        elif kind == "event":
+            self._on_event(frame)
+        else:
+            self._on_reply(frame)
+
+    # -- events ---------------------------------------------------------------
+    def _on_event(self, frame: Frame) -> None:
+        event_id = frame["id"]
+        if self.draining:
+            self._nack(event_id, "shutting_down", self.host.retry_after())
+            return
+        if not self.backend.accepting:
+            self._nack(event_id, "broker_unavailable", self.host.retry_after())
+            return
+        self.in_flight += 1
+        received = time.monotonic()
+
+        def done(outcome: str | None) -> None:
+            self.in_flight -= 1
+            if outcome is None:
+                metrics.EVENT_CONFIRM.observe(time.monotonic() - received)
+                metrics.EVENTS_ACKED.inc()
+                self.conn.send({"type": "ack", "id": event_id})
+            else:
+                retry = self.host.retry_after() if outcome != "unroutable" else 30.0
+                self._nack(event_id, outcome, retry)
+            if self.draining and self.in_flight == 0:
+                self.end("shutting_down", self.host.retry_after())
+
+        self.backend.publish_event(self.device, self.id, frame["name"], event_id, frame.get("data"), done)
+
+    def _nack(self, event_id: str, reason: str, retry_after: float) -> None:
+        metrics.EVENTS.labels(outcome=reason).inc()
+        self.conn.send({"type": "nack", "id": event_id, "reason": reason, "retry_after": round(retry_after, 1)})
+
+    # -- commands -------------------------------------------------------------
+    def deliver(self, command: Command) -> bool:
+        """Write a command to the device; False if this session can no longer take it."""
+        if self.closing is not None:
+            return False
+        self._forget_expired()
+        if len(self.pending) >= self.host.config.max_pending_commands:
+            del self.pending[next(iter(self.pending))]
+            metrics.COMMANDS.labels(outcome="dropped").inc()
+        self.pending[command.id] = (command, time.monotonic())
+        frame = {"type": "command", "id": command.id, "name": command.name, "data": command.data}
+        if self.state == State.ROUTING:  # the command itself proves the route; it follows the welcome
+            self.route_confirmed()
+            self.held = [*(self.held or []), frame]
+        else:
+            self.conn.send(frame)
+        metrics.COMMANDS_DELIVERED.inc()
+        return True
+
+    def _forget_expired(self) -> None:
+        if not self.pending:
+            return
+        now = time.monotonic()
+        for command_id in [cid for cid, (cmd, _) in self.pending.items() if cmd.deadline <= now]:
+            del self.pending[command_id]
+            metrics.COMMANDS.labels(outcome="expired").inc()
+
+    def _on_reply(self, frame: Frame) -> None:
+        self._forget_expired()
+        entry = self.pending.pop(frame["id"], None)
+        if entry is None:
+            self.send_error("unknown_command", "no pending command has this id", frame["id"])
+            return
+        command, sent = entry
+        metrics.COMMAND_DEVICE_RTT.observe(time.monotonic() - sent)
+        metrics.COMMANDS_REPLIED.inc()
+        self.backend.reply(command, ok=frame["ok"], data=frame.get("data"), error=frame.get("error"))
+
+    # -- ending ---------------------------------------------------------------
+    def end(self, code: str, message: str | None = None, retry_after: float | None = None) -> None:
+        """End this session from any greenlet: tell the device why, then cut. Never blocks."""
+        if self.closing is not None:
+            return
+        self.route_confirmed()  # a hello waiting for its route stops waiting
+        self.closing = code
+        self.state = State.CLOSING
+        self.send_error(code, message, retry_after=retry_after)
+        self.conn.finish()
+
+    def drain(self) -> None:
+        """Shutting down: refuse new events, end once the in-flight ones are confirmed."""
+        self.draining = True
+        if self.in_flight == 0:
+            self.end("shutting_down", retry_after=self.host.retry_after())
+
+    def send_error(self, code: str, message: str | None = None, frame_id: Any = None,
+                   retry_after: float | None = None) -> None:
+        metrics.ERRORS_SENT.labels(code=code).inc()
+        self.conn.send(protocol.error(code, message, frame_id, retry_after))

@@ -1,0 +1,306 @@
+"""Sessions, the registry and the watchdog in-process, against fakes of the transport and the broker.
+
+No sockets, no RabbitMQ, no gunicorn: each test drives one or two sessions
+frame by frame and checks what they send, publish and reply.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+import gevent
+import pytest
+from gevent.queue import Queue
+
+from app import auth
+from app.config import Config
+from app.protocol import ProtocolError
+from app.sessions.registry import Registry
+from app.sessions.session import Session, State
+
+SECRET = b"unit-secret"
+CONFIG = Config(device_secrets=(SECRET,), heartbeat=30.0, hello_timeout=10.0, route_wait=2.0,
+                event_rate=1000.0, event_burst=1000)
+
+
+@dataclass
+class Command:
+    device: str
+    id: str
+    name: str = "unlock"
+    data: Any = None
+    reply_to: str | None = "backend"
+    correlation_id: str = ""
+    deadline: float = float("inf")
+
+
+class FakeConn:
+    """Frames in through `push`, frames out in `sent`; `finish` ends the stream like a cut socket."""
+
+    transport, peer = "tcp", "127.0.0.1:1"
+
+    def __init__(self) -> None:
+        self.inbox: Queue = Queue()
+        self.sent: list[dict[str, Any]] = []
+        self.finished = self.closed = False
+
+    def push(self, frame: dict[str, Any] | ProtocolError | None) -> None:
+        self.inbox.put(frame)
+
+    def receive(self) -> dict[str, Any] | None:
+        item = self.inbox.get()
+        if isinstance(item, ProtocolError):
+            raise item
+        return item
+
+    def send(self, frame: dict[str, Any]) -> None:
+        self.sent.append(frame)
+
+    def finish(self) -> None:
+        self.finished = True
+        self.inbox.put(None)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def types(self) -> list[str]:
+        return [frame["type"] for frame in self.sent]
+
+
+class FakeBroker:
+    """Records what the registry and sessions ask of RabbitMQ; `echo` plays our own takeover notice."""
+
+    def __init__(self, url: str, *, deliver: Any, takeover: Any, live_sessions: Any, **_settings: Any) -> None:
+        self.takeover = takeover
+        self.accepting = True
+        self.backlog = 0
+        self.echo = True
+        self.bound: list[str] = []
+        self.announced: list[tuple[str, float, str]] = []
+        self.presence: list[tuple[str, str, dict]] = []
+        self.events: list[tuple[str, str, Any]] = []
+        self.replies: list[tuple[str, bool, Any, Any]] = []
+        self.links = ()
+
+    def bind(self, device: str) -> None:
+        self.bound.append(device)
+
+    def unbind(self, device: str) -> None:
+        self.bound.remove(device)
+
+    def announce(self, device: str, started: float, session_id: str) -> None:
+        self.announced.append((device, started, session_id))
+        if self.echo:  # the notice comes back through our own queue, a moment later
+            gevent.spawn(self.takeover, device, started, session_id)
+
+    def publish_presence(self, device: str, session: str, what: str, data: dict) -> None:
+        self.presence.append((device, what, data))
+
+    def publish_event(self, device: str, session: str, name: str, event_id: str, data: Any, done: Any) -> None:
+        self.events.append((name, event_id, done))
+
+    def reply(self, command: Command, ok: bool, data: Any = None, error: str | None = None) -> None:
+        self.replies.append((command.id, ok, data, error))
+
+
+def hello(device: str = "lock-1") -> dict[str, Any]:
+    return {"type": "hello", "device": device, "token": auth.mint(SECRET, device), "v": 1}
+
+
+def wait_for(condition: Any, timeout: float = 2.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition never became true"
+        gevent.sleep(0.001)
+
+
+@pytest.fixture
+def registry() -> Registry:
+    return Registry(CONFIG, broker_factory=FakeBroker)
+
+
+def start(registry: Registry, device: str = "lock-1") -> tuple[Session, FakeConn, gevent.Greenlet]:
+    conn = FakeConn()
+    session = Session(conn, registry, registry.broker)
+    runner = gevent.spawn(session.run)
+    conn.push(hello(device))
+    wait_for(lambda: "welcome" in conn.types() or conn.closed)
+    return session, conn, runner
+
+
+def test_welcome_waits_for_the_route_then_presence_follows(registry: Registry) -> None:
+    session, conn, _ = start(registry)
+    assert conn.sent[0]["type"] == "welcome" and conn.sent[0]["heartbeat"] == 30
+    assert session.state == State.OPEN
+    assert registry.broker.bound == ["lock-1"]
+    assert registry.broker.presence == [("lock-1", "connected", {"transport": "tcp"})]
+
+
+def test_no_route_proof_means_the_welcome_waits_route_wait(registry: Registry) -> None:
+    registry.broker.echo = False
+    conn = FakeConn()
+    session = Session(conn, registry, registry.broker)
+    gevent.spawn(session.run)
+    conn.push(hello())
+    gevent.sleep(0.2)
+    assert session.state == State.ROUTING and conn.sent == []
+    registry.takeover("lock-1", session.started, session.id)  # the proof arrives
+    wait_for(lambda: conn.types() == ["welcome"])
+
+
+def test_ping_pong_and_close_cleans_the_registry(registry: Registry) -> None:
+    session, conn, runner = start(registry)
+    conn.push({"type": "ping"})
+    wait_for(lambda: conn.types()[-1:] == ["pong"])
+    conn.push(None)  # the peer went away
+    runner.join(1)
+    assert registry.sessions == {} and registry.broker.bound == [] and len(registry.watchdog) == 0
+    assert registry.broker.presence[-1] == ("lock-1", "closed", {"reason": "closed"})
+    assert conn.closed
+
+
+def test_event_acked_only_after_the_confirm(registry: Registry) -> None:
+    _, conn, _ = start(registry)
+    conn.push({"type": "event", "id": "e-1", "name": "door.opened", "data": {"by": "app"}})
+    wait_for(lambda: registry.broker.events)
+    name, event_id, done = registry.broker.events[0]
+    assert (name, event_id) == ("door.opened", "e-1") and "ack" not in conn.types()
+    done(None)
+    assert conn.sent[-1] == {"type": "ack", "id": "e-1"}
+
+
+def test_unroutable_event_is_nacked_not_acked(registry: Registry) -> None:
+    _, conn, _ = start(registry)
+    conn.push({"type": "event", "id": "e-2", "name": "door.opened"})
+    wait_for(lambda: registry.broker.events)
+    registry.broker.events[0][2]("unroutable")
+    assert conn.sent[-1]["type"] == "nack" and conn.sent[-1]["reason"] == "unroutable"
+
+
+def test_event_while_the_broker_is_down_is_nacked_at_once(registry: Registry) -> None:
+    _, conn, _ = start(registry)
+    registry.broker.accepting = False
+    conn.push({"type": "event", "id": "e-3", "name": "door.opened"})
+    wait_for(lambda: conn.types()[-1:] == ["nack"])
+    assert conn.sent[-1]["reason"] == "broker_unavailable" and registry.broker.events == []
+
+
+def test_command_round_trip_and_unknown_reply(registry: Registry) -> None:
+    _, conn, _ = start(registry)
+    registry.deliver(Command("lock-1", "c-1", data={"for": 5}))
+    assert conn.sent[-1] == {"type": "command", "id": "c-1", "name": "unlock", "data": {"for": 5}}
+    conn.push({"type": "reply", "id": "c-1", "ok": True, "data": {"done": 1}})
+    wait_for(lambda: registry.broker.replies)
+    assert registry.broker.replies == [("c-1", True, {"done": 1}, None)]
+    conn.push({"type": "reply", "id": "c-1", "ok": True})
+    wait_for(lambda: conn.sent[-1].get("code") == "unknown_command")
+
+
+def test_commands_for_nobody_or_expired_are_answered(registry: Registry) -> None:
+    registry.deliver(Command("nobody", "c-2"))
+    registry.deliver(Command("nobody", "c-3", deadline=time.monotonic() - 1))
+    assert registry.broker.replies == [("c-2", False, None, "offline"), ("c-3", False, None, "expired")]
+
+
+def test_a_command_during_routing_is_held_until_the_welcome(registry: Registry) -> None:
+    registry.broker.echo = False
+    conn = FakeConn()
+    session = Session(conn, registry, registry.broker)
+    gevent.spawn(session.run)
+    conn.push(hello())
+    wait_for(lambda: session.state == State.ROUTING)
+    registry.deliver(Command("lock-1", "c-4"))  # a delivery proves the route too
+    wait_for(lambda: conn.types() == ["welcome", "command"])
+
+
+def test_newer_session_replaces_older_and_older_notice_is_answered(registry: Registry) -> None:
+    session, conn, _ = start(registry)
+    registry.takeover("lock-1", session.started - 10, "0" * 16)  # an older session elsewhere
+    assert registry.broker.announced[-1] == ("lock-1", session.started, session.id)
+    assert not conn.finished
+    registry.takeover("lock-1", session.started + 10, "f" * 16)  # a newer one elsewhere
+    assert conn.sent[-1]["code"] == "replaced" and conn.finished
+
+
+def test_second_local_hello_replaces_the_first(registry: Registry) -> None:
+    first, first_conn, _ = start(registry)
+    second, _, _ = start(registry)
+    assert first_conn.sent[-1]["code"] == "replaced"
+    assert registry.sessions["lock-1"] is second
+
+
+def test_watchdog_expires_idle_sessions_and_slow_hellos(registry: Registry) -> None:
+    session, conn, runner = start(registry)
+    silent = FakeConn()
+    greeting = Session(silent, registry, registry.broker)
+    gevent.spawn(greeting.run)
+    gevent.sleep(0)
+    now = time.monotonic()
+    assert registry.watchdog.sweep(now) == 0
+    assert registry.watchdog.sweep(now + CONFIG.hello_timeout + 0.1) == 1  # the silent hello only
+    assert silent.sent[-1]["code"] == "hello_timeout" and silent.finished
+    assert registry.watchdog.sweep(now + 2 * CONFIG.heartbeat + 0.1) == 1
+    assert conn.sent[-1]["code"] == "idle_timeout"
+    runner.join(1)
+    assert registry.broker.presence[-1] == ("lock-1", "closed", {"reason": "idle_timeout"})
+
+
+def test_every_frame_pushes_the_idle_deadline(registry: Registry) -> None:
+    session, conn, _ = start(registry)
+    before = session.deadline
+    gevent.sleep(0.01)
+    conn.push({"type": "ping"})
+    wait_for(lambda: conn.types()[-1:] == ["pong"])
+    assert session.deadline > before
+
+
+def test_bad_hellos_are_refused(registry: Registry) -> None:
+    for frame, code in [({"type": "ping"}, "unauthorized"),
+                        ({**hello(), "token": "00"}, "unauthorized"),
+                        ({**hello(), "v": 2}, "unsupported_version")]:
+        conn = FakeConn()
+        session = Session(conn, registry, registry.broker)
+        runner = gevent.spawn(session.run)
+        conn.push(frame)
+        runner.join(1)
+        assert conn.sent[-1]["code"] == code and registry.sessions == {}
+
+
+def test_bad_frames_keep_the_session_and_too_large_closes_it(registry: Registry) -> None:
+    _, conn, runner = start(registry)
+    conn.push({"type": "dance"})
+    wait_for(lambda: conn.sent[-1].get("code") == "bad_frame")
+    assert not runner.dead
+    conn.push(ProtocolError("frame_too_large", "too big"))
+    runner.join(1)
+    assert conn.sent[-1]["code"] == "frame_too_large" and runner.dead
+
+
+def test_full_worker_answers_overloaded() -> None:
+    registry = Registry(replace(CONFIG, max_connections=1), broker_factory=FakeBroker)
+    start(registry, "lock-1")
+    _, conn, _ = start(registry, "lock-2")
+    assert conn.sent[-1]["code"] == "overloaded" and "retry_after" in conn.sent[-1]
+
+
+def test_rate_limited_events_are_nacked() -> None:
+    registry = Registry(replace(CONFIG, event_rate=0.001, event_burst=1), broker_factory=FakeBroker)
+    _, conn, _ = start(registry)
+    conn.push({"type": "event", "id": "e-1", "name": "a"})
+    conn.push({"type": "event", "id": "e-2", "name": "a"})
+    wait_for(lambda: conn.types()[-1:] == ["nack"])
+    assert conn.sent[-1]["reason"] == "rate_limited" and len(registry.broker.events) == 1
+
+
+def test_drain_waits_for_in_flight_events(registry: Registry) -> None:
+    _, conn, runner = start(registry)
+    conn.push({"type": "event", "id": "e-1", "name": "a"})
+    wait_for(lambda: registry.broker.events)
+    registry.drain(5.0)
+    assert not conn.finished  # one event still waits for its confirm
+    registry.broker.events[0][2](None)
+    assert conn.types()[-2:] == ["ack", "error"] and conn.sent[-1]["code"] == "shutting_down"
+    runner.join(1)
+    assert registry.admit()[0] == "shutting_down"
