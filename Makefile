@@ -1,10 +1,11 @@
-# Two commands: `make run` starts the gateway, `make test` runs the whole suite.
+# Two commands: `make run` starts the gateway, `make test` runs the whole suite;
+# `make test-fast` runs the unit tier alone (in-process, no RabbitMQ, seconds).
 # Both create .venv and install the pinned requirements first.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint rabbitmq
+.PHONY: run test test-fast lint rabbitmq
 
 $(BIN)/activate: requirements.txt tests/requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +20,9 @@ test: $(BIN)/activate rabbitmq
 	@./.ci/ensure-chromium
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+test-fast: $(BIN)/activate
+	$(BIN)/python -m pytest -q tests/unit
 
 lint: $(BIN)/activate
 	$(BIN)/ruff check .

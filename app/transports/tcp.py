@@ -29,10 +29,11 @@ class TcpConnection:
 
     def receive(self) -> dict[str, Any] | None:
         """The next frame, decoded; None when the peer closed."""
-        line = self._next_line()
+        line = self.receive_payload()
         return None if line is None else decode(line)
 
-    def _next_line(self) -> bytes | None:
+    def receive_payload(self) -> bytes | None:
+        """The next line without its line end (the framing beneath `receive`); None when the peer closed."""
         while True:
             end = self._buffer.find(b"\n")
             if end >= 0:

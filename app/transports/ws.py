@@ -65,10 +65,11 @@ class WsConnection:
 
     def receive(self) -> dict[str, Any] | None:
         """The next complete text message, decoded; None once closed."""
-        payload = self._next_message()
+        payload = self.receive_payload()
         return None if payload is None else decode(payload)
 
-    def _next_message(self) -> bytes | None:
+    def receive_payload(self) -> bytes | None:
+        """The next complete text message as UTF-8 bytes (the framing beneath `receive`); None once closed."""
         while True:
             for event in self._ws.events():
                 if isinstance(event, CloseConnection):

@@ -252,7 +252,7 @@ def _drain_tcp(conn: TcpConnection) -> list[bytes | str]:
     got: list[bytes | str] = []
     while True:
         try:
-            frame = conn.receive()
+            frame = conn.receive_payload()
         except ProtocolError as exc:
             assert exc.code in ERROR_CODES
             return [*got, exc.code]
@@ -268,7 +268,7 @@ def test_tcp_frames_reassemble_exactly_whatever_the_chunking(frames: list[bytes]
     server, client = gsocket.socketpair()
     try:
         conn = TcpConnection(server, "test", MAX_FRAME, 1 << 20)
-        conn.set_timeout(10)
+        server.settimeout(10)
         writer = _feed(client, _chunked(data, cuts))
         got = _drain_tcp(conn)
         writer.kill()
@@ -282,15 +282,15 @@ def test_tcp_crlf_and_limit_boundaries() -> None:
     server, client = gsocket.socketpair()
     try:
         conn = TcpConnection(server, "test", MAX_FRAME, 1 << 20)
-        conn.set_timeout(10)
+        server.settimeout(10)
         writer = _feed(client, [b'{"type":"ping"}\r\n', b"a" * MAX_FRAME + b"\r\n", b"b" * MAX_FRAME + b"\n",
                                 b"\r\n", b"c" * (MAX_FRAME + 1) + b"\r\n"], close=False)
-        assert conn.receive() == b'{"type":"ping"}'
-        assert conn.receive() == b"a" * MAX_FRAME
-        assert conn.receive() == b"b" * MAX_FRAME
-        assert conn.receive() == b""
+        assert conn.receive_payload() == b'{"type":"ping"}'
+        assert conn.receive_payload() == b"a" * MAX_FRAME
+        assert conn.receive_payload() == b"b" * MAX_FRAME
+        assert conn.receive_payload() == b""
         with pytest.raises(ProtocolError) as raised:
-            conn.receive()
+            conn.receive_payload()
         assert raised.value.code == "frame_too_large"
         writer.join(5)
     finally:
@@ -303,10 +303,10 @@ def test_tcp_oversized_frame_is_refused_before_its_line_end_arrives() -> None:
     server, client = gsocket.socketpair()
     try:
         conn = TcpConnection(server, "test", MAX_FRAME, 1 << 20)
-        conn.set_timeout(10)
+        server.settimeout(10)
         writer = _feed(client, [b"q" * 40] * 10, close=False)
         with pytest.raises(ProtocolError) as raised:
-            conn.receive()
+            conn.receive_payload()
         assert raised.value.code == "frame_too_large"
         writer.kill()
     finally:
@@ -318,8 +318,8 @@ def test_tcp_send_writes_one_line_per_frame_and_finish_cuts() -> None:
     server, client = gsocket.socketpair()
     try:
         conn = TcpConnection(server, "test", MAX_FRAME, 1 << 20)
-        conn.send(b'{"type":"pong"}')
-        conn.send(b'{"type":"ack","id":"e"}')
+        conn.send({"type": "pong"})
+        conn.send({"type": "ack", "id": "e"})
         conn.finish()
         client.settimeout(5)
         received = b""
@@ -374,7 +374,7 @@ def test_ws_handshake_checks(change: dict, ok: bool) -> None:
 def _ws_pair(max_frame: int = MAX_FRAME) -> tuple[WsConnection, gsocket.socket, Connection]:
     server, client = gsocket.socketpair()
     conn = WsConnection(server, "test", UPGRADE, max_frame, 1 << 20)
-    conn.set_timeout(10)
+    server.settimeout(10)
     client.settimeout(10)
     head = b""
     while b"\r\n\r\n" not in head:
@@ -423,7 +423,7 @@ def test_ws_messages_reassemble_whatever_the_fragmentation_and_chunking(messages
         got: list = []
         while True:
             try:
-                frame = conn.receive()
+                frame = conn.receive_payload()
             except ProtocolError as exc:
                 got.append(exc.code)
                 if exc.code == "frame_too_large":
@@ -453,9 +453,9 @@ def test_ws_text_is_counted_in_utf8_bytes() -> None:
     conn, client, ws = _ws_pair()
     try:
         client.sendall(ws.send(TextMessage(data="é" * 50)) + ws.send(TextMessage(data="é" * 51)))
-        assert conn.receive() == ("é" * 50).encode()
+        assert conn.receive_payload() == ("é" * 50).encode()
         with pytest.raises(ProtocolError) as raised:
-            conn.receive()
+            conn.receive_payload()
         assert raised.value.code == "frame_too_large"
     finally:
         conn.close()
@@ -466,14 +466,14 @@ def test_ws_garbage_and_close_end_the_stream_quietly() -> None:
     conn, client, _ws = _ws_pair()
     try:
         client.sendall(b"\xff\x00garbage that is no websocket frame")
-        assert conn.receive() is None
+        assert conn.receive_payload() is None
     finally:
         conn.close()
         client.close()
     conn, client, _ws = _ws_pair()
     try:
         client.close()
-        assert conn.receive() is None
+        assert conn.receive_payload() is None
     finally:
         conn.close()
 
@@ -481,7 +481,7 @@ def test_ws_garbage_and_close_end_the_stream_quietly() -> None:
 def test_ws_send_and_finish_close_politely() -> None:
     conn, client, ws = _ws_pair()
     try:
-        conn.send(b'{"type":"pong"}')
+        conn.send({"type": "pong"})
         conn.finish()
         data = b""
         while chunk := client.recv(65536):
@@ -492,4 +492,34 @@ def test_ws_send_and_finish_close_politely() -> None:
         assert isinstance(events[1], CloseConnection) and events[1].code == CloseReason.NORMAL_CLOSURE
     finally:
         conn.close()
+        client.close()
+
+
+def test_small_frames_go_out_in_the_caller_without_a_writer_greenlet() -> None:
+    server, client = gsocket.socketpair()
+    try:
+        sender = Sender(server, 1 << 20)
+        sender.send(b"x" * 100)
+        client.setblocking(False)
+        assert client.recv(1000) == b"x" * 100  # already in the kernel: no switch happened
+    finally:
+        server.close()
+        client.close()
+
+
+def test_a_frame_the_kernel_cannot_take_whole_is_finished_by_a_writer_in_order() -> None:
+    server, client = gsocket.socketpair()
+    try:
+        server.setsockopt(gsocket.SOL_SOCKET, gsocket.SO_SNDBUF, 4096)
+        sender = Sender(server, 1 << 22)
+        payload = bytes(range(256)) * 4096  # 1 MiB: far more than the kernel buffers
+        sender.send(payload)
+        sender.send(b"tail")
+        client.settimeout(5)
+        received = b""
+        while len(received) < len(payload) + 4:
+            received += client.recv(65536)
+        assert received == payload + b"tail" and not sender.overflowed
+    finally:
+        server.close()
         client.close()
