@@ -1,0 +1,108 @@
+"""A worker's supervision tree and the parts it supervises, built after the fork.
+
+    worker (one_for_one)
+    ├── broker (rest_for_one): publisher link, consumer link     app/broker/
+    ├── watchdog: hello and idle deadlines of every session       app/sessions/watchdog.py
+    └── connections: one temporary greenlet per accepted connection (app/connections.py)
+
+A crash in a session ends that connection alone (temporary children are never
+restarted). A crash loop in the broker branch exhausts the branch's budget and
+escalates to the worker's root; when the root gives up the process exits with
+status 70, and gunicorn's arbiter, the next supervisor up, starts a fresh worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import gevent
+
+from app import metrics, reporting
+from app.config import Config
+from app.connections import ConnectionSupervisor
+from app.listeners import DeviceHandlers, build_servers
+from app.sessions.registry import Registry
+from app.supervisor import ChildSpec, Supervisor
+
+log = logging.getLogger("warren.tree")
+
+EXIT_GAVE_UP = 70
+ACCEPT_HEADROOM = 256  # connections beyond MAX_CONNECTIONS: HTTP clients, and devices told `overloaded`
+
+
+class WorkerTree:
+    """Everything one worker runs: the registry and its broker, the listeners, the supervisors."""
+
+    def __init__(self, config: Config, sockets: list[Any], wsgi: Any, gunicorn_log: Any, age: int) -> None:
+        self.config = config
+        # `age` numbers workers 1, 2, 3... (a replacement gets the next): it spreads them over the
+        # nodes of a RabbitMQ cluster listed in AMQP_URL.
+        self.registry = Registry(config, node_offset=age)
+        self.broker = self.registry.broker
+        wsgi.attach(self.broker)
+        self.connections = ConnectionSupervisor("connections", config.max_connections + ACCEPT_HEADROOM)
+        devices = DeviceHandlers(config, self.registry, self.broker)
+        self.servers = build_servers(sockets, config, devices, wsgi, self.connections.spawn, gunicorn_log)
+        self.root: Supervisor | None = None
+
+    def start(self) -> None:
+        self.root = self._start_root()
+        for server in self.servers:
+            self.connections.add_listener(server)
+            server.start()
+        metrics.WORKERS.set(1)
+        log.info("worker %s serving %s", os.getpid(),
+                 ", ".join(f"{s.server_host}:{s.server_port}" for s in self.servers))
+
+    def _start_root(self) -> Supervisor:
+        links = [ChildSpec(link.role, lambda link=link: gevent.spawn(link.run), shutdown=2.0)
+                 for link in self.broker.links]
+        children = [
+            ChildSpec("broker", lambda: Supervisor("broker", "rest_for_one", children=links).start(),
+                      type="supervisor", shutdown="infinity"),
+            ChildSpec("watchdog", lambda: gevent.spawn(self.registry.watchdog.run), shutdown="brutal_kill"),
+            ChildSpec("connections", self.connections.start, type="supervisor", shutdown="infinity"),
+        ]
+        root = Supervisor(f"worker-{os.getpid()}", "one_for_one", children=children).start()
+        root.rawlink(_root_exited)
+        return root
+
+    def shut_down(self, graceful_timeout: float, notify: Callable[[], None]) -> None:
+        """Stop accepting, send every session away with a jittered retry_after, drain, stop the tree."""
+        for server in self.servers:
+            server.close()
+        registry = self.registry
+        window = max(1.0, graceful_timeout - 3.0)
+        log.info("worker %s shutting down: draining %d sessions over %.0fs", os.getpid(), len(registry.sessions),
+                 window)
+        registry.drain(window)
+        deadline = time.monotonic() + window
+        while registry.sessions and time.monotonic() < deadline:
+            notify()
+            gevent.sleep(0.2)
+        if registry.sessions:
+            # Confirms RabbitMQ still withholds (an alarm, a partition) would outlast the grace
+            # period: nack those events shutting_down, and end whatever session is left with a
+            # word rather than a cut, before the tree stops and kills the rest.
+            abandoned = self.broker.give_up("shutting_down")
+            log.warning("worker %s: %d sessions still draining; %d confirms abandoned",
+                        os.getpid(), len(registry.sessions), abandoned)
+            registry.end_all("shutting_down")
+            grace = time.monotonic() + 1.0
+            while registry.sessions and time.monotonic() < grace:
+                gevent.sleep(0.1)
+        if self.root is not None:
+            self.root.stop()
+        metrics.WORKERS.set(0)
+        reporting.flush()
+
+
+def _root_exited(root: Supervisor) -> None:
+    if root.exception is not None:
+        log.critical("worker %s: its supervision tree gave up (%s); exiting", os.getpid(), root.exception)
+        reporting.flush()
+        os._exit(EXIT_GAVE_UP)
