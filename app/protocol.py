@@ -1,8 +1,15 @@
 """The device wire format of PROTOCOL.md: frame validation and the frames the server sends.
 
 Pure functions over bytes and dicts, so they can be fuzzed without a socket.
-`parse` either returns a validated frame or raises `ProtocolError` carrying
-the error code the device will see.
+`decode` turns a payload into a frame, `validate_hello` and `validate` check
+one; each either returns or raises `ProtocolError` carrying the error code
+the device will see.
+
+Two extensions beyond PROTOCOL.md (README, "Protocol extensions"), which MQTT
+needs and JSON devices may use too: a hello may carry a `will`
+(`{"name": <event name>, "data": ...}`, published as that event when the
+session ends without a goodbye), and `{"type": "bye"}` ends a session cleanly
+(presence reason `closed`, no will), as MQTT's DISCONNECT does.
 """
 
 from __future__ import annotations
@@ -33,11 +40,18 @@ ERROR_CODES = CLOSING_ERRORS | {"bad_frame", "unknown_command", "rate_limited"}
 class ProtocolError(Exception):
     """Something a device sent that breaks the contract; `code` is what it is told."""
 
-    def __init__(self, code: str, message: str, frame_id: Any = None) -> None:
+    def __init__(self, code: str, message: str, frame_id: Any = None, close: bool = False) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.frame_id = frame_id
+        self._close = close
+
+    @property
+    def closes(self) -> bool:
+        """Whether the session ends: always for the closing codes, and when the transport says so
+        (an MQTT connection has no way to say `bad_frame` and carry on)."""
+        return self._close or self.code in CLOSING_ERRORS
 
 
 def decode(payload: bytes | str) -> dict[str, Any]:
@@ -68,7 +82,10 @@ def _frame_id(frame: dict[str, Any]) -> Any:
 
 
 def validate_hello(frame: dict[str, Any]) -> tuple[str, str]:
-    """Return (device, token) of a valid hello; the caller answers `unauthorized` otherwise."""
+    """Return (device, token) of a valid hello; the caller answers `unauthorized` otherwise.
+
+    The token is checked for shape only; a hello with a `will` must also pass `validate_will`.
+    """
     if frame.get("type") != "hello":
         raise ProtocolError("unauthorized", "the first frame must be a hello")
     version = frame.get("v", PROTOCOL_VERSION)
@@ -82,20 +99,38 @@ def validate_hello(frame: dict[str, Any]) -> tuple[str, str]:
     return device, token
 
 
+def validate_will(frame: dict[str, Any]) -> tuple[str, Any] | None:
+    """(event name, data) of a hello's `will`, None without one; `unauthorized` when it is not valid."""
+    will = frame.get("will")
+    if will is None:
+        return None
+    if not isinstance(will, dict):
+        raise ProtocolError("unauthorized", "'will' must be an object {name, data}")
+    try:
+        _event_name(will, None)
+        _check_depth(will, "data")
+    except ProtocolError as exc:
+        raise ProtocolError("unauthorized", f"will: {exc.message}") from None
+    return will["name"], will.get("data")
+
+
+def _event_name(frame: dict[str, Any], frame_id: Any) -> str:
+    name = _string(frame, "name", MAX_EVENT_NAME)
+    if not EVENT_NAME.fullmatch(name):
+        raise ProtocolError("bad_frame", "'name' must be dot-separated words of A-Z a-z 0-9 _ -", frame_id)
+    if name == "session" or name.startswith("session."):
+        raise ProtocolError("bad_frame", "event names starting with 'session.' are reserved", frame_id)
+    return name
+
+
 def validate(frame: dict[str, Any]) -> dict[str, Any]:
     """Check a post-welcome frame's fields by type; raise `bad_frame` naming the problem."""
     kind = frame.get("type")
-    if kind == "ping":
+    if kind == "ping" or kind == "bye":
         return frame
     if kind == "event":
         _string(frame, "id", MAX_EVENT_ID)
-        name = _string(frame, "name", MAX_EVENT_NAME)
-        if not EVENT_NAME.fullmatch(name):
-            raise ProtocolError("bad_frame", "'name' must be dot-separated words of A-Z a-z 0-9 _ -",
-                                frame["id"])
-        if name == "session" or name.startswith("session."):
-            raise ProtocolError("bad_frame", "event names starting with 'session.' are reserved",
-                                frame["id"])
+        _event_name(frame, frame["id"])
         _check_depth(frame, "data")
         return frame
     if kind == "reply":

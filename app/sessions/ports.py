@@ -27,12 +27,21 @@ class FrameConnection(Protocol):
 
     transport: str  # the presence name: tcp, tls, ws, wss, mqtt, ...
     peer: str
+    idle_limit: float | None  # seconds of silence the transport allows (MQTT keep-alive); None: 2 x heartbeat
+    backpressure: bool  # over the rate limit, wait (stop reading) instead of refusing the frame
 
     def receive(self) -> Frame | None:
         """The next frame, None once the peer is gone; raises ProtocolError for a bad one."""
 
     def send(self, frame: Frame) -> None:
         """Queue one frame; never blocks."""
+
+    def accepts_command(self, name: str) -> bool:
+        """Whether a command of this name can be carried at all (an MQTT topic level cannot hold `/`)."""
+
+    def send_command(self, frame: Frame, deadline: float) -> None:
+        """Queue a command frame; a transport that must hold it (no MQTT subscription yet) drops it
+        once time.monotonic() passes `deadline`. Never blocks."""
 
     def finish(self) -> None:
         """Cut the connection once what is queued is written; never blocks."""

@@ -24,6 +24,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
+import gevent
 from gevent.event import Event
 
 from app import auth, metrics, protocol
@@ -58,6 +59,7 @@ class Session:
         "__weakref__",
         "backend",
         "bucket",
+        "clean",
         "closing",
         "conn",
         "deadline",
@@ -72,6 +74,7 @@ class Session:
         "routed",
         "started",
         "state",
+        "will",
     )
 
     def __init__(self, conn: FrameConnection, host: Host, backend: Backend) -> None:
@@ -88,7 +91,9 @@ class Session:
         self.pending: dict[str, tuple[Command, float]] = {}  # in delivery order
         self.bucket: TokenBucket | None = None
         self.routed: Event | None = None  # exists only in ROUTING
-        self.held: list[Frame] | None = None  # commands that arrived in ROUTING, sent after the welcome
+        self.held: list[tuple[Frame, float]] | None = None  # commands that arrived in ROUTING, with deadlines
+        self.will: tuple[str, Any] | None = None  # (event name, data) published if the session ends uncleanly
+        self.clean = False  # the device said goodbye (`bye`, MQTT DISCONNECT): no will
         # The watchdog ends the session once time.monotonic() passes `deadline`: the whole hello
         # within HELLO_TIMEOUT of the accept (a slow-loris dribbling a byte a second must not
         # hold its connection), then 2 x heartbeat of silence, refreshed by every frame.
@@ -115,6 +120,7 @@ class Session:
             self.state = State.CLOSING
             self.host.forget(self)
             if self.id:
+                self._publish_will()
                 self.host.close(self, reason)
             self.conn.close()
 
@@ -130,11 +136,12 @@ class Session:
         except ProtocolError as exc:
             if exc.code in protocol.CLOSING_ERRORS:
                 raise
-            return self._refuse("unauthorized", exc.message)  # not JSON, a binary WebSocket message
+            return self._refuse("unauthorized", exc.message)  # not JSON, a binary WebSocket message, ...
         if frame is None or self.closing is not None:
             return False
         try:
             device, token = protocol.validate_hello(frame)
+            will = protocol.validate_will(frame)
         except ProtocolError as exc:
             code = "unsupported_version" if exc.code == "unsupported_version" else "unauthorized"
             return self._refuse(code, exc.message)
@@ -146,6 +153,7 @@ class Session:
         if refusal is not None:
             code, retry_after = refusal
             return self._refuse(code, "the gateway cannot take a new session now", retry_after)
+        self.will = will
         return self._welcome(device)
 
     def _welcome(self, device: str) -> bool:
@@ -166,12 +174,13 @@ class Session:
             self._answer_held_offline()
             return True
         self.state = State.OPEN
+        self.idle_limit = self.conn.idle_limit or self.idle_limit
         self.deadline = time.monotonic() + self.idle_limit
         self.conn.send({"type": "welcome", "device": device, "session": self.id,
                         "heartbeat": _seconds(config.heartbeat)})
         held, self.held = self.held or [], None
-        for frame in held:
-            self.conn.send(frame)
+        for frame, deadline in held:
+            self.conn.send_command(frame, deadline)
         return True
 
     def route_confirmed(self) -> None:
@@ -181,7 +190,7 @@ class Session:
 
     def _answer_held_offline(self) -> None:
         """Commands held for a welcome that never came were never written: their senders hear `offline`."""
-        for frame in self.held or []:
+        for frame, _deadline in self.held or []:
             entry = self.pending.pop(frame["id"], None)
             if entry is not None:
                 metrics.COMMANDS_OFFLINE.inc()
@@ -206,21 +215,28 @@ class Session:
                 if frame.get("type") == "ping" and self.bucket.take():  # the frame that dominates
                     conn.send(PONG)
                     continue
-                self._handle(protocol.validate(frame))
+                frame = protocol.validate(frame)
+                if frame["type"] == "bye":
+                    self.clean = True
+                    return
+                self._handle(frame)
             except ProtocolError as exc:
-                if exc.code in protocol.CLOSING_ERRORS:
+                if exc.closes:
                     raise
                 self.send_error(exc.code, exc.message, exc.frame_id)
 
     def _handle(self, frame: Frame) -> None:
         kind = frame["type"]
         if not self.bucket.take():
-            if kind == "event":
+            if self.conn.backpressure:
+                self._wait_for_tokens()
+            elif kind == "event":
                 self._nack(frame["id"], "rate_limited", self.bucket.wait_time())
+                return
             else:
                 self.send_error("rate_limited", "too many frames", frame.get("id"),
                                 retry_after=self.bucket.wait_time())
-            return
+                return
         if kind == "ping":
             self.conn.send(PONG)
         elif kind == "event":
@@ -254,6 +270,23 @@ class Session:
 
         self.backend.publish_event(self.device, self.id, frame["name"], event_id, frame.get("data"), done)
 
+    def _wait_for_tokens(self) -> None:
+        """Backpressure (MQTT): stop reading until the limit allows the frame; the wait is not silence."""
+        while not self.bucket.take():
+            gevent.sleep(self.bucket.wait_time())
+        self.deadline = time.monotonic() + self.idle_limit
+
+    def _publish_will(self) -> None:
+        """A session that ends without its device's goodbye publishes the device's will, if any.
+
+        Published before the `session.closed` presence event (the registry's, next), on the
+        same channel, so backends see them in that order."""
+        if self.will is None or self.clean:
+            return
+        name, data = self.will
+        self.will = None
+        self.backend.publish_event(self.device, self.id, name, f"will-{self.id}", data, _count_will)
+
     def _nack(self, event_id: str, reason: str, retry_after: float) -> None:
         metrics.EVENTS.labels(outcome=reason).inc()
         self.conn.send({"type": "nack", "id": event_id, "reason": reason, "retry_after": round(retry_after, 1)})
@@ -263,6 +296,10 @@ class Session:
         """Write a command to the device; False if this session can no longer take it."""
         if self.closing is not None:
             return False
+        if not self.conn.accepts_command(command.name):
+            metrics.COMMANDS.labels(outcome="bad_command").inc()
+            self.backend.reply(command, ok=False, error="bad_command")
+            return True  # answered: not `offline`
         self._forget_expired()
         if len(self.pending) >= self.host.config.max_pending_commands:
             del self.pending[next(iter(self.pending))]
@@ -271,9 +308,9 @@ class Session:
         frame = {"type": "command", "id": command.id, "name": command.name, "data": command.data}
         if self.state == State.ROUTING:  # the command itself proves the route; it follows the welcome
             self.route_confirmed()
-            self.held = [*(self.held or []), frame]
+            self.held = [*(self.held or []), (frame, command.deadline)]
         else:
-            self.conn.send(frame)
+            self.conn.send_command(frame, command.deadline)
         metrics.COMMANDS_DELIVERED.inc()
         return True
 
@@ -317,3 +354,7 @@ class Session:
                    retry_after: float | None = None) -> None:
         metrics.ERRORS_SENT.labels(code=code).inc()
         self.conn.send(protocol.error(code, message, frame_id, retry_after))
+
+
+def _count_will(outcome: str | None) -> None:
+    metrics.EVENTS.labels(outcome="acked" if outcome is None else outcome).inc()

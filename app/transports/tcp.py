@@ -17,6 +17,8 @@ class TcpConnection:
     """Newline-delimited JSON frames over a TCP socket; `\\r\\n` accepted."""
 
     __slots__ = ("_buffer", "_max_frame", "_sender", "_sock", "peer", "transport")
+    idle_limit = None  # 2 x heartbeat, the session's default
+    backpressure = False  # over the rate limit, frames are refused with `rate_limited`
 
     def __init__(self, sock: socket.socket, peer: str, max_frame_bytes: int, send_limit: int,
                  transport: str = "tcp", direct_writes: bool = True) -> None:
@@ -63,6 +65,12 @@ class TcpConnection:
 
     def send(self, frame: dict[str, Any]) -> None:
         self._sender.send(orjson.dumps(frame, option=orjson.OPT_APPEND_NEWLINE))
+
+    def accepts_command(self, name: str) -> bool:
+        return True
+
+    def send_command(self, frame: dict[str, Any], deadline: float) -> None:
+        self.send(frame)
 
     def finish(self) -> None:
         self._sender.finish()

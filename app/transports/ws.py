@@ -47,6 +47,8 @@ class WsConnection:
     """Text messages over an upgraded socket, as frames."""
 
     __slots__ = ("_max_frame", "_partial", "_partial_binary", "_sender", "_sock", "_ws", "peer", "transport")
+    idle_limit = None  # 2 x heartbeat, the session's default
+    backpressure = False  # over the rate limit, frames are refused with `rate_limited`
 
     def __init__(self, sock: socket.socket, peer: str, environ: Mapping[str, str],
                  max_frame_bytes: int, send_limit: int, already_read: bytes = b"",
@@ -110,6 +112,12 @@ class WsConnection:
     def send(self, frame: dict[str, Any]) -> None:
         if self._ws.state.name == "OPEN":
             self._sender.send(text_frame(orjson.dumps(frame)))
+
+    def accepts_command(self, name: str) -> bool:
+        return True
+
+    def send_command(self, frame: dict[str, Any], deadline: float) -> None:
+        self.send(frame)
 
     def finish(self) -> None:
         if self._ws.state.name in {"OPEN", "REMOTE_CLOSING"}:

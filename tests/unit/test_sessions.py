@@ -40,6 +40,8 @@ class FakeConn:
     """Frames in through `push`, frames out in `sent`; `finish` ends the stream like a cut socket."""
 
     transport, peer = "tcp", "127.0.0.1:1"
+    idle_limit: float | None = None
+    backpressure = False
 
     def __init__(self) -> None:
         self.inbox: Queue = Queue()
@@ -56,6 +58,12 @@ class FakeConn:
         return item
 
     def send(self, frame: dict[str, Any]) -> None:
+        self.sent.append(frame)
+
+    def accepts_command(self, name: str) -> bool:
+        return "/" not in name
+
+    def send_command(self, frame: dict[str, Any], deadline: float) -> None:
         self.sent.append(frame)
 
     def finish(self) -> None:
@@ -304,3 +312,49 @@ def test_drain_waits_for_in_flight_events(registry: Registry) -> None:
     assert conn.types()[-2:] == ["ack", "error"] and conn.sent[-1]["code"] == "shutting_down"
     runner.join(1)
     assert registry.admit()[0] == "shutting_down"
+
+
+def test_a_command_the_transport_cannot_carry_is_answered_bad_command(registry: Registry) -> None:
+    _, conn, _ = start(registry)
+    registry.deliver(Command("lock-1", "c-5", name="a/b"))
+    assert registry.broker.replies == [("c-5", False, None, "bad_command")]
+    assert "command" not in conn.types()
+
+
+def test_will_is_published_before_presence_unless_the_device_says_bye(registry: Registry) -> None:
+    for goodbye, wills in [(None, 1), ({"type": "bye"}, 0)]:
+        conn = FakeConn()
+        session = Session(conn, registry, registry.broker)
+        runner = gevent.spawn(session.run)
+        conn.push({**hello(), "will": {"name": "lock.lost", "data": {"why": "gone"}}})
+        wait_for(lambda conn=conn: "welcome" in conn.types())
+        registry.broker.events.clear()
+        conn.push(goodbye)
+        runner.join(1)
+        assert [name for name, _, _ in registry.broker.events] == ["lock.lost"] * wills
+        assert registry.broker.presence[-1] == ("lock-1", "closed", {"reason": "closed"})
+
+
+def test_invalid_will_is_unauthorized(registry: Registry) -> None:
+    conn = FakeConn()
+    runner = gevent.spawn(Session(conn, registry, registry.broker).run)
+    conn.push({**hello(), "will": {"name": "session.closed"}})
+    runner.join(1)
+    assert conn.sent[-1]["code"] == "unauthorized" and registry.sessions == {}
+
+
+def test_backpressure_waits_instead_of_refusing() -> None:
+    registry = Registry(replace(CONFIG, event_rate=50.0, event_burst=1), broker_factory=FakeBroker)
+    _, conn, _ = start(registry)
+    conn.backpressure = True
+    for n in range(3):
+        conn.push({"type": "event", "id": f"e-{n}", "name": "a"})
+    wait_for(lambda: len(registry.broker.events) == 3)
+    assert "nack" not in conn.types()
+
+
+def test_a_closing_protocol_error_from_the_transport_ends_the_session(registry: Registry) -> None:
+    _, conn, runner = start(registry)
+    conn.push(ProtocolError("bad_frame", "bad packet", close=True))
+    runner.join(1)
+    assert runner.dead and conn.sent[-1]["code"] == "bad_frame"
