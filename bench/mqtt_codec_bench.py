@@ -1,0 +1,72 @@
+"""What the MQTT codec costs per hot-path packet, next to orjson.loads of a 60-byte JSON line.
+
+`python -m bench.mqtt_codec_bench [--seconds 0.3]` times decoding a feed that
+holds one PINGREQ, one QoS 1 PUBLISH (60-byte JSON payload) or one PUBACK (the
+common case: one small packet per recv), a feed that holds 100 such PUBLISHes,
+and encoding a PUBLISH and a PUBACK. Each figure is the best of five runs, in
+µs per packet. orjson.loads is the yardstick: the gateway parses every JSON
+payload anyway, so a codec well under it is not the bottleneck. Prints figures;
+asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import orjson
+
+from app.mqtt import MqttDecoder, puback, publish
+
+PAYLOAD = b'{"temp":21.5,"humidity":40,"battery":97,"door":"open","n":1}'
+TOPIC = "events/door.state"
+
+
+def per_call_us(fn: Callable[[], object], seconds: float, per_call: int = 1) -> float:
+    """Best of five runs of `fn` repeated for about `seconds`, in µs per packet."""
+    runs = max(1, int(seconds / _once(fn)))
+    best = float("inf")
+    for _ in range(5):
+        began = time.perf_counter()
+        for _ in range(runs):
+            fn()
+        best = min(best, (time.perf_counter() - began) / runs)
+    return best * 1e6 / per_call
+
+
+def _once(fn: Callable[[], object]) -> float:
+    began = time.perf_counter()
+    for _ in range(1000):
+        fn()
+    return max((time.perf_counter() - began) / 1000, 1e-9)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=0.3, help="time per run (five runs per figure)")
+    seconds = parser.parse_args().seconds
+
+    decoder = MqttDecoder(65536)
+    ping = b"\xc0\x00"
+    event = publish(TOPIC, PAYLOAD, qos=1, packet_id=4242)
+    ack = puback(4242)
+    burst = event * 100
+    figures = {
+        f"orjson.loads, {len(PAYLOAD)}-byte JSON (yardstick)": per_call_us(lambda: orjson.loads(PAYLOAD), seconds),
+        "decode PINGREQ": per_call_us(lambda: decoder.feed(ping), seconds),
+        f"decode QoS 1 PUBLISH ({len(PAYLOAD)}-byte payload)": per_call_us(lambda: decoder.feed(event), seconds),
+        "decode PUBACK": per_call_us(lambda: decoder.feed(ack), seconds),
+        "decode 100 QoS 1 PUBLISHes in one feed, per packet": per_call_us(lambda: decoder.feed(burst), seconds, 100),
+        f"encode QoS 1 PUBLISH ({len(PAYLOAD)}-byte payload)":
+            per_call_us(lambda: publish(TOPIC, PAYLOAD, 1, 4242), seconds),
+        "encode PUBACK": per_call_us(lambda: puback(4242), seconds),
+    }
+    yardstick = next(iter(figures.values()))
+    width = max(map(len, figures))
+    for name, us in figures.items():
+        print(f"{name:<{width}}  {us:6.3f} µs  ({us / yardstick:4.2f} × orjson.loads)")
+
+
+if __name__ == "__main__":
+    main()
