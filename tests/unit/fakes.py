@@ -1,0 +1,117 @@
+"""Fakes of the transport and the broker for the unit tier, and small helpers shared by its tests."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import gevent
+from gevent.queue import Queue
+
+from app import auth
+from app.config import Config
+from app.protocol import ProtocolError
+
+SECRET = b"unit-secret"
+CONFIG = Config(device_secrets=(SECRET,), heartbeat=30.0, hello_timeout=10.0, route_wait=2.0,
+                event_rate=1000.0, event_burst=1000)
+
+
+@dataclass
+class Command:
+    device: str
+    id: str
+    name: str = "unlock"
+    data: Any = None
+    reply_to: str | None = "backend"
+    correlation_id: str = ""
+    deadline: float = float("inf")
+
+
+class FakeConn:
+    """Frames in through `push`, frames out in `sent`; `finish` ends the stream like a cut socket."""
+
+    transport, peer = "tcp", "127.0.0.1:1"
+    idle_limit: float | None = None
+    backpressure = False
+
+    def __init__(self) -> None:
+        self.inbox: Queue = Queue()
+        self.sent: list[dict[str, Any]] = []
+        self.finished = self.closed = False
+
+    def push(self, frame: dict[str, Any] | ProtocolError | None) -> None:
+        self.inbox.put(frame)
+
+    def receive(self) -> dict[str, Any] | None:
+        item = self.inbox.get()
+        if isinstance(item, ProtocolError):
+            raise item
+        return item
+
+    def send(self, frame: dict[str, Any]) -> None:
+        self.sent.append(frame)
+
+    def accepts_command(self, name: str) -> bool:
+        return "/" not in name
+
+    def send_command(self, frame: dict[str, Any], deadline: float) -> None:
+        self.sent.append(frame)
+
+    def finish(self) -> None:
+        self.finished = True
+        self.inbox.put(None)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def types(self) -> list[str]:
+        return [frame["type"] for frame in self.sent]
+
+
+class FakeBroker:
+    """Records what the registry and sessions ask of RabbitMQ; `echo` plays our own takeover notice."""
+
+    def __init__(self, url: str, *, deliver: Any, takeover: Any, live_sessions: Any, **_settings: Any) -> None:
+        self.takeover = takeover
+        self.accepting = True
+        self.backlog = 0
+        self.echo = True
+        self.bound: list[str] = []
+        self.announced: list[tuple[str, float, str]] = []
+        self.presence: list[tuple[str, str, dict]] = []
+        self.events: list[tuple[str, str, Any]] = []
+        self.replies: list[tuple[str, bool, Any, Any]] = []
+        self.links = ()
+
+    def bind(self, device: str) -> None:
+        self.bound.append(device)
+
+    def unbind(self, device: str) -> None:
+        self.bound.remove(device)
+
+    def announce(self, device: str, started: float, session_id: str) -> None:
+        self.announced.append((device, started, session_id))
+        if self.echo:  # the notice comes back through our own queue, a moment later
+            gevent.spawn(self.takeover, device, started, session_id)
+
+    def publish_presence(self, device: str, session: str, what: str, data: dict) -> None:
+        self.presence.append((device, what, data))
+
+    def publish_event(self, device: str, session: str, name: str, event_id: str, data: Any, done: Any) -> None:
+        self.events.append((name, event_id, done))
+
+    def reply(self, command: Command, ok: bool, data: Any = None, error: str | None = None) -> None:
+        self.replies.append((command.id, ok, data, error))
+
+
+def hello(device: str = "lock-1") -> dict[str, Any]:
+    return {"type": "hello", "device": device, "token": auth.mint(SECRET, device), "v": 1}
+
+
+def wait_for(condition: Any, timeout: float = 2.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition never became true"
+        gevent.sleep(0.001)
