@@ -1,13 +1,15 @@
 """gunicorn settings for Warren: every value comes from the environment (app/config.py).
 
 `gunicorn -c gunicorn.conf.py wsgi:app` (the Procfile's `web` line) binds the
-HTTP port (`PORT`, with `/ws` for devices) and the raw TCP device port
-(`DEVICE_PORT`) and pre-forks `WEB_CONCURRENCY` Warren workers that all accept
-on both: the listen sockets are the acceptor pool.
+HTTP port (`PORT`, with `/ws` and `/mqtt` for devices), the raw TCP device port
+(`DEVICE_PORT`) and the MQTT port (`MQTT_PORT`), and pre-forks `WEB_CONCURRENCY`
+Warren workers that all accept on all of them: the listen sockets are the
+acceptor pool.
 """
 
 import os
 import shutil
+import socket
 import sys
 import tempfile
 
@@ -18,9 +20,28 @@ try:
 except ConfigError as _error:
     sys.exit(f"warren: bad configuration: {_error}")
 
+
+
+def _taken(host: str, port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+# A default device port that something else already holds (Mosquitto on 1883 is common) is
+# skipped, and start-up says so loudly; a port the operator set is bound or start-up fails.
+_skipped = []
 bind = [f"{_config.bind_host}:{_config.port}"]
-if _config.device_port is not None:
-    bind.append(f"{_config.bind_host}:{_config.device_port}")
+for _variable, _port in (("DEVICE_PORT", _config.device_port), ("MQTT_PORT", _config.mqtt_port)):
+    if _port is None:
+        continue
+    if _variable not in os.environ and _taken(_config.bind_host, _port):
+        _skipped.append((_variable, _port))
+        continue
+    bind.append(f"{_config.bind_host}:{_port}")
 
 worker_class = "app.worker.WarrenWorker"
 workers = 1 if _config.in_process_broker else _config.web_concurrency
@@ -56,6 +77,10 @@ def on_starting(server):
         server.log.warning("WARNING: DEVICE_SECRETS is not set: every device hello will be refused.")
     if not _config.api_tokens:
         server.log.warning("WARNING: API_TOKENS is not set: the command API answers 401 to everyone.")
+    for variable, port in _skipped:
+        server.log.warning(f"WARNING: {variable} is not set and its default port {port} is taken by another "
+                           f"program: that listener is OFF. Set {variable} to a free port, or to the empty "
+                           f"string to turn it off without this warning.")
 
 
 def child_exit(server, worker):

@@ -33,6 +33,8 @@ class Config:
 
     port: int = 8000
     device_port: int | None = 7878
+    mqtt_port: int | None = 1883
+    mqtt_max_keepalive: float = 1200.0  # the longest MQTT keep-alive honoured; 0 and longer ones get this
     bind_host: str = "0.0.0.0"
     amqp_url: str = IN_PROCESS_BROKER
     device_secrets: tuple[bytes, ...] = ()
@@ -93,11 +95,15 @@ def _positive(env: Mapping[str, str], name: str, default: float, unit: str = "se
     return value
 
 
+# Device listeners that an empty value turns off (PORT, the HTTP port, is always on).
+OPTIONAL_PORTS = ("DEVICE_PORT", "MQTT_PORT")
+
+
 def _port(env: Mapping[str, str], name: str, default: int | None) -> int | None:
-    """A TCP port; an empty DEVICE_PORT disables the raw TCP listener."""
+    """A TCP port; an empty DEVICE_PORT or MQTT_PORT disables that listener."""
     raw = env.get(name, "").strip()
     if not raw:
-        return None if name == "DEVICE_PORT" and name in env else default
+        return None if name in OPTIONAL_PORTS and name in env else default
     value = _int(env, name, 0)
     if value > 65535:
         raise ConfigError(name, raw, "must be a port number between 0 and 65535")
@@ -142,6 +148,8 @@ def load(env: Mapping[str, str] | None = None) -> Config:
     return Config(
         port=_port(env, "PORT", DEFAULTS.port) or DEFAULTS.port,
         device_port=_port(env, "DEVICE_PORT", DEFAULTS.device_port),
+        mqtt_port=_port(env, "MQTT_PORT", DEFAULTS.mqtt_port),
+        mqtt_max_keepalive=_positive(env, "MQTT_MAX_KEEPALIVE", DEFAULTS.mqtt_max_keepalive),
         bind_host=env.get("BIND_HOST", "").strip() or DEFAULTS.bind_host,
         amqp_url=_amqp_url(env),
         device_secrets=tuple(s.encode() for s in _list(env, "DEVICE_SECRETS")),

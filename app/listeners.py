@@ -8,7 +8,9 @@ accepting when the worker is full. A connection handler builds the transport
 for its port and runs one `Session` over it, in the connection's own greenlet.
 
     DEVICE_PORT  newline-delimited JSON (app/transports/tcp.py)
-    PORT         the HTTP API (app/web.py), with `GET /ws` upgraded to a device session
+    MQTT_PORT    MQTT 3.1.1 (app/transports/mqtt.py)
+    PORT         the HTTP API (app/web.py), with `GET /ws` (JSON) and `GET /mqtt` (MQTT) upgraded
+                 to device sessions
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from gevent.server import StreamServer
 from gunicorn.workers.ggevent import PyWSGIHandler, PyWSGIServer
 
 from app.sessions.session import Session
+from app.transports.mqtt import MqttConnection
+from app.transports.streams import SocketStream, WebSocketStream
 from app.transports.tcp import TcpConnection
 from app.transports.ws import HandshakeError, WsConnection
 
@@ -54,9 +58,28 @@ class DeviceHandlers:
                                   config.send_buffer_bytes)
         Session(connection, self.host, self.backend).run()
 
+    def mqtt(self, sock: Any, address: Any) -> None:
+        config = self.config
+        stream = SocketStream(sock, config.send_buffer_bytes)
+        self._run_mqtt(stream, address, "mqtt")
+
+    def mqtt_websocket(self, sock: Any, address: Any, environ: dict[str, Any]) -> None:
+        stream = WebSocketStream(sock, environ, self.config.send_buffer_bytes)
+        self._run_mqtt(stream, address, "mqtt-ws")
+
+    def _run_mqtt(self, stream: Any, address: Any, transport: str) -> None:
+        config = self.config
+        connection = MqttConnection(stream, peer_name(address), config.max_frame_bytes, config.mqtt_max_keepalive,
+                                    transport=transport)
+        Session(connection, self.host, self.backend).run()
+
+
+# The WebSocket paths of the HTTP port, and the handler of each.
+UPGRADES = {"/ws": DeviceHandlers.websocket, "/mqtt": DeviceHandlers.mqtt_websocket}
+
 
 class WebSocketHandler(PyWSGIHandler):
-    """gunicorn's pywsgi handler, except that `GET /ws` upgrades become device sessions."""
+    """gunicorn's pywsgi handler, except that `GET /ws` and `GET /mqtt` upgrades become device sessions."""
 
     # A request's head (request line and headers) must arrive within HELLO_TIMEOUT, as a
     # device's hello must: otherwise a slow-loris on the HTTP port holds a connection (and a
@@ -74,13 +97,14 @@ class WebSocketHandler(PyWSGIHandler):
             return super().read_request(requestline)
 
     def run_application(self) -> None:
-        if self.environ.get("PATH_INFO") != "/ws" or "HTTP_UPGRADE" not in self.environ:
+        upgrade = UPGRADES.get(self.environ.get("PATH_INFO", ""))
+        if upgrade is None or "HTTP_UPGRADE" not in self.environ:
             super().run_application()
             return
         self.close_connection = True
         self.status = "101 Switching Protocols"
         try:
-            self.server.warren_devices.websocket(self.socket, self.client_address, self.environ)
+            upgrade(self.server.warren_devices, self.socket, self.client_address, self.environ)
         except HandshakeError as exc:
             self.start_response("400 Bad Request", [("Content-Type", "text/plain")])
             self.write(f"{exc}\n".encode())
@@ -95,6 +119,8 @@ def build_servers(sockets: list[Any], config: Config, devices: DeviceHandlers, w
         port = sock.getsockname()[1]
         if port == config.device_port:
             server: BaseServer = StreamServer(sock, handle=devices.tcp, spawn=spawn)
+        elif port == config.mqtt_port:
+            server = StreamServer(sock, handle=devices.mqtt, spawn=spawn)
         else:
             server = PyWSGIServer(sock, application=wsgi, spawn=spawn, log=gunicorn_log,
                                   handler_class=WebSocketHandler, environ={"SERVER_SOFTWARE": "warren"})

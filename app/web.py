@@ -73,8 +73,8 @@ class WarrenApp:
             return 200, status.PAGE.encode(), "text/html; charset=utf-8"
         if path == "/status.json":
             return 200, orjson.dumps(status.snapshot()), "application/json"
-        if path == "/ws":
-            raise HttpError(400, "bad_request", "GET /ws must be a WebSocket upgrade (version 13)")
+        if path in ("/ws", "/mqtt"):
+            raise HttpError(400, "bad_request", f"GET {path} must be a WebSocket upgrade (version 13)")
         match = COMMAND_PATH.fullmatch(path)
         if match:
             if method != "POST":

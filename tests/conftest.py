@@ -66,6 +66,10 @@ class Gateway:
     def ws(self) -> str:
         return f"ws://127.0.0.1:{self.port}/ws"
 
+    @property
+    def mqtt_port(self) -> int:
+        return int(self.env["MQTT_PORT"])
+
     def url(self, transport: str) -> str:
         return self.tcp if transport == "tcp" else self.ws
 
@@ -98,11 +102,12 @@ def start_gateway(tmp_path: Path, workers: int = 2, wait: bool = True, **env_ove
 
     With wait=False, return once /healthz answers on every worker (RabbitMQ may be down).
     """
-    port, device_port = free_port(), free_port()
+    port, device_port, mqtt_port = free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items()
            if k not in {"AMQP_URL", "CLOUDAMQP_URL", "RABBITMQ_URL", "PROMETHEUS_MULTIPROC_DIR"}}
     env.update({
-        "PORT": str(port), "DEVICE_PORT": str(device_port), "WEB_CONCURRENCY": str(workers),
+        "PORT": str(port), "DEVICE_PORT": str(device_port), "MQTT_PORT": str(mqtt_port),
+        "WEB_CONCURRENCY": str(workers),
         "AMQP_URL": AMQP_URL, "DEVICE_SECRETS": SECRET, "API_TOKENS": API_TOKEN,
         "BIND_HOST": "127.0.0.1", "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / f"metrics-{port}"),
     })
