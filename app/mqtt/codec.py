@@ -80,14 +80,16 @@ class MqttDecoder:
     body is buffered.
     """
 
-    __slots__ = ("_chunks", "_failure", "_held", "_max", "_need")
+    __slots__ = ("_failure", "_held", "_max", "_need")
 
     def __init__(self, max_packet_bytes: int) -> None:
         if max_packet_bytes < 2:
             raise ValueError("max_packet_bytes must allow at least a two-byte packet")
         self._max = max_packet_bytes
-        self._chunks: list[bytes] = []  # an unfinished packet's bytes, in arrival order
-        self._held = 0  # their total length
+        # An unfinished packet's bytes. One growing bytearray, not a list of chunks: a client trickling a
+        # packet a byte per segment must not cost dozens of bytes of bookkeeping per byte. Empty, it is the
+        # shared b"", so an idle connection's decoder holds no buffer at all.
+        self._held: bytes | bytearray = b""
         self._need = 0  # how many bytes the unfinished packet needs before parsing can progress
         self._failure: MqttError | None = None
 
@@ -98,13 +100,11 @@ class MqttDecoder:
         if type(data) is not bytes:
             data = bytes(data)  # a caller's bytearray or memoryview may be reused after this call
         if self._held:
-            self._chunks.append(data)
-            self._held += len(data)
-            if self._held < self._need:
+            self._held += data
+            if len(self._held) < self._need:
                 return []
-            data = b"".join(self._chunks)
-            self._chunks = []
-            self._held = 0
+            data = bytes(self._held)
+            self._held = b""
         elif data == _PINGREQ_BYTES:
             return [_PING]
         packets: list[Packet] = []
@@ -144,8 +144,7 @@ class MqttDecoder:
         return packets
 
     def _hold(self, data: bytes, start: int, need: int) -> None:
-        self._chunks = [data[start:] if start else data]
-        self._held = len(data) - start
+        self._held = bytearray(memoryview(data)[start:])
         self._need = need
 
 

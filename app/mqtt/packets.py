@@ -130,8 +130,8 @@ _U16 = struct.Struct(">H")
 SUBACK_FAILURE = 0x80
 
 
-def _check_packet_id(packet_id: int) -> None:
-    if not 0 < packet_id <= 0xFFFF:
+def _check_packet_id(packet_id: int | None) -> None:
+    if packet_id is None or not 0 < packet_id <= 0xFFFF:
         raise ValueError(f"packet identifier {packet_id} is not in 1-65535")
 
 

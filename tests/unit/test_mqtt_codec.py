@@ -1,0 +1,569 @@
+"""The MQTT 3.1.1 codec (app.mqtt): round trips, every malformed case, fuzzing, and real clients on both sides.
+
+Client packets are built here by hand from the standard (section 3), not with
+the codec's own helpers, so a shared misreading cannot make a test pass; the
+real-client tests then check both against paho-mqtt and the mosquitto binaries.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import socket
+import subprocess
+from collections import deque
+from collections.abc import Iterator
+
+import paho.mqtt.client as paho
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from app.mqtt import (
+    PINGRESP,
+    Connect,
+    Disconnect,
+    MqttDecoder,
+    MqttError,
+    Packet,
+    PingReq,
+    PubAck,
+    PubComp,
+    Publish,
+    PubRec,
+    PubRel,
+    Subscribe,
+    Unsubscribe,
+    Will,
+    connack,
+    pingresp,
+    puback,
+    publish,
+    suback,
+    unsuback,
+)
+
+LIMIT = 65536
+
+
+# --- client packets, by the book -------------------------------------------------------------------
+
+def varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        n, digit = divmod(n, 128)
+        out.append(digit | 0x80 if n else digit)
+        if not n:
+            return bytes(out)
+
+
+def frame(first: int, body: bytes = b"") -> bytes:
+    return bytes([first]) + varint(len(body)) + body
+
+
+def string(value: str | bytes) -> bytes:
+    raw = value.encode() if isinstance(value, str) else value
+    return len(raw).to_bytes(2, "big") + raw
+
+
+def u16(value: int) -> bytes:
+    return value.to_bytes(2, "big")
+
+
+def connect(client_id: str | bytes = "lock-0001", keep_alive: int = 60, clean: bool = True,
+            will: tuple[str | bytes, bytes, int, bool] | None = None, username: str | bytes | None = None,
+            password: bytes | None = None, *, name: str | bytes = "MQTT", level: int = 4, flags: int | None = None,
+            tail: bytes = b"") -> bytes:
+    bits = clean << 1
+    payload = string(client_id)
+    if will is not None:
+        topic, message, qos, retain = will
+        bits |= 0x04 | qos << 3 | retain << 5
+        payload += string(topic) + string(message)
+    if username is not None:
+        bits |= 0x80
+        payload += string(username)
+    if password is not None:
+        bits |= 0x40
+        payload += string(password)
+    return frame(0x10, string(name) + bytes([level, bits if flags is None else flags]) + u16(keep_alive) + payload
+                 + tail)
+
+
+def subscribe(packet_id: int, filters: list[tuple[str | bytes, int]], first: int = 0x82) -> bytes:
+    return frame(first, u16(packet_id) + b"".join(string(f) + bytes([q]) for f, q in filters))
+
+
+def unsubscribe(packet_id: int, filters: list[str | bytes], first: int = 0xA2) -> bytes:
+    return frame(first, u16(packet_id) + b"".join(string(f) for f in filters))
+
+
+def decode_all(data: bytes, limit: int = LIMIT) -> list[Packet]:
+    return MqttDecoder(limit).feed(data)
+
+
+def outcome(chunks: Iterator[bytes] | list[bytes], limit: int = LIMIT) -> tuple[list[Packet], str | None]:
+    """Every packet a stream yields, however it is cut, and the code of the error that ended it (or None)."""
+    decoder = MqttDecoder(limit)
+    packets: list[Packet] = []
+    for chunk in chunks:
+        try:
+            packets += decoder.feed(chunk)
+        except MqttError as exc:
+            return packets + exc.packets, exc.code
+    return packets, None
+
+
+# --- round trips -------------------------------------------------------------------------------------
+
+ROUND_TRIPS = [
+    (connect("lock-0001", 45, True, ("events/gone", b"\x00bye", 1, True), "sdk", b"t0k"),
+     Connect("MQTT", 4, "lock-0001", True, 45, Will("events/gone", b"\x00bye", 1, True), "sdk", b"t0k")),
+    (connect("", 0, False), Connect("MQTT", 4, "", False, 0)),
+    (connect("dev", 65535, username=""), Connect("MQTT", 4, "dev", True, 65535, username="")),
+    # Deliberate leniency: a password without a user name (3.1.1 forbids it; PROTOCOL.md makes it the token).
+    (connect("dev", password=b"tok"), Connect("MQTT", 4, "dev", True, 60, password=b"tok")),
+    # Another level is decoded only that far: its layout (MQTT 5 properties here) is not 3.1.1's.
+    (connect("dev", level=5, tail=b"\x00\xff\xff"), Connect("MQTT", 5)),
+    (connect("dev", level=3), Connect("MQTT", 3)),
+    (publish("events/door.opened", b'{"a":1}'), Publish("events/door.opened", b'{"a":1}')),
+    (publish("events/x", b"", 1, 65535, retain=True, dup=True), Publish("events/x", b"", 1, True, True, 65535)),
+    (publish("répliques/ü", b"\xff" * 300, 2, 7), Publish("répliques/ü", b"\xff" * 300, 2, False, False, 7)),
+    (frame(0x40, u16(1)), PubAck(1)),
+    (frame(0x50, u16(2)), PubRec(2)),
+    (frame(0x62, u16(3)), PubRel(3)),
+    (frame(0x70, u16(4)), PubComp(4)),
+    (subscribe(10, [("commands/#", 1), ("commands/+", 0), ("+/a/+/#", 2), ("#", 0), ("/", 1)]),
+     Subscribe(10, [("commands/#", 1), ("commands/+", 0), ("+/a/+/#", 2), ("#", 0), ("/", 1)])),
+    (unsubscribe(11, ["commands/#", "a/b"]), Unsubscribe(11, ["commands/#", "a/b"])),
+    (b"\xc0\x00", PingReq()),
+    (b"\xe0\x00", Disconnect()),
+]
+
+
+@pytest.mark.parametrize(("data", "packet"), ROUND_TRIPS)
+def test_decodes_every_client_packet(data: bytes, packet: Packet) -> None:
+    assert decode_all(data) == [packet]
+    assert outcome([bytes([b]) for b in data]) == ([packet], None)
+
+
+def test_a_feed_may_hold_many_packets_and_end_inside_one() -> None:
+    decoder = MqttDecoder(LIMIT)
+    stream = b"".join(data for data, _ in ROUND_TRIPS[6:])
+    assert decoder.feed(stream + stream[:5]) == [packet for _, packet in ROUND_TRIPS[6:]]
+    assert decoder.feed(stream[5:]) == [packet for _, packet in ROUND_TRIPS[6:]]
+    assert decoder.feed(puback(9)) == [PubAck(9)]
+
+
+def test_a_big_packet_fed_a_byte_at_a_time() -> None:
+    """The remaining length's 1-3 byte boundaries, and no re-parsing of what is held (65,000 one-byte feeds)."""
+    for length in (127, 128, 16383, 16384, 65000):
+        data = publish("t", b"x" * (length - 3))
+        assert data[1:].startswith(varint(length)) and len(data) == 1 + len(varint(length)) + length
+        assert outcome([data[i:i + 1] for i in range(len(data))]) == ([Publish("t", b"x" * (length - 3))], None)
+    big = publish("t", b"y" * 2_100_000, 1, 5)
+    assert big[1:5] == varint(len(big) - 5)
+    assert decode_all(big, limit=len(big)) == [Publish("t", b"y" * 2_100_000, 1, False, False, 5)]
+
+
+def test_non_minimal_remaining_lengths_are_accepted() -> None:
+    """3.1.1 (unlike MQTT 5) does not forbid them, and clients that reserve a fixed-width length exist."""
+    assert decode_all(b"\xe0\x80\x00" + b"\x30\x83\x80\x80\x00\x00\x01t") == [Disconnect(), Publish("t", b"")]
+
+
+def test_a_limit_below_the_smallest_packet_is_a_mistake() -> None:
+    with pytest.raises(ValueError):
+        MqttDecoder(1)
+
+
+def test_bytes_like_feeds_are_copied() -> None:
+    decoder = MqttDecoder(LIMIT)
+    buffer = bytearray(publish("events/a", b"hello"))
+    assert decoder.feed(memoryview(buffer)[:6]) == []
+    rest = bytearray(buffer[6:])
+    buffer[:] = b"\x00" * len(buffer)  # a recv_into buffer reused
+    assert decoder.feed(rest) == [Publish("events/a", b"hello")]
+
+
+def test_server_packets_are_the_standards_bytes() -> None:
+    assert connack(0) == b"\x20\x02\x00\x00"
+    assert connack(0, session_present=True) == b"\x20\x02\x01\x00"
+    assert [connack(code)[3] for code in range(6)] == [0, 1, 2, 3, 4, 5]
+    assert publish("a/b", b"hi") == b"\x30\x07\x00\x03a/bhi"
+    assert publish("a/b", b"hi", qos=1, packet_id=258, retain=True, dup=True) == b"\x3b\x09\x00\x03a/b\x01\x02hi"
+    assert publish("t", b"z" * 200)[:3] == b"\x30\xcb\x01"
+    assert puback(258) == b"\x40\x02\x01\x02"
+    assert suback(7, [0, 1, 2, 0x80]) == b"\x90\x06\x00\x07\x00\x01\x02\x80"
+    assert unsuback(65535) == b"\xb0\x02\xff\xff"
+    assert pingresp() == PINGRESP == b"\xd0\x00"
+
+
+@pytest.mark.parametrize("call", [
+    lambda: connack(6), lambda: connack(2, session_present=True),
+    lambda: publish("a/+", b""), lambda: publish("#", b""), lambda: publish("", b""), lambda: publish("a\0", b""),
+    lambda: publish("a", b"", qos=3, packet_id=1), lambda: publish("a", b"", qos=1),
+    lambda: publish("a", b"", qos=1, packet_id=0), lambda: publish("a", b"", qos=0, packet_id=1),
+    lambda: publish("a", b"", dup=True), lambda: publish("a" * 65536, b""),
+    lambda: puback(0), lambda: puback(65536), lambda: suback(1, []), lambda: suback(1, [3]), lambda: unsuback(0),
+])
+def test_encoders_refuse_what_the_standard_forbids(call) -> None:
+    with pytest.raises(ValueError):
+        call()
+
+
+# --- malformed input ---------------------------------------------------------------------------------
+
+MALFORMED = {
+    "remaining length of 5 bytes": b"\x30\xff\xff\xff\xff\x01",
+    "CONNACK": b"\x20", "SUBACK": b"\x90", "UNSUBACK": b"\xb0", "PINGRESP": b"\xd0", "type 0": b"\x00",
+    "type 15": b"\xf0",
+    "CONNECT flags": b"\x11", "PUBACK flags": b"\x41", "PUBREC flags": b"\x52", "PUBREL flags 0": b"\x60",
+    "PUBCOMP flags": b"\x78", "SUBSCRIBE flags 0": b"\x80", "SUBSCRIBE flags 3": b"\x83",
+    "UNSUBSCRIBE flags": b"\xa0", "PINGREQ flags": b"\xc1", "DISCONNECT flags": b"\xe8",
+    "PUBLISH QoS 3": b"\x36", "PUBLISH QoS 3 retained": b"\x3f", "DUP on QoS 0": b"\x38",
+    "PINGREQ with a body": b"\xc0\x01", "DISCONNECT with a body": b"\xe0\x02", "PUBACK of 3 bytes": b"\x40\x03",
+    "PUBREL of 1 byte": b"\x62\x01",
+    "PUBACK id 0": frame(0x40, u16(0)), "PUBCOMP id 0": frame(0x70, u16(0)),
+    "PUBLISH without topic": frame(0x30, b"\x00"), "PUBLISH empty topic": frame(0x30, string("") + b"x"),
+    "PUBLISH topic past end": frame(0x30, b"\x00\x09abc"),
+    "PUBLISH QoS 1 without id": frame(0x32, string("a") + b"\x01"), "PUBLISH id 0": frame(0x32, string("a") + u16(0)),
+    "topic +": frame(0x30, string("a/+")), "topic #": frame(0x30, string("a/#")),
+    "topic U+0000": frame(0x30, string("a\0b")), "topic bad UTF-8": frame(0x30, string(b"\xff")),
+    "topic overlong NUL": frame(0x30, string(b"\xc0\x80")), "topic surrogate": frame(0x30, string(b"\xed\xa0\x80")),
+    "topic truncated UTF-8": frame(0x30, string(b"\xe2\x82")),
+    "protocol MQIsdp": connect(name="MQIsdp", level=3), "protocol mqtt": connect(name="mqtt"),
+    "protocol name bad UTF-8": connect(name=b"MQ\xff"), "CONNECT empty": frame(0x10),
+    "CONNECT ends at level": frame(0x10, string("MQTT") + b"\x04"),
+    "reserved connect flag": connect(flags=0x03), "will QoS without will": connect(flags=0x0A),
+    "will retain without will": connect(flags=0x22), "will QoS 3": connect(will=("a", b"", 3, False)),
+    "will topic #": connect(will=("events/#", b"", 0, False)), "will topic empty": connect(will=("", b"", 0, False)),
+    "will without message": connect(flags=0x06, tail=string("a")),
+    "username flag without username": connect(flags=0x82),
+    "password flag without password": connect(username="u", flags=0xC2),
+    "bytes after CONNECT": connect(tail=b"\x00"), "client id U+0000": connect("a\0"),
+    "client id bad UTF-8": connect(b"\xfe"), "username bad UTF-8": connect(username=b"\x80"),
+    "SUBSCRIBE no filter": frame(0x82, u16(1)), "SUBSCRIBE id 0": subscribe(0, [("a", 0)]),
+    "SUBSCRIBE QoS 3": subscribe(1, [("a", 3)]), "SUBSCRIBE reserved QoS bits": subscribe(1, [("a", 0x04)]),
+    "SUBSCRIBE without QoS": frame(0x82, u16(1) + string("a")), "SUBSCRIBE empty filter": subscribe(1, [("", 0)]),
+    "SUBSCRIBE a/#/b": subscribe(1, [("a/#/b", 0)]), "SUBSCRIBE a#": subscribe(1, [("a#", 0)]),
+    "SUBSCRIBE a+/b": subscribe(1, [("a+/b", 0)]), "SUBSCRIBE filter U+0000": subscribe(1, [("a\0", 0)]),
+    "SUBSCRIBE one good one bad": subscribe(1, [("a", 1), ("b", 0x81)]),
+    "UNSUBSCRIBE no filter": frame(0xA2, u16(1)), "UNSUBSCRIBE id 0": unsubscribe(0, ["a"]),
+    "UNSUBSCRIBE +a": unsubscribe(1, ["+a"]), "UNSUBSCRIBE past end": frame(0xA2, u16(1) + b"\x00\x05ab"),
+}
+
+
+@pytest.mark.parametrize("data", MALFORMED.values(), ids=MALFORMED.keys())
+def test_malformed_packets_are_bad_frames(data: bytes) -> None:
+    decoder = MqttDecoder(LIMIT)
+    with pytest.raises(MqttError) as caught:
+        decoder.feed(data)
+    assert caught.value.code == "bad_frame"
+    with pytest.raises(MqttError) as again:  # dead: the connection is to be closed
+        decoder.feed(b"\xc0\x00")
+    assert again.value.code == "bad_frame"
+
+
+def test_refused_from_the_header_without_waiting_for_the_body() -> None:
+    """Every case above whose fault is in its first bytes is refused from those bytes alone."""
+    for data in (b"\x20", b"\x36", b"\xc0\x01", b"\x40\x03", b"\x30\xff\xff\xff\xff"):
+        with pytest.raises(MqttError):
+            MqttDecoder(LIMIT).feed(data)
+
+
+def test_oversize_is_refused_from_the_header() -> None:
+    exact = publish("t", b"x" * 95)
+    assert len(exact) == 100 and decode_all(exact, limit=100) == [Publish("t", b"x" * 95)]
+    with pytest.raises(MqttError) as caught:
+        MqttDecoder(100).feed(publish("t", b"x" * 96)[:2])  # the header alone says 101 bytes
+    assert caught.value.code == "frame_too_large"
+    with pytest.raises(MqttError) as caught:
+        MqttDecoder(LIMIT).feed(b"\x30\xff\xff\xff\x7f")  # 256 MiB announced, nothing buffered
+    assert caught.value.code == "frame_too_large"
+
+
+def test_an_error_carries_the_packets_decoded_before_it() -> None:
+    with pytest.raises(MqttError) as caught:
+        MqttDecoder(LIMIT).feed(b"\xc0\x00" + puback(3) + b"\x20\x02\x00\x00")
+    assert caught.value.packets == [PingReq(), PubAck(3)]
+
+
+# --- fuzzing -----------------------------------------------------------------------------------------
+
+TEXT = st.text(st.characters(codec="utf-8", exclude_characters="\0"), max_size=12)
+TOPIC = st.text(st.characters(codec="utf-8", exclude_characters="\0+#"), min_size=1, max_size=12)
+FILTER = st.one_of(TOPIC, st.sampled_from(["#", "+", "commands/#", "commands/+", "+/+", "a/+/b/#"]))
+PACKET_ID = st.integers(1, 65535)
+
+
+@st.composite
+def packets(draw: st.DrawFn) -> tuple[bytes, Packet]:
+    """One valid client packet: its bytes and what it decodes to."""
+    kind = draw(st.sampled_from(["publish", "ack", "subscribe", "unsubscribe", "connect", "ping", "disconnect"]))
+    if kind == "publish":
+        topic, payload, qos, retain = draw(TOPIC), draw(st.binary(max_size=300)), draw(st.integers(0, 2)), draw(
+            st.booleans())
+        packet_id, dup = (draw(PACKET_ID), draw(st.booleans())) if qos else (None, False)
+        return publish(topic, payload, qos, packet_id, retain, dup), Publish(topic, payload, qos, retain, dup,
+                                                                              packet_id)
+    if kind == "ack":
+        first, cls = draw(st.sampled_from([(0x40, PubAck), (0x50, PubRec), (0x62, PubRel), (0x70, PubComp)]))
+        packet_id = draw(PACKET_ID)
+        return frame(first, u16(packet_id)), cls(packet_id)
+    if kind == "subscribe":
+        packet_id, filters = draw(PACKET_ID), draw(st.lists(st.tuples(FILTER, st.integers(0, 2)), min_size=1,
+                                                            max_size=4))
+        return subscribe(packet_id, filters), Subscribe(packet_id, filters)
+    if kind == "unsubscribe":
+        packet_id, filters = draw(PACKET_ID), draw(st.lists(FILTER, min_size=1, max_size=4))
+        return unsubscribe(packet_id, filters), Unsubscribe(packet_id, filters)
+    if kind == "connect":
+        will = draw(st.none() | st.tuples(TOPIC, st.binary(max_size=20), st.integers(0, 2), st.booleans()))
+        client_id, keep_alive, clean = draw(TEXT), draw(st.integers(0, 65535)), draw(st.booleans())
+        username, password = draw(st.none() | TEXT), draw(st.none() | st.binary(max_size=20))
+        return (connect(client_id, keep_alive, clean, will, username, password),
+                Connect("MQTT", 4, client_id, clean, keep_alive, will and Will(*will), username, password))
+    return (b"\xc0\x00", PingReq()) if kind == "ping" else (b"\xe0\x00", Disconnect())
+
+
+def cuts(data: bytes, points: list[int]) -> list[bytes]:
+    edges = [0, *sorted({p % (len(data) + 1) for p in points}), len(data)]
+    return [data[a:b] for a, b in itertools.pairwise(edges)]
+
+
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@FUZZ
+@given(st.lists(packets(), max_size=6), st.lists(st.integers(0, 10_000), max_size=8))
+def test_valid_streams_decode_to_their_packets_however_split(stream: list[tuple[bytes, Packet]],
+                                                             points: list[int]) -> None:
+    data = b"".join(raw for raw, _ in stream)
+    expected = ([packet for _, packet in stream], None)
+    assert outcome([data]) == expected
+    assert outcome(cuts(data, points)) == expected
+    assert outcome([data[i:i + 1] for i in range(len(data))]) == expected
+
+
+@FUZZ
+@given(st.lists(packets(), min_size=1, max_size=4), st.data())
+def test_corrupted_streams_give_packets_or_mqtt_errors_the_same_however_split(
+        stream: list[tuple[bytes, Packet]], data: st.DataObject) -> None:
+    raw = bytearray(b"".join(chunk for chunk, _ in stream))
+    for _ in range(data.draw(st.integers(1, 3))):
+        index = data.draw(st.integers(0, len(raw) - 1))
+        action = data.draw(st.sampled_from(["set", "insert", "delete"]))
+        if action == "set":
+            raw[index] = data.draw(st.integers(0, 255))
+        elif action == "insert":
+            raw.insert(index, data.draw(st.integers(0, 255)))
+        elif len(raw) > 1:
+            del raw[index]
+    corrupted = bytes(raw)
+    limit = data.draw(st.sampled_from([LIMIT, 64]))
+    whole = outcome([corrupted], limit)  # raises nothing but MqttError, which outcome() catches
+    assert outcome(cuts(corrupted, data.draw(st.lists(st.integers(0, 10_000), max_size=8))), limit) == whole
+    assert outcome([corrupted[i:i + 1] for i in range(len(corrupted))], limit) == whole
+
+
+@FUZZ
+@given(st.binary(max_size=200), st.lists(st.integers(0, 200), max_size=6))
+def test_any_bytes_give_packets_or_mqtt_errors(data: bytes, points: list[int]) -> None:
+    whole = outcome([data])
+    assert outcome(cuts(data, points)) == whole
+    assert outcome([data[i:i + 1] for i in range(len(data))]) == whole
+
+
+# --- real clients ------------------------------------------------------------------------------------
+
+class Peer:
+    """The server side of one client connection, read through the codec."""
+
+    def __init__(self, listener: socket.socket) -> None:
+        self.sock, _ = listener.accept()
+        self.sock.settimeout(10)
+        self.decoder = MqttDecoder(LIMIT)
+        self.queue: deque[Packet] = deque()
+        self.pings = 0
+
+    def read(self) -> Packet:
+        while not self.queue:
+            data = self.sock.recv(65536)
+            if not data:
+                raise EOFError("the client closed the connection")
+            self.queue.extend(self.decoder.feed(data))
+        return self.queue.popleft()
+
+    def next(self) -> Packet:
+        """The next packet that is not a PINGREQ (those a client's keep-alive timer sends at any moment)."""
+        while isinstance(packet := self.read(), PingReq):
+            self.pings += 1
+            self.send(pingresp())
+        return packet
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+
+@pytest.fixture
+def listener() -> Iterator[socket.socket]:
+    """Our own listening socket on a port the kernel picks (a broker may hold 1883)."""
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        sock.settimeout(10)
+        yield sock
+
+
+def port_of(sock: socket.socket) -> int:
+    return sock.getsockname()[1]
+
+
+def test_paho_and_the_codec_understand_each_other(listener: socket.socket) -> None:
+    from conftest import wait_until
+
+    seen: list[tuple] = []
+    logs: list[str] = []
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="lock-0001", protocol=paho.MQTTv311)
+    client.will_set("events/gone", b"bye", qos=1)
+    client.username_pw_set("sdk-user", "a1b2c3")
+    client.on_connect = lambda c, u, flags, code, props: seen.append(("connect", flags.session_present, code.value))
+    client.on_subscribe = lambda c, u, mid, codes, props: seen.append(("subscribe", mid, [x.value for x in codes]))
+    client.on_unsubscribe = lambda c, u, mid, codes, props: seen.append(("unsubscribe", mid))
+    client.on_publish = lambda c, u, mid, code, props: seen.append(("published", mid))
+    client.on_message = lambda c, u, msg: seen.append(("message", msg.topic, msg.payload, msg.qos, msg.retain))
+    client.on_log = lambda c, u, level, text: logs.append(text)
+    client.connect("127.0.0.1", port_of(listener), keepalive=1)
+    client.loop_start()
+    try:
+        peer = Peer(listener)
+        assert peer.next() == Connect("MQTT", 4, "lock-0001", True, 1, Will("events/gone", b"bye", 1, False),
+                                      "sdk-user", b"a1b2c3")
+        peer.send(connack(0, session_present=True))
+        wait_until(lambda: ("connect", True, 0) in seen)
+
+        _, mid = client.subscribe([("commands/#", 1), ("other/x", 0)])
+        assert peer.next() == Subscribe(mid, [("commands/#", 1), ("other/x", 0)])
+        peer.send(suback(mid, [1, 0x80]))
+        wait_until(lambda: ("subscribe", mid, [1, 0x80]) in seen)
+
+        client.publish("events/door.opened", b'{"a":1}', qos=0)
+        assert peer.next() == Publish("events/door.opened", b'{"a":1}')
+        mid = client.publish("events/door.closed", b"23.5 C", qos=1).mid
+        assert peer.next() == Publish("events/door.closed", b"23.5 C", 1, False, False, mid)
+        peer.send(puback(mid))
+        wait_until(lambda: ("published", mid) in seen)
+
+        peer.send(publish("commands/unlock", b'{"id":"c-1","data":null}', qos=1, packet_id=77)
+                  + publish("commands/lock", b"", retain=True))
+        assert peer.next() == PubAck(77)
+        wait_until(lambda: ("message", "commands/unlock", b'{"id":"c-1","data":null}', 1, False) in seen)
+        wait_until(lambda: ("message", "commands/lock", b"", 0, True) in seen)
+
+        _, mid = client.unsubscribe("commands/#")
+        assert peer.next() == Unsubscribe(mid, ["commands/#"])
+        peer.send(unsuback(mid))
+        wait_until(lambda: ("unsubscribe", mid) in seen)
+
+        assert peer.read() == PingReq()  # idle now, so its keep-alive (1 s) sends one
+        peer.send(pingresp())
+        wait_until(lambda: "Received PINGRESP" in logs, timeout=5)
+        client.disconnect()
+        assert peer.next() == Disconnect()
+    finally:
+        client.loop_stop()
+
+
+@pytest.mark.parametrize(("code", "reason"), [(2, "Client identifier not valid"), (3, "Server unavailable"),
+                                              (4, "Bad user name or password"), (5, "Not authorized")])
+def test_paho_reads_our_connack_refusals(listener: socket.socket, code: int, reason: str) -> None:
+    from conftest import wait_until
+
+    seen: list[str] = []
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="lock-0001", reconnect_on_failure=False)
+    client.on_connect = lambda c, u, flags, rc, props: seen.append(str(rc))
+    client.connect("127.0.0.1", port_of(listener))
+    client.loop_start()
+    try:
+        peer = Peer(listener)
+        assert isinstance(peer.next(), Connect)
+        peer.send(connack(code))
+        wait_until(lambda: seen)
+        assert seen == [reason]
+    finally:
+        client.loop_stop()
+
+
+def test_paho_answers_connack_0x01_by_retrying_as_mqtt_3_1(listener: socket.socket) -> None:
+    """What the gateway will see: paho reconnects at once with 'MQIsdp' level 3, which the codec refuses."""
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="lock-0001")
+    client.connect("127.0.0.1", port_of(listener))
+    client.loop_start()
+    try:
+        peer = Peer(listener)
+        assert peer.next() == Connect("MQTT", 4, "lock-0001", True, 60)
+        peer.send(connack(1))
+        with pytest.raises(MqttError) as caught:
+            Peer(listener).next()
+        assert caught.value.code == "bad_frame" and "MQIsdp" in caught.value.message
+    finally:
+        client.loop_stop()
+
+
+def mosquitto(binary: str, *args: str) -> subprocess.Popen:
+    path = shutil.which(binary)
+    if path is None:
+        pytest.skip(f"{binary} is not installed")
+    return subprocess.Popen([path, "-h", "127.0.0.1", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_mosquitto_pub_is_decoded(listener: socket.socket) -> None:
+    process = mosquitto("mosquitto_pub", "-p", str(port_of(listener)), "-V", "mqttv311", "-i", "lock-0002",
+                        "-u", "sdk", "-P", "f00d", "-k", "300", "--will-topic", "events/gone", "--will-payload",
+                        "bye", "--will-qos", "1", "--will-retain", "-q", "1", "-t", "events/door.opened",
+                        "-m", '{"battery":97}')
+    peer = Peer(listener)
+    assert peer.next() == Connect("MQTT", 4, "lock-0002", True, 300, Will("events/gone", b"bye", 1, True), "sdk",
+                                  b"f00d")
+    peer.send(connack(0))
+    packet = peer.next()
+    assert packet == Publish("events/door.opened", b'{"battery":97}', 1, False, False, packet.packet_id)
+    peer.send(puback(packet.packet_id))
+    assert peer.next() == Disconnect()
+    assert process.wait(10) == 0, process.stderr.read()
+
+
+def test_mosquitto_sub_is_decoded_and_reads_our_publish(listener: socket.socket) -> None:
+    process = mosquitto("mosquitto_sub", "-p", str(port_of(listener)), "-i", "lock-0003", "-q", "1",
+                        "-t", "commands/#", "-t", "commands/+", "-C", "2", "-v")
+    peer = Peer(listener)
+    hello = peer.next()
+    assert isinstance(hello, Connect) and hello.client_id == "lock-0003" and hello.password is None
+    peer.send(connack(0))
+    request = peer.next()
+    assert request == Subscribe(request.packet_id, [("commands/#", 1), ("commands/+", 1)])
+    peer.send(suback(request.packet_id, [1, 0x80]))
+    peer.send(publish("commands/unlock", b'{"id":"c-9","data":{"for":5}}', qos=1, packet_id=300))
+    assert peer.next() == PubAck(300)
+    peer.send(publish("commands/open", b"x" * 200))  # a two-byte remaining length
+    assert peer.next() == Disconnect()
+    out, err = process.communicate(timeout=10)
+    assert process.returncode == 0, err
+    assert out.decode().splitlines() == ['commands/unlock {"id":"c-9","data":{"for":5}}', "commands/open " + "x" * 200]
+
+
+@pytest.mark.parametrize(("version", "expected"), [("5", Connect("MQTT", 5)), ("31", None)])
+def test_mosquitto_other_versions(listener: socket.socket, version: str, expected: Connect | None) -> None:
+    """MQTT 5 decodes far enough to be answered CONNACK 0x01; 3.1 ('MQIsdp') is not MQTT 3.1.1 at all."""
+    process = mosquitto("mosquitto_pub", "-p", str(port_of(listener)), "-V", version, "-i", "x", "-t", "a", "-m", "b")
+    try:
+        peer = Peer(listener)
+        if expected is None:
+            with pytest.raises(MqttError) as caught:
+                peer.next()
+            assert caught.value.code == "bad_frame" and "MQIsdp" in caught.value.message
+        else:
+            assert peer.next() == expected
+            peer.send(connack(1))
+        peer.sock.close()
+    finally:
+        process.kill()
+        process.wait(10)
