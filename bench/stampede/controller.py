@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 import secrets
 import signal
 import subprocess
@@ -21,7 +22,7 @@ import gevent
 import orjson
 
 from bench.stampede.backend import AmqpCommands, EventVerifier, HttpCommands
-from bench.stampede.gauges import TreeGauge, rabbit_rss_mb
+from bench.stampede.gauges import TreeGauge, others_cpu_s, rabbit_process, rabbit_rss_mb
 
 DEVICES_PER_PROCESS = 15000
 SOURCES_PER_PROCESS = 4
@@ -202,11 +203,20 @@ class Run:
         return self.fleet.totals()
 
     def gauges(self) -> dict[str, Any]:
-        """The server tree's RSS and CPU plus RabbitMQ's RSS, now."""
+        """The server tree's RSS and CPU, RabbitMQ's RSS, and the CPU everything else used, now."""
         sample: dict[str, Any] = self.gauge.sample() if self.gauge else {}
         if not self.plan.floor:
             sample["rabbit_rss_mb"] = rabbit_rss_mb()
+        sample["others_cpu_s"] = others_cpu_s(self.measured_pids())
         return sample
+
+    def measured_pids(self) -> set[int]:
+        """The server tree, this tool (controller and load processes) and RabbitMQ, which the gateway drives."""
+        pids = {os.getpid(), *(process.pid for process in self.fleet.processes)}
+        if self.gauge:
+            pids |= self.gauge.pids()
+        rabbit = rabbit_process()
+        return pids | ({rabbit.pid} if rabbit else set())
 
     def mark(self, name: str, pss: bool = False) -> dict[str, Any]:
         """Remember the time, counters and gauges at a moment the scenario cares about."""

@@ -3,7 +3,8 @@
 A gunicorn master forks its workers, so every figure sums the master and all
 its descendants. RSS is cheap and sampled every second; PSS (shared pages split
 between the processes that share them) reads smaps and is taken only at a few
-moments.
+moments. The machine is shared, so the CPU everything else used meanwhile is
+gauged too: it says how disturbed a figure is.
 """
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ class TreeGauge:
                 continue
         return {"rss_mb": rss / MB, "cpu_s": cpu}
 
+    def pids(self) -> set[int]:
+        try:
+            return {process.pid for process in process_tree(self.pid)}
+        except psutil.NoSuchProcess:
+            return set()
+
     def pss_mb(self) -> float | None:
         """Proportional set size of the tree in MiB, or None where the kernel does not offer it."""
         total = 0.0
@@ -78,12 +85,38 @@ def listens_on(process: psutil.Process, port: int) -> bool:
         return False
 
 
-def rabbit_rss_mb() -> float | None:
-    """RSS of the local RabbitMQ node (its beam.smp process), if one runs here."""
-    for process in psutil.process_iter(["name", "memory_info"]):
+def rabbit_process() -> psutil.Process | None:
+    """The local RabbitMQ node (its beam.smp process), if one runs here."""
+    for process in psutil.process_iter(["name"]):
         if process.info["name"] and process.info["name"].startswith("beam"):
-            return process.info["memory_info"].rss / MB
+            return process
     return None
+
+
+def rabbit_rss_mb() -> float | None:
+    process = rabbit_process()
+    try:
+        return process.memory_info().rss / MB if process else None
+    except psutil.Error:
+        return None
+
+
+def others_cpu_s(excluded: set[int]) -> float:
+    """CPU seconds the machine has been busy (since boot) outside the `excluded` processes.
+
+    Cumulative, so only the difference between two readings means something:
+    how much CPU other people's work took from a window. Steal, idle and I/O
+    wait are not busy; children that already exited count as others.
+    """
+    times = psutil.cpu_times()
+    busy = times.user + times.nice + times.system + getattr(times, "irq", 0.0) + getattr(times, "softirq", 0.0)
+    for pid in excluded:
+        try:
+            own = psutil.Process(pid).cpu_times()
+        except psutil.Error:
+            continue
+        busy -= own.user + own.system
+    return busy
 
 
 def rabbit_breakdown() -> dict[str, float]:

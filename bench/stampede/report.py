@@ -86,7 +86,7 @@ def cell(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:,.2f}"
+        return f"{value:,.2f}" if abs(value) >= 1 or value == 0 else f"{value:.3g}"
     if is_number(value):
         return f"{value:,}"
     return str(value)

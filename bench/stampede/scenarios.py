@@ -56,6 +56,7 @@ def ramp(run: Run, options: argparse.Namespace) -> dict[str, Any]:
         "cpu_ms_per_session": cost(before, connected, established, "cpu_s", 1000),
         # Already-connected devices ping during the ramp: their share is in cpu_ms_per_session.
         "heartbeats_answered": connected["pongs"] - before["pongs"],
+        "other_cpu_cores": busy_cores(before, connected, "others_cpu_s"),
         "rabbit_rss_mb_idle": before.get("rabbit_rss_mb"),
         "rabbit_rss_mb_held": held.get("rabbit_rss_mb"),
         "rabbit_kib_per_session": cost(before, held, held["up"], "rabbit_rss_mb", KIB_PER_MIB),
@@ -87,13 +88,18 @@ def hold(run: Run, options: argparse.Namespace) -> dict[str, Any]:
     return figures
 
 
+def busy_cores(start: dict[str, Any], end: dict[str, Any], field: str) -> float | None:
+    """A cumulative CPU gauge's rate between two marks: cores kept busy on average."""
+    return cost(start, end, 1, field, 1 / max(end["t"] - start["t"], 1e-3))
+
+
 def idle_figures(start: dict[str, Any], end: dict[str, Any]) -> dict[str, Any]:
     """What holding costs: server CPU per second, and per heartbeat answered (counted by the devices)."""
-    seconds = end["t"] - start["t"]
     heartbeats = end["pongs"] - start["pongs"]
-    return {"idle_seconds": round(seconds, 3), "idle_heartbeats_answered": heartbeats,
-            "idle_cpu_s_per_s": cost(start, end, 1, "cpu_s", 1 / max(seconds, 1e-3)),
-            "cpu_ms_per_heartbeat": cost(start, end, heartbeats, "cpu_s", 1000)}
+    return {"idle_seconds": round(end["t"] - start["t"], 3), "idle_heartbeats_answered": heartbeats,
+            "idle_cpu_s_per_s": busy_cores(start, end, "cpu_s"),
+            "cpu_ms_per_heartbeat": cost(start, end, heartbeats, "cpu_s", 1000),
+            "idle_other_cpu_cores": busy_cores(start, end, "others_cpu_s")}
 
 
 def drain(options: argparse.Namespace) -> None:
@@ -134,7 +140,8 @@ def above_idle(start: dict[str, Any], end: dict[str, Any], idle_rate: float, cou
         return {}
     busy = (end["cpu_s"] - start["cpu_s"]) - idle_rate * (end["t"] - start["t"])
     return {"cpu_s_above_idle": round(busy, 3),
-            f"cpu_ms_per_{unit}": round(busy * 1000 / count, 4) if count > 0 else None}
+            f"cpu_ms_per_{unit}": round(busy * 1000 / count, 4) if count > 0 else None,
+            "other_cpu_cores": busy_cores(start, end, "others_cpu_s")}
 
 
 def send_commands(run: Run, options: argparse.Namespace, device_indexes: list[int]) -> None:

@@ -22,7 +22,8 @@ class Unit:
     path: tuple[str, ...]  # where the figure is in one run's results
     scale: float = 1.0
     suffix: str = ""
-    compared: bool = True  # False for counts: a ratio of two counts says nothing about cost
+    compared: bool = True  # False for counts and noise: their ratio says nothing about cost
+    digits: int = 1
 
 
 UNITS = (
@@ -45,6 +46,13 @@ UNITS = (
     Unit("heartbeats", "heartbeats answered in it", ("hold", "idle_heartbeats_answered"), compared=False),
     Unit("commands", "commands answered", ("hold", "commands", "outcomes", "ok"), compared=False),
     Unit("events", "events acked", ("hold", "events", "acked"), compared=False),
+    # Noise: CPU that other processes (not the server, this tool or RabbitMQ) took meanwhile, of os.cpu_count().
+    Unit("others_ramp_cores", "others' CPU during the ramp", ("ramp", "other_cpu_cores"),
+         suffix=" cores", compared=False, digits=2),
+    Unit("others_idle_cores", "others' CPU during the idle window", ("hold", "idle_other_cpu_cores"),
+         suffix=" cores", compared=False, digits=2),
+    Unit("others_commands_cores", "others' CPU during the commands", ("hold", "commands", "other_cpu_cores"),
+         suffix=" cores", compared=False, digits=2),
 )
 
 
@@ -97,4 +105,4 @@ def cell(value: float | None, unit: Unit, ratio: bool) -> str:
         return "-"
     if ratio:
         return f"{value:.2f}×"
-    return f"{value:,.1f}{unit.suffix}" if isinstance(value, float) else f"{value:,}{unit.suffix}"
+    return f"{value:,.{unit.digits}f}{unit.suffix}" if isinstance(value, float) else f"{value:,}{unit.suffix}"
