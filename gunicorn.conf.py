@@ -77,6 +77,9 @@ def on_starting(server):
         server.log.warning("WARNING: DEVICE_SECRETS is not set: every device hello will be refused.")
     if not _config.api_tokens:
         server.log.warning("WARNING: API_TOKENS is not set: the command API answers 401 to everyone.")
+    if not _config.ops_tokens:
+        server.log.warning("WARNING: OPS_TOKENS is not set: /metrics, / and /status.json are OPEN to anyone who "
+                           "can reach the HTTP port (how many devices there are, and where). Set OPS_TOKENS.")
     for variable, port in _skipped:
         server.log.warning(f"WARNING: {variable} is not set and its default port {port} is taken by another "
                            f"program: that listener is OFF. Set {variable} to a free port, or to the empty "

@@ -39,6 +39,7 @@ class Config:
     amqp_url: str = IN_PROCESS_BROKER
     device_secrets: tuple[bytes, ...] = ()
     api_tokens: tuple[str, ...] = ()
+    ops_tokens: tuple[str, ...] = ()  # empty: /metrics, / and /status.json are open (said loudly at start)
     web_concurrency: int = field(default_factory=_cores)
     max_connections: int = 18000
     heartbeat: float = 30.0
@@ -154,6 +155,7 @@ def load(env: Mapping[str, str] | None = None) -> Config:
         amqp_url=_amqp_url(env),
         device_secrets=tuple(s.encode() for s in _list(env, "DEVICE_SECRETS")),
         api_tokens=_list(env, "API_TOKENS"),
+        ops_tokens=_list(env, "OPS_TOKENS") or DEFAULTS.ops_tokens,
         web_concurrency=_int(env, "WEB_CONCURRENCY", _cores(), minimum=1),
         max_connections=_int(env, "MAX_CONNECTIONS", DEFAULTS.max_connections, minimum=1),
         heartbeat=_positive(env, "HEARTBEAT", DEFAULTS.heartbeat),
