@@ -105,7 +105,7 @@ class MqttDecoder:
                 return []
             data = bytes(self._held)
             self._held = b""
-        elif data == _PINGREQ_BYTES:
+        elif data == _PINGREQ_BYTES:  # the commonest feed of all: every device, every keep-alive period
             return [_PING]
         packets: list[Packet] = []
         size = len(data)

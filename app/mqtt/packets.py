@@ -124,8 +124,7 @@ Packet = Connect | Publish | PubAck | PubRec | PubRel | PubComp | Subscribe | Un
 MAX_REMAINING_LENGTH = 268_435_455  # four 7-bit groups: the most a remaining length can say
 PINGRESP = b"\xd0\x00"
 _CONNACKS = {(code, present): bytes((0x20, 2, int(present), code)) for code in range(6) for present in (False, True)}
-_ACK = struct.Struct(">BBH")
-_SMALL_PUBLISH_HEAD = struct.Struct(">BBH")
+_HEAD = struct.Struct(">BBH")  # first byte, a one-byte remaining length, then a packet id or a topic's length
 _U16 = struct.Struct(">H")
 SUBACK_FAILURE = 0x80
 
@@ -176,13 +175,13 @@ def publish(topic: str, payload: bytes, qos: int = 0, packet_id: int | None = No
     else:
         raise ValueError(f"QoS {qos} is not 0, 1 or 2")
     if length < 128:
-        return b"".join((_SMALL_PUBLISH_HEAD.pack(first, length, len(raw)), raw, tail, payload))
+        return b"".join((_HEAD.pack(first, length, len(raw)), raw, tail, payload))
     return b"".join((bytes((first,)), _remaining_length_bytes(length), _U16.pack(len(raw)), raw, tail, payload))
 
 
 def puback(packet_id: int) -> bytes:
     _check_packet_id(packet_id)
-    return _ACK.pack(0x40, 2, packet_id)
+    return _HEAD.pack(0x40, 2, packet_id)
 
 
 def suback(packet_id: int, return_codes: list[int]) -> bytes:
@@ -196,7 +195,7 @@ def suback(packet_id: int, return_codes: list[int]) -> bytes:
 
 def unsuback(packet_id: int) -> bytes:
     _check_packet_id(packet_id)
-    return _ACK.pack(0xB0, 2, packet_id)
+    return _HEAD.pack(0xB0, 2, packet_id)
 
 
 def pingresp() -> bytes:
