@@ -1,151 +1,60 @@
 """Erlang/OTP-style supervision trees for gevent greenlets.
 
-A Supervisor starts its children (greenlets, or other Supervisors) from
+A Supervisor starts its children (greenlets, or child supervisors) from
 ChildSpecs, watches them, and restarts them according to its strategy when
 they exit. If restarts come too fast (more than `max_restarts` within
 `max_seconds`) restarting is evidently not helping: the supervisor stops all
 its children and exits with SupervisorGaveUp, which its own parent sees as a
 crash of that child. Semantics follow Erlang's `supervisor` module.
 
-How it runs: every Supervisor owns one greenlet that does all of its work
-(child exits, API calls, shutdown) one queued job at a time, so its state
-never changes under a running job and no locks are needed. Exit callbacks run
-in the gevent hub, where nothing may block, so they only queue a job. The one
-exception is a temporary simple_one_for_one child: it is never restarted, so
-start_child starts it in the caller (even a hub callback, such as gevent's
-accept) and its exit callback drops it from the children dict directly (both
-O(1)), which keeps tens of thousands of short-lived session greenlets cheap.
+How it runs: every Supervisor is an app.actor.Actor, whose one greenlet does
+all of its work (child exits, API calls, shutdown) one queued job at a time,
+so its state never changes under a running job and no locks are needed. Exit
+callbacks run in the gevent hub, where nothing may block, so they only queue a
+job; and every API call waits for the supervisor's greenlet, so none may come
+from the hub. The children that gevent's accept callback starts, one per
+connection, belong to app.connections.ConnectionSupervisor instead, which
+starts and drops them in O(1) wherever it is called.
+
+Child specs, restart types, shutdown values and the restart budget are in
+app.childspec, how children are stopped in app.child_shutdown, and how
+crashes are reported (Reporter, set_reporter) in app.supervision_reports.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
-from typing import TypeAlias
 
-import gevent
-from gevent.event import AsyncResult
-from gevent.queue import Queue
+from app.actor import Actor
+from app.child_shutdown import shut_down
+from app.childspec import (
+    CHILD_TYPES,
+    RESTART_TYPES,
+    Child,
+    ChildSpec,
+    ChildSupervisor,
+    RestartBudget,
+    SupervisorGaveUp,
+    check_started,
+    require,
+    should_restart,
+)
+from app.supervision_reports import Reporter, report_crash, report_gave_up, report_restart, set_reporter
+
+# Part of this module's API, though defined in app.childspec and app.supervision_reports.
+__all__ = ["CHILD_TYPES", "RESTART_TYPES", "STRATEGIES", "Child", "ChildSpec", "ChildSupervisor", "Reporter",
+           "Supervisor", "SupervisorGaveUp", "report_crash", "set_reporter"]
 
 log = logging.getLogger("warren.supervisor")
 
-Child: TypeAlias = "gevent.Greenlet | Supervisor"
-
-RESTART_TYPES = ("permanent", "transient", "temporary")
-CHILD_TYPES = ("worker", "supervisor")
 STRATEGIES = ("one_for_one", "one_for_all", "rest_for_one", "simple_one_for_one")
 
-_STOP = object()  # queued by stop(): the supervisor greenlet's signal to wind down
 
-
-class SupervisorGaveUp(Exception):
-    """Restarts exceeded the budget; the parent treats this as a crash of the supervisor."""
-
-    def __init__(self, supervisor: str, child_id: str, reason: BaseException | None) -> None:
-        super().__init__(
-            f"supervisor {supervisor!r} gave up: restart budget exhausted "
-            f"(last exit: child {child_id!r}, reason {reason!r})"
-        )
-        self.supervisor = supervisor
-        self.child_id = child_id
-        self.reason = reason
-
-
-class _ShutdownKill(BaseException):
-    """Thrown into a child that outlived its shutdown grace period.
-
-    Deliberately not a GreenletExit, so that the `except GreenletExit` handler
-    which made the child ignore its first shutdown request does not catch it.
-    """
-
-
-class Reporter:
-    """The process-wide hook for crash metrics and error tracking.
-
-    Subclass it and override what you need. Every method is a no-op here,
-    because the supervisor already logs each of these events.
-    """
-
-    def crash(self, supervisor: str, child_id: str, exc: BaseException) -> None:
-        """A child exited abnormally, or its start function raised during a restart."""
-
-    def restart(self, supervisor: str, child_id: str) -> None:
-        """A restart was charged to the budget and is being performed."""
-
-    def gave_up(self, supervisor: str, exc: SupervisorGaveUp) -> None:
-        """The supervisor exhausted its restart budget and is exiting."""
-
-
-_reporter = Reporter()
-
-
-def set_reporter(reporter: Reporter | None) -> None:
-    """Install the process-wide reporter; None restores the silent default."""
-    global _reporter
-    _reporter = reporter if reporter is not None else Reporter()
-
-
-def _notify(hook: Callable[..., None], *args: object) -> None:
-    """Call a reporter hook: a broken reporter must never break supervision."""
-    try:
-        hook(*args)
-    except Exception:
-        log.exception("supervisor reporter hook %s failed", getattr(hook, "__name__", hook))
-
-
-@dataclass(frozen=True)
-class ChildSpec:
-    """How to start one child and what to do when it exits (Erlang's child spec).
-
-    `start(*args)` must return an already-started greenlet or a started
-    Supervisor, and should return quickly: it runs in the supervisor's
-    greenlet, which handles nothing else meanwhile.
-    """
-
-    id: str
-    start: Callable[..., Child]
-    args: tuple = ()
-    restart: str = "permanent"
-    shutdown: float | str = 5.0
-    type: str = "worker"
-
-    def __post_init__(self) -> None:
-        _require(isinstance(self.id, str) and self.id != "", "id", "a non-empty string", self.id)
-        _require(callable(self.start), "start", "callable", self.start)
-        _require(isinstance(self.args, tuple), "args", "a tuple", self.args)
-        _require(self.restart in RESTART_TYPES, "restart", f"one of {RESTART_TYPES}", self.restart)
-        _require(
-            _is_valid_shutdown(self.shutdown),
-            "shutdown",
-            "'brutal_kill', 'infinity' or a number of seconds >= 0",
-            self.shutdown,
-        )
-        _require(self.type in CHILD_TYPES, "type", f"one of {CHILD_TYPES}", self.type)
-
-
-def _require(ok: bool, field: str, expected: str, value: object) -> None:
-    if not ok:
-        raise ValueError(f"{field} must be {expected}, got {value!r}")
-
-
-def _is_valid_shutdown(shutdown: object) -> bool:
-    if shutdown in ("brutal_kill", "infinity"):
-        return True
-    is_number = isinstance(shutdown, (int, float)) and not isinstance(shutdown, bool)
-    return is_number and 0 <= shutdown < math.inf
-
-
-def _should_restart(restart: str, reason: BaseException | None) -> bool:
-    """permanent: always; transient: only after a crash; temporary: never."""
-    return restart == "permanent" or (restart == "transient" and reason is not None)
-
-
-class Supervisor:
+class Supervisor(Actor):
     """Starts children, restarts them per its strategy, and gives up when restarts come too fast.
 
     `clock` exists so tests can drive the restart budget with a fake clock.
@@ -161,15 +70,12 @@ class Supervisor:
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        _check_supervisor_args(strategy, children, max_restarts, max_seconds)
-        self.name = name
+        _check_children(strategy, children)
+        super().__init__(name)
         self.strategy = strategy
-        self.exception: SupervisorGaveUp | None = None
         self.restarts_total = 0
-        self._max_restarts = max_restarts
-        self._max_seconds = max_seconds
-        self._clock = clock
-        self._restart_times: deque[float] = deque()
+        self._budget = RestartBudget(max_restarts, max_seconds, clock)
+        self._gave_up: SupervisorGaveUp | None = None
         dynamic = strategy == "simple_one_for_one"
         # simple_one_for_one: one template, no static specs; otherwise specs in start order.
         self._template: ChildSpec | None = children[0] if dynamic else None
@@ -177,17 +83,12 @@ class Supervisor:
         # Every running child -> the spec it was started from. A child is removed
         # from here *before* the supervisor stops it, so that exit is not a crash.
         self._running: dict[Child, ChildSpec] = {}
-        self._forget_in_hub = dynamic and children[0].restart == "temporary"
-        self._inbox: Queue = Queue()
-        self._greenlet = gevent.Greenlet(self._serve)
 
     # ----- public API -------------------------------------------------------
 
     def start(self) -> Supervisor:
         """Start the static children in order; if one fails, stop the others and raise its error."""
-        if self._greenlet or self._greenlet.dead:
-            raise RuntimeError(f"supervisor {self.name!r} was already started")
-        self._greenlet.start()
+        self._start_greenlet()
         try:
             self._call(self._start_initial_children)
         except Exception:
@@ -197,13 +98,6 @@ class Supervisor:
 
     def start_child(self, *spec_or_args: object) -> Child:
         """Add and start a child: a ChildSpec, or for simple_one_for_one the extra start args."""
-        if self._forget_in_hub:
-            # Temporary dynamic children never involve the supervisor's loop again, so
-            # start them right here: O(1), no switch, and callable from a hub callback
-            # (gevent's accept callback starts one per connection).
-            if not self._greenlet:
-                raise RuntimeError(f"supervisor {self.name!r} is not running")
-            return self._launch(self._template, spec_or_args)
         if self._template is not None:
             return self._call(self._start_dynamic_child, spec_or_args)
         if len(spec_or_args) != 1 or not isinstance(spec_or_args[0], ChildSpec):
@@ -225,81 +119,40 @@ class Supervisor:
         self._call(self._delete_child, child_id)
 
     def which_children(self) -> list[tuple[str, Child | None, str]]:
-        """(id, child or None if not running, type) for every child, in start order."""
-        if self._template is not None:
-            return [(self._child_name(child, spec), child, spec.type) for child, spec in self._running.items()]
-        running = self._running_by_id()
-        return [(spec.id, running.get(spec.id), spec.type) for spec in self._specs.values()]
+        """(id, child or None if not running, type) for every child, in start order.
+
+        As in Erlang it is a call: answered in turn, after every exit the supervisor was told of before it.
+        """
+        return self._read(self._which_children)
 
     def count_children(self) -> dict[str, int]:
-        """Erlang's count_children; for simple_one_for_one each running child counts as a spec."""
-        if self._template is not None:
-            total = len(self._running)
-            supervisors = total if self._template.type == "supervisor" else 0
-            return _counts(specs=total, active=total, supervisors=supervisors)
-        supervisors = sum(spec.type == "supervisor" for spec in self._specs.values())
-        return _counts(specs=len(self._specs), active=len(self._running), supervisors=supervisors)
+        """Erlang's count_children (a call, like which_children); for simple_one_for_one each running child is a spec."""
+        return self._read(self._count_children)
 
     def stop(self, reason: object = None) -> None:
         """Stop children in reverse start order, then exit normally. Returns once all is down."""
-        self._refuse_own_greenlet()
-        if not self._greenlet:  # never started, or already exited
-            self._greenlet.kill()  # an unstarted supervisor must never start later
-            return
-        log.info("supervisor %s stopping (reason: %s)", self.name, reason)
-        self._inbox.put(_STOP)
-        self._greenlet.join()
+        if self._greenlet:
+            log.info("supervisor %s stopping (reason: %s)", self.name, reason)
+        super().stop()
 
-    def wait(self, timeout: float | None = None) -> bool:
-        """Block until the supervisor exits; raise SupervisorGaveUp if it gave up.
-
-        Returns True once it has exited normally, False if the timeout expired first.
-        """
-        self._greenlet.join(timeout)
-        if not self._greenlet.dead:
-            return False
-        if self.exception is not None:
-            raise self.exception
-        return True
-
-    def rawlink(self, callback: Callable[[Supervisor], object]) -> None:
-        """Call callback(self) in the hub once the supervisor has exited, like Greenlet.rawlink."""
-        self._greenlet.rawlink(lambda _greenlet: callback(self))
+    @property
+    def exception(self) -> BaseException | None:
+        """SupervisorGaveUp once it gave up (or the error of a bug in the supervisor itself); else None."""
+        return self._gave_up or super().exception
 
     # ----- the supervisor's greenlet ----------------------------------------
 
-    def _serve(self) -> None:
-        """Body of the supervisor greenlet: handle jobs until stopped or over budget, then stop children."""
-        try:
-            self._handle_jobs()
-        except SupervisorGaveUp as exc:
-            self.exception = exc
-            log.error("supervisor %s gave up: %s", self.name, exc)
-            _notify(_reporter.gave_up, self.name, exc)
-        finally:
-            self._terminate_all()
-        log.info("supervisor %s exited", self.name)
-
     def _handle_jobs(self) -> None:
-        while (job := self._inbox.get()) is not _STOP:
-            job()
+        """Handle jobs until stopped or over budget; then Actor._serve has _wind_down stop the children."""
+        try:
+            super()._handle_jobs()
+        except SupervisorGaveUp as exc:
+            self._gave_up = exc
+            report_gave_up(self.name, exc)
 
-    def _call(self, function: Callable[..., object], *args: object) -> object:
-        """Run function(*args) as a job in the supervisor greenlet and return (or raise) its result."""
-        self._refuse_own_greenlet()
-        if not self._greenlet:
-            raise RuntimeError(f"supervisor {self.name!r} is not running")
-        reply = AsyncResult()
-        self._inbox.put(partial(_run_for_caller, reply, function, args))
-        gevent.wait([reply, self._greenlet], count=1)
-        if not reply.ready():
-            raise RuntimeError(f"supervisor {self.name!r} exited before handling the call")
-        return reply.get()
-
-    def _refuse_own_greenlet(self) -> None:
-        """The supervisor greenlet would wait for itself forever (e.g. a start function calling stop)."""
-        if gevent.getcurrent() is self._greenlet:
-            raise RuntimeError(f"calling supervisor {self.name!r} from its own greenlet would deadlock")
+    def _wind_down(self) -> None:
+        self._terminate_all()
+        log.info("supervisor %s exited", self.name)
 
     def _refuse_if_dynamic(self, operation: str) -> None:
         if self._template is not None:
@@ -326,7 +179,7 @@ class Supervisor:
     def _launch(self, spec: ChildSpec, extra_args: tuple = ()) -> Child:
         """Call the start function and begin watching the child it returned."""
         child = spec.start(*spec.args, *extra_args)
-        _check_started(child, spec.id)
+        check_started(child, spec.id)
         self._running[child] = spec
         child.rawlink(self._on_child_exit)
         return child
@@ -354,17 +207,7 @@ class Supervisor:
 
     def _on_child_exit(self, child: Child) -> None:
         """Runs in the hub, where nothing may block: record the exit for the supervisor greenlet."""
-        if self._forget_in_hub:
-            self._forget_temporary(child)
-        else:
-            self._inbox.put(partial(self._handle_exit, child))
-
-    def _forget_temporary(self, child: Child) -> None:
-        """Drop an exited temporary dynamic child in O(1); only a crash report needs a job."""
-        spec = self._running.pop(child, None)
-        if spec is not None and child.exception is not None:
-            name = self._child_name(child, spec)
-            self._inbox.put(partial(self._report_crash, name, child.exception))
+        self._post(partial(self._handle_exit, child))
 
     def _handle_exit(self, child: Child) -> None:
         spec = self._running.pop(child, None)
@@ -372,30 +215,20 @@ class Supervisor:
             return  # we stopped it ourselves, or it was already replaced by a restart
         reason, name = child.exception, self._child_name(child, spec)
         if reason is not None:
-            self._report_crash(name, reason)
-        if not _should_restart(spec.restart, reason):
+            report_crash(self.name, name, reason)
+        if not should_restart(spec.restart, reason):
             if spec.restart == "temporary":
                 self._specs.pop(spec.id, None)
             return
         self._charge_restart(name, reason)
         self._recover(spec)
 
-    def _report_crash(self, child_name: str, exc: BaseException) -> None:
-        log.error("supervisor %s: child %s crashed: %r", self.name, child_name, exc, exc_info=exc)
-        _notify(_reporter.crash, self.name, child_name, exc)
-
     def _charge_restart(self, child_name: str, reason: BaseException | None) -> None:
-        """Record a restart in the sliding window; more than max_restarts in it means giving up."""
-        now = self._clock()
-        window = self._restart_times
-        window.append(now)
-        while now - window[0] > self._max_seconds:
-            window.popleft()
-        if len(window) > self._max_restarts:
+        """Charge a restart to the budget; one more than it allows means giving up."""
+        if not self._budget.charge():
             raise SupervisorGaveUp(self.name, child_name, reason) from reason
         self.restarts_total += 1
-        log.warning("supervisor %s: restarting child %s", self.name, child_name)
-        _notify(_reporter.restart, self.name, child_name)
+        report_restart(self.name, child_name)
 
     def _recover(self, failed: ChildSpec) -> None:
         """Restart per strategy; a start function that raises is one more crash, charged like any other."""
@@ -404,7 +237,7 @@ class Supervisor:
             if failure is None:
                 return
             failed, exc = failure
-            self._report_crash(failed.id, exc)
+            report_crash(self.name, failed.id, exc)
             self._charge_restart(failed.id, exc)
 
     def _take_down_for_restart(self, failed: ChildSpec) -> list[ChildSpec]:
@@ -451,7 +284,7 @@ class Supervisor:
     def _terminate(self, child: Child) -> None:
         """Forget the child first, so its exit is not taken for a crash, then stop it."""
         spec = self._running.pop(child)
-        _shut_down([child], spec.shutdown, self.name)
+        shut_down([child], spec.shutdown, self.name)
 
     def _terminate_all(self) -> None:
         """Stop every child, last started first.
@@ -465,9 +298,23 @@ class Supervisor:
                 self._terminate(child)
             return
         self._running.clear()
-        _shut_down(children, self._template.shutdown, self.name)
+        shut_down(children, self._template.shutdown, self.name)
 
     # ----- lookups ----------------------------------------------------------
+
+    def _which_children(self) -> list[tuple[str, Child | None, str]]:
+        if self._template is not None:
+            return [(self._child_name(child, spec), child, spec.type) for child, spec in self._running.items()]
+        running = self._running_by_id()
+        return [(spec.id, running.get(spec.id), spec.type) for spec in self._specs.values()]
+
+    def _count_children(self) -> dict[str, int]:
+        if self._template is not None:
+            total = len(self._running)
+            supervisors = total if self._template.type == "supervisor" else 0
+            return _counts(specs=total, active=total, supervisors=supervisors)
+        supervisors = sum(spec.type == "supervisor" for spec in self._specs.values())
+        return _counts(specs=len(self._specs), active=len(self._running), supervisors=supervisors)
 
     def _spec(self, child_id: str) -> ChildSpec:
         try:
@@ -495,82 +342,15 @@ class Supervisor:
 # ----- helpers ----------------------------------------------------------------
 
 
-def _check_supervisor_args(strategy: str, children: Sequence[ChildSpec], max_restarts: int, max_seconds: float) -> None:
-    _require(strategy in STRATEGIES, "strategy", f"one of {STRATEGIES}", strategy)
-    _require(all(isinstance(spec, ChildSpec) for spec in children), "children", "ChildSpecs", children)
+def _check_children(strategy: str, children: Sequence[ChildSpec]) -> None:
+    require(strategy in STRATEGIES, "strategy", f"one of {STRATEGIES}", strategy)
+    require(all(isinstance(spec, ChildSpec) for spec in children), "children", "ChildSpecs", children)
     if strategy == "simple_one_for_one":
-        _require(len(children) == 1, "children", "exactly one template spec", children)
+        require(len(children) == 1, "children", "exactly one template spec", children)
     ids = [spec.id for spec in children]
-    _require(len(set(ids)) == len(ids), "children", "specs with unique ids", ids)
-    _require(isinstance(max_restarts, int) and max_restarts >= 0, "max_restarts", "an int >= 0", max_restarts)
-    _require(isinstance(max_seconds, (int, float)) and max_seconds > 0, "max_seconds", "a number > 0", max_seconds)
+    require(len(set(ids)) == len(ids), "children", "specs with unique ids", ids)
 
 
 def _counts(specs: int, active: int, supervisors: int) -> dict[str, int]:
     return {"specs": specs, "active": active, "supervisors": supervisors, "workers": specs - supervisors}
 
-
-def _run_for_caller(reply: AsyncResult, function: Callable[..., object], args: tuple) -> None:
-    """A job: run function in the supervisor greenlet, hand result or error back to the caller."""
-    try:
-        reply.set(function(*args))
-    except Exception as exc:  # noqa: BLE001 - handed to the caller, who re-raises it
-        reply.set_exception(exc)
-
-
-def _greenlet_of(child: Child) -> gevent.Greenlet:
-    return child._greenlet if isinstance(child, Supervisor) else child
-
-
-def _check_started(child: object, child_id: str) -> None:
-    """An unstarted greenlet would never exit and the supervisor would wait on it forever."""
-    greenlet = _greenlet_of(child) if isinstance(child, (gevent.Greenlet, Supervisor)) else None
-    if greenlet is None or not (greenlet or greenlet.dead):
-        raise TypeError(
-            f"start function of child {child_id!r} must return a started greenlet or Supervisor, got {child!r}"
-        )
-
-
-def _ask_to_exit(child: Child) -> None:
-    if isinstance(child, Supervisor):
-        child._inbox.put(_STOP)
-    else:
-        child.kill(block=False)
-
-
-def _grace_seconds(shutdown: float | str) -> float | None:
-    """brutal_kill gets one turn of the event loop; infinity waits forever (None)."""
-    if shutdown == "brutal_kill":
-        return 0
-    if shutdown == "infinity":
-        return None
-    return float(shutdown)
-
-
-def _shut_down(children: list[Child], shutdown: float | str, supervisor: str) -> None:
-    """Ask children to exit, wait out one shared grace period, then kill the stragglers and abandon them.
-
-    Stragglers are greenlets that caught GreenletExit and carried on (or, for
-    brutal_kill, were still cleaning up after one turn of the event loop).
-    """
-    for child in children:
-        _ask_to_exit(child)
-    with gevent.Timeout(_grace_seconds(shutdown), False):
-        for child in children:
-            _greenlet_of(child).join()
-    stragglers = [child for child in children if not _greenlet_of(child).dead]
-    if not stragglers:
-        return
-    if shutdown != "brutal_kill":
-        log.warning(
-            "supervisor %s: %d child(ren) still running %ss after shutdown request; killing and abandoning: %r",
-            supervisor,
-            len(stragglers),
-            shutdown,
-            stragglers[:5],
-        )
-    for child in stragglers:
-        # A supervisor is left to finish stopping its own children in the background.
-        if not isinstance(child, Supervisor):
-            child.kill(_ShutdownKill, block=False)
-    gevent.sleep(0)  # one turn of the loop, so the kills land before we go on
