@@ -241,7 +241,7 @@ class _Reader:
 
     def finish(self, what: str) -> None:
         if self.pos != self.end:
-            raise _malformed(f"{self.end - self.pos} bytes left over after the {what}")
+            raise _malformed(f"bytes left over after the {what}")
 
 
 def _connect(first: int, data: bytes, start: int, end: int) -> Connect:

@@ -208,59 +208,94 @@ def test_encoders_refuse_what_the_standard_forbids(call) -> None:
 
 # --- malformed input ---------------------------------------------------------------------------------
 
-MALFORMED = {
-    "remaining length of 5 bytes": b"\x30\xff\xff\xff\xff\x01",
-    "CONNACK": b"\x20", "SUBACK": b"\x90", "UNSUBACK": b"\xb0", "PINGRESP": b"\xd0", "type 0": b"\x00",
-    "type 15": b"\xf0",
-    "CONNECT flags": b"\x11", "PUBACK flags": b"\x41", "PUBREC flags": b"\x52", "PUBREL flags 0": b"\x60",
-    "PUBCOMP flags": b"\x78", "SUBSCRIBE flags 0": b"\x80", "SUBSCRIBE flags 3": b"\x83",
-    "UNSUBSCRIBE flags": b"\xa0", "PINGREQ flags": b"\xc1", "DISCONNECT flags": b"\xe8",
-    "PUBLISH QoS 3": b"\x36", "PUBLISH QoS 3 retained": b"\x3f", "DUP on QoS 0": b"\x38",
-    "PINGREQ with a body": b"\xc0\x01", "DISCONNECT with a body": b"\xe0\x02", "PUBACK of 3 bytes": b"\x40\x03",
-    "PUBREL of 1 byte": b"\x62\x01",
-    "PUBACK id 0": frame(0x40, u16(0)), "PUBCOMP id 0": frame(0x70, u16(0)),
-    "PUBLISH without topic": frame(0x30, b"\x00"), "PUBLISH empty topic": frame(0x30, string("") + b"x"),
-    "PUBLISH topic past end": frame(0x30, b"\x00\x09abc"),
-    "PUBLISH QoS 1 without id": frame(0x32, string("a") + b"\x01"), "PUBLISH id 0": frame(0x32, string("a") + u16(0)),
-    "topic +": frame(0x30, string("a/+")), "topic #": frame(0x30, string("a/#")),
-    "topic U+0000": frame(0x30, string("a\0b")), "topic bad UTF-8": frame(0x30, string(b"\xff")),
-    "topic overlong NUL": frame(0x30, string(b"\xc0\x80")), "topic surrogate": frame(0x30, string(b"\xed\xa0\x80")),
-    "topic truncated UTF-8": frame(0x30, string(b"\xe2\x82")),
-    "protocol MQIsdp": connect(name="MQIsdp", level=3), "protocol mqtt": connect(name="mqtt"),
-    "protocol name bad UTF-8": connect(name=b"MQ\xff"), "CONNECT empty": frame(0x10),
-    "CONNECT ends at level": frame(0x10, string("MQTT") + b"\x04"),
-    "reserved connect flag": connect(flags=0x03), "will QoS without will": connect(flags=0x0A),
-    "will retain without will": connect(flags=0x22), "will QoS 3": connect(will=("a", b"", 3, False)),
-    "will topic #": connect(will=("events/#", b"", 0, False)), "will topic empty": connect(will=("", b"", 0, False)),
-    "will without message": connect(flags=0x06, tail=string("a")),
-    "username flag without username": connect(flags=0x82),
-    "password flag without password": connect(username="u", flags=0xC2),
-    "bytes after CONNECT": connect(tail=b"\x00"), "client id U+0000": connect("a\0"),
-    "client id bad UTF-8": connect(b"\xfe"), "username bad UTF-8": connect(username=b"\x80"),
-    "SUBSCRIBE no filter": frame(0x82, u16(1)), "SUBSCRIBE id 0": subscribe(0, [("a", 0)]),
-    "SUBSCRIBE QoS 3": subscribe(1, [("a", 3)]), "SUBSCRIBE reserved QoS bits": subscribe(1, [("a", 0x04)]),
-    "SUBSCRIBE without QoS": frame(0x82, u16(1) + string("a")), "SUBSCRIBE empty filter": subscribe(1, [("", 0)]),
-    "SUBSCRIBE a/#/b": subscribe(1, [("a/#/b", 0)]), "SUBSCRIBE a#": subscribe(1, [("a#", 0)]),
-    "SUBSCRIBE a+/b": subscribe(1, [("a+/b", 0)]), "SUBSCRIBE filter U+0000": subscribe(1, [("a\0", 0)]),
-    "SUBSCRIBE one good one bad": subscribe(1, [("a", 1), ("b", 0x81)]),
-    "UNSUBSCRIBE no filter": frame(0xA2, u16(1)), "UNSUBSCRIBE id 0": unsubscribe(0, ["a"]),
-    "UNSUBSCRIBE +a": unsubscribe(1, ["+a"]), "UNSUBSCRIBE past end": frame(0xA2, u16(1) + b"\x00\x05ab"),
+MALFORMED = {  # what is wrong: (the bytes, what the error says)
+    "remaining length of 5 bytes": (b"\x30\xff\xff\xff\xff\x01", "remaining length longer than 4 bytes"),
+    "CONNACK": (b"\x20", "packet type 2 is not one a client sends"),
+    "SUBACK": (b"\x90", "packet type 9 is not one a client sends"),
+    "UNSUBACK": (b"\xb0", "packet type 11 is not one a client sends"),
+    "PINGRESP": (b"\xd0", "packet type 13 is not one a client sends"),
+    "type 0": (b"\x00", "packet type 0 is not one a client sends"),
+    "type 15": (b"\xf0", "packet type 15 is not one a client sends"),
+    "CONNECT flags": (b"\x11", "reserved flags 0b0001 on packet type 1"),
+    "PUBACK flags": (b"\x41", "reserved flags 0b0001 on packet type 4"),
+    "PUBREC flags": (b"\x52", "reserved flags 0b0010 on packet type 5"),
+    "PUBREL flags 0": (b"\x60", "reserved flags 0b0000 on packet type 6"),
+    "PUBCOMP flags": (b"\x78", "reserved flags 0b1000 on packet type 7"),
+    "SUBSCRIBE flags 0": (b"\x80", "reserved flags 0b0000 on packet type 8"),
+    "SUBSCRIBE flags 3": (b"\x83", "reserved flags 0b0011 on packet type 8"),
+    "UNSUBSCRIBE flags": (b"\xa0", "reserved flags 0b0000 on packet type 10"),
+    "PINGREQ flags": (b"\xc1", "reserved flags 0b0001 on packet type 12"),
+    "DISCONNECT flags": (b"\xe8", "reserved flags 0b1000 on packet type 14"),
+    "PUBLISH QoS 3": (b"\x36", "PUBLISH with QoS 3"),
+    "PUBLISH QoS 3 retained": (b"\x3f", "PUBLISH with QoS 3"),
+    "DUP on QoS 0": (b"\x38", "DUP set on a QoS 0 PUBLISH"),
+    "PINGREQ with a body": (b"\xc0\x01", "packet type 12 has remaining length 1, not 0"),
+    "DISCONNECT with a body": (b"\xe0\x02", "packet type 14 has remaining length 2, not 0"),
+    "PUBACK of 3 bytes": (b"\x40\x03", "packet type 4 has remaining length 3, not 2"),
+    "PUBREL of 1 byte": (b"\x62\x01", "packet type 6 has remaining length 1, not 2"),
+    "PUBACK id 0": (frame(0x40, u16(0)), "packet identifier 0"),
+    "PUBCOMP id 0": (frame(0x70, u16(0)), "packet identifier 0"),
+    "PUBLISH without topic": (frame(0x30, b"\x00"), "PUBLISH ends before its topic name"),
+    "PUBLISH empty topic": (frame(0x30, string("") + b"x"), "topic name is empty"),
+    "PUBLISH topic past end": (frame(0x30, b"\x00\x09abc"), "PUBLISH ends inside its topic"),
+    "PUBLISH QoS 1 without id": (frame(0x32, string("a") + b"\x01"), "PUBLISH ends inside its topic"),
+    "PUBLISH id 0": (frame(0x32, string("a") + u16(0)), "packet identifier 0"),
+    "topic +": (frame(0x30, string("a/+")), "topic name holds a wildcard"),
+    "topic #": (frame(0x30, string("a/#")), "topic name holds a wildcard"),
+    "topic U+0000": (frame(0x30, string("a\0b")), "topic name holds U+0000"),
+    "topic bad UTF-8": (frame(0x30, string(b"\xff")), "topic name is not well-formed UTF-8"),
+    "topic overlong NUL": (frame(0x30, string(b"\xc0\x80")), "topic name is not well-formed UTF-8"),
+    "topic surrogate": (frame(0x30, string(b"\xed\xa0\x80")), "topic name is not well-formed UTF-8"),
+    "topic truncated UTF-8": (frame(0x30, string(b"\xe2\x82")), "topic name is not well-formed UTF-8"),
+    "protocol MQIsdp": (connect(name="MQIsdp", level=3), "protocol name"),
+    "protocol mqtt": (connect(name="mqtt"), "protocol name"),
+    "protocol name bad UTF-8": (connect(name=b"MQ\xff"), "protocol name is not well-formed UTF-8"),
+    "CONNECT empty": (frame(0x10), "packet ends before its protocol name"),
+    "CONNECT ends at level": (frame(0x10, string("MQTT") + b"\x04"), "packet ends before its connect flags"),
+    "reserved connect flag": (connect(flags=0x03), "reserved connect flag set"),
+    "will QoS without will": (connect(flags=0x0A), "will QoS or retain set without the will flag"),
+    "will retain without will": (connect(flags=0x22), "will QoS or retain set without the will flag"),
+    "will QoS 3": (connect(will=("a", b"", 3, False)), "will QoS 3"),
+    "will topic #": (connect(will=("events/#", b"", 0, False)), "will topic holds a wildcard"),
+    "will topic empty": (connect(will=("", b"", 0, False)), "will topic is empty"),
+    "will without message": (connect(flags=0x06, tail=string("a")), "packet ends before its will message"),
+    "username flag without username": (connect(flags=0x82), "packet ends before its user name"),
+    "password flag without password": (connect(username="u", flags=0xC2), "packet ends before its password"),
+    "bytes after CONNECT": (connect(tail=b"\x00"), "bytes left over after the CONNECT payload"),
+    "client id U+0000": (connect("a\0"), "client identifier holds U+0000"),
+    "client id bad UTF-8": (connect(b"\xfe"), "client identifier is not well-formed UTF-8"),
+    "username bad UTF-8": (connect(username=b"\x80"), "user name is not well-formed UTF-8"),
+    "SUBSCRIBE no filter": (frame(0x82, u16(1)), "SUBSCRIBE without a topic filter"),
+    "SUBSCRIBE id 0": (subscribe(0, [("a", 0)]), "packet identifier 0"),
+    "SUBSCRIBE QoS 3": (subscribe(1, [("a", 3)]), "requested QoS byte 0x03"),
+    "SUBSCRIBE reserved QoS bits": (subscribe(1, [("a", 0x04)]), "requested QoS byte 0x04"),
+    "SUBSCRIBE without QoS": (frame(0x82, u16(1) + string("a")), "packet ends before its requested QoS"),
+    "SUBSCRIBE empty filter": (subscribe(1, [("", 0)]), "empty topic filter"),
+    "SUBSCRIBE a/#/b": (subscribe(1, [("a/#/b", 0)]), "misplaced wildcard in topic filter"),
+    "SUBSCRIBE a#": (subscribe(1, [("a#", 0)]), "misplaced wildcard in topic filter"),
+    "SUBSCRIBE a+/b": (subscribe(1, [("a+/b", 0)]), "misplaced wildcard in topic filter"),
+    "SUBSCRIBE filter U+0000": (subscribe(1, [("a\0", 0)]), "topic filter holds U+0000"),
+    "SUBSCRIBE one good one bad": (subscribe(1, [("a", 1), ("b", 0x81)]), "requested QoS byte 0x81"),
+    "UNSUBSCRIBE no filter": (frame(0xA2, u16(1)), "UNSUBSCRIBE without a topic filter"),
+    "UNSUBSCRIBE id 0": (unsubscribe(0, ["a"]), "packet identifier 0"),
+    "UNSUBSCRIBE +a": (unsubscribe(1, ["+a"]), "misplaced wildcard in topic filter"),
+    "UNSUBSCRIBE past end": (frame(0xA2, u16(1) + b"\x00\x05ab"), "topic filter runs past the end of its packet"),
 }
 
 
-@pytest.mark.parametrize("data", MALFORMED.values(), ids=MALFORMED.keys())
-def test_malformed_packets_are_bad_frames(data: bytes) -> None:
+@pytest.mark.parametrize(("data", "reason"), MALFORMED.values(), ids=MALFORMED.keys())
+def test_malformed_packets_are_bad_frames(data: bytes, reason: str) -> None:
     decoder = MqttDecoder(LIMIT)
     with pytest.raises(MqttError) as caught:
         decoder.feed(data)
-    assert caught.value.code == "bad_frame"
+    assert caught.value.code == "bad_frame" and reason in caught.value.message
     with pytest.raises(MqttError) as again:  # dead: the connection is to be closed
         decoder.feed(b"\xc0\x00")
     assert again.value.code == "bad_frame"
 
 
 def test_refused_from_the_header_without_waiting_for_the_body() -> None:
-    """Every case above whose fault is in its first bytes is refused from those bytes alone."""
+    """A fault in the fixed header is refused from the header alone, with no body yet."""
     for data in (b"\x20", b"\x36", b"\xc0\x01", b"\x40\x03", b"\x30\xff\xff\xff\xff"):
         with pytest.raises(MqttError):
             MqttDecoder(LIMIT).feed(data)
