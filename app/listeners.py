@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import gevent
@@ -37,8 +36,6 @@ if TYPE_CHECKING:
     from app.sessions.ports import Backend, Host
 
 log = logging.getLogger("warren.listeners")
-
-Spawn = Callable[..., gevent.Greenlet]
 
 
 class DeviceHandlers:
@@ -110,19 +107,20 @@ class WebSocketHandler(PyWSGIHandler):
             self.write(f"{exc}\n".encode())
 
 
-def build_servers(sockets: list[Any], config: Config, devices: DeviceHandlers, wsgi: Any, spawn: Spawn,
+def build_servers(sockets: list[Any], config: Config, devices: DeviceHandlers, wsgi: Any,
                   gunicorn_log: Any) -> list[BaseServer]:
-    """One gevent server per gunicorn listen socket, by the port it is bound to."""
+    """One gevent server per gunicorn listen socket, by the port it is bound to; not started, and with no
+    `spawn` yet: the connection supervisor that adopts them sets it."""
     servers: list[BaseServer] = []
     for sock in sockets:
         sock.setblocking(1)
         port = sock.getsockname()[1]
         if port == config.device_port:
-            server: BaseServer = StreamServer(sock, handle=devices.tcp, spawn=spawn)
+            server: BaseServer = StreamServer(sock, handle=devices.tcp)
         elif port == config.mqtt_port:
-            server = StreamServer(sock, handle=devices.mqtt, spawn=spawn)
+            server = StreamServer(sock, handle=devices.mqtt)
         else:
-            server = PyWSGIServer(sock, application=wsgi, spawn=spawn, log=gunicorn_log,
+            server = PyWSGIServer(sock, application=wsgi, log=gunicorn_log,
                                   handler_class=WebSocketHandler, environ={"SERVER_SOFTWARE": "warren"})
             server.warren_devices = devices
         server.max_accept = 64

@@ -44,16 +44,14 @@ class WorkerTree:
         self.registry = Registry(config, node_offset=age)
         self.broker = self.registry.broker
         wsgi.attach(self.broker)
-        self.connections = ConnectionSupervisor("connections", config.max_connections + ACCEPT_HEADROOM)
         devices = DeviceHandlers(config, self.registry, self.broker)
-        self.servers = build_servers(sockets, config, devices, wsgi, self.connections.spawn, gunicorn_log)
+        # Each server's `spawn` is set by the connection supervisor that adopts it (`add_listener`).
+        self.servers = build_servers(sockets, config, devices, wsgi, gunicorn_log)
+        self.connections: ConnectionSupervisor | None = None
         self.root: Supervisor | None = None
 
     def start(self) -> None:
         self.root = self._start_root()
-        for server in self.servers:
-            self.connections.add_listener(server)
-            server.start()
         metrics.WORKERS.set(1)
         log.info("worker %s serving %s", os.getpid(),
                  ", ".join(f"{s.server_host}:{s.server_port}" for s in self.servers))
@@ -65,11 +63,21 @@ class WorkerTree:
             ChildSpec("broker", lambda: Supervisor("broker", "rest_for_one", children=links).start(),
                       type="supervisor", shutdown="infinity"),
             ChildSpec("watchdog", lambda: gevent.spawn(self.registry.watchdog.run), shutdown="brutal_kill"),
-            ChildSpec("connections", self.connections.start, type="supervisor", shutdown="infinity"),
+            ChildSpec("connections", self._start_connections, type="supervisor", shutdown="infinity"),
         ]
         root = Supervisor(f"worker-{os.getpid()}", "one_for_one", children=children).start()
         root.rawlink(_root_exited)
         return root
+
+    def _start_connections(self) -> ConnectionSupervisor:
+        """A fresh connection supervisor (also after a restart) that adopts every listener, then starts
+        the listeners that are not yet: no connection is ever accepted outside a supervisor."""
+        self.connections = ConnectionSupervisor("connections", self.config.max_connections + ACCEPT_HEADROOM).start()
+        for server in self.servers:
+            self.connections.add_listener(server)
+            if not server.started:
+                server.start()
+        return self.connections
 
     def shut_down(self, graceful_timeout: float, notify: Callable[[], None]) -> None:
         """Stop accepting, send every session away with a jittered retry_after, drain, stop the tree."""
