@@ -14,9 +14,10 @@ its exit callback drops it, both in O(1); only crash reports, which may do
 I/O, and stopping go through the supervisor's own greenlet.
 
 Like Ranch's max_connections it counts what it holds and caps it: once `open`
-reaches `max_open` its listeners stop accepting, so the kernel's backlog keeps
-further connections for the workers that still have room, and they accept
-again as soon as one ends. The listen sockets themselves are the acceptor
+reaches `max_open` its listeners stop accepting (each as it finds it full,
+through gevent's `full` hook), so the kernel's backlog keeps further
+connections for the workers that still have room, and they accept again as
+soon as one ends. The listen sockets themselves are the acceptor
 pool, shared by every worker (gunicorn forks them in).
 
 It is a child supervisor (app.childspec.ChildSupervisor): give it to a
@@ -36,7 +37,7 @@ import gevent
 from gevent.baseserver import BaseServer
 
 from app.actor import Actor
-from app.child_shutdown import shut_down
+from app.child_shutdown import ShutdownKill, shut_down
 from app.childspec import is_valid_shutdown, require
 from app.metrics import ACCEPT_PAUSED, CONNECTIONS
 from app.supervision_reports import report_crash
@@ -63,7 +64,7 @@ class ConnectionSupervisor(Actor):
         self._children: set[gevent.Greenlet] = set()
         self._listeners: list[BaseServer] = []
         self._taking = False  # True from start() until it begins to stop: spawn accepts children
-        self._paused = False  # the listeners were stopped because it is full
+        self._paused = False  # a listener stopped accepting because it was full, and awaits room
         self._child_exited = self._on_child_exit  # one bound method shared by every child's rawlink
 
     def start(self) -> ConnectionSupervisor:
@@ -82,19 +83,19 @@ class ConnectionSupervisor(Actor):
         return not self._taking or len(self._children) >= self.max_open
 
     def add_listener(self, server: BaseServer) -> None:
-        """Start the server's connections here, and pause its accepting while full.
+        """Start the server's connections here, and have it stop accepting while full.
 
         Sets the server's spawn (so `spawn=` at construction is optional) and
-        its `full` hook, which gevent consults before each accept: that ends an
-        accept batch at the cap, and keeps an accept retried after an error
-        (gevent's back-off timer) from overfilling it.
+        its `full` hook, which gevent consults before each accept, as it would
+        a Pool's: a yes stops that server accepting, even mid-batch or on an
+        accept retried after an error, until an ending connection makes room.
+        A started server accepts again here: it may come from a supervisor
+        that stopped.
         """
         server.set_spawn(self.spawn)
         server.full = self._full
         self._listeners.append(server)
-        if self.full:
-            server.stop_accepting()
-        elif server.started:
+        if server.started:
             server.start_accepting()
 
     def spawn(self, function: Callable[..., object], *args: object) -> gevent.Greenlet:
@@ -103,11 +104,8 @@ class ConnectionSupervisor(Actor):
             raise RuntimeError(f"{self} is not running")
         child = gevent.spawn(function, *args)
         child.rawlink(self._child_exited)
-        children = self._children
-        children.add(child)
+        self._children.add(child)
         CONNECTIONS.inc()
-        if len(children) >= self.max_open and not self._paused:
-            self._pause()
         return child
 
     def request_stop(self) -> None:
@@ -118,7 +116,13 @@ class ConnectionSupervisor(Actor):
     # ----- in the hub -----------------------------------------------------------
 
     def _full(self) -> bool:
-        return self.full
+        """gevent's question before each accept; yes stops that listener, and we owe it a resume."""
+        if not self.full:
+            return False
+        if self._taking and not self._paused:
+            self._paused = True
+            ACCEPT_PAUSED.set(1)
+        return True
 
     def _on_child_exit(self, child: gevent.Greenlet) -> None:
         """Runs in the hub, where nothing may block: drop the child, and queue a crash report."""
@@ -132,12 +136,6 @@ class ConnectionSupervisor(Actor):
             self._resume()
         if child.exception is not None:  # GreenletExit leaves it None: a kill is a normal end
             self._post(partial(report_crash, self.name, CHILD_NAME, child.exception))
-
-    def _pause(self) -> None:
-        self._paused = True
-        ACCEPT_PAUSED.set(1)
-        for server in self._listeners:
-            server.stop_accepting()
 
     def _resume(self) -> None:
         self._paused = False
@@ -164,5 +162,10 @@ class ConnectionSupervisor(Actor):
             ACCEPT_PAUSED.set(0)
         log.info("supervisor %s stopping: ending %d connections", self.name, len(children))
         shut_down(children, self._shutdown, self.name)
-        for report in self._queued_jobs():  # crashes queued after the stop request, before the children were taken
+        for report in self._queued_jobs():  # exits the hub dropped after the stop request, before we took the rest
             report()
+        for child in children:
+            # Killing leaves GreenletExit (no exception) or ShutdownKill; anything else is a crash of its own,
+            # before the stop (its exit callback had yet to run) or in its cleanup.
+            if child.exception is not None and not isinstance(child.exception, ShutdownKill):
+                report_crash(self.name, CHILD_NAME, child.exception)
