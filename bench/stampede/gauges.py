@@ -86,11 +86,15 @@ def listens_on(process: psutil.Process, port: int) -> bool:
 
 
 def rabbit_process() -> psutil.Process | None:
-    """The local RabbitMQ node (its beam.smp process), if one runs here."""
-    for process in psutil.process_iter(["name"]):
-        if process.info["name"] and process.info["name"].startswith("beam"):
-            return process
-    return None
+    """The local RabbitMQ node (its beam.smp process), if one runs here.
+
+    The oldest beam: every `rabbitmqctl` (others run them on a shared machine) is a
+    short-lived beam.smp too, and mistaking one for the node swaps the node's
+    whole memory and CPU in or out of a figure.
+    """
+    beams = [process for process in psutil.process_iter(["name", "create_time"])
+             if (process.info["name"] or "").startswith("beam")]
+    return min(beams, key=lambda process: process.info["create_time"], default=None)
 
 
 def rabbit_rss_mb() -> float | None:
