@@ -1,0 +1,134 @@
+"""What sessions, the registry and the HTTP API see of RabbitMQ (PROTOCOL.md section 5): `Broker`.
+
+    app/broker/
+    ├── __init__.py   Broker, the facade: nothing reaches through it into a link
+    ├── link.py       one connection with its reader and writer greenlets; reconnects, fails over
+    ├── frames.py     the AMQP frames of the hot path, packed and unpacked directly
+    ├── publisher.py  events, presence, replies and commands, with publisher confirms
+    ├── consumer.py   this worker's command queue: bindings, takeover notices, deliveries
+    ├── rpc.py        the HTTP API's commands and their replies
+    └── messages.py   what travels: kinds of message, Command, the bodies (no I/O)
+
+Two links, because RabbitMQ blocks any connection that publishes during a memory or
+disk alarm: events then fail at once on the publisher's, while the consumer's keeps
+delivering commands to devices already bound (consumer.py says what an alarm does
+to it, since takeover notices are published there).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from gevent.event import AsyncResult
+
+from app import metrics
+from app.broker.consumer import CommandConsumer
+from app.broker.link import Link
+from app.broker.messages import (
+    EVENT,
+    PRESENCE,
+    REPLY,
+    Command,
+    MessageIds,
+    Refusal,
+    event_body,
+    reply_body,
+)
+from app.broker.publisher import CONFIRM_TIMEOUT, Done, Publisher
+from app.broker.rpc import RpcClient
+
+__all__ = ["Broker", "Command", "Done"]
+
+log = logging.getLogger("warren.broker")
+
+_REFUSAL_OUTCOMES = {"too_large": "too_large", "bad_command": "malformed"}
+
+
+class Broker:
+    """A worker's RabbitMQ: publish events and presence, take commands, answer them, send them.
+
+    `deliver` (a command for one of our devices) and `takeover` (device, hello time,
+    session id of a session somewhere, ours included) are called in the consumer's
+    reader greenlet and must not block; `live_sessions` lists (device, hello time,
+    session id) of every session, for the announcements after a reconnect.
+    """
+
+    def __init__(self, url: str, *, deliver: Callable[[Command], None], takeover: Callable[[str, float, str], None],
+                 live_sessions: Callable[[], Iterable[tuple[str, float, str]]], max_command_bytes: int,
+                 confirm_timeout: float = CONFIRM_TIMEOUT, amqp_heartbeat: int = 20, node_offset: int = 0) -> None:
+        self._publisher = Publisher(url, heartbeat=amqp_heartbeat, node_offset=node_offset,
+                                    confirm_timeout=confirm_timeout)
+        self._rpc = RpcClient(self._publisher, reply_to=lambda: self._consumer.queue_name)
+        self._consumer = CommandConsumer(url, max_command_bytes=max_command_bytes, deliver=deliver,
+                                         refuse=self._refuse, takeover=takeover,
+                                         reply_received=self._rpc.reply_received, live_sessions=live_sessions,
+                                         heartbeat=amqp_heartbeat, node_offset=node_offset)
+        self._ids = MessageIds()
+        self.links: tuple[Link, ...] = (self._publisher, self._consumer)
+        """In start order; each has `.role` and `.run()`, a greenlet body that returns only when killed."""
+
+    @property
+    def ready(self) -> bool:
+        """Both links connected, neither blocked: events are taken and commands route here."""
+        return self._publisher.accepting and self._consumer.ready
+
+    @property
+    def accepting(self) -> bool:
+        """The publisher takes events right now."""
+        return self._publisher.accepting
+
+    @property
+    def backlog(self) -> int:
+        """Publishes queued or awaiting a confirm."""
+        return self._publisher.backlog
+
+    # -- the device side ----------------------------------------------------------------------
+    def publish_event(self, device: str, session: str, name: str, event_id: str, data: Any, done: Done) -> None:
+        """Persistent, mandatory, confirmed: `done(None)` once RabbitMQ confirmed it and a queue took
+        it, else `done("broker_unavailable")` or `done("unroutable")`. Never blocks."""
+        body = event_body(device, session, event_id, name, data, int(time.time() * 1000))
+        self._publisher.publish(EVENT, f"{device}.{name}", body, (f"{device}/{event_id}/{self._ids.next()}",), done)
+
+    def publish_presence(self, device: str, session: str, what: str, data: Any) -> None:
+        """The `session.<what>` event (its id is the session id); not mandatory, no outcome."""
+        name = f"session.{what}"
+        body = event_body(device, session, session, name, data, int(time.time() * 1000))
+        self._publisher.publish(PRESENCE, f"{device}.{name}", body, (f"{device}/{session}/{self._ids.next()}",))
+
+    def reply(self, command: Command, ok: bool, data: Any = None, error: str | None = None) -> None:
+        """A device's reply (or the gateway's `offline`/`expired`) to the command's sender, if it has one."""
+        if command.reply_to:
+            self._publisher.publish(REPLY, command.reply_to, reply_body(command.device, command.id, ok, data, error),
+                                    (command.correlation_id,))
+
+    def bind(self, device: str) -> None:
+        """Route `device`'s commands to this worker (refcounted with `unbind`)."""
+        self._consumer.bind(device)
+
+    def unbind(self, device: str) -> None:
+        self._consumer.unbind(device)
+
+    def announce(self, device: str, started: float, session_id: str) -> None:
+        """Publish a takeover notice after this device's bind; ours coming back proves the bind."""
+        self._consumer.announce(device, started, session_id)
+
+    def give_up(self, reason: str) -> int:
+        """Answer every publish awaiting a confirm with `reason` now; returns how many."""
+        return self._publisher.give_up(reason)
+
+    # -- the backend side (the HTTP API) --------------------------------------------------------
+    def send_command(self, device: str, name: str, data: Any, timeout: float) -> AsyncResult:
+        """A command to whichever worker holds `device`; resolves to {"ok", "data", "error"}."""
+        return self._rpc.send_command(device, name, data, timeout)
+
+    # -- from the consumer's reader ---------------------------------------------------------------
+    def _refuse(self, refusal: Refusal) -> None:
+        log.warning("command %s for %s refused: %s", refusal.id, refusal.device, refusal.error)
+        metrics.COMMANDS.labels(outcome=_REFUSAL_OUTCOMES[refusal.error]).inc()
+        if refusal.reply_to:
+            self._publisher.publish(REPLY, refusal.reply_to,
+                                    reply_body(refusal.device, refusal.id, False, None, refusal.error),
+                                    (refusal.correlation_id,))

@@ -1,0 +1,385 @@
+"""One kombu connection and channel, owned by exactly one reader and one writer greenlet.
+
+Why a reader and a writer: a py-amqp connection is not safe for two greenlets at
+once. Exactly one greenlet reads the socket and exactly one writes it; the writer
+drains what any greenlet queued, without blocking them, and the reader's rare
+protocol writes (close-ok) and the writer's sends take the same lock, so that no
+two frames ever interleave on the socket. Sessions never touch a RabbitMQ socket.
+
+Why batches: each writer pass (everything queued since the last one, up to a
+limit) is encoded into one buffer and sent with one `sendall`; the reader takes
+every frame that has arrived with one `recv`. The wire codec is frames.py.
+
+A lost connection is not a crash: the link marks itself down, lets its owner fail
+what was in flight, and reconnects with exponential backoff and full jitter. The
+URL may list several nodes of one cluster separated by `;` (PROTOCOL.md section 7):
+each worker starts at its own node (`node_offset`) and, when a node goes, moves to
+the next in its own order, so that a node's loss moves only that node's share and
+spreads it over the others. Only a bug (an exception nobody expected) ends `run`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import socket
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import amqp.exceptions
+import gevent
+from amqp.method_framing import frame_writer
+from gevent.event import Event
+from gevent.lock import Semaphore
+from kombu import Connection
+
+from app import metrics
+from app.broker import frames
+from app.broker.frames import PublishKind
+
+log = logging.getLogger("warren.broker")
+
+BACKOFF_FIRST, BACKOFF_MAX = 0.2, 10.0
+CONNECT_TIMEOUT = 5.0
+WRITE_BATCH = 1000  # items one writer pass takes before it lets the sessions run
+TICK = 1.0  # seconds between the writer's periodic work (confirm timeouts, heartbeats)
+
+# Why a link went down: errors a network or a broker can cause. Anything else is a bug.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (OSError, socket.timeout, EOFError, amqp.exceptions.AMQPError)
+
+MethodHandler = Callable[[bytes], None]
+ContentHandler = Callable[[bytes, dict[str, Any], bytes], None]
+
+
+def backoff_delays(first: float = BACKOFF_FIRST, maximum: float = BACKOFF_MAX) -> Iterator[float]:
+    """Exponential backoff with full jitter (uniform up to a doubling ceiling), so that the
+    workers a broker dropped together do not come back together."""
+    ceiling = first
+    while True:
+        yield random.uniform(0.0, ceiling)
+        ceiling = min(maximum, ceiling * 2)
+
+
+def node_order(url: str, offset: int) -> list[str]:
+    """The order in which a worker tries the `;`-separated nodes of `url`.
+
+    Worker N starts at node N mod len(nodes); the rest follow in an order rotated by
+    N // len(nodes), so that the workers sharing a node fail over to different ones.
+    """
+    nodes = [node.strip() for node in url.split(";") if node.strip()]
+    if not nodes:
+        raise ValueError("no RabbitMQ URL")
+    start = offset % len(nodes)
+    rest = nodes[start + 1:] + nodes[:start]
+    if rest:
+        shift = (offset // len(nodes)) % len(rest)
+        rest = rest[shift:] + rest[:shift]
+    return [nodes[start], *rest]
+
+
+class AmqpWire:
+    """A py-amqp connection's socket, read through one buffer and written once per writer pass.
+
+    py-amqp's own frames (heartbeats, close-ok, declares) come through `_write_frame`:
+    inside a writer pass they join its buffer; outside one they are sent at once under
+    the lock that every send of this socket takes.
+    """
+
+    acknowledges_binds = True  # queue.bind-ok / queue.unbind-ok come back through the reader
+
+    def __init__(self, connection: Connection, channel: Any) -> None:
+        self.amqp = connection.connection
+        self.channel_id: int = channel.channel_id
+        self.frame_max: int = self.amqp.frame_max
+        self.collecting = False  # set by the writer for the length of a pass (which never yields)
+        self.out = bytearray()
+        self._sock = self.amqp.transport.sock
+        self._lock = Semaphore()
+        self._target = self.out
+        self._encode_frame = frame_writer(self.amqp, self)  # py-amqp's encoder, writing to `write`
+        self.amqp.frame_writer = self._write_frame
+        # What py-amqp read past its last frame while connecting (normally nothing).
+        self._reader = frames.FrameReader(self._sock, getattr(self.amqp.transport, "_read_buffer", b""))
+
+    # -- writing (the writer greenlet, except `_write_frame`) ------------------------------
+    def publish(self, kind: PublishKind, routing_key: str, body: bytes, values: tuple[Any, ...]) -> None:
+        frames.encode_publish(self.out, self.channel_id, self.frame_max, kind, routing_key,
+                              kind.properties.encode(values), body)
+
+    def bind(self, queue: str, exchange: str, routing_key: str) -> None:
+        frames.encode_bind(self.out, self.channel_id, queue, exchange, routing_key)
+
+    def unbind(self, queue: str, exchange: str, routing_key: str) -> None:
+        frames.encode_unbind(self.out, self.channel_id, queue, exchange, routing_key)
+
+    def heartbeat(self) -> None:
+        """Send a heartbeat when due; raises when RabbitMQ's have stopped coming."""
+        self.amqp.heartbeat_tick()
+
+    def flush(self) -> None:
+        """Send what this pass wrote, in one syscall."""
+        if self.out:
+            self._send(self.out)
+            self.out.clear()
+
+    def write(self, data: Any) -> None:
+        """Where py-amqp's frame encoder puts a frame (a view of its reused buffer: copied here)."""
+        self._target += data
+
+    def _write_frame(self, *frame: Any) -> None:
+        if self.collecting:
+            self._encode_frame(*frame)
+            return
+        self._target = own = bytearray()
+        try:
+            self._encode_frame(*frame)
+        finally:
+            self._target = self.out
+        self._send(own)
+
+    def _send(self, data: bytearray) -> None:
+        # `send` in a loop rather than gevent's `sendall`, which asks the kernel for the socket's
+        # buffer size on every call: one syscall per pass instead of two.
+        self._lock.acquire()
+        try:
+            sent = self._sock.send(data)
+            if sent < len(data):
+                view = memoryview(data)
+                while sent < len(view):
+                    sent += self._sock.send(view[sent:])
+        finally:
+            self._lock.release()
+        self.amqp.bytes_sent += 1  # py-amqp's heartbeat logic counts traffic, not bytes
+
+    # -- reading (the reader greenlet) -------------------------------------------------------
+    def read_forever(self, methods: dict[bytes, MethodHandler], contents: dict[bytes, ContentHandler]) -> None:
+        """Dispatch every frame: ours to `methods` (by signature) and `contents` (a method with
+        its content), the rest to py-amqp (connection.close, blocked, basic.cancel...)."""
+        py_amqp, channel_id, reader, connection = self.amqp.on_inbound_frame, self.channel_id, self._reader, self.amqp
+        handler: ContentHandler | None = None
+        method = b""
+        properties: dict[str, Any] = {}
+        size, chunks = 0, []
+        while True:
+            batch = reader.read()
+            connection.bytes_recv += len(batch)
+            for frame_type, channel, payload in batch:
+                if channel != channel_id:
+                    if frame_type != frames.HEARTBEAT:
+                        py_amqp((frame_type, channel, payload))
+                elif handler is not None:  # the header and body of a basic.deliver or basic.return
+                    if frame_type == frames.HEADER:
+                        size, properties = frames.decode_header(payload)
+                    else:
+                        chunks.append(payload)
+                        size -= len(payload)
+                    if size <= 0:
+                        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                        current, handler, chunks = handler, None, []
+                        current(method, properties, body)
+                elif frame_type != frames.METHOD:
+                    py_amqp((frame_type, channel, payload))
+                else:
+                    signature = payload[:4]
+                    if signature in methods:
+                        methods[signature](payload)
+                    elif signature in contents:
+                        handler, method, size = contents[signature], payload, -1
+                    elif signature == frames.CHANNEL_CLOSE:
+                        # Not py-amqp's: it would reopen the channel and wait, reading behind our back.
+                        code, text = frames.decode_close(payload)
+                        raise amqp.exceptions.ChannelError(text, reply_code=code)
+                    else:
+                        py_amqp((frame_type, channel, payload))
+
+
+class MemoryWire:
+    """kombu's in-process transport (`memory://`): no socket, no confirms, no returns."""
+
+    acknowledges_binds = False
+    collecting = False
+
+    def __init__(self, connection: Connection, channel: Any) -> None:
+        self.connection, self.channel = connection, channel
+
+    def publish(self, kind: PublishKind, routing_key: str, body: bytes, values: tuple[Any, ...]) -> None:
+        properties = kind.properties.as_dict(values)
+        message = self.channel.prepare_message(body, content_type=properties.pop("content_type", None),
+                                               content_encoding=properties.pop("content_encoding", None),
+                                               properties=properties)
+        self.channel.basic_publish(message, exchange=kind.exchange, routing_key=routing_key)
+
+    def routes(self, exchange: str, routing_key: str) -> bool:
+        """Whether a message to `exchange` with `routing_key` reaches some queue now."""
+        if not exchange:
+            return True
+        table = self.channel.get_table(exchange)
+        return bool(self.channel.typeof(exchange).lookup(table, exchange, routing_key, None))
+
+    def bind(self, queue: str, exchange: str, routing_key: str) -> None:
+        self.channel.queue_bind(queue, exchange, routing_key=routing_key)
+
+    def unbind(self, queue: str, exchange: str, routing_key: str) -> None:
+        self.channel.queue_unbind(queue, exchange, routing_key=routing_key)
+
+    def heartbeat(self) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def read_forever(self, methods: dict[bytes, MethodHandler], contents: dict[bytes, ContentHandler]) -> None:
+        while True:  # deliveries reach the consumer's basic_consume callback
+            self.connection.drain_events(timeout=None)
+
+
+Wire = AmqpWire | MemoryWire
+
+
+class Link:
+    """A connection with its reader and writer; subclasses say what flows over it.
+
+    Hooks: `setup` declares after each connect; `write` writes what is due in one
+    writer pass; `tick` runs about once a second in the writer; `on_lost` fails
+    what was in flight once the connection is gone. Inbound frames of our channel
+    go to `methods` and `contents` (by method signature, see frames.py).
+    """
+
+    role = "link"
+
+    def __init__(self, url: str, *, heartbeat: int = 20, node_offset: int = 0) -> None:
+        self.nodes = node_order(url, node_offset)
+        self.is_amqp = not self.nodes[0].startswith("memory://")
+        self.heartbeat = heartbeat if self.is_amqp else 0
+        self.connected = False
+        self.blocked = False  # RabbitMQ stopped reading from this connection (a resource alarm)
+        self.methods: dict[bytes, MethodHandler] = {}
+        self.contents: dict[bytes, ContentHandler] = {}
+        self._wakeup = Event()
+        self._tick_due = False
+
+    def wake(self) -> None:
+        """Ask for a writer pass. It runs at the hub's next turn, so what others queue until then joins it."""
+        self._wakeup.set()
+
+    # -- the link's own greenlet ------------------------------------------------------------
+    def run(self) -> None:
+        """Connect, serve, and reconnect forever; return only when killed."""
+        delays = backoff_delays()
+        node = 0
+        while True:
+            try:
+                connection, wire = self._connect(self.nodes[node])
+            except CONNECTION_ERRORS as exc:
+                node = (node + 1) % len(self.nodes)
+                delay = next(delays)
+                log.warning("%s: cannot reach RabbitMQ (%s); retrying in %.1fs", self.role, exc, delay)
+                gevent.sleep(delay)
+                continue
+            delays = backoff_delays()
+            try:
+                self._serve(wire)
+            except CONNECTION_ERRORS as exc:
+                log.warning("%s: lost RabbitMQ (%s)", self.role, exc)
+            finally:
+                self._teardown(connection)
+            node = (node + 1) % len(self.nodes)  # the node that dropped us is suspect: try the next first
+            gevent.sleep(next(delays))
+
+    def _connect(self, url: str) -> tuple[Connection, Wire]:
+        connection = Connection(url, heartbeat=self.heartbeat, connect_timeout=CONNECT_TIMEOUT,
+                                transport_options={"polling_interval": 0.005})
+        connection.connect()
+        try:
+            channel = connection.channel()
+            self.blocked = False
+            if self.is_amqp:
+                connection.connection.on_blocked = self._on_blocked
+                connection.connection.on_unblocked = self._on_unblocked
+            self.setup(channel)
+            wire: Wire = AmqpWire(connection, channel) if self.is_amqp else MemoryWire(connection, channel)
+        except BaseException:
+            # Connected, but the setup failed (a declare refused, the broker closing as it starts):
+            # drop this connection, or each retry leaves one open at RabbitMQ until its heartbeat timeout.
+            self._teardown(connection)
+            raise
+        self.connected = True
+        metrics.BROKER_CONNECTED.labels(link=self.role).set(1)
+        log.info("%s: connected to %s", self.role, connection.as_uri() if self.is_amqp else "the in-process broker")
+        return connection, wire
+
+    def _serve(self, wire: Wire) -> None:
+        reader = gevent.spawn(wire.read_forever, self.methods, self.contents)
+        reader.rawlink(self._reader_ended)
+        ticker = gevent.get_hub().loop.timer(TICK, TICK)
+        ticker.start(self._tick)
+        self._wakeup.set()  # a first pass for what `setup` queued (the consumer's re-binds)
+        try:
+            self._write_forever(wire, reader)
+        finally:
+            ticker.close()
+            reader.unlink(self._reader_ended)
+            reader.kill(block=True)
+
+    def _write_forever(self, wire: Wire, reader: gevent.Greenlet) -> None:
+        wakeup = self._wakeup
+        while True:
+            wakeup.wait()
+            wakeup.clear()
+            if reader.dead:
+                raise reader.exception or ConnectionResetError(f"{self.role}: the reader stopped")
+            if self._write_pass(wire):
+                wakeup.set()
+                gevent.sleep(0)  # more is due: let the sessions and the reader run first
+
+    def _write_pass(self, wire: Wire) -> bool:
+        wire.collecting = True
+        try:
+            more = self.write(wire)
+            if self._tick_due:
+                self._tick_due = False
+                self.tick(time.monotonic())
+                wire.heartbeat()
+        finally:
+            wire.collecting = False
+        wire.flush()
+        return more
+
+    def _reader_ended(self, _reader: gevent.Greenlet) -> None:
+        self._wakeup.set()
+
+    def _tick(self) -> None:
+        self._tick_due = True
+        self._wakeup.set()
+
+    def _teardown(self, connection: Connection) -> None:
+        self.connected = False
+        metrics.BROKER_CONNECTED.labels(link=self.role).set(0)
+        try:
+            connection.collect()
+        except Exception as exc:  # noqa: BLE001 - a dead connection may fail to clean up
+            log.debug("%s: cleaning up the old connection failed: %r", self.role, exc)
+        self.on_lost()
+
+    def _on_blocked(self, reason: str) -> None:
+        log.warning("%s: RabbitMQ blocked this connection (%s)", self.role, reason)
+        self.blocked = True
+
+    def _on_unblocked(self) -> None:
+        log.info("%s: RabbitMQ unblocked this connection", self.role)
+        self.blocked = False
+
+    # -- hooks --------------------------------------------------------------------------------
+    def setup(self, channel: Any) -> None:
+        """Declare and subscribe after each connect (synchronous: before the reader and writer start)."""
+
+    def write(self, wire: Wire) -> bool:
+        """Write what is due (at most WRITE_BATCH items); True when more is waiting."""
+        return False
+
+    def tick(self, now: float) -> None:
+        """Periodic work in the writer, about once every TICK seconds."""
+
+    def on_lost(self) -> None:
+        """Fail what was in flight; called once the connection is gone."""

@@ -1,0 +1,158 @@
+"""What travels on RabbitMQ (PROTOCOL.md section 5), as values: no I/O here.
+
+The kinds of message this worker publishes (exchange, mandatory, properties), the
+commands it takes from its queue, the refusals it answers instead, the takeover
+notices its sessions exchange, and every body as bytes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from kombu import Exchange
+
+from app.broker.frames import Properties, PublishKind
+
+EVENTS_EXCHANGE = "devices.events"
+COMMANDS_EXCHANGE = "devices.commands"
+EXCHANGES = (Exchange(EVENTS_EXCHANGE, type="topic", durable=True),
+             Exchange(COMMANDS_EXCHANGE, type="direct", durable=True))
+"""What both links declare on connecting (kombu's declarations: no I/O until bound to a channel)."""
+TAKEOVER_TYPE = "warren.takeover"
+DEFAULT_COMMAND_TTL = 60.0  # seconds a command without `expiration` may wait for its device
+
+_JSON = {"content_type": "application/json", "content_encoding": "utf-8"}
+_PERSISTENT = 2
+
+EVENT = PublishKind(EVENTS_EXCHANGE, mandatory=True, message_id_at=0,
+                    properties=Properties({**_JSON, "delivery_mode": _PERSISTENT}, ("message_id",)))
+"""A device's event: persistent, mandatory (no queue takes it: `unroutable`), confirmed."""
+PRESENCE = PublishKind(EVENTS_EXCHANGE, mandatory=False,
+                       properties=Properties({**_JSON, "delivery_mode": _PERSISTENT}, ("message_id",)))
+"""`session.connected` / `session.closed`: nobody is told if no queue takes it."""
+REPLY = PublishKind("", mandatory=False, properties=Properties(_JSON, ("correlation_id",)))
+"""A device's reply (or the gateway's refusal) to a command, to its `reply_to` queue."""
+COMMAND = PublishKind(COMMANDS_EXCHANGE, mandatory=True, message_id_at=3, properties=Properties(
+    _JSON, ("correlation_id", "reply_to", "expiration", "message_id", "timestamp")))
+"""A command from this worker's HTTP API: returned at once when no worker holds the device."""
+TAKEOVER = PublishKind(COMMANDS_EXCHANGE, mandatory=False,
+                       properties=Properties({"content_type": "application/json", "type": TAKEOVER_TYPE}))
+"""A takeover notice: to every worker whose queue binds the device, ours included."""
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A command taken from this worker's queue, on its way to a device."""
+
+    device: str
+    id: str
+    name: str
+    data: Any
+    reply_to: str | None
+    correlation_id: str
+    deadline: float  # time.monotonic() after which it must not reach the device
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A delivery that cannot become a command; its sender hears `error` (too_large, bad_command)."""
+
+    device: str
+    id: str
+    reply_to: str | None
+    correlation_id: str
+    error: str
+
+
+def parse_command(device: str, properties: Mapping[str, Any], body: bytes, max_bytes: int, *,
+                  monotonic: float, wall: float) -> Command | Refusal:
+    """A delivery from devices.commands as a complete Command, or why it is refused.
+
+    `monotonic` and `wall` are the clocks now (time.monotonic(), time.time()).
+    """
+    command_id = str(properties.get("message_id") or uuid.uuid4().hex)
+    reply_to = properties.get("reply_to") or None
+    correlation_id = str(properties.get("correlation_id") or command_id)
+    if len(body) > max_bytes:
+        return Refusal(device, command_id, reply_to, correlation_id, "too_large")
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return Refusal(device, command_id, reply_to, correlation_id, "bad_command")
+    name = parsed.get("name") if isinstance(parsed, dict) else None
+    if not isinstance(name, str) or not name:
+        return Refusal(device, command_id, reply_to, correlation_id, "bad_command")
+    return Command(device, command_id, name, parsed.get("data"), reply_to, correlation_id,
+                   deadline(properties, monotonic=monotonic, wall=wall))
+
+
+def deadline(properties: Mapping[str, Any], *, monotonic: float, wall: float) -> float:
+    """When a command must no longer reach its device, on the monotonic clock.
+
+    RabbitMQ does not say how long a message sat in the queue: when the sender
+    stamped `timestamp` (seconds since the epoch) the TTL counts from then, else from now.
+    """
+    ttl = DEFAULT_COMMAND_TTL
+    expiration = properties.get("expiration")
+    if expiration:
+        try:
+            ttl = max(0.0, float(expiration) / 1000)
+        except ValueError:
+            pass
+    sent = properties.get("timestamp")
+    waited = max(0.0, wall - sent) if isinstance(sent, (int, float)) else 0.0
+    return monotonic + ttl - waited
+
+
+def encode_takeover(device: str, session_id: str, started: float) -> bytes:
+    return orjson.dumps({"device": device, "session": session_id, "started": started})
+
+
+def decode_takeover(body: bytes) -> tuple[str, float, str] | None:
+    """(device, started, session id), or None for a notice that is not ours to read."""
+    try:
+        notice = orjson.loads(body)
+        device, started, session_id = notice["device"], notice["started"], notice["session"]
+    except (orjson.JSONDecodeError, TypeError, KeyError):
+        return None
+    if not (isinstance(device, str) and isinstance(session_id, str) and isinstance(started, (int, float))):
+        return None
+    return device, float(started), session_id
+
+
+def event_body(device: str, session: str, event_id: str, name: str, data: Any, ts_ms: int) -> bytes:
+    return orjson.dumps({"device": device, "session": session, "id": event_id, "name": name,
+                         "data": data, "ts": ts_ms})
+
+
+def reply_body(device: str, command_id: str, ok: bool, data: Any, error: str | None) -> bytes:
+    return orjson.dumps({"device": device, "id": command_id, "ok": ok, "data": data, "error": error})
+
+
+def command_body(name: str, data: Any) -> bytes:
+    return orjson.dumps({"name": name, "data": data})
+
+
+def decode_reply(body: bytes) -> dict[str, Any] | None:
+    """A reply to one of our commands as {"ok", "data", "error", ...}, or None if it is not one."""
+    try:
+        reply = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    return reply if isinstance(reply, dict) else None
+
+
+class MessageIds:
+    """Message ids unique to this process's lifetime, without a syscall each (uuid4 reads urandom)."""
+
+    def __init__(self) -> None:
+        self._prefix = uuid.uuid4().hex[:12]
+        self._counter = itertools.count()
+
+    def next(self) -> str:
+        return f"{self._prefix}.{next(self._counter):x}"
