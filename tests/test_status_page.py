@@ -1,23 +1,44 @@
-"""The operators' status page (GET /), rendered by a real headless Chromium, shows the gateway's state."""
+"""The operators' status page (GET /), rendered by a real headless Chromium, behind OPS_TOKENS.
+
+The first test reads the page as Chromium leaves it after polling; the second
+drives it like an operator (through chromedriver's W3C WebDriver protocol, spoken
+with `requests`): look a device up, kick it, and give the API token when asked.
+"""
 
 from __future__ import annotations
 
 import html
 import re
 import shutil
+import socket
 import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
-from conftest import SECRET, metric_value, start_gateway, wait_until
+from conftest import API_TOKEN, SECRET, free_port, metric_value, start_gateway, wait_until
 
-from clients.device import DeviceClient
+from clients.device import Closed, DeviceClient
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--disable-dev-shm-usage")
+OPS_TOKEN = "test-ops-token"
+OPS = requests.auth.HTTPBasicAuth("operator", OPS_TOKEN)
+
+needs_chromium = pytest.mark.skipif(CHROMIUM is None,
+                                    reason="needs Chromium: run .ci/ensure-chromium (root + apt-get) first")
+
+
+def page_url(gateway: Any, fragment: str = "") -> str:
+    """The page with the ops token as the basic-auth password in its address, as a browser may be given it."""
+    return f"http://operator:{OPS_TOKEN}@127.0.0.1:{gateway.port}/{fragment}"
 
 
 def chromium(tmp_path: Path, url: str, *args: str) -> str:
@@ -42,12 +63,17 @@ def table_rows(dom: str, table_id: str) -> list[list[str]]:
             for row in rows]
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium: run .ci/ensure-chromium (root + apt-get) first")
+def status_json(gateway: Any) -> dict[str, Any]:
+    return requests.get(f"{gateway.http}/status.json", auth=OPS, timeout=5).json()
+
+
+@needs_chromium
 def test_status_page_shows_the_gateways_state(tmp_path):
-    gateway = start_gateway(tmp_path, workers=2)
+    gateway = start_gateway(tmp_path, workers=2, OPS_TOKENS=OPS_TOKEN)
     devices = []
     try:
-        page = requests.get(f"{gateway.http}/", timeout=5)
+        assert requests.get(f"{gateway.http}/", timeout=5).status_code == 401
+        page = requests.get(f"{gateway.http}/", auth=OPS, timeout=5)
         assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
         assert "http://" not in page.text and "https://" not in page.text  # self-contained: no CDN
         for number, url in enumerate((gateway.ws, gateway.ws, gateway.tcp)):
@@ -56,10 +82,11 @@ def test_status_page_shows_the_gateways_state(tmp_path):
             devices.append(device)
         with DeviceClient(gateway.tcp) as refused:
             assert refused.hello("status-bad", "wrong-secret")["code"] == "unauthorized"
-        wait_until(lambda: requests.get(f"{gateway.http}/status.json", timeout=5).json()["sessions"] == 3)
+        wait_until(lambda: status_json(gateway)["sessions"] == 3)
 
-        dom = chromium(tmp_path, f"{gateway.http}/", "--dump-dom")
-        metrics = requests.get(f"{gateway.http}/metrics", timeout=5).text
+        dom = chromium(tmp_path, page_url(gateway), "--dump-dom")
+        metrics = requests.get(f"{gateway.http}/metrics", headers={"Authorization": f"Bearer {OPS_TOKEN}"},
+                               timeout=5).text
 
         assert shown(dom, "sessions-now") == "3" == str(int(metric_value(metrics, "warren_sessions")))
         assert shown(dom, "workers-now") == "2"
@@ -73,12 +100,136 @@ def test_status_page_shows_the_gateways_state(tmp_path):
         assert shown(dom, "accept-rate") != ""  # polled at least twice: a rate
         assert '<polyline points="' in dom  # the chart is drawn
 
+        # A lookup from the page's address: the ops credentials the browser holds are enough.
+        dom = chromium(tmp_path, page_url(gateway, "#device=status-2"), "--dump-dom")
+        assert shown(dom, "device-state") == "online"
+        assert shown(dom, "device-transport") == "tcp" and shown(dom, "device-host") == socket.gethostname()
+        assert int(shown(dom, "device-worker")) in gateway.worker_pids()
+
         for device in devices[:2]:
             device.close()
-        wait_until(lambda: requests.get(f"{gateway.http}/status.json", timeout=5).json()["sessions"] == 1)
-        dom = chromium(tmp_path, f"{gateway.http}/", "--dump-dom")
+        wait_until(lambda: status_json(gateway)["sessions"] == 1)
+        dom = chromium(tmp_path, page_url(gateway, "#device=status-0"), "--dump-dom")
         assert shown(dom, "sessions-now") == "1"
+        assert shown(dom, "device-state") == "offline"
     finally:
         for device in devices:
             device.close()
+        gateway.stop()
+
+
+class WebDriver:
+    """Just enough of the W3C WebDriver protocol to drive one page: find, type, click, read."""
+
+    def __init__(self, endpoint: str, session: str) -> None:
+        self.base = f"{endpoint}/session/{session}"
+
+    def _post(self, path: str, payload: dict[str, Any]) -> Any:
+        response = requests.post(f"{self.base}{path}", json=payload, timeout=60)
+        assert response.status_code == 200, response.text[:2000]
+        return response.json()["value"]
+
+    def open(self, url: str) -> None:
+        self._post("/url", {"url": url})
+
+    def element(self, css: str) -> str:
+        reference = self._post("/element", {"using": "css selector", "value": css})
+        return next(iter(reference.values()))  # {"element-6066-…": id}: the key is the spec's constant
+
+    def type(self, css: str, text: str) -> None:
+        self._post(f"/element/{self.element(css)}/value", {"text": text})
+
+    def clear(self, css: str) -> None:
+        self._post(f"/element/{self.element(css)}/clear", {})
+
+    def click(self, css: str) -> None:
+        self._post(f"/element/{self.element(css)}/click", {})
+
+    def value(self, element_id: str) -> str:
+        return self._post("/execute/sync", {"script": "return document.getElementById(arguments[0]).dataset.value",
+                                            "args": [element_id]})
+
+    def hidden(self, element_id: str) -> bool:
+        return self._post("/execute/sync", {"script": "return document.getElementById(arguments[0]).hidden",
+                                            "args": [element_id]})
+
+    def fetch_status(self, path: str) -> int:
+        """The HTTP status the page gets for `path`, fetched as the page fetches (with what the browser holds)."""
+        return self._post("/execute/async", {"script": (
+            "const done = arguments[arguments.length - 1];"
+            "fetch(new URL(arguments[0], location.origin + location.pathname)).then((r) => done(r.status));"),
+            "args": [path]})
+
+    def wait_for(self, element_id: str, value: str, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while (seen := self.value(element_id)) != value:
+            assert time.monotonic() < deadline, f"#{element_id} shows {seen!r}, not {value!r}"
+            time.sleep(0.1)
+
+
+@contextmanager
+def webdriver(tmp_path: Path) -> Iterator[WebDriver]:
+    port = free_port()
+    driver = subprocess.Popen([CHROMEDRIVER, f"--port={port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _answers(f"{endpoint}/status"), timeout=20)
+        options = {"binary": CHROMIUM, "args": [*FLAGS, f"--user-data-dir={tmp_path / 'webdriver-profile'}"]}
+        created = requests.post(f"{endpoint}/session", json={"capabilities": {"alwaysMatch": {
+            "browserName": "chrome", "goog:chromeOptions": options}}}, timeout=60)
+        assert created.status_code == 200, created.text[:2000]
+        session = created.json()["value"]["sessionId"]
+        try:
+            yield WebDriver(endpoint, session)
+        finally:
+            requests.delete(f"{endpoint}/session/{session}", timeout=30)
+    finally:
+        driver.terminate()
+        driver.wait(10)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+@needs_chromium
+@pytest.mark.skipif(CHROMEDRIVER is None, reason="needs chromedriver: run .ci/ensure-chromium first")
+def test_an_operator_looks_a_device_up_and_kicks_it_from_the_page(tmp_path):
+    gateway = start_gateway(tmp_path, workers=2, OPS_TOKENS=OPS_TOKEN)
+    device = DeviceClient(gateway.ws)
+    try:
+        welcome = device.hello("stolen-lock", SECRET)
+        with webdriver(tmp_path) as browser:
+            browser.open(page_url(gateway))
+            browser.type("#device-id", "stolen-lock")
+            browser.click("#lookup-button")
+            browser.wait_for("device-state", "online")
+            assert browser.value("device-session") == welcome["session"]
+            assert browser.value("device-transport") == "ws"
+            assert int(browser.value("device-worker")) in gateway.worker_pids()
+            assert abs(int(browser.value("device-since")) / 1000 - time.time()) < 60
+
+            browser.click("#kick-button")  # no API token yet: the page asks for it, nothing is sent
+            browser.wait_for("kick-state", "token")
+            assert not browser.hidden("token-row")
+            device.send({"type": "ping"})
+            assert device.receive(timeout=5) == {"type": "pong"}  # still connected
+            browser.type("#api-token", "not-the-token")
+            browser.click("#kick-button")
+            browser.wait_for("kick-state", "unauthorized")
+            assert browser.fetch_status("status.json") == 200  # a refused API token leaves the ops login be
+            browser.clear("#api-token")
+            browser.type("#api-token", API_TOKEN)
+            browser.click("#kick-button")
+            browser.wait_for("kick-state", "kicked")
+
+        frame = device.receive(timeout=5)
+        assert frame["type"] == "error" and frame["code"] == "kicked"
+        with pytest.raises(Closed):
+            device.receive(timeout=5)
+    finally:
+        device.close()
         gateway.stop()
