@@ -6,7 +6,7 @@
     ├── frames.py     the AMQP frames of the hot path, packed and unpacked directly
     ├── publisher.py  events, presence, replies and commands, with publisher confirms
     ├── consumer.py   this worker's command queue: bindings, takeover notices, deliveries
-    ├── rpc.py        the HTTP API's commands and their replies
+    ├── rpc.py        the HTTP API's requests (commands, operators' questions) and their answers
     └── messages.py   what travels: kinds of message, Command, the bodies (no I/O)
 
 Two links, because RabbitMQ blocks any connection that publishes during a memory or
@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import orjson
 from gevent.event import AsyncResult
 
 from app import metrics
@@ -48,24 +49,29 @@ _REFUSAL_OUTCOMES = {"too_large": "too_large", "bad_command": "malformed"}
 
 
 class Broker:
-    """A worker's RabbitMQ: publish events and presence, take commands, answer them, send them.
+    """A worker's RabbitMQ: publish events and presence, take commands, answer them, send them, ask.
 
     `deliver` (a command for one of our devices) and `takeover` (device, hello time,
     session id of a session somewhere, ours included) are called in the consumer's
     reader greenlet and must not block; `live_sessions` lists (device, hello time,
-    session id) of every session, for the announcements after a reconnect.
+    session id) of every session, for the announcements after a reconnect. `answer`
+    (device, question) answers an operator's `ask` about one of our devices with a
+    dict (`online` true), or None to stay silent; also called in the reader.
     """
 
     def __init__(self, url: str, *, deliver: Callable[[Command], None], takeover: Callable[[str, float, str], None],
                  live_sessions: Callable[[], Iterable[tuple[str, float, str]]], max_command_bytes: int,
-                 confirm_timeout: float = CONFIRM_TIMEOUT, amqp_heartbeat: int = 20, node_offset: int = 0) -> None:
+                 confirm_timeout: float = CONFIRM_TIMEOUT, amqp_heartbeat: int = 20, node_offset: int = 0,
+                 answer: Callable[[str, str], dict[str, Any] | None] | None = None) -> None:
         self._publisher = Publisher(url, heartbeat=amqp_heartbeat, node_offset=node_offset,
                                     confirm_timeout=confirm_timeout)
         self._rpc = RpcClient(self._publisher, reply_to=lambda: self._consumer.queue_name)
         self._consumer = CommandConsumer(url, max_command_bytes=max_command_bytes, deliver=deliver,
                                          refuse=self._refuse, takeover=takeover,
-                                         reply_received=self._rpc.reply_received, live_sessions=live_sessions,
-                                         heartbeat=amqp_heartbeat, node_offset=node_offset)
+                                         reply_received=self._rpc.reply_received, asked=self._asked,
+                                         live_sessions=live_sessions, heartbeat=amqp_heartbeat,
+                                         node_offset=node_offset)
+        self._answer = answer
         self._ids = MessageIds()
         self.links: tuple[Link, ...] = (self._publisher, self._consumer)
         """In start order; each has `.role` and `.run()`, a greenlet body that returns only when killed."""
@@ -124,7 +130,17 @@ class Broker:
         """A command to whichever worker holds `device`; resolves to {"ok", "data", "error"}."""
         return self._rpc.send_command(device, name, data, timeout)
 
+    def ask(self, device: str, kind: str, timeout: float) -> AsyncResult:
+        """An operator's question (`info`, `kick`) to whichever worker holds `device`: resolves to its
+        answer, {"device", "online": False} when none does, or {"error": "timeout" / "broker_unavailable"}."""
+        return self._rpc.ask(device, kind, timeout)
+
     # -- from the consumer's reader ---------------------------------------------------------------
+    def _asked(self, device: str, kind: str, reply_to: str | None, correlation_id: str | None) -> None:
+        answer = self._answer(device, kind) if self._answer is not None else None
+        if answer is not None and reply_to:
+            self._publisher.publish(REPLY, reply_to, orjson.dumps(answer), (correlation_id or "",))
+
     def _refuse(self, refusal: Refusal) -> None:
         log.warning("command %s for %s refused: %s", refusal.id, refusal.device, refusal.error)
         metrics.COMMANDS.labels(outcome=_REFUSAL_OUTCOMES[refusal.error]).inc()

@@ -1,4 +1,4 @@
-"""This worker's command queue: commands for its devices, takeover notices, replies to its API.
+"""This worker's command queue: commands for its devices, takeover notices, answers to its API.
 
 Each worker consumes from its own exclusive queue, bound with one routing key per
 device connected to it (refcounted: two sessions of one device in this worker share
@@ -38,12 +38,14 @@ from kombu import Queue
 from app.broker import frames
 from app.broker.link import WRITE_BATCH, Link, Wire
 from app.broker.messages import (
+    ASK_TYPE,
     COMMANDS_EXCHANGE,
     EXCHANGES,
     TAKEOVER,
     TAKEOVER_TYPE,
     Command,
     Refusal,
+    decode_ask,
     decode_takeover,
     encode_takeover,
     parse_command,
@@ -64,6 +66,7 @@ class CommandConsumer(Link):
     def __init__(self, url: str, *, max_command_bytes: int, deliver: Callable[[Command], None],
                  refuse: Callable[[Refusal], None], takeover: Callable[[str, float, str], None],
                  reply_received: Callable[[str | None, bytes], None],
+                 asked: Callable[[str, str, str | None, str | None], None],
                  live_sessions: Callable[[], Iterable[tuple[str, float, str]]],
                  heartbeat: int = 20, node_offset: int = 0) -> None:
         super().__init__(url, heartbeat=heartbeat, node_offset=node_offset)
@@ -71,7 +74,7 @@ class CommandConsumer(Link):
         self.bound: dict[str, int] = {}  # device -> sessions of it in this worker
         self._max_command_bytes = max_command_bytes
         self._deliver, self._refuse, self._takeover = deliver, refuse, takeover
-        self._reply_received = reply_received
+        self._reply_received, self._asked = reply_received, asked
         self._live_sessions = live_sessions
         self._todo: deque[tuple[Any, ...]] = deque()  # binds, unbinds and notices, in write order
         self._awaiting = 0  # binds and unbinds written, their -ok still to come
@@ -166,15 +169,21 @@ class CommandConsumer(Link):
         self._dispatch(info.get("exchange", ""), info.get("routing_key", ""), message.properties, message.body)
 
     def _dispatch(self, exchange: str, routing_key: str, properties: dict[str, Any], body: bytes) -> None:
-        """One delivery from our queue: a reply to our API, a takeover notice, or a command."""
+        """One delivery from our queue: an answer to our API, a takeover notice, an operator's question
+        about one of our devices, or a command."""
+        kind = properties.get("type")
         if not exchange:
             self._reply_received(properties.get("correlation_id"), body)
-        elif properties.get("type") == TAKEOVER_TYPE:
+        elif kind == TAKEOVER_TYPE:
             notice = decode_takeover(body)
             if notice is None:
                 log.warning("ignoring a takeover notice that is not {device, started, session} JSON")
             else:
                 self._takeover(*notice)
+        elif kind == ASK_TYPE:
+            question = decode_ask(body)
+            if question is not None:
+                self._asked(routing_key, question, properties.get("reply_to"), properties.get("correlation_id"))
         else:
             command = parse_command(routing_key, properties, body, self._max_command_bytes,
                                     monotonic=time.monotonic(), wall=time.time())

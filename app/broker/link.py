@@ -25,7 +25,7 @@ import random
 import socket
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 import amqp.exceptions
 import gevent
@@ -153,7 +153,7 @@ class AmqpWire:
         self.amqp.bytes_sent += 1  # py-amqp's heartbeat logic counts traffic, not bytes
 
     # -- reading (the reader greenlet) -------------------------------------------------------
-    def read_forever(self, methods: dict[bytes, MethodHandler], contents: dict[bytes, ContentHandler]) -> None:
+    def read_forever(self, methods: dict[bytes, MethodHandler], contents: dict[bytes, ContentHandler]) -> NoReturn:
         """Dispatch every frame: ours to `methods` (by signature) and `contents` (a method with
         its content), the rest to py-amqp (connection.close, blocked, basic.cancel...)."""
         py_amqp, channel_id, reader, connection = self.amqp.on_inbound_frame, self.channel_id, self._reader, self.amqp
@@ -229,7 +229,7 @@ class MemoryWire:
     def flush(self) -> None:
         pass
 
-    def read_forever(self, methods: dict[bytes, MethodHandler], contents: dict[bytes, ContentHandler]) -> None:
+    def read_forever(self, methods: dict[bytes, MethodHandler], contents: dict[bytes, ContentHandler]) -> NoReturn:
         while True:  # deliveries reach the consumer's basic_consume callback
             self.connection.drain_events(timeout=None)
 
@@ -310,7 +310,7 @@ class Link:
         return connection, wire
 
     def _serve(self, wire: Wire) -> None:
-        reader = gevent.spawn(wire.read_forever, self.methods, self.contents)
+        reader = gevent.spawn(self._read, wire)
         reader.rawlink(self._reader_ended)
         ticker = gevent.get_hub().loop.timer(TICK, TICK)
         ticker.start(self._tick)
@@ -328,7 +328,7 @@ class Link:
             wakeup.wait()
             wakeup.clear()
             if reader.dead:
-                raise reader.exception or ConnectionResetError(f"{self.role}: the reader stopped")
+                raise reader.exception or reader.value
             if self._write_pass(wire):
                 wakeup.set()
                 gevent.sleep(0)  # more is due: let the sessions and the reader run first
@@ -345,6 +345,13 @@ class Link:
             wire.collecting = False
         wire.flush()
         return more
+
+    def _read(self, wire: Wire) -> BaseException:
+        """The reader greenlet: returns why the connection ended (a bug raises, and gevent reports it)."""
+        try:
+            wire.read_forever(self.methods, self.contents)
+        except CONNECTION_ERRORS as exc:
+            return exc
 
     def _reader_ended(self, _reader: gevent.Greenlet) -> None:
         self._wakeup.set()

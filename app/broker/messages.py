@@ -24,6 +24,7 @@ EXCHANGES = (Exchange(EVENTS_EXCHANGE, type="topic", durable=True),
              Exchange(COMMANDS_EXCHANGE, type="direct", durable=True))
 """What both links declare on connecting (kombu's declarations: no I/O until bound to a channel)."""
 TAKEOVER_TYPE = "warren.takeover"
+ASK_TYPE = "warren.ask"
 DEFAULT_COMMAND_TTL = 60.0  # seconds a command without `expiration` may wait for its device
 
 _JSON = {"content_type": "application/json", "content_encoding": "utf-8"}
@@ -40,6 +41,9 @@ REPLY = PublishKind("", mandatory=False, properties=Properties(_JSON, ("correlat
 COMMAND = PublishKind(COMMANDS_EXCHANGE, mandatory=True, message_id_at=3, properties=Properties(
     _JSON, ("correlation_id", "reply_to", "expiration", "message_id", "timestamp")))
 """A command from this worker's HTTP API: returned at once when no worker holds the device."""
+ASK = PublishKind(COMMANDS_EXCHANGE, mandatory=True, message_id_at=3, properties=Properties(
+    _JSON, ("correlation_id", "reply_to", "expiration", "message_id", "type")))
+"""An operator's question (`info`, `kick`) to whichever worker holds a device; returned when none does."""
 TAKEOVER = PublishKind(COMMANDS_EXCHANGE, mandatory=False,
                        properties=Properties({"content_type": "application/json", "type": TAKEOVER_TYPE}))
 """A takeover notice: to every worker whose queue binds the device, ours included."""
@@ -136,6 +140,19 @@ def reply_body(device: str, command_id: str, ok: bool, data: Any, error: str | N
 
 def command_body(name: str, data: Any) -> bytes:
     return orjson.dumps({"name": name, "data": data})
+
+
+def ask_body(kind: str) -> bytes:
+    return orjson.dumps({"kind": kind})
+
+
+def decode_ask(body: bytes) -> str | None:
+    """What an operator's question asks (`info`, `kick`...), or None if it is not one."""
+    try:
+        kind = orjson.loads(body).get("kind")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return kind if isinstance(kind, str) else None
 
 
 def decode_reply(body: bytes) -> dict[str, Any] | None:

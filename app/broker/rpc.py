@@ -1,10 +1,11 @@
-"""The HTTP API's side of commands: publish one, and resolve its result from whatever answers first.
+"""The HTTP API's side: requests to whichever worker holds a device, resolved by whatever answers first.
 
-This is the backend's role played inside the gateway (any worker serves the command
+This is the backend's role played inside the gateway (any worker serves the HTTP
 API for any device, PROTOCOL.md section 6), kept apart from the device side. A
-command goes out mandatory with `reply_to` this worker's own queue; the device's
-reply comes back there (the consumer hands it here by correlation id). A command no
-worker holds is returned by RabbitMQ at once: `offline`.
+request goes out mandatory with `reply_to` this worker's own queue; the answer
+comes back there (the consumer hands it here by correlation id). A request no
+worker holds is returned by RabbitMQ at once. Two kinds: a command for the device
+itself, and an operator's question (`ask`: `info`, `kick`) for the worker holding it.
 """
 
 from __future__ import annotations
@@ -18,18 +19,18 @@ from typing import Any
 import gevent
 from gevent.event import AsyncResult
 
-from app.broker.messages import COMMAND, command_body, decode_reply
+from app.broker.messages import ASK, ASK_TYPE, COMMAND, ask_body, command_body, decode_reply
 from app.broker.publisher import Publisher
 
 log = logging.getLogger("warren.broker")
 
-# A result nobody answered is resolved this long after its timeout, so that the caller's own
-# wait of `timeout` ends first and the waiting entry is never left behind.
+# A command nobody answered resolves this long after its timeout, so that the caller's own wait
+# ends first (its 504 is worded for that); either way the waiting entry is never left behind.
 ABANDON_GRACE = 1.0
 
 
 class RpcClient:
-    """Commands sent through `publisher`, their replies expected on the queue `reply_to()` names."""
+    """Requests sent through `publisher`, their answers expected on the queue `reply_to()` names."""
 
     def __init__(self, publisher: Publisher, reply_to: Callable[[], str]) -> None:
         self._publisher = publisher
@@ -40,33 +41,38 @@ class RpcClient:
         """Publish a command; the result gets the device's reply as {"ok", "data", "error"}.
 
         Without a reply it resolves as `offline` (no worker holds the device),
-        `broker_unavailable` (RabbitMQ did not take it), or `timeout` shortly after
-        `timeout` seconds (the command's expiration too).
+        `broker_unavailable` (RabbitMQ did not take it), or `timeout` ABANDON_GRACE
+        after `timeout` seconds (the command's expiration too).
         """
-        result = AsyncResult()
-        command_id = uuid.uuid4().hex
-        self._waiting[command_id] = result
-        abandon = gevent.get_hub().loop.timer(timeout + ABANDON_GRACE)
-        abandon.start(_fail, result, "timeout")
-
-        def settled(_result: AsyncResult) -> None:
-            abandon.close()
-            self._waiting.pop(command_id, None)
-
-        result.rawlink(settled)
+        request_id, result = self._open(timeout + ABANDON_GRACE, _failure("timeout"))
 
         def published(outcome: str | None) -> None:
             if outcome is not None:
-                _fail(result, "offline" if outcome == "unroutable" else outcome)
+                _settle(result, _failure("offline" if outcome == "unroutable" else outcome))
 
-        expiration = str(max(1, int(timeout * 1000)))
         self._publisher.publish(COMMAND, device, command_body(name, data),
-                                (command_id, self._reply_to(), expiration, command_id, int(time.time())),
+                                (request_id, self._reply_to(), _expiration(timeout), request_id, int(time.time())),
+                                done=published)
+        return result
+
+    def ask(self, device: str, kind: str, timeout: float) -> AsyncResult:
+        """Ask the worker holding `device`; the result gets its answer (a dict with `online` true),
+        or {"device", "online": False} when none holds it, or {"error": "timeout" / "broker_unavailable"}."""
+        request_id, result = self._open(timeout, {"error": "timeout"})
+
+        def published(outcome: str | None) -> None:
+            if outcome == "unroutable":
+                _settle(result, {"device": device, "online": False})
+            elif outcome is not None:
+                _settle(result, {"error": outcome})
+
+        self._publisher.publish(ASK, device, ask_body(kind),
+                                (request_id, self._reply_to(), _expiration(timeout), request_id, ASK_TYPE),
                                 done=published)
         return result
 
     def reply_received(self, correlation_id: str | None, body: bytes) -> None:
-        """A message from the default exchange on our queue: the reply to one of our commands."""
+        """A message from the default exchange on our queue: the answer to one of our requests."""
         waiting = self._waiting.get(correlation_id or "")
         if waiting is None or waiting.ready():
             return
@@ -76,7 +82,29 @@ class RpcClient:
             return
         waiting.set(reply)
 
+    def _open(self, abandon_after: float, abandoned: dict[str, Any]) -> tuple[str, AsyncResult]:
+        """A new request id and its result, which resolves as `abandoned` after `abandon_after` seconds."""
+        request_id, result = uuid.uuid4().hex, AsyncResult()
+        self._waiting[request_id] = result
+        timer = gevent.get_hub().loop.timer(abandon_after)
+        timer.start(_settle, result, abandoned)
 
-def _fail(result: AsyncResult, error: str) -> None:
+        def settled(_result: AsyncResult) -> None:
+            timer.close()
+            self._waiting.pop(request_id, None)
+
+        result.rawlink(settled)
+        return request_id, result
+
+
+def _expiration(timeout: float) -> str:
+    return str(max(1, int(timeout * 1000)))
+
+
+def _failure(error: str) -> dict[str, Any]:
+    return {"ok": False, "error": error, "data": None}
+
+
+def _settle(result: AsyncResult, value: dict[str, Any]) -> None:
     if not result.ready():
-        result.set({"ok": False, "error": error, "data": None})
+        result.set(value)

@@ -26,11 +26,14 @@ from app.broker import Broker, frames, link, rpc
 from app.broker.consumer import BIND_WINDOW, CommandConsumer
 from app.broker.link import WRITE_BATCH, AmqpWire, MemoryWire, node_order
 from app.broker.messages import (
+    ASK,
+    ASK_TYPE,
     COMMAND,
     EVENT,
     REPLY,
     Command,
     Refusal,
+    decode_ask,
     decode_takeover,
     encode_takeover,
     parse_command,
@@ -303,7 +306,7 @@ def consumer(live: list[tuple[str, float, str]] | None = None, url: str = "amqp:
         raise AssertionError("no delivery expected")
 
     made = CommandConsumer(url, max_command_bytes=1000, deliver=fail, refuse=fail, takeover=fail,
-                           reply_received=fail, live_sessions=lambda: list(live or []))
+                           reply_received=fail, asked=fail, live_sessions=lambda: list(live or []))
     made.connected = True
     return made
 
@@ -455,6 +458,20 @@ def test_rpc_resolves_from_the_reply_a_return_or_its_timeout(monkeypatch: pytest
     assert silent.get()["error"] == "timeout"
 
 
+def test_an_operators_question_resolves_from_the_holder_a_return_or_its_timeout() -> None:
+    publisher = FakePublisher()
+    client = rpc.RpcClient(publisher, reply_to=lambda: "our.queue")  # type: ignore[arg-type]
+    held = client.ask("lock-1", "info", timeout=5)
+    kind, key, body, values, _done = publisher.sent[0]
+    assert (kind, key, decode_ask(body), values[4]) == (ASK, "lock-1", "info", ASK_TYPE)
+    client.reply_received(values[0], b'{"device":"lock-1","online":true,"session":"s"}')
+    assert held.get(timeout=1) == {"device": "lock-1", "online": True, "session": "s"}
+    nobody = client.ask("lock-2", "kick", timeout=5)
+    publisher.sent[1][4]("unroutable")
+    assert nobody.get(timeout=1) == {"device": "lock-2", "online": False}
+    assert client.ask("lock-3", "info", timeout=0.02).get(timeout=1) == {"error": "timeout"}
+
+
 # -- the batching frame writer over a real socket --------------------------------------------------------
 def fake_amqp(sock: socket.socket) -> Any:
     return types.SimpleNamespace(transport=types.SimpleNamespace(sock=sock, _read_buffer=b""), frame_max=4096,
@@ -533,9 +550,13 @@ def test_the_reader_dispatches_deliveries_and_hands_py_amqp_the_rest() -> None:
 @pytest.fixture
 def memory_broker() -> Any:
     seen: dict[str, list] = {"commands": [], "takeovers": []}
+
+    def answer(device: str, kind: str) -> dict[str, Any] | None:
+        return {"device": device, "online": True, "asked": kind} if device in seen["takeovers"][0] else None
+
     broker = Broker("memory://", deliver=seen["commands"].append,
                     takeover=lambda *notice: seen["takeovers"].append(notice),
-                    live_sessions=list, max_command_bytes=200)
+                    live_sessions=list, max_command_bytes=200, answer=answer)
     runners = [gevent.spawn(each.run) for each in broker.links]
     wait_for(lambda: broker.ready)
     yield broker, seen
@@ -569,6 +590,8 @@ def test_in_process_broker_routes_as_rabbitmq_would(memory_broker: Any) -> None:
     assert broker.send_command(stranger, "unlock", None, timeout=5).get(timeout=2)["error"] == "offline"
     too_large = broker.send_command(device, "unlock", "x" * 300, timeout=5).get(timeout=2)
     assert (too_large["ok"], too_large["error"]) == (False, "too_large")
+    assert broker.ask(device, "info", 5).get(timeout=2) == {"device": device, "online": True, "asked": "info"}
+    assert broker.ask(stranger, "info", 5).get(timeout=2) == {"device": stranger, "online": False}
     assert broker.backlog == 0 and broker.accepting
 
 
