@@ -56,7 +56,8 @@ class Broker:
     reader greenlet and must not block; `live_sessions` lists (device, hello time,
     session id) of every session, for the announcements after a reconnect. `answer`
     (device, question) answers an operator's `ask` about one of our devices with a
-    dict (`online` true), or None to stay silent; also called in the reader.
+    dict (`online` true; false when this worker binds the device but holds no session
+    of it now), or None to stay silent; also called in the reader.
     """
 
     def __init__(self, url: str, *, deliver: Callable[[Command], None], takeover: Callable[[str, float, str], None],

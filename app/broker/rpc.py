@@ -27,6 +27,10 @@ log = logging.getLogger("warren.broker")
 # A command nobody answered resolves this long after its timeout, so that the caller's own wait
 # ends first (its 504 is worded for that); either way the waiting entry is never left behind.
 ABANDON_GRACE = 1.0
+# How long an operator's question waits, after a worker said it binds the device but holds no
+# session of it, for another worker to answer with the session: RabbitMQ hands the question to
+# every bound queue at once, so a live holder answers within milliseconds of the other.
+NOT_HERE_GRACE = 0.5
 
 
 class RpcClient:
@@ -36,6 +40,7 @@ class RpcClient:
         self._publisher = publisher
         self._reply_to = reply_to
         self._waiting: dict[str, AsyncResult] = {}
+        self._asking: dict[str, str] = {}  # request id -> device, for operators' questions in flight
 
     def send_command(self, device: str, name: str, data: Any, timeout: float) -> AsyncResult:
         """Publish a command; the result gets the device's reply as {"ok", "data", "error"}.
@@ -59,6 +64,8 @@ class RpcClient:
         """Ask the worker holding `device`; the result gets its answer (a dict with `online` true),
         or {"device", "online": False} when none holds it, or {"error": "timeout" / "broker_unavailable"}."""
         request_id, result = self._open(timeout, {"error": "timeout"})
+        self._asking[request_id] = device
+        result.rawlink(lambda _result: self._asking.pop(request_id, None))
 
         def published(outcome: str | None) -> None:
             if outcome == "unroutable":
@@ -80,6 +87,10 @@ class RpcClient:
         if reply is None:
             log.warning("ignoring a reply that is not a JSON object (correlation_id=%s)", correlation_id)
             return
+        device = self._asking.get(correlation_id or "")
+        if device is not None and reply.get("online") is not True:
+            _not_here(waiting, device)
+            return
         waiting.set(reply)
 
     def _open(self, abandon_after: float, abandoned: dict[str, Any]) -> tuple[str, AsyncResult]:
@@ -95,6 +106,15 @@ class RpcClient:
 
         result.rawlink(settled)
         return request_id, result
+
+
+def _not_here(result: AsyncResult, device: str) -> None:
+    """A worker binds the device but holds no session of it (one just ended, its unbind on the way;
+    or a worker too old to know the question): offline, unless in a takeover another worker holds
+    the newer session and answers within NOT_HERE_GRACE."""
+    timer = gevent.get_hub().loop.timer(NOT_HERE_GRACE)
+    timer.start(_settle, result, {"device": device, "online": False})
+    result.rawlink(lambda _result: timer.close())
 
 
 def _expiration(timeout: float) -> str:

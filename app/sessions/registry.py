@@ -4,7 +4,8 @@ The registry is the directory (one session per device id in this worker), the
 admission control (who may start a session now), and the glue between the
 broker's deliveries and the sessions: commands, takeovers, presence. Sessions
 call it through the `Host` port; the broker calls it back through the three
-callbacks it was built with (`deliver`, `takeover`, `live_sessions`).
+callbacks it was built with (`deliver`, `takeover`, `live_sessions`, and `answer`
+for an operator's lookup or kick from any worker's HTTP API).
 
 Takeover across workers and hosts: a new session binds its device on this
 worker's queue, then announces itself, so every other worker holding that
@@ -19,7 +20,9 @@ of one device started during an outage find each other.
 from __future__ import annotations
 
 import logging
+import os
 import random
+import socket
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -50,7 +53,7 @@ class Registry:
         self.broker = broker_factory(
             config.amqp_url, deliver=self.deliver, takeover=self.takeover, live_sessions=self.live_sessions,
             max_command_bytes=config.max_frame_bytes, confirm_timeout=config.confirm_timeout,
-            amqp_heartbeat=config.amqp_heartbeat, node_offset=node_offset)
+            amqp_heartbeat=config.amqp_heartbeat, node_offset=node_offset, answer=self.answer)
         self.watchdog = Watchdog(min(config.hello_timeout, 2 * config.heartbeat))
         self.hellos = TokenBucket(config.hello_rate, max(1, int(config.hello_rate)))
         self.shutting_down = False
@@ -136,6 +139,33 @@ class Registry:
             session.end("replaced")
         else:
             self.broker.announce(device, session.started, session.id)
+
+    # -- operators (PROTOCOL.md section 6): asked through RabbitMQ by any worker's HTTP API ---------
+    def answer(self, device: str, question: str) -> dict[str, Any] | None:
+        """The broker's `answer` callback. Only a worker whose queue binds `device` is asked; one that
+        holds no session of it now (it just ended, the unbind is on its way) says so with `online`
+        false, and the asking side waits a moment for the worker that may hold the newer session."""
+        if question not in ("info", "kick"):
+            return None
+        answer = self.info(device) if question == "info" else self.kick(device)
+        return answer or {"device": device, "online": False}
+
+    def info(self, device: str) -> dict[str, Any] | None:
+        """Where and since when `device`'s session lives, if it lives in this worker."""
+        session = self.sessions.get(device)
+        if session is None:
+            return None
+        return {"device": device, "online": True, "session": session.id, "transport": session.conn.transport,
+                "connected_at": int(session.started * 1000), "worker": os.getpid(), "host": socket.gethostname()}
+
+    def kick(self, device: str) -> dict[str, Any] | None:
+        """End `device`'s session here with `kicked`, if it lives in this worker; say which one ended."""
+        session = self.sessions.get(device)
+        if session is None:
+            return None
+        log.info("session kicked by an operator", extra={"device": device, "session": session.id})
+        session.end("kicked")
+        return {"device": device, "online": True, "ended": session.id}
 
     # -- shutdown -------------------------------------------------------------------
     def drain(self, window: float) -> None:
