@@ -1,10 +1,15 @@
 """What the broker's hot path costs in CPU per item, against the real RabbitMQ.
 
-`python -m bench.amqp_bench [--root DIR] [--items N] [--rate R]` runs, in one gevent
-process, N confirmed event publishes through the broker's publisher and N command
-deliveries through its consumer, and prints the process's CPU time per item (user +
-system, µs). The commands are published by a separate process, so that only the
-consuming side is counted here.
+`python -m bench.amqp_bench [--root DIR] [--items N] [--rate R] [--rebind D]` runs, in
+one gevent process, N confirmed event publishes through the broker's publisher and N
+command deliveries through its consumer, and prints the process's CPU time per item
+(user + system, µs). The commands are published by a separate process, so that only
+the consuming side is counted here.
+
+`--rebind D` then binds D devices, cuts both connections (as a node's loss does) and
+reports how the consumer comes back: when the first command for an already re-bound
+device arrives, the worst delay of such a command meanwhile (a probe process sends one
+every 5 ms), and when every device is bound and every session announced again.
 
 `--root` says whose `app` package to measure: `/work/baseline` (a worktree of the
 commit before the split) measures the old `app/broker.py`, the default the current one;
@@ -22,8 +27,10 @@ from gevent import monkey
 monkey.patch_all()
 
 import argparse  # after monkey patching, as in the worker
+import gc
 import json
 import resource
+import socket
 import subprocess
 import sys
 import time
@@ -35,20 +42,21 @@ from gevent.event import Event
 
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672//"
 TICK = 0.002  # the pacer's step: at 2,000 items/s, four items per step
+PROBE_EVERY = 0.005
 
-# Runs in a plain (not gevent) interpreter: publishes the commands, paced, and exits.
+# Runs in a plain (not gevent) interpreter: publishes commands to one device, paced, and exits.
 COMMAND_SENDER = r"""
 import sys, time, amqp, kombu, orjson
 url, device, items, rate = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 connection = kombu.Connection(url)
 channel = connection.default_channel
-body = orjson.dumps({"name": "unlock", "data": {"bench": True}})
 started = time.monotonic()
 for n in range(items):
     if rate:
         delay = started + n / rate - time.monotonic()
         if delay > 0:
             time.sleep(delay)
+    body = orjson.dumps({"name": "unlock", "data": {"sent": time.time()}})
     message = amqp.Message(body, content_type="application/json", message_id=f"c{n}", expiration="60000",
                            timestamp=int(time.time()))
     channel.basic_publish(message, exchange="devices.commands", routing_key=device)
@@ -69,13 +77,112 @@ def load_broker(root: str | None) -> Any:
     return app.broker
 
 
-def links_of(broker: Any) -> tuple[Any, ...]:
-    """The greenlet bodies to run: the facade's `links`, or the old module's two attributes."""
-    links = getattr(broker, "links", None)
-    return tuple(links) if links is not None else (broker.publisher, broker.consumer)
+def send_commands(url: str, device: str, items: int, rate: float) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", COMMAND_SENDER, url, device, str(items), str(rate)])
 
 
-def declare_witness(url: str, device: str) -> Any:
+class Harness:
+    """The broker's callbacks, counting what arrives; `sessions` is what `live_sessions` reports."""
+
+    def __init__(self, module: Any, url: str) -> None:
+        self.device = f"bench-{uuid.uuid4().hex[:8]}"
+        self.sessions = [(self.device, 1.0, "bench-session")]
+        self.announced: set[str] = set()  # devices whose own notice came back
+        self.all_announced = Event()
+        self.delivered = 0
+        self.expected = 0
+        self.cpu_marks: list[float] = []
+        self.all_delivered = Event()
+        self.probes: list[tuple[float, float]] = []  # (arrival, delay since sent) of each probe
+        self.broker = module.Broker(url, deliver=self.deliver, takeover=self.takeover, max_command_bytes=65536,
+                                    live_sessions=lambda: list(self.sessions))
+        links = getattr(self.broker, "links", None)  # the old module had two attributes instead
+        self.links = tuple(links) if links is not None else (self.broker.publisher, self.broker.consumer)
+
+    def deliver(self, command: Any) -> None:
+        if isinstance(command.data, dict) and command.device != self.device:
+            self.probes.append((time.monotonic(), time.time() - command.data["sent"]))
+            return
+        self.delivered += 1
+        if self.delivered in (1, self.expected):  # CPU is read at the first delivery and the last only
+            self.cpu_marks.append(cpu_seconds())
+        if self.delivered == self.expected:
+            self.all_delivered.set()
+
+    def takeover(self, device: str, _started: float, _session_id: str) -> None:
+        self.announced.add(device)
+        if len(self.announced) >= len(self.sessions):
+            self.all_announced.set()
+
+
+def bench_events(harness: Harness, items: int, rate: float) -> dict[str, Any]:
+    outcomes: dict[str, int] = {}
+    all_done = Event()
+
+    def done(outcome: str | None) -> None:
+        key = outcome or "acked"
+        outcomes[key] = outcomes.get(key, 0) + 1
+        if sum(outcomes.values()) == items:
+            all_done.set()
+
+    cpu, wall = cpu_seconds(), time.monotonic()
+    for n in range(items):
+        if rate and n % max(1, int(rate * TICK)) == 0:
+            gevent.sleep(max(0.0, wall + n / rate - time.monotonic()))
+        harness.broker.publish_event(harness.device, "bench-session", "door.opened", f"e{n}", {"n": n}, done)
+    all_done.wait(120)
+    cpu, wall = cpu_seconds() - cpu, time.monotonic() - wall
+    return {"items": items, "outcomes": outcomes, "cpu_us_per_item": round(cpu / items * 1e6, 1),
+            "wall_s": round(wall, 2)}
+
+
+def bench_commands(harness: Harness, url: str, items: int, rate: float) -> dict[str, Any]:
+    harness.expected = items
+    sender = send_commands(url, harness.device, items, rate)
+    harness.all_delivered.wait(120)
+    sender.wait(30)
+    cpu = harness.cpu_marks[-1] - harness.cpu_marks[0]  # from the first delivery to the last: items - 1
+    return {"items": items, "delivered": harness.delivered, "cpu_us_per_item": round(cpu / (items - 1) * 1e6, 1)}
+
+
+def bench_rebind(harness: Harness, url: str, devices: int) -> dict[str, Any]:
+    names = [f"{harness.device}-r{n}" for n in range(devices)]
+    harness.sessions = [(name, 1.0, f"s{n}") for n, name in enumerate(names)]
+    harness.announced.clear()
+    harness.all_announced.clear()
+    for n, name in enumerate(names):
+        harness.broker.bind(name)
+        harness.broker.announce(name, 1.0, f"s{n}")
+    if not harness.all_announced.wait(120):
+        return {"devices": devices, "error": "the first binds never completed"}
+    probe = send_commands(url, names[0], 100000, 1 / PROBE_EVERY)  # the first device re-bound
+    gevent.sleep(1.0)
+    harness.announced.clear()
+    harness.all_announced.clear()
+    harness.probes.clear()
+    cut = time.monotonic()
+    for sock in [o for o in gc.get_objects() if isinstance(o, socket.socket) and _peer_port(o) == 5672]:
+        sock.shutdown(socket.SHUT_RDWR)
+    harness.all_announced.wait(120)
+    back = time.monotonic() - cut
+    gevent.sleep(0.5)
+    probe.kill()
+    during = [delay for arrival, delay in harness.probes if arrival <= cut + back]
+    first = min((arrival - cut for arrival, _ in harness.probes), default=None)
+    return {"devices": devices, "all_bound_and_announced_s": round(back, 2),
+            "first_command_after_cut_s": None if first is None else round(first, 3),
+            "commands_during_rebind": len(during),
+            "worst_command_delay_during_rebind_ms": round(max(during, default=0) * 1000, 1)}
+
+
+def _peer_port(sock: socket.socket) -> int | None:
+    try:
+        return sock.getpeername()[1]
+    except (OSError, IndexError, TypeError):
+        return None
+
+
+def declare_witness(url: str, device: str) -> tuple[Any, Any]:
     """A queue that takes the bench's events (else they are unroutable), deleted at the end."""
     from kombu import Connection, Exchange, Queue
 
@@ -86,86 +193,37 @@ def declare_witness(url: str, device: str) -> Any:
     return connection, queue
 
 
-def bench_events(broker: Any, device: str, items: int, rate: float) -> dict[str, Any]:
-    outcomes: dict[str, int] = {}
-    all_done = Event()
-    remaining = [items]
-
-    def done(outcome: str | None) -> None:
-        key = outcome or "acked"
-        outcomes[key] = outcomes.get(key, 0) + 1
-        remaining[0] -= 1
-        if remaining[0] == 0:
-            all_done.set()
-
-    cpu, wall = cpu_seconds(), time.monotonic()
-    for n in range(items):
-        if rate and n % max(1, int(rate * TICK)) == 0:
-            delay = wall + n / rate - time.monotonic()
-            gevent.sleep(max(0.0, delay))
-        broker.publish_event(device, "bench-session", "door.opened", f"e{n}", {"n": n}, done)
-    all_done.wait(120)
-    cpu, wall = cpu_seconds() - cpu, time.monotonic() - wall
-    return {"items": items, "outcomes": outcomes, "cpu_us_per_item": round(cpu / items * 1e6, 1),
-            "wall_s": round(wall, 2)}
-
-
-def bench_commands(url: str, device: str, items: int, rate: float, cpu_marks: list[float], delivered: list[int],
-                   all_in: Event) -> dict[str, Any]:
-    sender = subprocess.Popen([sys.executable, "-c", COMMAND_SENDER, url, device, str(items), str(rate)])
-    all_in.wait(120)
-    sender.wait(30)
-    cpu = cpu_marks[-1] - cpu_marks[0]  # from the first delivery to the last: items - 1 of them
-    return {"items": items, "delivered": delivered[0], "cpu_us_per_item": round(cpu / (items - 1) * 1e6, 1)}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", help="directory holding the `app` package to measure")
     parser.add_argument("--url", default=DEFAULT_URL)
     parser.add_argument("--items", type=int, default=10000)
     parser.add_argument("--rate", type=float, default=2000.0, help="items per second; 0 for one burst")
+    parser.add_argument("--rebind", type=int, default=0, help="devices to re-bind after a cut (0: skip)")
     args = parser.parse_args()
-    module = load_broker(args.root)
-
-    device = f"bench-{uuid.uuid4().hex[:8]}"
-    session_id = "bench-session"
-    routed = Event()
-    cpu_marks: list[float] = []
-    delivered = [0]
-    all_in = Event()
-
-    def deliver(command: Any) -> None:
-        delivered[0] += 1
-        if delivered[0] in (1, args.items):  # CPU is read at the first delivery and the last only
-            cpu_marks.append(cpu_seconds())
-        if delivered[0] == args.items:
-            all_in.set()
-
-    def takeover(dev: str, started: float, sid: str) -> None:
-        if dev == device and sid == session_id:
-            routed.set()
-
-    broker = module.Broker(args.url, deliver=deliver, takeover=takeover, max_command_bytes=65536,
-                           live_sessions=lambda: [(device, 1.0, session_id)])
-    greenlets = [gevent.spawn(link.run) for link in links_of(broker)]
-    witness, queue = declare_witness(args.url, device)
+    harness = Harness(load_broker(args.root), args.url)
+    greenlets = [gevent.spawn(link.run) for link in harness.links]
+    results: dict[str, Any] = {"root": args.root or "current", "rate": args.rate}
     try:
         deadline = time.monotonic() + 20
-        while not broker.ready and time.monotonic() < deadline:
+        while not harness.broker.ready and time.monotonic() < deadline:
             gevent.sleep(0.05)
-        broker.bind(device)
-        broker.announce(device, 1.0, session_id)
-        if not routed.wait(10):
+        harness.broker.bind(harness.device)
+        harness.broker.announce(harness.device, 1.0, "bench-session")
+        if not harness.all_announced.wait(10):
             raise SystemExit("the device's commands never routed here")
-        events = bench_events(broker, device, args.items, args.rate)
-        commands = bench_commands(args.url, device, args.items, args.rate, cpu_marks, delivered, all_in)
+        witness, queue = declare_witness(args.url, harness.device)
+        try:
+            results["events"] = bench_events(harness, args.items, args.rate)
+        finally:
+            queue(witness.default_channel).delete()
+            witness.release()
+        results["commands"] = bench_commands(harness, args.url, args.items, args.rate)
+        if args.rebind:
+            results["rebind"] = bench_rebind(harness, args.url, args.rebind)
     finally:
-        queue(witness.default_channel).delete()
-        witness.release()
         gevent.killall(greenlets, timeout=5)
-    print(json.dumps({"root": args.root or "current", "rate": args.rate, "events": events,
-                      "commands": commands}))
+    print(json.dumps(results))
 
 
 if __name__ == "__main__":

@@ -6,12 +6,13 @@ a binding). A worker that dies takes its queue and bindings with it, so no stale
 route survives (PROTOCOL.md section 5). After a reconnect the queue is new: every
 live device is bound again and every live session announced again.
 
-Binds are paced. They are not no-wait: RabbitMQ answers each with bind-ok, which
-the reader counts, and the writer keeps at most BIND_WINDOW binds and unbinds
-unanswered. RabbitMQ's channel handles our methods and its deliveries to us in one
-mailbox, so thousands of binds written at once (a worker re-binding 20,000 devices
-after a failover) would hold up the commands of the devices already bound behind
-them; with the window, at most BIND_WINDOW binds are ever ahead of a delivery.
+Writes are paced. RabbitMQ's channel handles our methods and its deliveries to us in
+one mailbox, and our own takeover notices come back through our own queue, ahead of
+the commands behind them: a worker re-binding and re-announcing 20,000 devices after
+a failover would hold up the commands of the devices already bound for seconds. So
+every write waits for its answer (a bind for its bind-ok, an unbind for its
+unbind-ok, a notice for its own echo; binds are not no-wait) and at most WINDOW are
+ever unanswered: that many at most stand between a command and its device.
 
 Takeover notices are published on this connection, on the same channel, after the
 device's bind: RabbitMQ handles a channel's methods in order, so by the time our own
@@ -53,7 +54,8 @@ from app.broker.messages import (
 
 log = logging.getLogger("warren.broker")
 
-BIND_WINDOW = 256  # binds and unbinds written whose -ok has not come back, at most
+WINDOW = 256  # binds, unbinds and notices written whose answer has not come back, at most
+ECHO_TIMEOUT = 10.0  # a notice not back by then was not routed to us (its device unbound meanwhile)
 
 _BIND, _UNBIND, _NOTICE = "bind", "unbind", "notice"
 
@@ -78,6 +80,7 @@ class CommandConsumer(Link):
         self._live_sessions = live_sessions
         self._todo: deque[tuple[Any, ...]] = deque()  # binds, unbinds and notices, in write order
         self._awaiting = 0  # binds and unbinds written, their -ok still to come
+        self._echoes: dict[tuple[str, str], float] = {}  # (device, session) of notices written -> expiry
         self.methods = {frames.QUEUE_BIND_OK: self._on_bind_ok, frames.QUEUE_UNBIND_OK: self._on_bind_ok}
         self.contents = {frames.BASIC_DELIVER: self._on_deliver}
 
@@ -130,15 +133,17 @@ class CommandConsumer(Link):
 
     def write(self, wire: Wire) -> bool:
         todo, queue, paced = self._todo, self.queue_name, wire.acknowledges_binds
+        expiry = time.monotonic() + ECHO_TIMEOUT
         for _ in range(WRITE_BATCH):
             if not todo:
                 return False
-            item = todo[0]
-            operation, device = item[0], item[1]
+            if paced and self._awaiting + len(self._echoes) >= WINDOW:
+                return False  # the reader wakes us as answers come back
+            operation, device, *session = todo.popleft()
             if operation is _NOTICE:
-                wire.publish(TAKEOVER, device, encode_takeover(device, item[3], item[2]), ())
-            elif paced and self._awaiting >= BIND_WINDOW:
-                return False  # the reader wakes us as bind-oks come back
+                wire.publish(TAKEOVER, device, encode_takeover(device, session[1], session[0]), ())
+                if paced:
+                    self._echoes[(device, session[1])] = expiry
             elif operation is _BIND:
                 if device in self.bound:  # a stale write (bound and unbound since) writes nothing
                     wire.bind(queue, COMMANDS_EXCHANGE, device)
@@ -146,18 +151,28 @@ class CommandConsumer(Link):
             elif device not in self.bound:
                 wire.unbind(queue, COMMANDS_EXCHANGE, device)
                 self._awaiting += paced
-            todo.popleft()
         return bool(todo)
+
+    def tick(self, now: float) -> None:
+        expired = [key for key, expiry in self._echoes.items() if expiry <= now]
+        for key in expired:
+            del self._echoes[key]
+        if expired:
+            self._answered()
 
     def on_lost(self) -> None:
         # Our exclusive queue died with the connection; a fresh name avoids racing its deletion.
         self.queue_name = _command_queue_name()
         self._todo.clear()
         self._awaiting = 0
+        self._echoes.clear()
 
     def _on_bind_ok(self, _payload: bytes) -> None:
         self._awaiting -= 1
-        if self._todo and self._awaiting <= BIND_WINDOW // 2:
+        self._answered()
+
+    def _answered(self) -> None:
+        if self._todo and self._awaiting + len(self._echoes) <= WINDOW // 2:
             self.wake()
 
     def _on_deliver(self, method: bytes, properties: dict[str, Any], body: bytes) -> None:
@@ -178,8 +193,10 @@ class CommandConsumer(Link):
             notice = decode_takeover(body)
             if notice is None:
                 log.warning("ignoring a takeover notice that is not {device, started, session} JSON")
-            else:
-                self._takeover(*notice)
+                return
+            if self._echoes.pop((notice[0], notice[2]), None) is not None:  # one of ours, back
+                self._answered()
+            self._takeover(*notice)
         elif kind == ASK_TYPE:
             question = decode_ask(body)
             if question is not None:

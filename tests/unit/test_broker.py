@@ -23,7 +23,7 @@ from gevent.event import Event
 from kombu import Connection, Exchange, Queue
 
 from app.broker import Broker, frames, link, rpc
-from app.broker.consumer import BIND_WINDOW, CommandConsumer
+from app.broker.consumer import WINDOW, CommandConsumer
 from app.broker.link import WRITE_BATCH, AmqpWire, MemoryWire, node_order
 from app.broker.messages import (
     ASK,
@@ -301,11 +301,12 @@ def test_a_lost_connection_fails_pending_and_queued(publisher: Publisher) -> Non
 
 
 # -- the consumer's bindings -------------------------------------------------------------------------
-def consumer(live: list[tuple[str, float, str]] | None = None, url: str = "amqp://nowhere") -> CommandConsumer:
+def consumer(live: list[tuple[str, float, str]] | None = None, url: str = "amqp://nowhere",
+             takeover: Any = None) -> CommandConsumer:
     def fail(*_args: Any) -> None:
         raise AssertionError("no delivery expected")
 
-    made = CommandConsumer(url, max_command_bytes=1000, deliver=fail, refuse=fail, takeover=fail,
+    made = CommandConsumer(url, max_command_bytes=1000, deliver=fail, refuse=fail, takeover=takeover or fail,
                            reply_received=fail, asked=fail, live_sessions=lambda: list(live or []))
     made.connected = True
     return made
@@ -327,19 +328,41 @@ def test_bindings_are_refcounted() -> None:
 
 def test_binds_are_paced_by_their_acknowledgements() -> None:
     link_, wire = consumer(), RecordingWire()
-    for n in range(BIND_WINDOW + 100):
+    for n in range(WINDOW + 100):
         link_.bind(f"d{n}")
     link_.announce("d0", 1.0, "s0")
     assert link_.write(wire) is False
-    assert len(wire.calls) == BIND_WINDOW
-    for _ in range(BIND_WINDOW // 2 - 1):
+    assert len(wire.calls) == WINDOW
+    for _ in range(WINDOW // 2 - 1):
         link_.methods[frames.QUEUE_BIND_OK](b"")
     link_._wakeup.clear()
     link_.methods[frames.QUEUE_BIND_OK](b"")  # half the window answered: the writer is woken
     assert link_._wakeup.is_set()
     link_.write(wire)
-    assert len(wire.calls) == BIND_WINDOW + 101
+    assert len(wire.calls) == WINDOW + 101
     assert wire.ops()[-1] == ("publish", "d0")  # the notice still follows its bind
+
+
+def test_notices_wait_for_their_own_echo_or_its_expiry() -> None:
+    heard: list[tuple] = []
+    link_, wire = consumer(takeover=lambda *notice: heard.append(notice)), RecordingWire()
+    link_.connected = False
+    for n in range(WINDOW + 10):
+        link_.bind(f"d{n}")  # bound while down: the reconnect would re-bind them
+    link_.connected = True
+    for n in range(WINDOW + 10):
+        link_.announce(f"d{n}", 1.0, f"s{n}")
+    link_.write(wire)
+    assert len(wire.calls) == WINDOW
+    deliver = method(spec.Basic.Deliver, "sLbss", ("c", 1, False, "devices.commands", "d0"))
+    for notice in (("d0", "s-other", 2.0), ("d0", "s0", 1.0)):  # someone else's, then our own back
+        link_.contents[frames.BASIC_DELIVER](deliver, {"type": "warren.takeover"}, encode_takeover(*notice))
+    assert heard == [("d0", 2.0, "s-other"), ("d0", 1.0, "s0")]
+    assert link_.write(wire) is False and len(wire.calls) == WINDOW + 1
+    link_.tick(time.monotonic() + 60)  # the rest never came back (unbound meanwhile): given up
+    assert link_._wakeup.is_set()
+    link_.write(wire)
+    assert len(wire.calls) == WINDOW + 10
 
 
 def test_a_reconnect_rebinds_every_device_then_announces_every_session() -> None:
