@@ -30,6 +30,7 @@ import pwd
 import shutil
 import signal
 import socket
+import string
 import subprocess
 import tempfile
 import time
@@ -93,11 +94,12 @@ class RabbitCluster:
         self.scripts = _scripts_dir()
         _sweep_stale_dirs()
         self.root = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{os.getpid()}-"))
-        suffix = uuid.uuid4().hex[:8]
-        self.nodes = [self._new_node(f"warren-{suffix}-{chr(ord('a') + n)}") for n in range(size)]
+        self._prefix, self._letters = f"warren-{uuid.uuid4().hex[:8]}", iter(string.ascii_lowercase)
+        self.nodes = [self._new_node() for _ in range(size)]
         self.boot_seconds = 0.0
 
-    def _new_node(self, short_name: str) -> Node:
+    def _new_node(self) -> Node:
+        short_name = f"{self._prefix}-{next(self._letters)}"
         base = self.root / short_name
         for sub in ("mnesia", "log", "conf.d"):
             (base / sub).mkdir(parents=True)
@@ -130,6 +132,24 @@ class RabbitCluster:
         self.ctl(node, "stop_app")
         self.ctl(node, "join_cluster", first.name)
         self.ctl(node, "start_app")
+
+    def add_node(self) -> Node:
+        """Boot one more node and join it (for the test that needs a third)."""
+        node = self._new_node()
+        self._chown(node.base)
+        self.nodes.append(node)
+        self._spawn(node)
+        self.await_node(node)
+        self._join(node, self.nodes[0])
+        return node
+
+    def forget_node(self, node: Node) -> None:
+        """A node lost for good: killed if it still runs, its data deleted, the others told to forget it."""
+        if node.running:
+            self.kill_node(node)
+        self.nodes.remove(node)
+        shutil.rmtree(node.base)
+        self.ctl(self.nodes[0], "forget_cluster_node", node.name)
 
     def close(self) -> None:
         """Kill every node (their data goes too, so no graceful stop is owed) and remove the directory."""
@@ -183,10 +203,12 @@ class RabbitCluster:
                                f"{out.stdout}{out.stderr}")
         return out.stdout
 
-    def connection_peer_ports(self, node: Node) -> list[int]:
-        """The client-side ports of the AMQP connections this node holds, as the node sees them."""
-        out = self.ctl(node, "list_connections", "--quiet", "--no-table-headers", "peer_port")
-        return [int(line) for line in out.split()]
+    def connection_peer_ports(self, node: Node) -> set[int]:
+        """The client-side ports of the AMQP connections this node holds, as RabbitMQ sees them
+        (list_connections lists the whole cluster's: we keep the node's own)."""
+        out = self.ctl(node, "list_connections", "--quiet", "--no-table-headers", "node", "peer_port")
+        rows = (line.split("\t") for line in out.splitlines() if line.strip())
+        return {int(port) for name, port in rows if name.strip() == node.name}
 
     # -- processes -----------------------------------------------------------------------
     def _spawn(self, node: Node) -> None:
