@@ -140,17 +140,19 @@ class CommandConsumer(Link):
             if paced and self._awaiting + len(self._echoes) >= WINDOW:
                 return False  # the reader wakes us as answers come back
             operation, device, *session = todo.popleft()
-            if operation is _NOTICE:
+            if operation is _UNBIND:
+                if device not in self.bound:  # else bound again since: a stale unbind writes nothing
+                    wire.unbind(queue, COMMANDS_EXCHANGE, device)
+                    self._awaiting += paced
+            elif device not in self.bound:
+                continue  # unbound since: a stale bind, or the notice of an ended session, writes nothing
+            elif operation is _BIND:
+                wire.bind(queue, COMMANDS_EXCHANGE, device)
+                self._awaiting += paced
+            else:
                 wire.publish(TAKEOVER, device, encode_takeover(device, session[1], session[0]), ())
                 if paced:
                     self._echoes[(device, session[1])] = expiry
-            elif operation is _BIND:
-                if device in self.bound:  # a stale write (bound and unbound since) writes nothing
-                    wire.bind(queue, COMMANDS_EXCHANGE, device)
-                    self._awaiting += paced
-            elif device not in self.bound:
-                wire.unbind(queue, COMMANDS_EXCHANGE, device)
-                self._awaiting += paced
         return bool(todo)
 
     def tick(self, now: float) -> None:
