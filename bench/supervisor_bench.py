@@ -39,6 +39,7 @@ SCENARIOS = {
     "dynamic": "simple_one_for_one start_child",
     "bare": "bare gevent.spawn (the floor)",
 }
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH = 64  # what a worker's listener accepts per turn of the loop (server.max_accept)
 
 
@@ -129,14 +130,15 @@ def measure(scenario: str, children: int, churn: int) -> dict[str, float]:
 
 
 def run_in_fresh_interpreter(scenario: str, options: argparse.Namespace) -> dict[str, float]:
-    command = [sys.executable, "-m", "bench.supervisor_bench", "--only", scenario,
+    # Imported rather than run with -m, which made the floor itself look some 2 µs and 130 bytes dearer.
+    command = [sys.executable, "-c", "from bench.supervisor_bench import main; main()", "--only", scenario,
                "--children", str(options.children), "--churn", str(options.churn)]
     with tempfile.TemporaryDirectory() as metrics_dir:
         env = dict(os.environ)
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         if options.metrics == "multiprocess":
             env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-        output = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
+        output = subprocess.run(command, check=True, capture_output=True, text=True, env=env, cwd=ROOT).stdout
     return json.loads(output)
 
 
