@@ -67,11 +67,15 @@ def every_node_up_after(cluster: RabbitCluster) -> Iterator[None]:
 @pytest.fixture(scope="module")
 def pair(cluster: RabbitCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, Gateway]]:
     """Two instances, one on each node, with nothing between them but the cluster."""
-    instances = [start_gateway(tmp_path_factory.mktemp(f"on-{n}"), workers=1, AMQP_URL=node.url, **FAST)
-                 for n, node in enumerate(cluster.nodes)]
-    yield instances[0], instances[1]
+    instances: list[Gateway] = []
+    try:
+        for n, node in enumerate(cluster.nodes):
+            instances.append(start_gateway(tmp_path_factory.mktemp(f"on-{n}"), workers=1, AMQP_URL=node.url, **FAST))
+        yield instances[0], instances[1]
+    finally:
+        for instance in instances:
+            instance.stop()
     for instance in instances:
-        instance.stop()
         assert_no_crash(instance)
 
 
@@ -143,11 +147,12 @@ class HeldDevice:
         self.nacked: Counter[str] = Counter()  # by reason
         self.errors: list[dict[str, Any]] = []
         self.closed: str | None = None
+        self._serving = True
         self._greenlet = gevent.spawn(self._serve)
 
     def _serve(self) -> None:
         next_event, sent = time.monotonic(), 0
-        while True:
+        while self._serving:
             if time.monotonic() >= next_event:
                 sent += 1
                 self.client.send({"type": "event", "id": f"{self.device}-{sent}", "name": "door.opened"})
@@ -174,7 +179,8 @@ class HeldDevice:
 
     def stop(self) -> None:
         """Stop serving (the session stays open), after reading what was already on its way."""
-        self._greenlet.kill()
+        self._serving = False  # not kill(): a frame half written would break the session
+        self._greenlet.join(5)
         with contextlib.suppress(TimeoutError):
             while True:
                 self._handle(self.client.receive(timeout=1))
@@ -379,16 +385,31 @@ def test_a_node_stops_while_devices_are_held_and_commands_flow(cluster: RabbitCl
 
 
 # -- the advice to backends: a quorum queue for the events they must not lose ----------------
+@contextlib.contextmanager
+def quorum_queue_of_a_device(tmp_path: Path, first: Node, second: Node) -> Iterator[tuple[DeviceClient, EventQueue]]:
+    """A device on an instance whose AMQP_URL is `first;second`, and a quorum queue of its events
+    declared through `first` (so that its leader is there)."""
+    url = amqp_url(first, second)
+    gateway = start_gateway(tmp_path, workers=1, AMQP_URL=url, **FAST)
+    try:
+        device = unique("cl-q")
+        queue = EventQueue(url, [f"{device}.#"], quorum=True)
+        try:
+            with connect(gateway.tcp, device) as client:
+                yield client, queue
+        finally:
+            queue.delete()
+    finally:
+        gateway.stop()
+    assert_no_crash(gateway)
+
+
 def test_two_nodes_quorum_queue_keeps_acked_events_through_a_crash_of_its_leader(cluster: RabbitCluster,
                                                                                 tmp_path: Path) -> None:
     """On two nodes a quorum queue has no majority while one is down: events are nacked meanwhile
     (never acked and dropped), and those acked before are there afterwards."""
     node_a, node_b = cluster.nodes
-    gateway = start_gateway(tmp_path, workers=1, AMQP_URL=amqp_url(node_a, node_b), **FAST)
-    device = unique("cl-q")
-    queue = EventQueue(amqp_url(node_a, node_b), [f"{device}.#"], quorum=True)  # its leader on node a
-    client = connect(gateway.tcp, device)
-    try:
+    with quorum_queue_of_a_device(tmp_path, node_a, node_b) as (client, queue):
         before = events_until_acked(client, "before")
         cluster.kill_node(node_a)  # the leader's node, and the instance's
         during = [send_event(client, f"during-{n}") for n in range(3)]
@@ -399,11 +420,6 @@ def test_two_nodes_quorum_queue_keeps_acked_events_through_a_crash_of_its_leader
         assert acked(before) and acked(after), (before, after)
         stored = queue.ids()
         assert [event for event in acked(before + during + after) if event not in stored] == [], stored
-    finally:
-        client.close()
-        queue.delete()
-        gateway.stop()
-    assert_no_crash(gateway)
 
 
 def test_three_nodes_quorum_queue_keeps_acked_events_when_a_node_is_lost_for_good(cluster: RabbitCluster,
@@ -413,29 +429,21 @@ def test_three_nodes_quorum_queue_keeps_acked_events_when_a_node_is_lost_for_goo
     booted = time.monotonic()
     node_c = cluster.add_node()
     print(f"\n[figure] a third node booted and joined in {time.monotonic() - booted:.1f}s")
-    node_a = cluster.nodes[0]
-    gateway = start_gateway(tmp_path, workers=1, AMQP_URL=amqp_url(node_c, node_a), **FAST)
-    device = unique("cl-q3")
-    queue = EventQueue(amqp_url(node_c, node_a), [f"{device}.#"], quorum=True)  # its leader on node c
-    client = connect(gateway.tcp, device)
     try:
-        before = events_until_acked(client, "before")
-        killed = time.monotonic()
-        cluster.kill_node(node_c)  # the leader's node, and the instance's
-        # Bounded, not required: RabbitMQ 3.10 may nack every publish of a channel opened while
-        # the queue's leader was unknown, until the channel closes.
-        during = events_until_acked(client, "during", timeout=10)
-        print("[figure] quorum queue on three nodes, its leader's node killed: "
-              + (f"events acked again {time.monotonic() - killed:.1f}s later" if acked(during) else
-                 f"no event acked in 10s ({len(during)} nacked {Counter(a.get('reason') for a in during)})"))
-        cluster.forget_node(node_c)
-        queue.url = node_a.url
-        stored = queue.ids()
-        assert acked(before) and [event for event in acked(before + during) if event not in stored] == [], stored
+        with quorum_queue_of_a_device(tmp_path, node_c, cluster.nodes[0]) as (client, queue):
+            before = events_until_acked(client, "before")
+            killed = time.monotonic()
+            cluster.kill_node(node_c)  # the leader's node, and the instance's
+            # Bounded, not required: RabbitMQ 3.10 may nack every publish of a channel opened while
+            # the queue's leader was unknown, until the channel closes.
+            during = events_until_acked(client, "during", timeout=10)
+            print("[figure] quorum queue on three nodes, its leader's node killed: "
+                  + (f"events acked again {time.monotonic() - killed:.1f}s later" if acked(during) else
+                     f"no event acked in 10s ({len(during)} nacked {Counter(a.get('reason') for a in during)})"))
+            cluster.forget_node(node_c)
+            queue.url = cluster.nodes[0].url
+            stored = queue.ids()
+            assert acked(before) and [event for event in acked(before + during) if event not in stored] == [], stored
     finally:
-        client.close()
-        queue.delete()
-        gateway.stop()
         if node_c in cluster.nodes:
             cluster.forget_node(node_c)
-    assert_no_crash(gateway)
