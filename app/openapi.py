@@ -99,7 +99,8 @@ SCHEMAS: dict[str, Schema] = {
         "name": {"type": "string", "minLength": 1, "maxLength": 120, "description": "the command's name"},
         "data": {"description": "any JSON value, handed to the device as is"},
         "timeout": {"type": "number", "exclusiveMinimum": 0, "maximum": 30, "default": 5,
-                    "description": "seconds to wait for the device's reply; also the command's expiration"}}},
+                    "description": "seconds to wait for the device's reply, also the command's expiration; "
+                                   "a value under 1 counts as 1"}}},
     "CommandReply": {"type": "object", "required": ["ok", "data", "error"], "additionalProperties": False,
                      "description": "the device's reply", "properties": {
                          "ok": {"type": "boolean"}, "data": {"description": "any JSON value the device sent"},
@@ -203,9 +204,8 @@ def _paths(ops_protected: bool) -> Schema:
         "/devices/{device}/commands": {"post": {
             "summary": "send a command and wait for the device's reply", "tags": ["devices"],
             "parameters": [_DEVICE], "security": [{"apiToken": []}],
-            "description": "The command travels through RabbitMQ to whichever worker holds the device. The answer "
-                           "comes within `timeout`, or within a second when that is shorter, so that an offline "
-                           "device is always told as such.",
+            "description": "The command travels through RabbitMQ to whichever worker holds the device, and the "
+                           "answer comes within `timeout`.",
             "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("CommandRequest")}}},
             "responses": {
                 "200": _json(_ref("CommandReply"), "the device replied"),

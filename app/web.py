@@ -36,9 +36,10 @@ MAX_TIMEOUT = 30.0
 # How long a lookup or a kick waits for the worker holding the device. The holder answers from
 # memory, so a healthy one takes milliseconds: this only bounds a worker that is stuck.
 ASK_TIMEOUT = 5.0
-# The shortest a command request waits, whatever its `timeout`: long enough for RabbitMQ to return
-# a command nobody holds, so that an offline device is answered 404, not 504.
-MIN_COMMAND_WAIT = 1.0
+# A command's `timeout` (its wait and its expiration) is at least this: long enough for RabbitMQ to
+# return a command nobody holds and for a device to answer, so that a shorter one cannot turn an
+# offline device into a 504, or a command that would have been answered into an expired one.
+MIN_COMMAND_TIMEOUT = 1.0
 JSON = "application/json"
 API_CHALLENGE = 'Bearer realm="warren"'
 # Basic first: a browser asks for it (the status page), Prometheus sends either.
@@ -181,12 +182,13 @@ class WarrenApp:
     def command(self, environ: dict[str, Any], device: str) -> Answer:
         self._authorize_api(environ)
         _check_device(device)
-        name, data, timeout = _command_body(environ)
+        name, data, asked = _command_body(environ)
+        timeout = max(asked, MIN_COMMAND_TIMEOUT)
         broker = self._ready_broker()
         started = time.monotonic()
         result = broker.send_command(device, name, data, timeout)
         try:
-            reply = result.get(timeout=max(timeout, MIN_COMMAND_WAIT))
+            reply = result.get(timeout=timeout)
         except gevent.Timeout:
             metrics.COMMANDS.labels(outcome="api_timeout").inc()
             raise HttpError(504, "timeout", f"no reply from {device} within {timeout:g}s") from None

@@ -5,12 +5,16 @@ devices without knowing where their connections live:
 
     with BackendClient("amqp://guest:guest@127.0.0.1:5672//") as backend:
         reply = backend.command("lock-0001", "unlock", {"for": 5}, timeout=5)
+        where = backend.device_info("lock-0001")   # {"online": True, "host", "worker", ...}
+        ended = backend.kick("lock-0001")          # the session id ended, or None if offline
         for event in backend.events("lock-0001.#", timeout=10): ...
 
 Commands are published mandatory to `devices.commands` with `reply_to` set to
 RabbitMQ's direct reply-to pseudo-queue, so a device with no session anywhere
-comes back at once as `offline` (PROTOCOL.md section 5). The client is
-blocking and single-threaded: one connection, used by one caller.
+comes back at once as `offline` (PROTOCOL.md section 5). An operator's lookup or
+kick travels the same way, as a message of type `warren.ask`, and the worker
+holding the device answers it. The client is blocking and single-threaded: one
+connection, used by one caller.
 """
 
 from __future__ import annotations
@@ -28,6 +32,10 @@ EVENTS = Exchange("devices.events", type="topic", durable=True)
 COMMANDS = Exchange("devices.commands", type="direct", durable=True)
 
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+ASK_TYPE = "warren.ask"  # an operator's question for the worker holding a device: {"kind": "info" | "kick"}
+# After a worker said it binds the device but holds no session of it (the device is between
+# sessions), how long to wait for another worker holding a newer session (a takeover) to answer.
+NOT_HERE_GRACE = 0.5
 
 
 class BackendClient:
@@ -36,6 +44,7 @@ class BackendClient:
         self.connection.connect()
         self.channel = self.connection.channel()
         self._replies: dict[str, dict[str, Any]] = {}
+        self._answers: dict[str, list[dict[str, Any]]] = {}  # by question id, while it is asked
         self._returned: set[str] = set()
         self.channel.events["basic_return"].add(self._on_return)
         self.channel.basic_consume(DIRECT_REPLY_TO, no_ack=True, callback=self._on_reply)
@@ -86,11 +95,68 @@ class BackendClient:
 
     def _on_reply(self, message: Any) -> None:
         correlation_id = message.properties.get("correlation_id")
-        if correlation_id:
+        if correlation_id in self._answers:  # a question may have several answers: keep them all
+            self._answers[correlation_id].append(orjson.loads(message.body))
+        elif correlation_id:
             self._replies[correlation_id] = orjson.loads(message.body)
 
     def _on_return(self, exception: Any, exchange: str, routing_key: str, message: Any) -> None:
         self._returned.add(message.properties.get("correlation_id", ""))
+
+    # -- operators ------------------------------------------------------------------
+    def device_info(self, device: str, timeout: float = 5.0) -> dict[str, Any]:
+        """`{"device","online":true,"session","transport","connected_at","worker","host"}` from the worker
+        holding `device`, or `{"device","online":false}` when none does.
+
+        Raises TimeoutError when a worker binds the device but none answers within `timeout`.
+        """
+        return self._ask(device, "info", timeout)
+
+    def kick(self, device: str, timeout: float = 5.0) -> str | None:
+        """End `device`'s session with error `kicked`, wherever it is: the session id ended, or None
+        when the device has no session. Raises TimeoutError as `device_info` does."""
+        return self._ask(device, "kick", timeout).get("ended")
+
+    def _ask(self, device: str, kind: str, timeout: float) -> dict[str, Any]:
+        """Publish a question as a command is published; the holder's answer, or offline.
+
+        Every worker whose queue binds the device is asked. The one holding the session
+        answers with `online` true; one that binds the device but holds no session of it now
+        answers `online` false, which is final only if no holder answers within NOT_HERE_GRACE.
+        """
+        question_id = uuid.uuid4().hex
+        offline = {"device": device, "online": False}
+        self._answers[question_id] = answers = []
+        try:
+            message = self.channel.prepare_message(
+                orjson.dumps({"kind": kind}), content_type="application/json",
+                properties={"message_id": question_id, "correlation_id": question_id, "type": ASK_TYPE,
+                            "reply_to": DIRECT_REPLY_TO, "expiration": str(max(1, int(timeout * 1000)))})
+            self.channel.basic_publish(message, exchange=COMMANDS.name, routing_key=device, mandatory=True)
+            deadline, not_here_until = time.monotonic() + timeout, None
+            while True:
+                held = next((answer for answer in answers if answer.get("online") is True), None)
+                if held is not None:
+                    return held
+                if question_id in self._returned:
+                    self._returned.discard(question_id)
+                    return offline
+                now = time.monotonic()
+                if answers and not_here_until is None:
+                    not_here_until = now + NOT_HERE_GRACE
+                if not_here_until is not None and now >= not_here_until:
+                    return offline
+                if now >= deadline:
+                    raise TimeoutError(f"no worker holding {device} answered within {timeout:g}s")
+                self._drain(min(deadline, not_here_until or deadline) - now)
+        finally:
+            del self._answers[question_id]
+
+    def _drain(self, seconds: float) -> None:
+        try:
+            self.connection.drain_events(timeout=max(0.001, min(seconds, 1.0)))
+        except TimeoutError:
+            pass
 
     # -- events ---------------------------------------------------------------------
     def events(self, binding: str = "#", timeout: float = 10.0) -> Iterator[dict[str, Any]]:

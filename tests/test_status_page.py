@@ -20,7 +20,8 @@ from typing import Any
 
 import pytest
 import requests
-from conftest import API_TOKEN, SECRET, free_port, metric_value, start_gateway, wait_until
+from conftest import API_TOKEN, SECRET, free_port, metric_value, wait_until
+from test_operators import OPS_TOKENS, start_guarded
 
 from clients.device import Closed, DeviceClient
 
@@ -29,7 +30,7 @@ CHROMEDRIVER = shutil.which("chromedriver")
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--disable-dev-shm-usage")
-OPS_TOKEN = "test-ops-token"
+OPS_TOKEN = OPS_TOKENS[0]
 OPS = requests.auth.HTTPBasicAuth("operator", OPS_TOKEN)
 
 needs_chromium = pytest.mark.skipif(CHROMIUM is None,
@@ -69,7 +70,7 @@ def status_json(gateway: Any) -> dict[str, Any]:
 
 @needs_chromium
 def test_status_page_shows_the_gateways_state(tmp_path):
-    gateway = start_gateway(tmp_path, workers=2, OPS_TOKENS=OPS_TOKEN)
+    gateway = start_guarded(tmp_path, workers=2)
     devices = []
     try:
         assert requests.get(f"{gateway.http}/", timeout=5).status_code == 401
@@ -198,7 +199,7 @@ def _answers(url: str) -> bool:
 @needs_chromium
 @pytest.mark.skipif(CHROMEDRIVER is None, reason="needs chromedriver: run .ci/ensure-chromium first")
 def test_an_operator_looks_a_device_up_and_kicks_it_from_the_page(tmp_path):
-    gateway = start_gateway(tmp_path, workers=2, OPS_TOKENS=OPS_TOKEN)
+    gateway = start_guarded(tmp_path, workers=2)
     device = DeviceClient(gateway.ws)
     try:
         welcome = device.hello("stolen-lock", SECRET)
