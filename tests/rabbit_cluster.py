@@ -205,10 +205,10 @@ class RabbitCluster:
 
     def connection_peer_ports(self, node: Node) -> set[int]:
         """The client-side ports of the AMQP connections this node holds, as RabbitMQ sees them
-        (list_connections lists the whole cluster's: we keep the node's own)."""
-        out = self.ctl(node, "list_connections", "--quiet", "--no-table-headers", "node", "peer_port")
-        rows = (line.split("\t") for line in out.splitlines() if line.strip())
-        return {int(port) for name, port in rows if name.strip() == node.name}
+        (list_connections lists the whole cluster's: we keep those accepted on the node's port)."""
+        out = self.ctl(node, "list_connections", "--quiet", "--no-table-headers", "port", "peer_port")
+        rows = (line.split() for line in out.splitlines() if line.strip())
+        return {int(peer) for port, peer in rows if int(port) == node.port}
 
     # -- processes -----------------------------------------------------------------------
     def _spawn(self, node: Node) -> None:
