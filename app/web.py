@@ -86,7 +86,7 @@ class Route:
 ROUTES = (
     Route("/healthz", {"GET": "healthz"}),
     Route("/readyz", {"GET": "readyz"}),
-    Route("/metrics", {"GET": "metrics"}),
+    Route("/metrics", {"GET": "prometheus"}),
     Route("/", {"GET": "status_page"}),
     Route("/status.json", {"GET": "status_json"}),
     Route("/openapi.json", {"GET": "openapi_json"}),
@@ -152,7 +152,7 @@ class WarrenApp:
                                             "(version 13)")
 
     # -- behind OPS_TOKENS: what tells anyone how many devices there are, and where -----
-    def metrics(self, environ: dict[str, Any]) -> Answer:
+    def prometheus(self, environ: dict[str, Any]) -> Answer:
         self._authorize_ops(environ)
         body, content_type = metrics.render()
         return Answer(200, body, content_type)
