@@ -184,7 +184,7 @@ import os
 if os.environ.get("WARREN_INJECT_FAULT") == "reply-crash":
     # app.metrics writes there as soon as it is imported (gunicorn.conf.py makes it later).
     os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
-    from app import session as _session
+    from app.sessions import session as _session
 
     _original = _session.Session._on_reply
 

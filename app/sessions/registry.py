@@ -42,6 +42,11 @@ log = logging.getLogger("warren.registry")
 # Publishes queued or awaiting confirms past which new hellos are told `overloaded`:
 # a broker that cannot keep up must not be handed a stampede's presence events too.
 MAX_BROKER_BACKLOG = 20000
+# After a device moved to a newer session on another worker, how long our binding (until its
+# unbind takes effect) leaves that device's commands to the new holder; and how many such devices
+# are remembered before the expired ones are swept out.
+MOVED_GRACE = 10.0
+MOVED_MEMORY = 4096
 
 
 class Registry:
@@ -58,6 +63,7 @@ class Registry:
         self.hellos = TokenBucket(config.hello_rate, max(1, int(config.hello_rate)))
         self.shutting_down = False
         self.drain_window = 10.0
+        self._moved: dict[str, float] = {}  # device -> until when a newer session elsewhere answers for it
 
     # -- admission --------------------------------------------------------------
     def admit(self) -> tuple[str, float] | None:
@@ -123,9 +129,32 @@ class Registry:
             self.broker.reply(command, ok=False, error="expired")
             return
         session = self.sessions.get(command.device)
-        if session is None or not session.deliver(command):
-            metrics.COMMANDS_OFFLINE.inc()
-            self.broker.reply(command, ok=False, error="offline")
+        if session is not None and session.deliver(command):
+            return
+        if self._moved_away(command.device):
+            # Our binding for it is still in effect, but a newer session holds the device
+            # elsewhere and RabbitMQ delivered this command there too: answering `offline` here
+            # would race the device's own reply to the sender.
+            metrics.COMMANDS.labels(outcome="moved").inc()
+            return
+        metrics.COMMANDS_OFFLINE.inc()
+        self.broker.reply(command, ok=False, error="offline")
+
+    def _moved_away(self, device: str) -> bool:
+        until = self._moved.get(device)
+        if until is None:
+            return False
+        if until > time.monotonic():
+            return True
+        del self._moved[device]
+        return False
+
+    def _remember_moved(self, device: str) -> None:
+        """`device` now lives elsewhere; for MOVED_GRACE seconds our stale binding stays silent about it."""
+        now = time.monotonic()
+        if len(self._moved) >= MOVED_MEMORY:
+            self._moved = {d: until for d, until in self._moved.items() if until > now}
+        self._moved[device] = now + MOVED_GRACE
 
     def takeover(self, device: str, started: float, session_id: str) -> None:
         """Another session of `device` exists somewhere (or our own notice came back)."""
@@ -137,6 +166,7 @@ class Registry:
             return
         if (session.started, session.id) < (started, session_id):
             session.end("replaced")
+            self._remember_moved(device)
         else:
             self.broker.announce(device, session.started, session.id)
 

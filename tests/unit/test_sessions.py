@@ -252,3 +252,13 @@ def test_a_closing_protocol_error_from_the_transport_ends_the_session(registry: 
     conn.push(ProtocolError("bad_frame", "bad packet", close=True))
     runner.join(1)
     assert runner.dead and conn.sent[-1]["code"] == "bad_frame"
+
+
+def test_a_stale_binding_stays_silent_about_a_device_that_moved_away(registry: Registry) -> None:
+    session, conn, runner = start(registry)
+    registry.takeover("lock-1", session.started + 10, "f" * 16)  # a newer session elsewhere
+    runner.join(1)
+    registry.deliver(Command("lock-1", "c-9"))  # also delivered to the new holder, which answers
+    assert registry.broker.replies == []
+    registry.deliver(Command("lock-2", "c-10"))  # nobody anywhere: offline, as before
+    assert registry.broker.replies == [("c-10", False, None, "offline")]
