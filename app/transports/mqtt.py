@@ -16,19 +16,21 @@ frames back into packets, with MQTT's own acknowledgement rules:
     any other error              -> close (MQTT has no error frame); unknown_command is only counted
 
 Everything a device may not do (QoS 2, retain, other topics, a second
-CONNECT, malformed packets) raises a closing ProtocolError, which the session
-counts under its section 4 code and ends on.
+CONNECT, malformed packets, an event or reply that breaks section 3's rules)
+raises a closing ProtocolError, which the session counts under its section 4
+code and ends on.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from typing import Any, Protocol
 
 import orjson
 
-from app import mqtt
+from app import mqtt, protocol
 from app.protocol import DEVICE_ID, ProtocolError
 
 # CONNACK return codes (MQTT 3.1.1 section 3.2.2.3).
@@ -68,6 +70,15 @@ def payload_data(payload: bytes) -> Any:
         raise ProtocolError("bad_frame", "an event payload must be UTF-8 text or JSON", close=True) from None
 
 
+def _checked(frame: dict[str, Any]) -> dict[str, Any]:
+    """A frame made from a PUBLISH, held to section 3's rules (event names, ids, nesting) here and not only by the
+    session: a breach then closes the connection under its own code, so the presence event says why."""
+    try:
+        return protocol.validate(frame)
+    except ProtocolError as exc:
+        raise ProtocolError(exc.code, exc.message, exc.frame_id, close=True) from None
+
+
 class MqttConnection:
     """A `FrameConnection` over an MQTT byte stream."""
 
@@ -86,6 +97,9 @@ class MqttConnection:
         self._command_qos: int | None = None  # granted by a SUBSCRIBE to commands/#; None: hold commands
         self._held: list[tuple[dict[str, Any], float]] = []
         self._events: dict[str, tuple[int | None, int]] = {}  # event id -> (packet id, QoS), until acked
+        # Event ids are the gateway's (PROTOCOL.md section 8) and must be unique per device, not per connection:
+        # backends deduplicate at-least-once events by (device, id), and a device reconnects often.
+        self._event_prefix = f"m{os.urandom(6).hex()}-"
         self._event_ids = itertools.count(1)
         self._packet_ids = itertools.cycle(range(1, 65536))
         self.peer = peer
@@ -174,14 +188,16 @@ class MqttConnection:
             raise ProtocolError("unauthorized", "QoS 2 and retained publishes are not accepted", close=True)
         topic = packet.topic
         if topic.startswith("events/"):
-            event_id = f"m{next(self._event_ids)}"
+            event_id = f"{self._event_prefix}{next(self._event_ids)}"
+            frame = _checked({"type": "event", "id": event_id, "name": topic[len("events/"):],
+                              "data": payload_data(packet.payload)})
             self._events[event_id] = (packet.packet_id, packet.qos)
-            return {"type": "event", "id": event_id, "name": topic[len("events/"):],
-                    "data": payload_data(packet.payload)}
+            return frame
         if topic.startswith("replies/"):
+            frame = _checked(self._reply(topic[len("replies/"):], packet.payload))
             if packet.qos == 1:
                 self._stream.send(mqtt.puback(packet.packet_id))
-            return self._reply(topic[len("replies/"):], packet.payload)
+            return frame
         raise ProtocolError("unauthorized", f"publishing to {topic[:64]!r} is not allowed", close=True)
 
     @staticmethod

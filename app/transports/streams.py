@@ -62,7 +62,7 @@ def mqtt_subprotocol(environ: Mapping[str, str]) -> None:
 class WebSocketStream:
     """The binary messages of an upgraded WebSocket, as one byte stream (wsproto does the framing)."""
 
-    __slots__ = ("_sender", "_sock", "_ws")
+    __slots__ = ("_failure", "_sender", "_sock", "_ws")
 
     def __init__(self, sock: socket.socket, environ: Mapping[str, str], send_limit: int,
                  direct_writes: bool = True) -> None:
@@ -75,6 +75,7 @@ class WebSocketStream:
         # wsproto hands over each frame's data as it arrives (never a whole message buffered), and
         # the MQTT decoder bounds packets: a huge message costs no more than its packets may.
         self._ws = Connection(ConnectionType.SERVER)
+        self._failure: ProtocolError | None = None  # frames wsproto could not parse, raised once what came before is read
 
     def recv(self) -> bytes | None:
         """The bytes of the next binary message part(s); None once closed."""
@@ -82,6 +83,8 @@ class WebSocketStream:
             data = b"".join(self._drain_events())
             if data:
                 return data
+            if self._failure is not None:
+                raise self._failure
             if self._ws.state.name in {"CLOSED", "LOCAL_CLOSING"}:
                 return None
             try:
@@ -94,7 +97,9 @@ class WebSocketStream:
         parts: list[bytes] = []
         for event in self._ws.events():
             if isinstance(event, CloseConnection):
-                if self._ws.state.name == "REMOTE_CLOSING":
+                if self._ws.state.name == "OPEN":  # not the peer's close: wsproto failed to parse its frames
+                    self._failure = ProtocolError("bad_frame", f"WebSocket: {event.reason}", close=True)
+                if self._ws.state.name in {"OPEN", "REMOTE_CLOSING"}:
                     self._sender.send(self._ws.send(event.response()))
                 break
             if isinstance(event, Ping):
