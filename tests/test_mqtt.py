@@ -33,15 +33,15 @@ def backend() -> Any:
 
 @pytest.fixture(scope="module")
 def lone(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """One worker that takes one session (MAX_CONNECTIONS=1), on a RabbitMQ vhost of its own so that no catch-all
-    queue of another tool routes its events."""
+    """One worker that takes one session (MAX_CONNECTIONS=1) and 5 events a second (a burst of 3), on a RabbitMQ
+    vhost of its own so that no catch-all queue of another tool routes its events."""
     ctl = shutil.which("rabbitmqctl")
     if ctl is None:
         pytest.skip("rabbitmqctl is needed to make a private vhost (the shared one may route every key)")
     for args in (["add_vhost", PRIVATE_VHOST], ["set_permissions", "-p", PRIVATE_VHOST, "guest", ".*", ".*", ".*"]):
         subprocess.run([ctl, *args], capture_output=True, timeout=60, check=False)  # may exist already
-    instance = start_gateway(tmp_path_factory.mktemp("lone"), workers=1, MAX_CONNECTIONS="1",
-                             AMQP_URL=AMQP_URL.split("@", 1)[0] + "@" + AMQP_HOST + "/" + PRIVATE_VHOST)
+    instance = start_gateway(tmp_path_factory.mktemp("lone"), workers=1, MAX_CONNECTIONS="1", EVENT_RATE="5",
+                             EVENT_BURST="3", AMQP_URL=AMQP_URL.split("@", 1)[0] + "@" + AMQP_HOST + "/" + PRIVATE_VHOST)
     yield instance
     instance.stop()
 
@@ -195,6 +195,20 @@ def test_qos1_event_that_rabbitmq_nacks_closes_the_connection_without_puback(gat
         assert tap.get(f"{device}.session.closed")["data"] == {"reason": "closed"}
 
 
+def test_events_over_the_rate_limit_are_slowed_down_never_refused(lone_gw: Gateway) -> None:
+    """EVENT_RATE=5, EVENT_BURST=3: a burst of 12 QoS 1 events is read more slowly (backpressure), and every one is
+    PUBACKed and stored; over JSON, most would have been nacked `rate_limited`."""
+    device = uid("mq")
+    limited = 'warren_events_total{outcome="rate_limited"}'
+    before = counted(lone_gw, limited)
+    with EventTap(f"{device}.burst.*", vhost=PRIVATE_VHOST) as tap, mqtt_device(lone_gw, device) as client:
+        mids = [client.publish("events/burst.n", str(n).encode()) for n in range(12)]
+        wait_until(lambda: all(client.acked(mid) for mid in mids), WAIT)
+        assert [tap.get(f"{device}.burst.n")["data"] for _ in mids] == list(range(12))
+        assert not client.disconnected()
+    assert counted(lone_gw, limited) == before
+
+
 def test_qos0_event_is_published_and_never_answered(gateway: Gateway) -> None:
     device = uid("mq")
     with EventTap(f"{device}.reading.*") as tap, RawMqtt(gateway) as raw:
@@ -235,6 +249,15 @@ def test_a_command_before_subscribe_is_held_until_it(gateway: Gateway, backend: 
         assert kinds.index("suback") < kinds.index("message"), client.seen
         client.reply(command_id)
         assert backend.wait(command_id, WAIT)["ok"] is True
+
+
+def test_a_reply_for_no_pending_command_is_pubacked_counted_and_ignored(gateway: Gateway) -> None:
+    metric = 'warren_errors_sent_total{code="unknown_command"}'
+    with mqtt_device(gateway) as client:
+        before = counted(gateway, metric)
+        client.reply("no-such-command")  # PUBACKed at once
+        wait_until(lambda: counted(gateway, metric) > before, WAIT)
+        assert client.subscribe(("commands/#", 1)) == [1] and not client.disconnected()
 
 
 @pytest.mark.parametrize("name", ["door/unlock", "door+", "#"])

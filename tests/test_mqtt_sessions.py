@@ -5,6 +5,7 @@ binaries. The devices are mqtt_devices.py's.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from mqtt_devices import (
     CONNACK,
     PINGRESP,
     PUBACK,
+    PUBLISH,
     SUBACK,
     RawMqtt,
     RawMqttWs,
@@ -27,10 +29,23 @@ from mqtt_devices import (
     mqtt_device,
     token,
 )
-from test_gateway import WAIT, EventTap, answer_next_command, connect, expect_closed, expect_error, in_background, uid
+from test_gateway import (
+    WAIT,
+    EventTap,
+    answer_next_command,
+    connect,
+    expect_closed,
+    expect_error,
+    in_background,
+    sessions,
+    uid,
+)
 from wsproto.events import AcceptConnection, RejectConnection
 
 from clients.backend import BackendClient
+from clients.device import Closed, DeviceClient
+
+API = {"Authorization": f"Bearer {API_TOKEN}"}
 
 
 @pytest.fixture(scope="module")
@@ -39,15 +54,15 @@ def backend() -> Any:
         yield client
 
 
-def presence_after_connect(tap: EventTap, device: str) -> list[tuple[str, Any]]:
-    """(routing key suffix, data) of what the tap got for `device` after `session.connected`, through
-    `session.closed`."""
-    tap.get(f"{device}.session.connected")
+def session_ending(tap: EventTap, device: str) -> list[tuple[str, Any]]:
+    """(name, data) of the events of `device`'s next session after its `session.connected`, through its
+    `session.closed` (a newer session's events, which may come in between, are left out)."""
+    session = tap.get(f"{device}.session.connected")["session"]
     got: list[tuple[str, Any]] = []
     while not got or got[-1][0] != "session.closed":
         event = tap.get()
-        if event["device"] == device:
-            got.append((event["_routing_key"][len(device) + 1:], event["data"]))
+        if event["device"] == device and event["session"] == session:
+            got.append((event["name"], event["data"]))
     return got
 
 
@@ -59,8 +74,8 @@ def test_a_silent_client_is_closed_after_its_keep_alive_and_its_will_published(g
         quiet = mqtt_device(gateway, silent, keepalive=4, will=("events/gone", b'{"why": "silent"}'))
         with mqtt_device(gateway, pinging, keepalive=4) as alive:
             sock = quiet.silence()
-            assert presence_after_connect(tap, silent) == [("gone", {"why": "silent"}),
-                                                           ("session.closed", {"reason": "idle_timeout"})]
+            assert session_ending(tap, silent) == [("gone", {"why": "silent"}),
+                                                   ("session.closed", {"reason": "idle_timeout"})]
             assert closed_by_gateway(sock)
             # The pinging client has lived past 1.5 K too, and is still served.
             alive.event("still.here", b"")
@@ -74,8 +89,7 @@ def test_the_will_is_published_when_the_network_drops(gateway: Gateway) -> None:
     with EventTap(f"{device}.#") as tap:
         client = mqtt_device(gateway, device, will=("events/battery.gone", b"flat"))
         client.drop()
-        assert presence_after_connect(tap, device) == [("battery.gone", "flat"),
-                                                       ("session.closed", {"reason": "closed"})]
+        assert session_ending(tap, device) == [("battery.gone", "flat"), ("session.closed", {"reason": "closed"})]
 
 
 def test_no_will_after_disconnect(gateway: Gateway) -> None:
@@ -83,21 +97,16 @@ def test_no_will_after_disconnect(gateway: Gateway) -> None:
     with EventTap(f"{device}.#") as tap:
         mqtt_device(gateway, device, will=("events/battery.gone", b"flat")).close()
         # The will would come before session.closed: nothing does.
-        assert presence_after_connect(tap, device) == [("session.closed", {"reason": "closed"})]
+        assert session_ending(tap, device) == [("session.closed", {"reason": "closed"})]
 
 
 def test_the_will_is_published_when_an_operator_kicks_the_session(gateway: Gateway) -> None:
     device = uid("mq")
-    with EventTap(f"{device}.#") as tap:
-        client = mqtt_device(gateway, device, will=("events/gone", b'{"kicked": true}'))
-        tap.get(f"{device}.session.connected")
-        kicked = requests.delete(f"{gateway.http}/devices/{device}/session",
-                                 headers={"Authorization": f"Bearer {API_TOKEN}"}, timeout=WAIT)
+    with EventTap(f"{device}.#") as tap, mqtt_device(gateway, device, will=("events/gone", b'{"kicked": true}')) as client:
+        kicked = requests.delete(f"{gateway.http}/devices/{device}/session", headers=API, timeout=WAIT)
         assert kicked.status_code == 200, kicked.text
         wait_until(client.disconnected, WAIT)
-        will, closed = tap.get(), tap.get()
-        assert (will["name"], will["data"]) == ("gone", {"kicked": True})
-        assert (closed["name"], closed["data"]) == ("session.closed", {"reason": "kicked"})
+        assert session_ending(tap, device) == [("gone", {"kicked": True}), ("session.closed", {"reason": "kicked"})]
 
 
 # == takeover across transports =======================================================================
@@ -121,18 +130,87 @@ def test_an_mqtt_connect_replaces_a_json_session(gateway: Gateway) -> None:
 def test_a_json_hello_replaces_an_mqtt_session(gateway: Gateway) -> None:
     device = uid("mq")
     with EventTap(f"{device}.#") as tap, mqtt_device(gateway, device, will=("events/gone", b"replaced")) as older:
-        first = tap.get(f"{device}.session.connected")["session"]
-        newer, welcome = connect(gateway, "tcp", device)
+        newer, _ = connect(gateway, "tcp", device)
         with newer:
             wait_until(older.disconnected, WAIT)
-            will, closed = tap.get(), tap.get()  # the will first
-            assert (will["_routing_key"], will["session"], will["data"]) == (f"{device}.gone", first, "replaced")
-            assert closed["session"] == first and closed["data"] == {"reason": "replaced"}
-            assert welcome["session"] != first
+            assert session_ending(tap, device) == [("gone", "replaced"), ("session.closed", {"reason": "replaced"})]
             for _ in range(3):
                 response = in_background(gateway.command, device, "unlock", timeout=WAIT)
                 answer_next_command(newer)
                 assert response.result(WAIT + 10).status_code == 200
+
+
+def still_open(connection: RawMqtt | DeviceClient) -> bool:
+    """Whether the gateway still holds this connection: it sends nothing for a moment (a replaced JSON session is
+    told `replaced`, then closed; a replaced MQTT one is closed)."""
+    try:
+        if isinstance(connection, DeviceClient):
+            frame = connection.receive(timeout=0.05)
+            assert frame == {"type": "error", "code": "replaced", "id": None}, frame
+            expect_closed(connection)
+            return False
+        connection.sock.settimeout(0.05)
+        pytest.fail(f"unexpected packet {connection.read()}")
+    except TimeoutError:
+        return True
+    except (Closed, OSError):
+        return False
+    finally:
+        if isinstance(connection, RawMqtt):
+            connection.sock.settimeout(WAIT)
+
+
+def answer_on_mqtt(raw: RawMqtt) -> None:
+    """Subscribe, read the next command and reply to it, on a bare-socket device."""
+    raw.send(build.subscribe(1, ("commands/#", 1)))
+    assert raw.read() == (SUBACK, b"\x00\x01\x01")
+    first, body = raw.read()
+    assert first == PUBLISH | 0x02, (first, body)  # QoS 1
+    topic_end = 2 + int.from_bytes(body[:2])
+    command = orjson.loads(body[topic_end + 2:])
+    raw.send(build.publish(f"replies/{command['id']}", b'{"ok": true}', qos=1, packet_id=7))
+    assert raw.read() == (PUBACK, b"\x00\x07")
+
+
+def test_simultaneous_connects_over_mqtt_and_json_leave_exactly_one(gateway: Gateway) -> None:
+    device = uid("mq")
+    raws = [RawMqtt(gateway) for _ in range(3)]
+    jsons = [DeviceClient(gateway.tcp, timeout=WAIT) for _ in range(3)]
+    try:
+        for raw, client in zip(raws, jsons, strict=True):  # as close together as we can
+            raw.send(build.connect(device, token(device)))
+            client.send({"type": "hello", "device": device, "token": token(device)})
+        alive: list[RawMqtt | DeviceClient] = []
+        for raw in raws:  # a CONNECT replaced while its route was being made is closed without a CONNACK
+            with contextlib.suppress(Closed):
+                assert raw.read() == (CONNACK, b"\x00\x00")
+                alive.append(raw)
+        for client in jsons:
+            frame = client.receive(timeout=WAIT)
+            if frame["type"] == "welcome":
+                alive.append(client)
+            else:
+                assert frame == {"type": "error", "code": "replaced", "id": None}, frame
+                expect_closed(client)
+
+        def one_left() -> bool:
+            alive[:] = [connection for connection in alive if still_open(connection)]
+            return len(alive) <= 1
+
+        wait_until(one_left, WAIT)
+        assert len(alive) == 1, "no session survived"
+        wait_until(lambda: sessions(gateway) == 1, WAIT)
+        survivor = alive[0]
+        response = in_background(gateway.command, device, "unlock", timeout=WAIT)
+        if isinstance(survivor, RawMqtt):
+            answer_on_mqtt(survivor)
+        else:
+            answer_next_command(survivor)
+        assert response.result(WAIT + 10).status_code == 200
+        assert still_open(survivor)
+    finally:
+        for connection in [*raws, *jsons]:
+            connection.close()
 
 
 # == MQTT over WebSocket ==============================================================================
@@ -213,10 +291,11 @@ def paho_publishes(topic: str, payload: bytes, qos: int = 1, retain: bool = Fals
     (paho_publishes("events/big", b"x" * 70000, qos=0), "frame_too_large"),
     (paho_publishes("events/session.closed", b'{"reason": "spoofed"}'), "bad_frame"),  # reserved for the gateway
     (paho_publishes("events/door opened", b"{}"), "bad_frame"),  # not dot-separated words
+    (paho_publishes("replies/c-1", b"done"), "bad_frame"),  # a reply must be {"ok": ...}
     (websocket_after_connect(lambda raw: raw.send_text("PINGREQ")), "bad_frame"),
     (websocket_after_connect(lambda raw: raw.sock.sendall(b"\x82\x02" + build.PINGREQ)), "bad_frame"),  # unmasked
 ], ids=["remaining length", "second CONNECT", "server packet", "not UTF-8", "QoS 2", "retained", "other topic",
-        "too large", "session event", "bad event name", "ws text message", "ws unmasked frame"])
+        "too large", "session event", "bad event name", "bad reply", "ws text message", "ws unmasked frame"])
 def test_malformed_input_closes_only_that_connection_and_is_counted(gateway: Gateway, case: Any, code: str) -> None:
     metric = f'warren_errors_sent_total{{code="{code}"}}'
     device, other = uid("mq"), uid("mq")
