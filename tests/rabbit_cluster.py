@@ -18,7 +18,8 @@ the next one.
 
 Booting: every node starts at once (boot is mostly CPU-bound code loading, which two
 cores share well enough), then each but the first leaves its blank single-node
-cluster and joins the first with `stop_app`, `join_cluster`, `start_app`.
+cluster and joins the first with `stop_app`, `join_cluster`, `start_app` (about 1.5 s;
+the whole takes about 7 s on this machine when it is otherwise quiet).
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,8 +121,8 @@ class RabbitCluster:
             for node in self.nodes:
                 self.await_node(node)
             first, *others = self.nodes
-            with ThreadPoolExecutor(len(self.nodes)) as pool:
-                list(pool.map(lambda node: self._join(node, first), others))
+            for node in others:  # one at a time: each join changes the cluster's membership
+                self._join(node, first)
         except BaseException:
             self.close()
             raise

@@ -24,6 +24,7 @@ from conftest import SECRET, Gateway, start_gateway, wait_until
 from kombu import Connection
 from rabbit_cluster import ClusterError, Node, RabbitCluster, amqp_url, running_cluster
 from test_faults_helpers import (
+    all_ready,
     command_roundtrip,
     connect,
     http_roundtrip,
@@ -89,11 +90,10 @@ def spread(cluster: RabbitCluster, tmp_path: Path) -> Iterator[Gateway]:
 
 
 def assert_no_crash(gateway: Gateway) -> None:
-    """No worker died or hung. (Not "no Traceback": gevent prints one for every RabbitMQ
-    connection a node drops, which the links survive by design.)"""
+    """No worker died, hung or logged a traceback, whatever the nodes went through."""
     log = gateway.log()
     assert log.count("Booting worker") == int(gateway.env["WEB_CONCURRENCY"]), f"a worker restarted:\n{log[-4000:]}"
-    for marker in ("Exception in worker process", "CRITICAL", "WORKER TIMEOUT"):
+    for marker in ("Traceback", "CRITICAL", "WORKER TIMEOUT"):
         assert marker not in log, f"{marker!r} in {gateway.log_path}:\n{log[-4000:]}"
 
 
@@ -210,12 +210,12 @@ class CommandRounds:
     def all_answered_since(self, moment: float) -> bool:
         return any(began >= moment and answered == len(self.devices) for began, _, answered in self.rounds)
 
-    def short(self) -> list[tuple[float, float, int]]:
-        return [entry for entry in self.rounds if entry[2] < len(self.devices)]
+    def short(self) -> list[int]:
+        return [answered for _, _, answered in self.rounds if answered < len(self.devices)]
 
     def recovered_at(self) -> float:
         """When every device answered again: the end of the first round begun after the last short one."""
-        last_short = max((ended for _, ended, _ in self.short()), default=0.0)
+        last_short = max((ended for _, ended, answered in self.rounds if answered < len(self.devices)), default=0)
         return next(ended for began, ended, _ in self.rounds if began >= last_short)
 
     def stop(self) -> None:
@@ -243,8 +243,8 @@ def acked(answers: list[dict[str, Any]]) -> list[str]:
 
 
 # -- two instances, one on each node ---------------------------------------------------------
-def test_commands_events_and_presence_between_instances_on_two_nodes(cluster: RabbitCluster,
-                                                                      pair: tuple[Gateway, Gateway]) -> None:
+def test_commands_events_presence_and_takeover_between_instances_on_two_nodes(
+        cluster: RabbitCluster, pair: tuple[Gateway, Gateway]) -> None:
     node_a, node_b = cluster.nodes
     dev_a, dev_b = unique("cl-a"), unique("cl-b")
     queue = EventQueue(node_b.url, [f"{dev_a}.#", f"{dev_b}.#"])
@@ -264,27 +264,16 @@ def test_commands_events_and_presence_between_instances_on_two_nodes(cluster: Ra
             assert response.status_code == 200 and response.json()["ok"] is True, response.text
         for api in pair:
             assert api.command(unique("cl-offline"), timeout=3).status_code == 404
-        for client in (a, b):
+        # Takeover: dev_a says hello on the other instance; its older session ends `replaced`.
+        moved = connect(pair[1].ws, dev_a)
+        frames = read_until_closed(a)
+        assert [f["code"] for f in frames if f.get("type") == "error"] == ["replaced"], frames
+        queue.wait_for(device=dev_a, name="session.closed", id=a.session, data={"reason": "replaced"})
+        for api in pair:
+            assert http_roundtrip(api, moved).status_code == 200
+        for client in (moved, b):
             client.close()
             queue.wait_for(device=client.device, name="session.closed", id=client.session, data={"reason": "closed"})
-    finally:
-        queue.delete()
-
-
-def test_takeover_across_nodes_ends_the_older_session(cluster: RabbitCluster, pair: tuple[Gateway, Gateway]) -> None:
-    device = unique("cl-t")
-    queue = EventQueue(cluster.nodes[0].url, [f"{device}.session.*"])
-    try:
-        first = connect(pair[0].tcp, device)
-        second = connect(pair[1].ws, device)
-        frames = read_until_closed(first)
-        assert [f["code"] for f in frames if f.get("type") == "error"] == ["replaced"], frames
-        queue.wait_for(name="session.closed", id=first.session, data={"reason": "replaced"})
-        with BackendClient(cluster.nodes[0].url) as backend:
-            assert command_roundtrip(backend, second)["ok"] is True
-        for api in pair:
-            assert http_roundtrip(api, second).status_code == 200
-        second.close()
     finally:
         queue.delete()
 
@@ -363,7 +352,7 @@ def test_a_node_stops_while_devices_are_held_and_commands_flow(cluster: RabbitCl
         short = rounds.short()
         print(f"\n[figure] node stopped (SIGTERM; down {down - signalled:.1f}s later): every device answers "
               f"commands again {rounds.recovered_at() - signalled:.1f}s after the signal ({len(short)} of "
-              f"{len(rounds.rounds)} rounds short, down to {min((r[2] for r in short), default=len(devices))}/"
+              f"{len(rounds.rounds)} rounds short, down to {min(short, default=len(devices))}/"
               f"{len(devices)}); the node booted again and rejoined in {back - down:.1f}s")
         for device in devices:
             assert device.closed is None and device.errors == [], (device.device, device.closed, device.errors)
@@ -385,8 +374,20 @@ def test_a_node_stops_while_devices_are_held_and_commands_flow(cluster: RabbitCl
 
 
 # -- the advice to backends: a quorum queue for the events they must not lose ----------------
+@pytest.fixture
+def third_node(cluster: RabbitCluster) -> Iterator[Node]:
+    """A third node for one test (a quorum queue needs three to lose one), lost for good after it."""
+    booted = time.monotonic()
+    node = cluster.add_node()
+    print(f"\n[figure] a third node booted and joined in {time.monotonic() - booted:.1f}s")
+    yield node
+    if node in cluster.nodes:
+        cluster.forget_node(node)
+
+
 @contextlib.contextmanager
-def quorum_queue_of_a_device(tmp_path: Path, first: Node, second: Node) -> Iterator[tuple[DeviceClient, EventQueue]]:
+def quorum_queue_of_a_device(tmp_path: Path, first: Node, second: Node) -> Iterator[tuple[Gateway, DeviceClient,
+                                                                                         EventQueue]]:
     """A device on an instance whose AMQP_URL is `first;second`, and a quorum queue of its events
     declared through `first` (so that its leader is there)."""
     url = amqp_url(first, second)
@@ -396,7 +397,7 @@ def quorum_queue_of_a_device(tmp_path: Path, first: Node, second: Node) -> Itera
         queue = EventQueue(url, [f"{device}.#"], quorum=True)
         try:
             with connect(gateway.tcp, device) as client:
-                yield client, queue
+                yield gateway, client, queue
         finally:
             queue.delete()
     finally:
@@ -409,7 +410,7 @@ def test_two_nodes_quorum_queue_keeps_acked_events_through_a_crash_of_its_leader
     """On two nodes a quorum queue has no majority while one is down: events are nacked meanwhile
     (never acked and dropped), and those acked before are there afterwards."""
     node_a, node_b = cluster.nodes
-    with quorum_queue_of_a_device(tmp_path, node_a, node_b) as (client, queue):
+    with quorum_queue_of_a_device(tmp_path, node_a, node_b) as (_, client, queue):
         before = events_until_acked(client, "before")
         cluster.kill_node(node_a)  # the leader's node, and the instance's
         during = [send_event(client, f"during-{n}") for n in range(3)]
@@ -422,28 +423,46 @@ def test_two_nodes_quorum_queue_keeps_acked_events_through_a_crash_of_its_leader
         assert [event for event in acked(before + during + after) if event not in stored] == [], stored
 
 
-def test_three_nodes_quorum_queue_keeps_acked_events_when_a_node_is_lost_for_good(cluster: RabbitCluster,
-                                                                                 tmp_path: Path) -> None:
+def test_three_nodes_quorum_queue_keeps_acked_events_when_a_node_is_lost_for_good(
+        cluster: RabbitCluster, third_node: Node, tmp_path: Path) -> None:
     """What the advice needs, three nodes: the leader's node killed, its data deleted and the
     node forgotten; every event acked before and meanwhile is in the queue on the other two."""
-    booted = time.monotonic()
-    node_c = cluster.add_node()
-    print(f"\n[figure] a third node booted and joined in {time.monotonic() - booted:.1f}s")
-    try:
-        with quorum_queue_of_a_device(tmp_path, node_c, cluster.nodes[0]) as (client, queue):
-            before = events_until_acked(client, "before")
-            killed = time.monotonic()
-            cluster.kill_node(node_c)  # the leader's node, and the instance's
-            # Bounded, not required: RabbitMQ 3.10 may nack every publish of a channel opened while
-            # the queue's leader was unknown, until the channel closes.
-            during = events_until_acked(client, "during", timeout=10)
-            print("[figure] quorum queue on three nodes, its leader's node killed: "
-                  + (f"events acked again {time.monotonic() - killed:.1f}s later" if acked(during) else
-                     f"no event acked in 10s ({len(during)} nacked {Counter(a.get('reason') for a in during)})"))
-            cluster.forget_node(node_c)
-            queue.url = cluster.nodes[0].url
-            stored = queue.ids()
-            assert acked(before) and [event for event in acked(before + during) if event not in stored] == [], stored
-    finally:
-        if node_c in cluster.nodes:
-            cluster.forget_node(node_c)
+    node_a = cluster.nodes[0]
+    with quorum_queue_of_a_device(tmp_path, third_node, node_a) as (_, client, queue):
+        before = events_until_acked(client, "before")
+        killed = time.monotonic()
+        cluster.kill_node(third_node)  # the leader's node, and the instance's
+        # Bounded, not required: see the next test.
+        during = events_until_acked(client, "during", timeout=10)
+        print("[figure] quorum queue on three nodes, its leader's node killed: "
+              + (f"events acked again {time.monotonic() - killed:.1f}s later" if acked(during) else
+                 f"no event acked in 10s ({len(during)} nacked {Counter(a.get('reason') for a in during)})"))
+        cluster.forget_node(third_node)
+        queue.url = node_a.url
+        stored = queue.ids()
+        assert acked(before) and [event for event in acked(before + during) if event not in stored] == [], stored
+
+
+class NotAckedAgain(AssertionError):
+    """The one failure the next test expects for now."""
+
+
+@pytest.mark.xfail(raises=NotAckedAgain, strict=True, reason=(
+    "RabbitMQ 3.10.8 nacks every later publish of a channel whose first publish to a quorum queue came "
+    "while the queue had no leader, until the channel closes; the gateway keeps its channel"))
+def test_events_are_acked_again_once_a_quorum_queue_has_its_majority_back(
+        cluster: RabbitCluster, third_node: Node, tmp_path: Path) -> None:
+    """Three nodes, one stopped, then the leader's node killed: no majority, so events are nacked;
+    the stopped node back, a majority again: events are acked again."""
+    node_a, node_b = cluster.nodes[:2]
+    with quorum_queue_of_a_device(tmp_path, third_node, node_a) as (gateway, client, queue):
+        assert acked(events_until_acked(client, "before"))
+        cluster.stop_node(node_b)
+        cluster.kill_node(third_node)  # the leader's node, and the instance's
+        wait_until(lambda: all_ready(gateway, 1), timeout=30)  # on node a now, the one member left
+        assert not acked([send_event(client, f"during-{n}") for n in range(2)])
+        cluster.start_node(node_b)
+        after = events_until_acked(client, "after", timeout=10)
+        if not acked(after):
+            raise NotAckedAgain(f"a majority again, but events still nacked: {after[-3:]}")
+        assert set(acked(after)) <= queue.ids()
