@@ -9,10 +9,12 @@ using app/tls.py and app/tls_handshake.py exactly as a worker does):
   and TLS 1.3 with a client certificate (mutual TLS);
 - CPU: server CPU time per connection for `--handshakes` sequential connections each way: plain,
   full handshakes and resumed ones (session tickets), TLS 1.3 and 1.2, ECDSA P-256 and RSA-2048
-  server keys; "handshake" is that minus the plain connection's cost;
-- stampede: `--stampede` clients connecting at once (full handshakes, RSA-2048, the heavier
-  case), with and without the HandshakeGate: the longest the server's hub went without running a
-  5 ms timer (what a held session's heartbeat would wait), and how many handshakes failed.
+  server keys, with and without a client certificate; "handshake" is that minus the plain
+  connection's cost, "OpenSSL" the server's handshake calls alone (both ends over memory BIOs);
+- stampede: `--stampede` clients on a slow network, all connected first, whose ClientHellos then
+  arrive together (full handshakes, RSA-2048, the heavier case), with and without the
+  HandshakeGate: the longest the server's hub went without running a 5 ms timer (what a held
+  session's heartbeat would wait), and how many handshakes failed.
 
 Prints figures; asserts nothing. The machine is shared: compare rows, not absolute values.
 """
@@ -22,6 +24,7 @@ from gevent import monkey
 monkey.patch_all()  # first: the clients and the server are greenlets
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import json
@@ -57,7 +60,7 @@ VERSIONS = {"TLS 1.3": ssl.TLSVersion.TLSv1_3, "TLS 1.2": ssl.TLSVersion.TLSv1_2
 def serve(args: argparse.Namespace) -> None:
     context = None if args.mode == "plain" else device_context(load_tls(os.environ))
     gate = HandshakeGate(args.per_turn, args.max_waiting) if args.per_turn else None
-    counts = {"handshakes": 0, "failed": 0, "stall": 0.0}
+    counts = {"failed": 0, "stall": 0.0}
 
     def handle(sock: Any, _address: Any) -> None:
         try:
@@ -65,7 +68,6 @@ def serve(args: argparse.Namespace) -> None:
         except TlsHandshakeError:
             counts["failed"] += 1
             return
-        counts["handshakes"] += 1
         try:
             while conn.recv(16384):
                 conn.sendall(b"k")
@@ -77,7 +79,7 @@ def serve(args: argparse.Namespace) -> None:
     def control(sock: Any, _address: Any) -> None:
         for line in sock.makefile("r"):
             if line.strip() == "reset":
-                counts.update(handshakes=0, failed=0, stall=0.0)
+                counts.update(failed=0, stall=0.0)
             gc.collect()
             sock.sendall(json.dumps({
                 **counts, "rss": psutil.Process().memory_info().rss, "cpu": time.process_time(),
@@ -210,12 +212,12 @@ def cpu_per_connection(pki: dict[str, str], mode: str, version: ssl.TLSVersion, 
 class MemoryClient:
     """A TLS client over memory BIOs, so that its ClientHello can be made before the stampede and sent at once."""
 
-    def __init__(self, context: ssl.SSLContext) -> None:
+    def __init__(self, context: ssl.SSLContext, session: Any = None) -> None:
         self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_hostname="localhost")
-        self.hello = self._step()
+        self.tls = context.wrap_bio(self.incoming, self.outgoing, server_hostname="localhost", session=session)
+        self.hello = self.step()
 
-    def _step(self) -> bytes:
+    def step(self) -> bytes:
         try:
             self.tls.do_handshake()
         except ssl.SSLWantReadError:
@@ -229,7 +231,7 @@ class MemoryClient:
             if not data:
                 raise ConnectionError("closed during the handshake")
             self.incoming.write(data)
-            conn.sendall(self._step())
+            conn.sendall(self.step())
             if self.tls.version() is not None:
                 break
         self.tls.write(b"x")
@@ -244,6 +246,40 @@ class MemoryClient:
                 if not data:
                     raise ConnectionError("closed before the answer") from None
                 self.incoming.write(data)
+
+
+def openssl_seconds(pki: dict[str, str], mode: str, version: ssl.TLSVersion, count: int) -> dict[str, float]:
+    """Server CPU seconds per handshake in OpenSSL alone: both ends over memory BIOs, only the server's calls timed."""
+    env = {"TLS_CERT_FILE": pki["cert"], "TLS_KEY_FILE": pki["key"]}
+    if mode == "mtls":
+        env["TLS_CLIENT_CA_FILE"] = pki["client_ca"]
+    server_context, client = device_context(load_tls(env)), client_context(pki, version, mode == "mtls")
+
+    def one(session: Any) -> tuple[float, Any]:
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        server, peer, spent = server_context.wrap_bio(incoming, outgoing, server_side=True), MemoryClient(
+            client, session), 0.0
+        incoming.write(peer.hello)
+        while server.version() is None or outgoing.pending:
+            started = time.process_time()
+            try:
+                server.do_handshake()
+            except ssl.SSLWantReadError:
+                pass
+            spent += time.process_time() - started
+            peer.incoming.write(outgoing.read())
+            incoming.write(peer.step())
+        with contextlib.suppress(ssl.SSLWantReadError):
+            peer.tls.read(1)  # take the tickets
+        return spent, peer.tls.session
+
+    session = one(None)[1]
+    full = sum(one(None)[0] for _ in range(count)) / count
+    resumed = 0.0
+    for _ in range(count):
+        spent, session = one(session)
+        resumed += spent
+    return {"full": full, "resumed": resumed / count}
 
 
 def stampede(pki: dict[str, str], count: int, per_turn: int) -> dict[str, float]:
@@ -329,17 +365,20 @@ def report_memory(args: argparse.Namespace, pki: dict[str, dict[str, str]]) -> N
 
 
 def report_cpu(args: argparse.Namespace, pki: dict[str, dict[str, str]]) -> None:
-    print(f"\nServer CPU per connection ({args.handshakes} sequential connections each; handshake = minus plain)")
+    print(f"\nServer CPU per connection ({args.handshakes} sequential connections each; handshake = minus plain;"
+          f" OpenSSL = the server's handshake calls alone, over memory BIOs)")
     plain = cpu_per_connection(pki["ECDSA P-256"], "plain", ssl.TLSVersion.TLSv1_3, args.handshakes)["full"]
-    print(f"  {'plain TCP':<38} {plain * 1e6:11.0f} us")
+    print(f"  {'plain TCP':<36} {plain * 1e6:10.0f} us")
     rows = [(f"{key}, {label}", pki[key], "tls", version) for key in KEY_TYPES for label, version in VERSIONS.items()]
     rows += [(f"ECDSA P-256, {label}, client cert", pki["ECDSA P-256"], "mtls", version)
              for label, version in VERSIONS.items()]
     for name, files, mode, version in rows:
         cpu = cpu_per_connection(files, mode, version, args.handshakes)
-        print(f"  {name:<38} full {cpu['full'] * 1e6:6.0f} us (handshake {(cpu['full'] - plain) * 1e6:5.0f})"
-              f"   resumed {cpu['resumed'] * 1e6:6.0f} us (handshake {(cpu['resumed'] - plain) * 1e6:5.0f};"
-              f" {cpu['resumed_share']:.0%} resumed)")
+        alone = openssl_seconds(files, mode, version, args.handshakes)
+        print(f"  {name:<36} full {cpu['full'] * 1e6:5.0f} us (handshake {(cpu['full'] - plain) * 1e6:4.0f}, OpenSSL"
+              f" {alone['full'] * 1e6:4.0f})  resumed {cpu['resumed'] * 1e6:5.0f} us (handshake"
+              f" {(cpu['resumed'] - plain) * 1e6:4.0f}, OpenSSL {alone['resumed'] * 1e6:4.0f}; {cpu['resumed_share']:.0%}"
+              f" resumed)")
 
 
 def report_stampede(args: argparse.Namespace, pki: dict[str, dict[str, str]]) -> None:
