@@ -103,6 +103,7 @@ def load_tls(env: Mapping[str, str], plain_ports: Mapping[str, int | None] | Non
 
 
 def build_contexts(settings: TlsSettings) -> TlsContexts:
+    """Both contexts; build them in the gunicorn master, before the fork, so that every worker shares their ticket keys."""
     return TlsContexts(device=device_context(settings), https=https_context(settings))
 
 
@@ -132,9 +133,10 @@ def _server_context(settings: TlsSettings) -> ssl.SSLContext:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.maximum_version = ssl.TLSVersion.MAXIMUM_SUPPORTED
     # No compression (CRIME, and per-connection zlib state); no renegotiation, which would let a
-    # client ask for full handshakes on a held connection, outside the accept-time pacing.
-    # Tickets stay on (Python leaves OP_NO_TICKET clear) for TLS 1.2 resumption; CPython already
-    # sets SSL_MODE_RELEASE_BUFFERS, so an idle connection holds no 16 KiB record buffers.
+    # client ask for full handshakes on a held connection, outside the HandshakeGate.
+    # Tickets stay on (Python leaves OP_NO_TICKET clear) for TLS 1.2 resumption, which also keeps
+    # OpenSSL's per-process server session cache empty. CPython already sets
+    # SSL_MODE_RELEASE_BUFFERS, so an idle connection holds no 16 KiB record buffers.
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     context.options &= ~ssl.OP_NO_TICKET
     context.num_tickets = TICKETS_PER_HANDSHAKE
