@@ -1,8 +1,10 @@
 """Smoke test of the load tool: a few hundred devices against the floor echo server, in seconds.
 
 It proves the tool runs end to end (workers, progress, JSON, PNG), not how fast
-anything is. The test marked `gateway` runs it against a real gunicorn gateway on
-RabbitMQ (conftest's `gateway` fixture).
+anything is. The tests marked `gateway` run it against a real gunicorn gateway on
+RabbitMQ (conftest's `gateway` fixture), with JSON and with MQTT devices, and the
+suite against gateways it starts itself. The tool's MQTT client codec is checked
+against the gateway's own codec (app.mqtt), each decoding what the other encodes.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from pathlib import Path
 import orjson
 import pytest
 from conftest import AMQP_URL, API_TOKEN, SECRET, Gateway, free_port
+
+from app import mqtt
+from bench.stampede import mqtt_codec
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICES = 300
@@ -86,25 +91,101 @@ def test_the_floor_hold_counts_the_heartbeats_it_answers(floor: str, tmp_path: P
     assert "CPU per heartbeat" in done.stdout
 
 
+def device_url(gateway: Gateway, transport: str) -> str:
+    return {"tcp": gateway.tcp, "mqtt": f"mqtt://127.0.0.1:{gateway.mqtt_port}",
+            "mqtt-ws": f"mqtt+ws://127.0.0.1:{gateway.port}/mqtt"}[transport]
+
+
 @pytest.mark.gateway
+@pytest.mark.parametrize("transport", ["tcp", "mqtt", "mqtt-ws"])
 def test_a_real_gateway_answers_every_command_and_loses_no_acked_event(
-        gateway: Gateway, tmp_path: Path) -> None:
+        gateway: Gateway, tmp_path: Path, transport: str) -> None:
     out = tmp_path / "hold.json"
-    done = run_stampede("hold", "--target", gateway.tcp, "--devices", str(DEVICES),
+    # A 2 s heartbeat: an MQTT keep alive of 2 s (the gateway cuts a session silent for 3 s).
+    done = run_stampede("hold", "--target", device_url(gateway, transport), "--devices", str(DEVICES),
                         "--secret", SECRET, "--amqp-url", AMQP_URL, "--api-token", API_TOKEN,
-                        "--prefix", f"smoke{gateway.port}", "--gateway-pid", str(gateway.process.pid),
-                        "--duration", "3", "--quiet", "2", "--heartbeat", "1", "--settle", "0.5",
+                        "--prefix", f"smoke{transport.replace('-', '')}{gateway.port}",
+                        "--gateway-pid", str(gateway.process.pid),
+                        "--duration", "3", "--quiet", "3", "--heartbeat", "2", "--settle", "0.5",
                         "--command-rate", "30",
                         "--event-rate", "30", "--ramp-timeout", "30", "--out", str(out))
     assert done.returncode == 0, done.stderr
     figures = orjson.loads(out.read_bytes())["runs"]["gateway"]
     assert figures["ramp"]["up"] == DEVICES
+    assert figures["ramp"]["failures"] == {}
     commands, events = figures["hold"]["commands"], figures["hold"]["events"]
     assert commands["sent"] > 0
     assert commands["outcomes"] == {"ok": commands["sent"]}
     assert events["acked"] > 0
     assert events["acked_but_not_consumed"] == 0
+    assert figures["hold"]["lost_sessions"] == {}
     assert figures["ramp"]["rss_kib_per_session"] is not None
     assert figures["hold"]["idle_heartbeats_answered"] > 0
     assert commands["cpu_ms_per_command"] is not None
     assert events["cpu_ms_per_event"] is not None
+
+
+@pytest.mark.gateway
+def test_mqtt_devices_refused_at_connect_are_counted_by_connack_code(gateway: Gateway, tmp_path: Path) -> None:
+    done = run_stampede("ramp", "--target", device_url(gateway, "mqtt"), "--devices", "20",
+                        "--secret", "not-the-gateway-secret", "--prefix", f"smokebad{gateway.port}",
+                        "--commands-via", "none", "--settle", "0.2", "--ramp-timeout", "2",
+                        "--out", str(tmp_path / "ramp.json"))
+    assert done.returncode == 0, done.stderr
+    ramp = orjson.loads((tmp_path / "ramp.json").read_bytes())["runs"]["gateway"]["ramp"]
+    assert ramp["up"] == 0
+    assert set(ramp["failures"]) == {"connack:0x05"}
+
+
+@pytest.mark.gateway
+@pytest.mark.slow
+def test_the_suite_compares_mqtt_with_tcp_on_fresh_gateways(tmp_path: Path) -> None:
+    out = tmp_path / "both.json"
+    done = run_stampede("suite", "--scenarios", "ramp", "--transport", "tcp,mqtt", "--devices", "200",
+                        "--workers", "2", "--secret", SECRET, "--amqp-url", AMQP_URL,
+                        "--floor-port", str(free_port()), "--device-port", str(free_port()),
+                        "--http-port", str(free_port()), "--settle", "0.5", "--ramp-timeout", "30",
+                        "--out", str(out), timeout=240)
+    assert done.returncode == 0, done.stderr
+    results = orjson.loads((tmp_path / "both-ramp.json").read_bytes())
+    assert list(results["runs"]) == ["floor", "tcp", "mqtt"]
+    assert results["targets"]["mqtt"][0].startswith("mqtt://")
+    for label in ("floor", "tcp", "mqtt"):
+        assert results["runs"][label]["ramp"]["up"] == 200
+    assert set(results["per_unit"]) == {"floor", "tcp", "mqtt", "tcp/floor", "mqtt/floor", "mqtt/tcp"}
+    assert results["per_unit"]["mqtt/tcp"]["setup_cpu_us"] > 0
+    assert "mqtt/tcp" in done.stdout
+    assert (tmp_path / "both.md").read_text().count("### ramp") == 1
+
+
+def test_the_gateway_decodes_what_the_tool_sends() -> None:
+    decoder = mqtt.MqttDecoder(65536)
+    stream = b"".join((mqtt_codec.connect("lock-1", "ab12", 30), mqtt_codec.subscribe(7, "commands/#", 1),
+                       mqtt_codec.publish("events/bench.tick", b'{"seq":1}', 8), mqtt_codec.puback(9),
+                       mqtt_codec.publish("replies/c-1", b"x" * 300, 10), mqtt_codec.PINGREQ))
+    packets = decoder.feed(stream[:5]) + decoder.feed(stream[5:])
+    connect, subscribe, event, ack, reply, ping = packets
+    assert (connect.client_id, connect.password, connect.keep_alive, connect.clean_session) == (
+        "lock-1", b"ab12", 30, True)
+    assert (subscribe.packet_id, subscribe.filters) == (7, [("commands/#", 1)])
+    assert (event.topic, event.payload, event.qos, event.packet_id) == ("events/bench.tick", b'{"seq":1}', 1, 8)
+    assert ack.packet_id == 9
+    assert (reply.topic, len(reply.payload), reply.packet_id) == ("replies/c-1", 300, 10)
+    assert isinstance(ping, mqtt.PingReq)
+
+
+def test_the_tool_parses_what_the_gateway_sends_however_it_is_split() -> None:
+    stream = b"".join((mqtt.connack(0), mqtt.suback(3, [1]), mqtt.publish("commands/unlock", b"y" * 200, 1, 4),
+                       mqtt.puback(5), mqtt.pingresp()))
+    expected = [(mqtt_codec.CONNACK, 0), (mqtt_codec.SUBACK, 3, b"\x01"),
+                (mqtt_codec.PUBLISH, "commands/unlock", b"y" * 200, 4), (mqtt_codec.PUBACK, 5),
+                (mqtt_codec.PINGRESP,)]
+    for split in range(len(stream) + 1):
+        first, rest = mqtt_codec.parse(stream[:split])
+        second, left = mqtt_codec.parse(rest + stream[split:])
+        assert (first + second, left) == (expected, b"")
+
+
+def test_the_tool_gives_up_on_a_packet_a_server_never_sends() -> None:
+    with pytest.raises(mqtt_codec.ProtocolViolation):
+        mqtt_codec.parse(mqtt_codec.connect("lock-1", "ab12", 30))

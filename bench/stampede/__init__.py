@@ -1,8 +1,11 @@
 """`python -m bench.stampede`: a load tool that plays many devices and a backend against a Warren.
 
 Layout, in reading order:
-  links.py       framing: newline-delimited JSON over TCP, JSON text messages over WebSocket
-  device.py      one simulated device (connect, hello, heartbeat, events, replies, reconnect)
+  links.py       framing: JSON lines over TCP, JSON text messages over WebSocket, MQTT over TCP or /mqtt
+  mqtt_codec.py  the device's half of MQTT 3.1.1: CONNECT, SUBSCRIBE, PUBLISH, PUBACK out; server packets in
+  device.py      one simulated device's life (connect, open a session, serve it, reconnect)
+  json_device.py   ... speaking JSON frames (hello, ping, event, reply)
+  mqtt_device.py   ... speaking MQTT (CONNECT, SUBSCRIBE commands/#, PINGREQ, PUBLISH events/, replies/)
   worker.py      a load process: up to ~18,000 devices under gevent, driven over stdin/stdout
   backend.py     the backend side: commands via RabbitMQ or HTTP, event verification
   gauges.py      the gateway's cost: process-tree RSS/PSS and CPU, RabbitMQ memory

@@ -4,7 +4,9 @@ Examples (from the repository root):
   python -m bench.stampede ramp --floor tcp://127.0.0.1:7979 --devices 20000
   python -m bench.stampede hold --target tcp://127.0.0.1:7878 --devices 20000 \\
       --floor tcp://127.0.0.1:7979 --command-rate 200 --event-rate 50 --duration 60
+  python -m bench.stampede hold --target mqtt://127.0.0.1:1883 --devices 20000 --heartbeat 30
   python -m bench.stampede suite --devices 30000
+  python -m bench.stampede suite --devices 20000 --transport tcp,mqtt --scenarios hold
 
 Every run is bounded (device count, --duration, --ramp-timeout) and stops by
 itself; its load processes exit with it, Ctrl-C included.
@@ -23,7 +25,7 @@ from pathlib import Path
 
 from bench.stampede.measure import measure, publish
 from bench.stampede.scenarios import SCENARIOS
-from bench.stampede.suite import SCENARIO_ORDER, known_scenarios, run_suite
+from bench.stampede.suite import SCENARIO_ORDER, TRANSPORTS, known_scenarios, known_transports, run_suite
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
 
@@ -39,9 +41,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("scenario", choices=[*SCENARIOS, "suite"])
     where = parser.add_argument_group("where")
     where.add_argument("--target", action="append", default=[],
-                       help="gateway device endpoint: tcp://host:7878 or ws://host:8000/ws "
-                            "(repeat to split devices over several)")
-    where.add_argument("--floor", help="floor echo server, e.g. tcp://127.0.0.1:7979: "
+                       help="gateway device endpoint: tcp://host:7878 or ws://host:8000/ws (JSON devices), "
+                            "mqtt://host:1883 or mqtt+ws://host:8000/mqtt (MQTT devices; keep alive = "
+                            "--heartbeat, default 30 s) (repeat to split devices over several)")
+    where.add_argument("--floor", help="floor echo server, e.g. tcp://127.0.0.1:7979 (JSON devices only): "
                                         "measured first, every figure also reported as a ratio to it")
     where.add_argument("--gateway-dir", type=Path, default=Path("."),
                        help="checkout of the gateway measured: the suite starts it there (for before/after "
@@ -83,17 +86,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                     "--devices at 18,000 sessions each, at least 2)")
     suite.add_argument("--scenarios", type=known_scenarios, default=",".join(SCENARIO_ORDER),
                        help="which scenarios, comma-separated (default: all)")
-    suite.add_argument("--transport", choices=["tcp", "ws"], default="tcp",
-                       help="how the gateway's devices connect: the TCP device port or /ws on the HTTP port")
+    suite.add_argument("--transport", type=known_transports, default=["tcp"],
+                       help=f"how the gateway's devices connect, one or a comma-separated list of "
+                            f"{', '.join(TRANSPORTS)}: each runs on its own fresh gateway, compared "
+                            "with the first (default: tcp)")
     suite.add_argument("--floor-port", type=int, default=7979)
     suite.add_argument("--device-port", type=int, default=7878)
     suite.add_argument("--http-port", type=int, default=8000)
+    suite.add_argument("--mqtt-port", type=int, help="the gateway's MQTT_PORT (default: a free port)")
     args = parser.parse_args(argv)
     if args.scenario != "suite":
         args.out = args.out or Path("bench/results") / f"{args.scenario}.json"
         args.plot = args.plot or args.out.with_suffix(".png")
     if args.scenario != "suite" and not (args.target or args.floor):
         parser.error("give --target and/or --floor")
+    if args.floor and not args.floor.startswith(("tcp:", "ws:")):
+        parser.error("--floor is an echo server: tcp://host:port or ws://host:port/path")
     return args
 
 

@@ -247,7 +247,7 @@ class EventVerifier(BrokerClient):
         if ".session." in key:
             self.presence[key.rsplit(".", 1)[-1]] += 1
         else:
-            self.seen.add(orjson.loads(message.body).get("id"))
+            self.seen.add(device_event_id(orjson.loads(message.body)))
 
     def missing(self, acked_ids: list[str], wait: float = 10.0) -> list[str]:
         """Acked event ids not (yet) consumed, after waiting up to `wait` seconds for stragglers."""
@@ -257,6 +257,15 @@ class EventVerifier(BrokerClient):
             gevent.sleep(0.5)
             missing = [event_id for event_id in missing if event_id not in self.seen]
         return missing
+
+
+def device_event_id(body: dict[str, Any]) -> str | None:
+    """The id the device gave an event: its own `id` (JSON devices), or the `ref` in its data (MQTT devices,
+    whose events the gateway names itself, PROTOCOL.md section 8)."""
+    data = body.get("data")
+    if isinstance(data, dict) and "ref" in data:
+        return data["ref"]
+    return body.get("id")
 
 
 def pace(rate: float, seconds: float, action: Callable[[], None]) -> None:

@@ -1,25 +1,27 @@
-"""One simulated device: connect, hello, answer commands and acks, and reconnect like firmware would.
+"""One simulated device's life: connect, open a session, serve it, and reconnect like firmware would.
 
 Each device is one greenlet (`live`). Heartbeats and events are sent by the
 worker's schedulers instead, so a device costs a socket and a greenlet, not three.
+What a device says is its dialect's: `json_device.JsonDevice` (PROTOCOL.md
+sections 2-4) or `mqtt_device.MqttDevice` (section 8), subclasses of `Device`.
 """
 
 from __future__ import annotations
 
 import errno
+import itertools
 import random
 import socket
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import gevent
-import orjson
 from gevent.lock import BoundedSemaphore, Semaphore
 
 from app.auth import mint
-from app.protocol import CLOSING_ERRORS
 from bench.stampede.links import Link, LinkClosed, Target
 
 MAX_BACKOFF = 5.0
@@ -76,14 +78,26 @@ class World:
     heartbeat: float | None
     stats: Stats = field(default_factory=Stats)
     next_source: int = 0
+    # MQTT packet identifiers, shared by the worker's devices: unique among one connection's packets in
+    # flight as long as no device keeps one unanswered for 65,535 others, and no counter per device.
+    packet_ids: Iterator[int] = field(default_factory=lambda: itertools.cycle(range(1, 65536)))
 
     def source(self) -> str:
         """Rotate over the source addresses so no single one runs out of ports."""
         self.next_source = (self.next_source + 1) % len(self.sources)
         return self.sources[self.next_source]
 
+    def packet_id(self) -> int:
+        return next(self.packet_ids)
+
 
 class Device:
+    """What every simulated device holds; a subclass speaks its dialect in `greet`, `handle`, `ping` and `send_event`.
+
+    `pending` holds the events sent and not yet answered, keyed as the dialect's
+    answers name them (event id for JSON, packet identifier for MQTT).
+    """
+
     __slots__ = ("heartbeat", "link", "lock", "name", "next_ping", "pending", "target", "token")
 
     def __init__(self, name: str, secret: bytes, target: Target) -> None:
@@ -92,21 +106,55 @@ class Device:
         self.target = target
         self.link: Link | None = None
         self.lock = Semaphore()
-        self.pending: dict[str, float] = {}
+        self.pending: dict[Any, Any] = {}
         self.heartbeat = 30.0
         self.next_ping = 0.0
 
-    def send(self, frame: dict[str, Any]) -> bool:
-        """Write one frame if the device is connected; False if it is not (or the write failed)."""
+    def send(self, data: bytes) -> bool:
+        """Write one message if the device is connected; False if it is not (or the write failed)."""
         link = self.link
         if link is None:
             return False
         try:
             with self.lock:
-                link.send(orjson.dumps(frame))
+                link.send(data)
         except OSError:
             return False
         return True
+
+    def greet(self, inbox: Inbox, world: World) -> float:
+        """Open the session on a fresh link (hello, or CONNECT); return its heartbeat, or raise a Failure."""
+        raise NotImplementedError
+
+    def handle(self, message: Any, world: World) -> tuple[str, float | None] | None:
+        """React to one message from the server; return (reason, retry_after) when it ends the session."""
+        raise NotImplementedError
+
+    def ping(self) -> bool:
+        """Send one heartbeat; False if the device is not connected."""
+        raise NotImplementedError
+
+    def send_event(self, event_id: str, seq: int, world: World) -> bool:
+        """Send one event (remembered in `pending` until answered); False if the device is not connected."""
+        raise NotImplementedError
+
+
+class Inbox:
+    """The messages of a link, one at a time, while a session opens; what arrived after the greeting is kept."""
+
+    __slots__ = ("link", "ready")
+
+    def __init__(self, link: Link) -> None:
+        self.link = link
+        self.ready: list[Any] = []
+
+    def send(self, data: bytes) -> None:
+        self.link.send(data)
+
+    def next(self) -> Any:
+        while not self.ready:
+            self.ready = self.link.receive()
+        return self.ready.pop(0)
 
 
 def live(device: Device, world: World) -> None:
@@ -114,19 +162,19 @@ def live(device: Device, world: World) -> None:
     attempt = 0
     while True:
         try:
-            link = connect_when_allowed(device, world)
+            link, early = connect_when_allowed(device, world)
         except Failure as failure:
             world.stats.failures[failure.reason] += 1
             pause(world, backoff(attempt, failure.retry_after))
             attempt += 1
             continue
         attempt = 0
-        reason, retry_after = serve(device, link, world)
+        reason, retry_after = serve(device, link, early, world)
         world.stats.lost[reason] += 1
         pause(world, backoff(0, retry_after))
 
 
-def connect_when_allowed(device: Device, world: World) -> Link:
+def connect_when_allowed(device: Device, world: World) -> tuple[Link, list[Any]]:
     """Connect once a slot among the in-flight connects is free; counted while waiting or connecting."""
     world.stats.connecting += 1
     try:
@@ -151,49 +199,30 @@ def backoff(attempt: int, retry_after: float | None) -> float:
     return base * random.uniform(0.5, 1.5)
 
 
-def connect(device: Device, world: World) -> Link:
-    """Open a link, say hello and wait for the welcome (or, against the floor, the echoed hello)."""
+def connect(device: Device, world: World) -> tuple[Link, list[Any]]:
+    """Open a link and a session on it; return the link and what the server sent right after the greeting."""
     started = time.monotonic()
     try:
         link = device.target.open(world.source(), world.connect_timeout)
     except OSError as exc:
         raise Failure(os_reason(exc)) from None
+    inbox = Inbox(link)
     try:
         with gevent.Timeout(world.welcome_timeout, Failure("welcome_timeout")):
             link.handshake()
-            link.send(orjson.dumps({"type": "hello", "device": device.name,
-                                    "token": device.token, "v": 1}))
-            frame = first_frame(link)
-    except (Failure, LinkClosed, OSError) as exc:
+            heartbeat = device.greet(inbox, world)
+    except (Failure, LinkClosed, OSError, ValueError) as exc:  # ValueError: a payload that is not JSON
         link.sock.close()
         raise as_failure(exc) from None
-    check_welcome(frame, world.floor, link)
     device.link = link
-    device.heartbeat = world.heartbeat or float(frame.get("heartbeat") or 30)
+    device.heartbeat = heartbeat
     # A random phase: pings are spread evenly from the start, so a quiet window sees their steady rate.
     device.next_ping = time.monotonic() + device.heartbeat * random.random()
     world.stats.up += 1
     world.stats.established += 1
     world.stats.last_welcome = time.time()
     world.stats.welcome_ms.append(round((time.monotonic() - started) * 1000, 2))
-    return link
-
-
-def first_frame(link: Link) -> dict[str, Any]:
-    while True:
-        for payload in link.receive():
-            return orjson.loads(payload)
-
-
-def check_welcome(frame: dict[str, Any], floor: bool, link: Link) -> None:
-    """Raise a Failure (and close) unless `frame` opens a session."""
-    kind = frame.get("type")
-    if kind == "welcome" or (floor and kind == "hello"):
-        return
-    link.sock.close()
-    if kind == "error":
-        raise Failure(f"error:{frame.get('code')}", frame.get("retry_after"))
-    raise Failure(f"unexpected:{kind}")
+    return link, inbox.ready
 
 
 def as_failure(exc: BaseException) -> Failure:
@@ -201,6 +230,8 @@ def as_failure(exc: BaseException) -> Failure:
         return exc
     if isinstance(exc, LinkClosed):
         return Failure("closed_before_welcome")
+    if isinstance(exc, ValueError):
+        return Failure("unreadable_greeting")
     return Failure(os_reason(exc))
 
 
@@ -213,49 +244,26 @@ def os_reason(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-def serve(device: Device, link: Link, world: World) -> tuple[str, float | None]:
-    """Handle server frames until the session ends; return why, and the server's retry_after."""
+def serve(device: Device, link: Link, early: list[Any], world: World) -> tuple[str, float | None]:
+    """Handle server messages (those that came with the greeting first) until the session ends; return why,
+    and the server's retry_after."""
     try:
+        messages = early
         while True:
-            for payload in link.receive():
-                ended = handle(device, orjson.loads(payload), world)
+            for message in messages:
+                ended = device.handle(message, world)
                 if ended:
                     return ended
+            messages = link.receive()
     except LinkClosed:
         return "eof", None
     except OSError as exc:
         return os_reason(exc), None
+    except ValueError:  # a message the dialect cannot read (not JSON, a packet a server may not send)
+        return "unreadable", None
     finally:
         device.link = None
         link.sock.close()
         world.stats.up -= 1
         world.stats.unanswered_events += len(device.pending)
         device.pending.clear()
-
-
-def handle(device: Device, frame: dict[str, Any], world: World) -> tuple[str, float | None] | None:
-    """React to one server frame; return (reason, retry_after) when it ends the session."""
-    kind = frame.get("type")
-    stats = world.stats
-    if kind == "command":
-        device.send({"type": "reply", "id": frame.get("id"), "ok": True, "data": {}})
-        stats.commands += 1
-    elif kind == "pong" or (kind == "ping" and world.floor):
-        # Heartbeats answered are counted, not derived from the interval: the per-heartbeat
-        # CPU figure divides by what the server actually did (the floor echoes the ping itself).
-        stats.pongs += 1
-    elif kind == "ack":
-        sent = device.pending.pop(frame.get("id"), None)
-        if sent is not None:
-            stats.acked += 1
-            stats.acked_ids.append(frame["id"])
-            stats.ack_ms.append(round((time.monotonic() - sent) * 1000, 2))
-    elif kind == "nack":
-        device.pending.pop(frame.get("id"), None)
-        stats.nacked[str(frame.get("reason"))] += 1
-    elif kind == "error":
-        code = str(frame.get("code"))
-        stats.errors[code] += 1
-        if code in CLOSING_ERRORS:
-            return code, frame.get("retry_after")
-    return None

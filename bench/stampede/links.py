@@ -1,7 +1,9 @@
-"""Framing for the two device transports of PROTOCOL.md section 1.
+"""Framing for the device transports of PROTOCOL.md section 1: JSON lines, JSON over WebSocket, MQTT, MQTT over WebSocket.
 
-A link owns a connected socket and turns it into whole frames (JSON payloads as
-bytes) in both directions, so `device.py` never sees the transport.
+A link owns a connected socket and turns it into whole messages in both
+directions, so a device never sees the transport: JSON payloads as bytes for the
+JSON links, packets (bench.stampede.mqtt_codec's tuples) in and packet bytes out
+for the MQTT links.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from urllib.parse import urlsplit
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
     AcceptConnection,
+    BytesMessage,
     CloseConnection,
     Ping,
     RejectConnection,
@@ -20,7 +23,10 @@ from wsproto.events import (
     TextMessage,
 )
 
+from bench.stampede import mqtt_codec
+
 RECV_BYTES = 65536
+DEFAULT_PATHS = {"ws": "/ws", "mqtt+ws": "/mqtt"}
 # Linux socket option: pick the source port at connect(), not bind(), so one
 # source address can reuse a port towards different destinations.
 IP_BIND_ADDRESS_NO_PORT = 24
@@ -35,21 +41,27 @@ class Link(Protocol):
 
     def handshake(self) -> None: ...
     def send(self, payload: bytes) -> None: ...
-    def receive(self) -> list[bytes]: ...
+    def receive(self) -> list: ...
 
 
 class Target:
-    """Where devices connect: `tcp://host:port` or `ws://host:port/path`."""
+    """Where devices connect: `tcp://host:port`, `ws://host:port/path`, `mqtt://host:port`, `mqtt+ws://host:port/path`."""
 
     def __init__(self, url: str) -> None:
         parts = urlsplit(url)
-        if parts.scheme not in ("tcp", "ws") or not parts.hostname or not parts.port:
-            raise ValueError(f"target {url!r} must look like tcp://host:7878 or ws://host:8000/ws")
+        if parts.scheme not in ("tcp", "ws", "mqtt", "mqtt+ws") or not parts.hostname or not parts.port:
+            raise ValueError(f"target {url!r} must look like tcp://host:7878, ws://host:8000/ws, "
+                             "mqtt://host:1883 or mqtt+ws://host:8000/mqtt")
         self.url = url
         self.scheme = parts.scheme
         self.host = parts.hostname
         self.port = parts.port
-        self.path = parts.path or "/ws"
+        self.path = parts.path or DEFAULT_PATHS.get(parts.scheme, "/")
+
+    @property
+    def mqtt(self) -> bool:
+        """Whether devices speak MQTT here (PROTOCOL.md section 8) rather than JSON frames."""
+        return self.scheme.startswith("mqtt")
 
     def open(self, source: str, timeout: float) -> Link:
         """Connect from `source` (an address of this host) and return the matching link."""
@@ -65,7 +77,26 @@ class Target:
             raise
         if self.scheme == "tcp":
             return TcpLink(sock)
+        if self.scheme == "mqtt":
+            return MqttLink(sock)
+        if self.scheme == "mqtt+ws":
+            return MqttWsLink(sock, f"{self.host}:{self.port}", self.path)
         return WsLink(sock, f"{self.host}:{self.port}", self.path)
+
+
+def upgrade(sock: socket.socket, ws: WSConnection, request: Request) -> None:
+    """Send the WebSocket upgrade request and wait for the server to accept it."""
+    sock.sendall(ws.send(request))
+    while True:
+        data = sock.recv(RECV_BYTES)
+        if not data:
+            raise LinkClosed("eof during upgrade")
+        ws.receive_data(data)
+        for event in ws.events():
+            if isinstance(event, AcceptConnection):
+                return
+            if isinstance(event, RejectConnection):
+                raise LinkClosed(f"upgrade refused ({event.status_code})")
 
 
 class TcpLink:
@@ -104,18 +135,7 @@ class WsLink:
         self.partial = ""
 
     def handshake(self) -> None:
-        """Send the upgrade request and wait for the server to accept it."""
-        self.sock.sendall(self.ws.send(Request(host=self.host, target=self.path)))
-        while True:
-            data = self.sock.recv(RECV_BYTES)
-            if not data:
-                raise LinkClosed("eof during upgrade")
-            self.ws.receive_data(data)
-            for event in self.ws.events():
-                if isinstance(event, AcceptConnection):
-                    return
-                if isinstance(event, RejectConnection):
-                    raise LinkClosed(f"upgrade refused ({event.status_code})")
+        upgrade(self.sock, self.ws, Request(host=self.host, target=self.path))
 
     def send(self, payload: bytes) -> None:
         self.sock.sendall(self.ws.send(TextMessage(data=payload.decode())))
@@ -137,3 +157,61 @@ class WsLink:
         if not data:
             raise LinkClosed("eof")
         return frames
+
+
+class MqttLink:
+    """MQTT packets straight on the socket; `pending` is an unfinished packet's bytes (b"" almost always)."""
+
+    __slots__ = ("pending", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.pending = b""
+
+    def handshake(self) -> None:
+        """CONNECT is the device's business, not the link's."""
+
+    def send(self, packet: bytes) -> None:
+        self.sock.sendall(packet)
+
+    def receive(self) -> list[mqtt_codec.Packet]:
+        data = self.sock.recv(RECV_BYTES)
+        if not data:
+            raise LinkClosed("eof")
+        packets, self.pending = mqtt_codec.parse(self.pending + data if self.pending else data)
+        return packets
+
+
+class MqttWsLink:
+    """MQTT over `GET /mqtt`: binary messages carry the packet stream (a packet may span messages)."""
+
+    __slots__ = ("host", "path", "pending", "sock", "ws")
+
+    def __init__(self, sock: socket.socket, host: str, path: str) -> None:
+        self.sock = sock
+        self.ws = WSConnection(ConnectionType.CLIENT)
+        self.host = host
+        self.path = path
+        self.pending = b""
+
+    def handshake(self) -> None:
+        upgrade(self.sock, self.ws, Request(host=self.host, target=self.path, subprotocols=["mqtt"]))
+
+    def send(self, packet: bytes) -> None:
+        self.sock.sendall(self.ws.send(BytesMessage(data=packet)))
+
+    def receive(self) -> list[mqtt_codec.Packet]:
+        data = self.sock.recv(RECV_BYTES)
+        self.ws.receive_data(data or None)
+        stream = self.pending
+        for event in self.ws.events():
+            if isinstance(event, BytesMessage):
+                stream += event.data
+            elif isinstance(event, Ping):
+                self.sock.sendall(self.ws.send(event.response()))
+            elif isinstance(event, CloseConnection):
+                raise LinkClosed("websocket close")
+        if not data:
+            raise LinkClosed("eof")
+        packets, self.pending = mqtt_codec.parse(bytes(stream))
+        return packets

@@ -8,6 +8,7 @@ import platform
 import resource
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -59,22 +60,43 @@ def revision(directory: Path) -> str | None:
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     """Run the scenario against the floor (if given), then the gateway; return every figure."""
+    runs = {}
+    for label, targets, pid in servers(args):
+        runs[label] = measure_server(args, label, targets, pid)
+        gevent.sleep(args.settle)
+    return assemble(args, runs)
+
+
+@dataclass
+class ServerRun:
+    """One scenario against one server: where its devices connected, what it measured, its timeline."""
+
+    targets: list[str]
+    figures: dict[str, Any]
+    timeline: list[dict[str, Any]]
+
+
+def measure_server(args: argparse.Namespace, label: str, targets: list[str], pid: int | None) -> ServerRun:
+    """One scenario against one server (the floor when `label` is "floor")."""
+    minimum_processes = 3 if args.scenario == "kill-load" else 1
+    plan = Plan(label=label, targets=targets, devices=args.devices, floor=label == "floor",
+                processes=args.processes or processes_for(args.devices, minimum_processes),
+                secret=args.secret, prefix=args.prefix, concurrency=args.concurrency,
+                heartbeat=args.heartbeat)
+    with Run(plan, pid, args.commands_via, args.amqp_url, args.http_url, args.api_token,
+             args.command_timeout) as run:
+        return ServerRun(targets, SCENARIOS[args.scenario](run, args), run.timeline)
+
+
+def assemble(args: argparse.Namespace, runs: dict[str, ServerRun]) -> dict[str, Any]:
+    """The results of one scenario's runs (by label, the floor first): every figure, and the ratios."""
     results: dict[str, Any] = {"scenario": args.scenario, "devices": args.devices,
                                "command": " ".join(["python -m bench.stampede", *sys.argv[1:]]),
                                "machine": machine(), "gateway_dir": str(args.gateway_dir.resolve()),
                                "revision": revision(args.gateway_dir),
-                               "runs": {}, "timelines": {}}
-    minimum_processes = 3 if args.scenario == "kill-load" else 1
-    for label, targets, pid in servers(args):
-        plan = Plan(label=label, targets=targets, devices=args.devices, floor=label == "floor",
-                    processes=args.processes or processes_for(args.devices, minimum_processes),
-                    secret=args.secret, prefix=args.prefix, concurrency=args.concurrency,
-                    heartbeat=args.heartbeat)
-        with Run(plan, pid, args.commands_via, args.amqp_url, args.http_url, args.api_token,
-                 args.command_timeout) as run:
-            results["runs"][label] = SCENARIOS[args.scenario](run, args)
-            results["timelines"][label] = run.timeline
-        gevent.sleep(args.settle)
+                               "targets": {label: run.targets for label, run in runs.items()},
+                               "runs": {label: run.figures for label, run in runs.items()},
+                               "timelines": {label: run.timeline for label, run in runs.items()}}
     results["ratios"] = report.ratios(results["runs"])
     results["per_unit"] = units.per_unit(results["runs"])
     return results

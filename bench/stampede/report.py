@@ -13,7 +13,6 @@ import matplotlib.pyplot as plt
 import orjson
 
 from bench.stampede import units
-from bench.stampede.units import FLOOR
 
 
 def flatten(figures: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -31,17 +30,14 @@ def flatten(figures: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def ratios(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Every numeric figure of every non-floor run divided by the floor's same figure."""
-    if FLOOR not in runs:
-        return {}
-    floor = flatten(runs[FLOOR])
+    """{"RUN/REFERENCE": every numeric figure of RUN divided by REFERENCE's} for each of units.comparisons."""
+    flat = {label: flatten(figures) for label, figures in runs.items()}
     result = {}
-    for label, figures in runs.items():
-        if label == FLOOR:
-            continue
-        result[label] = {name: round(value / floor[name], 2)
-                         for name, value in flatten(figures).items()
-                         if is_number(value) and is_number(floor.get(name)) and floor[name]}
+    for label, reference in units.comparisons(list(runs)):
+        base = flat[reference]
+        result[f"{label}/{reference}"] = {name: round(value / base[name], 2)
+                                          for name, value in flat[label].items()
+                                          if is_number(value) and is_number(base.get(name)) and base[name]}
     return result
 
 
@@ -56,7 +52,7 @@ def rows(results: dict[str, Any]) -> list[list[str]]:
     flat = {label: flatten(runs[label]) for label in labels}
     names = list(dict.fromkeys(name for label in labels for name in flat[label]))
     ratio_labels = list(results.get("ratios", {}))
-    table = [["figure", *labels, *(f"{label}/floor" for label in ratio_labels)]]
+    table = [["figure", *labels, *ratio_labels]]
     for name in names:
         row = [name, *(cell(flat[label].get(name)) for label in labels)]
         row += [cell(results["ratios"][label].get(name)) for label in ratio_labels]

@@ -5,9 +5,15 @@ wsgi:app`) on RabbitMQ, with as many workers as the device count needs (a
 worker holds at most MAX_CONNECTIONS=18000 sessions under the 20,000
 open-file limit) and the floor gets the same worker count. `--gateway-dir`
 starts it from another checkout (run with this checkout's virtualenv), so one
-session can measure before and after a change; `--transport ws` connects the
-gateway's devices over `/ws`. Results go to bench/results/PREFIX-SCENARIO.{json,png}
-and bench/results/PREFIX.md, PREFIX being --out's name or suite-DEVICES[-ws].
+session can measure before and after a change. `--transport` says how the
+gateway's devices connect: `tcp` (the device port), `ws` (`/ws`), `mqtt`
+(MQTT_PORT, a free port unless --mqtt-port says) or `mqtt-ws` (`/mqtt`); a
+comma-separated list runs each scenario once per transport, each on a fresh
+gateway, and compares every later one with the first (`mqtt/tcp`). The floor is
+always JSON lines (an echo server has no MQTT). Each server runs alone: the
+floor first, then each gateway, so none disturbs another's figures.
+Results go to bench/results/PREFIX-SCENARIO.{json,png} and bench/results/PREFIX.md,
+PREFIX being --out's name or suite-DEVICES[-TRANSPORTS].
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ import argparse
 import copy
 import math
 import os
+import random
+import socket
 import subprocess
 import sys
 import tempfile
@@ -24,10 +32,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import gevent
 import urllib3
 
 from bench.stampede import report
-from bench.stampede.measure import machine, measure, publish
+from bench.stampede.measure import ServerRun, assemble, machine, measure_server, publish
 
 SESSIONS_PER_WORKER = 18000
 SCENARIO_ORDER = ("ramp", "hold", "stampede", "kill-load")
@@ -67,10 +76,49 @@ def wait_for_http(url: str, timeout: float, process: subprocess.Popen) -> None:
     raise TimeoutError(f"{url} did not answer 200 within {timeout:.0f}s")
 
 
+TRANSPORTS = ("tcp", "ws", "mqtt", "mqtt-ws")
+
+
+def known_transports(names: str) -> list[str]:
+    """argparse type for --transport: a comma-separated list of TRANSPORTS, each at most once."""
+    chosen = names.split(",")
+    unknown = set(chosen) - set(TRANSPORTS)
+    if unknown or len(set(chosen)) != len(chosen):
+        raise argparse.ArgumentTypeError(f"--transport takes distinct names among {', '.join(TRANSPORTS)}")
+    return chosen
+
+
+def free_port() -> int:
+    """A free port below the kernel's ephemeral range, which the load processes fill with client sockets."""
+    while True:
+        port = random.randrange(20000, 32000)
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+
+
+def wait_for_port(port: int, timeout: float, process: subprocess.Popen) -> None:
+    """Wait until something accepts on `port` (the floor); fail early if the server died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with status {process.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on port {port} after {timeout:.0f}s")
+
+
 def gateway_env(args: argparse.Namespace, workers: int) -> dict[str, str]:
     """The gateway's environment; PYTHONPATH is its own checkout, so `app` never comes from this one."""
     env = {**os.environ, "PORT": str(args.http_port), "DEVICE_PORT": str(args.device_port),
-           "WEB_CONCURRENCY": str(workers), "AMQP_URL": args.amqp_url,
+           "MQTT_PORT": str(args.mqtt_port), "WEB_CONCURRENCY": str(workers), "AMQP_URL": args.amqp_url,
            "DEVICE_SECRETS": args.secret, "API_TOKENS": args.api_token or "bench-token",
            "MAX_CONNECTIONS": str(SESSIONS_PER_WORKER), "PYTHONPATH": str(args.gateway_dir.resolve())}
     if args.heartbeat:
@@ -78,38 +126,62 @@ def gateway_env(args: argparse.Namespace, workers: int) -> dict[str, str]:
     return env
 
 
+def device_url(args: argparse.Namespace, transport: str) -> str:
+    """Where the gateway's devices connect over `transport`."""
+    return {"tcp": f"tcp://127.0.0.1:{args.device_port}", "ws": f"ws://127.0.0.1:{args.http_port}/ws",
+            "mqtt": f"mqtt://127.0.0.1:{args.mqtt_port}",
+            "mqtt-ws": f"mqtt+ws://127.0.0.1:{args.http_port}/mqtt"}[transport]
+
+
+def gateway_label(args: argparse.Namespace, transport: str) -> str:
+    """"gateway" when the suite measures one transport (as results always said), else the transport."""
+    return "gateway" if len(args.transport) == 1 else transport
+
+
 def prefix(args: argparse.Namespace) -> str:
-    """The name every file of this suite starts with: --out's, or suite-DEVICES[-ws]."""
+    """The name every file of this suite starts with: --out's, or suite-DEVICES[-TRANSPORTS]."""
     if args.out:
         return args.out.with_suffix("").name
-    return f"suite-{args.devices}" + ("-ws" if args.transport == "ws" else "")
+    return f"suite-{args.devices}" + ("" if args.transport == ["tcp"] else "-" + "-".join(args.transport))
 
 
 def run_suite(args: argparse.Namespace) -> None:
-    """Start both servers, run each scenario against both, write the JSON, PNGs and Markdown."""
+    """For each scenario: the floor, then a fresh gateway per transport; write the JSON, PNGs and Markdown."""
     workers = args.workers or max(2, math.ceil(args.devices / SESSIONS_PER_WORKER))
     args.api_token = args.api_token or "bench-token"
     args.http_url = f"http://127.0.0.1:{args.http_port}"
+    args.mqtt_port = args.mqtt_port or free_port()
     floor_command = [sys.executable, "-m", "bench.floor", "--port", str(args.floor_port),
                      "--workers", str(workers)]
-    gateway_command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"]
     logs = Path(tempfile.mkdtemp(prefix="stampede-suite-"))
-    print(f"suite: {workers} workers each; gateway from {args.gateway_dir.resolve()}; server logs in {logs}",
-          file=sys.stderr)
+    print(f"suite: {workers} workers each; gateway from {args.gateway_dir.resolve()} over "
+          f"{', '.join(args.transport)}; server logs in {logs}", file=sys.stderr)
     sections = []
     for scenario in args.scenarios.split(","):
-        # Fresh servers for every scenario: memory freed by one run must not hide the next one's cost.
-        with started(floor_command, dict(os.environ), logs / f"floor-{scenario}.log") as floor, \
-                started(gateway_command, gateway_env(args, workers),
-                        logs / f"gateway-{scenario}.log", cwd=args.gateway_dir) as gateway:
-            wait_for_http(f"{args.http_url}/readyz", 60, gateway)
-            one = scenario_args(args, scenario, floor.pid, gateway.pid)
-            results = measure(one)
-            publish(results, one)
-            sections.append(markdown_section(results, one.plot))
-            if gateway.poll() is not None:
-                print(f"suite: the gateway exited during {scenario}; see {logs}", file=sys.stderr)
+        # Fresh servers for every run: memory freed by one must not hide the next one's cost.
+        one = scenario_args(args, scenario)
+        with started(floor_command, dict(os.environ), logs / f"floor-{scenario}.log") as floor:
+            wait_for_port(args.floor_port, 30, floor)
+            runs = {"floor": measure_server(one, "floor", [one.floor], floor.pid)}
+        for transport in args.transport:
+            gevent.sleep(args.settle)
+            label = gateway_label(args, transport)
+            runs[label] = run_gateway(one, transport, workers, logs / f"gateway-{scenario}-{transport}.log")
+        results = assemble(one, runs)
+        publish(results, one)
+        sections.append(markdown_section(results, one.plot))
     write_markdown(args, workers, sections)
+
+
+def run_gateway(args: argparse.Namespace, transport: str, workers: int, log: Path) -> ServerRun:
+    """One scenario against a fresh gateway whose devices connect over `transport`."""
+    command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"]
+    with started(command, gateway_env(args, workers), log, cwd=args.gateway_dir) as gateway:
+        wait_for_http(f"{args.http_url}/readyz", 60, gateway)
+        run = measure_server(args, gateway_label(args, transport), [device_url(args, transport)], gateway.pid)
+        if gateway.poll() is not None:
+            print(f"suite: the gateway exited during {args.scenario} over {transport}; see {log}", file=sys.stderr)
+        return run
 
 
 def known_scenarios(names: str) -> str:
@@ -120,15 +192,11 @@ def known_scenarios(names: str) -> str:
     return names
 
 
-def scenario_args(args: argparse.Namespace, scenario: str, floor_pid: int,
-                  gateway_pid: int) -> argparse.Namespace:
-    """The suite's options, pointed at one scenario and at the two servers it started."""
+def scenario_args(args: argparse.Namespace, scenario: str) -> argparse.Namespace:
+    """The suite's options, pointed at one scenario."""
     one = copy.copy(args)
     one.scenario = scenario
     one.floor = f"tcp://127.0.0.1:{args.floor_port}"
-    one.target = [f"tcp://127.0.0.1:{args.device_port}" if args.transport == "tcp"
-                  else f"ws://127.0.0.1:{args.http_port}/ws"]
-    one.floor_pid, one.gateway_pid = floor_pid, gateway_pid
     one.out = (args.out.parent if args.out else RESULTS) / f"{prefix(args)}-{scenario}.json"
     one.plot = one.out.with_suffix(".png")
     return one
@@ -142,7 +210,8 @@ def markdown_section(results: dict, plot: Path) -> str:
 
 def write_markdown(args: argparse.Namespace, workers: int, sections: list[str]) -> None:
     facts = machine()
-    header = (f"## Suite: {args.devices:,} devices ({args.transport}), {workers} workers (gateway and floor)\n\n"
+    header = (f"## Suite: {args.devices:,} devices ({', '.join(args.transport)}), {workers} workers "
+              "(each gateway and the floor)\n\n"
               f"Gateway from `{args.gateway_dir.resolve()}`.\n\n"
               f"Machine: {facts['cores']} cores, {facts['memory_gib']} GiB, kernel {facts['kernel']}, "
               f"Python {facts['python']}, open-file limit {facts['open_files_limit']:,}.\n")

@@ -40,12 +40,22 @@ UNITS = (
          suffix=" ms"),
     Unit("round_trip_p99_9_ms", "command round trip p99.9", ("hold", "commands", "round_trip_ms", "p99_9"),
          suffix=" ms"),
+    Unit("event_ack_p50_ms", "event ack p50", ("hold", "events", "ack_ms", "p50"), suffix=" ms"),
+    Unit("event_ack_p99_ms", "event ack p99", ("hold", "events", "ack_ms", "p99"), suffix=" ms"),
     Unit("rss_kib_per_session", "memory per held session (RSS)", ("ramp", "rss_kib_per_session"),
          suffix=" KiB"),
+    Unit("pss_kib_per_session", "memory per held session (PSS)", ("ramp", "pss_kib_per_session"),
+         suffix=" KiB"),
+    Unit("back_at_once_s", "all back after a mass drop (at once)",
+         ("reconnect_jitter_0s", "seconds_until_all_back"), suffix=" s"),
+    Unit("reconnect_cpu_us", "CPU per session re-established (at once)",
+         ("reconnect_jitter_0s", "cpu_ms_per_session"), 1000, " µs"),
     Unit("idle_seconds", "idle window measured", ("hold", "idle_seconds"), suffix=" s", compared=False),
     Unit("heartbeats", "heartbeats answered in it", ("hold", "idle_heartbeats_answered"), compared=False),
     Unit("commands", "commands answered", ("hold", "commands", "outcomes", "ok"), compared=False),
     Unit("events", "events acked", ("hold", "events", "acked"), compared=False),
+    Unit("events_lost", "events acked but never consumed", ("hold", "events", "acked_but_not_consumed"),
+         compared=False),
     # Noise: CPU that other processes (not the server, this tool or RabbitMQ) took meanwhile, of os.cpu_count().
     Unit("others_ramp_cores", "others' CPU during the ramp", ("ramp", "other_cpu_cores"),
          suffix=" cores", compared=False, digits=2),
@@ -64,17 +74,23 @@ def pick(figures: dict[str, Any], path: tuple[str, ...]) -> Any:
     return figures
 
 
+def comparisons(labels: list[str]) -> list[tuple[str, str]]:
+    """(run, reference) pairs to divide: every server by the floor, and every gateway after the first by the
+    first (a suite of several transports: `mqtt/tcp`)."""
+    servers = [label for label in labels if label != FLOOR]
+    pairs = [(label, FLOOR) for label in servers] if FLOOR in labels else []
+    return pairs + [(label, servers[0]) for label in servers[1:]]
+
+
 def per_unit(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, float | None]]:
-    """{label: {unit key: value}} for every run, then {"LABEL/floor": {unit key: ratio}} for the others."""
+    """{label: {unit key: value}} for every run, then {"RUN/REFERENCE": {unit key: ratio}} for each comparison."""
     values = {label: {unit.key: scaled(pick(figures, unit.path), unit.scale) for unit in UNITS}
               for label, figures in runs.items()}
-    if FLOOR in values:
-        floor = values[FLOOR]
-        for label in [label for label in values if label != FLOOR]:
-            values[f"{label}/{FLOOR}"] = {
-                unit.key: round(values[label][unit.key] / floor[unit.key], 2)
-                for unit in UNITS
-                if unit.compared and values[label][unit.key] is not None and floor[unit.key]}
+    for label, reference in comparisons(list(runs)):
+        values[f"{label}/{reference}"] = {
+            unit.key: round(values[label][unit.key] / values[reference][unit.key], 2)
+            for unit in UNITS
+            if unit.compared and values[label][unit.key] is not None and values[reference][unit.key]}
     return values
 
 

@@ -1,4 +1,4 @@
-"""A load process: holds up to ~18,000 devices under gevent and obeys the controller.
+"""A load process: holds up to ~18,000 devices (JSON or MQTT) under gevent and obeys the controller.
 
 Started by `controller.py` as `python -m bench.stampede.worker '<json settings>'`.
 It reads one JSON command per line on stdin (connect, drop, events, stop) and
@@ -25,7 +25,9 @@ from gevent.fileobject import FileObjectPosix
 from gevent.lock import BoundedSemaphore
 
 from bench.stampede.device import Device, World, live
+from bench.stampede.json_device import JsonDevice
 from bench.stampede.links import Target
+from bench.stampede.mqtt_device import MqttDevice
 
 EVENT_TICK = 0.1
 
@@ -42,9 +44,8 @@ class Worker:
             welcome_timeout=settings["welcome_timeout"], heartbeat=settings["heartbeat"])
         secret = settings["secret"].encode()
         first, count = settings["first"], settings["count"]
-        self.devices = [
-            Device(f"{settings['prefix']}-{index:06d}", secret, targets[index % len(targets)])
-            for index in range(first, first + count)]
+        self.devices = [device_for(f"{settings['prefix']}-{index:06d}", secret, targets[index % len(targets)])
+                        for index in range(first, first + count)]
         self.greenlets: list[gevent.Greenlet] = []
         self.event_rate = 0.0
         self.event_seq = 0
@@ -83,7 +84,7 @@ class Worker:
             for device in self.devices:
                 if device.link is not None and now >= device.next_ping:
                     device.next_ping = now + device.heartbeat
-                    device.send({"type": "ping"})
+                    device.ping()
 
     def events_forever(self) -> None:
         """Send events at `event_rate` per second from random connected devices."""
@@ -98,9 +99,7 @@ class Worker:
     def send_event(self, device: Device) -> None:
         self.event_seq += 1
         event_id = f"{self.run_id}-w{self.number}-{self.event_seq}"
-        if device.send({"type": "event", "id": event_id, "name": "bench.tick",
-                        "data": {"seq": self.event_seq}}):
-            device.pending[event_id] = time.monotonic()
+        if device.send_event(event_id, self.event_seq, self.world):
             self.world.stats.events_sent += 1
 
     def obey(self) -> None:
@@ -118,6 +117,11 @@ class Worker:
             elif op == "stop":
                 break
         self.drop()
+
+
+def device_for(name: str, secret: bytes, target: Target) -> Device:
+    """A device of the dialect `target` speaks: MQTT (PROTOCOL.md section 8) or JSON frames."""
+    return (MqttDevice if target.mqtt else JsonDevice)(name, secret, target)
 
 
 def raise_file_limit() -> None:
