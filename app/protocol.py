@@ -81,10 +81,12 @@ def _frame_id(frame: dict[str, Any]) -> Any:
     return value if isinstance(value, str) else None
 
 
-def validate_hello(frame: dict[str, Any]) -> tuple[str, str]:
+def validate_hello(frame: dict[str, Any]) -> tuple[str, str | None]:
     """Return (device, token) of a valid hello; the caller answers `unauthorized` otherwise.
 
-    The token is checked for shape only; a hello with a `will` must also pass `validate_will`.
+    The token is checked for shape only, and may be absent (None): a device named by a verified
+    TLS client certificate needs none (the session decides). A hello with a `will` must also pass
+    `validate_will`.
     """
     if frame.get("type") != "hello":
         raise ProtocolError("unauthorized", "the first frame must be a hello")
@@ -94,7 +96,7 @@ def validate_hello(frame: dict[str, Any]) -> tuple[str, str]:
     device, token = frame.get("device"), frame.get("token")
     if not isinstance(device, str) or not DEVICE_ID.fullmatch(device):
         raise ProtocolError("unauthorized", "'device' must be 1-128 characters of A-Z a-z 0-9 _ : -")
-    if not isinstance(token, str) or not token:
+    if token is not None and (not isinstance(token, str) or not token):
         raise ProtocolError("unauthorized", "'token' must be a non-empty string")
     return device, token
 

@@ -29,6 +29,7 @@ class FrameConnection(Protocol):
     peer: str
     idle_limit: float | None  # seconds of silence the transport allows (MQTT keep-alive); None: 2 x heartbeat
     backpressure: bool  # over the rate limit, wait (stop reading) instead of refusing the frame
+    certificate_names: tuple[str, ...]  # the device names of a verified TLS client certificate; () without one
 
     def receive(self) -> Frame | None:
         """The next frame, None once the peer is gone; raises ProtocolError for a bad one."""

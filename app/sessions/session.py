@@ -77,7 +77,7 @@ class Session:
         "will",
     )
 
-    def __init__(self, conn: FrameConnection, host: Host, backend: Backend) -> None:
+    def __init__(self, conn: FrameConnection, host: Host, backend: Backend, hello_deadline: float | None = None) -> None:
         self.conn = conn
         self.host = host
         self.backend = backend
@@ -98,7 +98,8 @@ class Session:
         # within HELLO_TIMEOUT of the accept (a slow-loris dribbling a byte a second must not
         # hold its connection), then 2 x heartbeat of silence, refreshed by every frame.
         self.idle_limit = 2 * host.config.heartbeat
-        self.deadline = time.monotonic() + host.config.hello_timeout
+        # On a TLS port the handshake already spent part of HELLO_TIMEOUT: the caller passes what is left.
+        self.deadline = hello_deadline or time.monotonic() + host.config.hello_timeout
 
     # -- life -----------------------------------------------------------------
     def run(self) -> None:
@@ -130,7 +131,6 @@ class Session:
 
     def _hello(self) -> bool:
         """Authenticate the first frame; True once the device is welcomed."""
-        config = self.host.config
         try:
             frame = self.conn.receive()
         except ProtocolError as exc:
@@ -145,8 +145,9 @@ class Session:
         except ProtocolError as exc:
             code = "unsupported_version" if exc.code == "unsupported_version" else "unauthorized"
             return self._refuse(code, exc.message)
-        if not auth.verify(config.device_secrets, device, token):
-            return self._refuse("unauthorized", "the token does not match this device")
+        refusal_reason = self._authenticate(device, token)
+        if refusal_reason is not None:
+            return self._refuse("unauthorized", refusal_reason)
         # The hello is in: from here the route wait (ROUTE_WAIT) bounds the wait, not HELLO_TIMEOUT.
         self.deadline = time.monotonic() + self.idle_limit
         refusal = self.host.admit()
@@ -155,6 +156,20 @@ class Session:
             return self._refuse(code, "the gateway cannot take a new session now", retry_after)
         self.will = will
         return self._welcome(device)
+
+    def _authenticate(self, device: str, token: str | None) -> str | None:
+        """None when the device proved who it is, else why not (PROTOCOL.md sections 1 and 2).
+
+        A verified TLS client certificate names the device (exactly); with one, the token may be
+        omitted, but a token that is sent must be valid too."""
+        names = self.conn.certificate_names
+        if names and device not in names:
+            return "the client certificate names another device"
+        if token is None:
+            return None if names else "'token' is missing"
+        if not auth.verify(self.host.config.device_secrets, device, token):
+            return "the token does not match this device"
+        return None
 
     def _welcome(self, device: str) -> bool:
         """Register the session, wait until its commands route here, then welcome it."""

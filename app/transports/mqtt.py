@@ -85,7 +85,7 @@ class MqttConnection:
     backpressure = True  # PROTOCOL.md section 8: over the rate limit, stop reading; never refuse
 
     def __init__(self, stream: ByteStream, peer: str, max_frame_bytes: int, max_keepalive: float,
-                 transport: str = "mqtt") -> None:
+                 transport: str = "mqtt", certificate_names: tuple[str, ...] = ()) -> None:
         self._stream = stream
         self._decoder = mqtt.MqttDecoder(max_frame_bytes)
         self._ready: list[mqtt.Packet] = []
@@ -105,6 +105,7 @@ class MqttConnection:
         self.peer = peer
         self.transport = transport
         self.idle_limit: float | None = None
+        self.certificate_names = certificate_names
 
     # -- device -> session ---------------------------------------------------------------------
     def receive(self) -> dict[str, Any] | None:
@@ -164,8 +165,8 @@ class MqttConnection:
         if keep_alive == 0 or keep_alive > self._max_keepalive:
             keep_alive = self._max_keepalive
         self.idle_limit = 1.5 * keep_alive
-        try:
-            token = (connect.password or b"").decode("utf-8")
+        try:  # no password: no token (a device named by its TLS certificate needs none)
+            token = None if connect.password is None else connect.password.decode("utf-8")
         except UnicodeDecodeError:
             token = ""
         hello: dict[str, Any] = {"type": "hello", "device": connect.client_id, "token": token, "v": 1}

@@ -16,17 +16,19 @@ RECV_BYTES = 16384
 class TcpConnection:
     """Newline-delimited JSON frames over a TCP socket; `\\r\\n` accepted."""
 
-    __slots__ = ("_buffer", "_max_frame", "_sender", "_sock", "peer", "transport")
+    __slots__ = ("_buffer", "_max_frame", "_sender", "_sock", "certificate_names", "peer", "transport")
     idle_limit = None  # 2 x heartbeat, the session's default
     backpressure = False  # over the rate limit, frames are refused with `rate_limited`
 
     def __init__(self, sock: socket.socket, peer: str, max_frame_bytes: int, send_limit: int,
-                 transport: str = "tcp", direct_writes: bool = True) -> None:
+                 transport: str = "tcp", direct_writes: bool = True,
+                 certificate_names: tuple[str, ...] = ()) -> None:
         self._sock = sock
         self._buffer = bytearray()
         self._max_frame = max_frame_bytes
         self._sender = Sender(sock, send_limit, direct=direct_writes)
         self.peer = peer
+        self.certificate_names = certificate_names  # a verified TLS client certificate's device names
         self.transport = transport
 
     def receive(self) -> dict[str, Any] | None:

@@ -46,13 +46,15 @@ def accept_token(environ: Mapping[str, str]) -> bytes:
 class WsConnection:
     """Text messages over an upgraded socket, as frames."""
 
-    __slots__ = ("_max_frame", "_partial", "_partial_binary", "_sender", "_sock", "_ws", "peer", "transport")
+    __slots__ = ("_max_frame", "_partial", "_partial_binary", "_sender", "_sock", "_ws", "certificate_names", "peer",
+                 "transport")
     idle_limit = None  # 2 x heartbeat, the session's default
     backpressure = False  # over the rate limit, frames are refused with `rate_limited`
 
     def __init__(self, sock: socket.socket, peer: str, environ: Mapping[str, str],
                  max_frame_bytes: int, send_limit: int, already_read: bytes = b"",
-                 transport: str = "ws", direct_writes: bool = True) -> None:
+                 transport: str = "ws", direct_writes: bool = True,
+                 certificate_names: tuple[str, ...] = ()) -> None:
         self._sock = sock
         self.transport = transport
         self._sender = Sender(sock, send_limit, direct=direct_writes)
@@ -60,6 +62,7 @@ class WsConnection:
         self._partial: list[str] = []
         self._partial_binary = False
         self.peer = peer
+        self.certificate_names = certificate_names  # a verified TLS client certificate's device names
         token = accept_token(environ)
         self._sender.send(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
                           b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + token + b"\r\n\r\n")

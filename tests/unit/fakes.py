@@ -33,6 +33,7 @@ class FakeConn:
     """Frames in through `push`, frames out in `sent`; `finish` ends the stream like a cut socket."""
 
     transport, peer = "tcp", "127.0.0.1:1"
+    certificate_names: tuple[str, ...] = ()
     idle_limit: float | None = None
     backpressure = False
 

@@ -110,7 +110,7 @@ def test_validate_hello_raises_only_unauthorized_or_unsupported_version(frame: d
     assert frame["type"] == "hello"
     assert frame.get("v", 1) == 1 and frame.get("v", 1) is not True
     assert protocol.DEVICE_ID.fullmatch(device) and "." not in device
-    assert isinstance(token, str) and token
+    assert token is None or (isinstance(token, str) and token)  # absent: a TLS certificate may stand in
 
 
 @FAST
@@ -137,7 +137,7 @@ def test_the_whole_pipeline_never_raises_anything_else(payload: bytes) -> None:
     ({"type": "hello", "device": "lock 1", "token": "ab"}, "unauthorized"),
     ({"type": "hello", "device": "lock-1\n", "token": "ab"}, "unauthorized"),
     ({"type": "hello", "device": 5, "token": "ab"}, "unauthorized"),
-    ({"type": "hello", "device": "lock-1"}, "unauthorized"),
+    ({"type": "hello", "device": "lock-1"}, None),  # no token: the session asks for a certificate instead
     ({"type": "hello", "device": "lock-1", "token": ""}, "unauthorized"),
     ({"type": "ping"}, "unauthorized"),
     ({}, "unauthorized"),

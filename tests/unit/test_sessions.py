@@ -262,3 +262,21 @@ def test_a_stale_binding_stays_silent_about_a_device_that_moved_away(registry: R
     assert registry.broker.replies == []
     registry.deliver(Command("lock-2", "c-10"))  # nobody anywhere: offline, as before
     assert registry.broker.replies == [("c-10", False, None, "offline")]
+
+
+def test_a_certificate_names_the_device_and_stands_in_for_the_token(registry: Registry) -> None:
+    cases = [(("lock-1",), {"type": "hello", "device": "lock-1"}, "welcome"),
+             (("lock-1",), hello(), "welcome"),
+             (("lock-1",), {**hello(), "token": "0" * 64}, "unauthorized"),  # a token sent must be valid too
+             (("lock-2",), hello(), "unauthorized"),  # the certificate names another device
+             ((), {"type": "hello", "device": "lock-1"}, "unauthorized")]  # no certificate, no token
+    for names, frame, outcome in cases:
+        conn = FakeConn()
+        conn.certificate_names = names
+        session = Session(conn, registry, registry.broker)
+        runner = gevent.spawn(session.run)
+        conn.push(frame)
+        wait_for(lambda conn=conn: conn.sent)
+        assert conn.sent[0].get("code", conn.sent[0]["type"]) == outcome, (names, frame)
+        conn.push(None)
+        runner.join(1)
