@@ -144,7 +144,7 @@ def test_the_whole_pipeline_never_raises_anything_else(payload: bytes) -> None:
 ])
 def test_validate_hello_examples(frame: dict, code: str | None) -> None:
     if code is None:
-        assert protocol.validate_hello(frame) == (frame["device"], frame["token"])
+        assert protocol.validate_hello(frame) == (frame["device"], frame.get("token"))
     else:
         with pytest.raises(ProtocolError) as raised:
             protocol.validate_hello(frame)
