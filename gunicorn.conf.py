@@ -14,9 +14,12 @@ import sys
 import tempfile
 
 from app.config import ConfigError, load
+from app.tls import build_contexts, check_gunicorn_ssl, load_tls
 
 try:
     _config = load()
+    _tls = load_tls(os.environ, plain_ports={"PORT": _config.port, "DEVICE_PORT": _config.device_port,
+                                             "MQTT_PORT": _config.mqtt_port})
 except ConfigError as _error:
     sys.exit(f"warren: bad configuration: {_error}")
 
@@ -42,6 +45,8 @@ for _variable, _port in (("DEVICE_PORT", _config.device_port), ("MQTT_PORT", _co
         _skipped.append((_variable, _port))
         continue
     bind.append(f"{_config.bind_host}:{_port}")
+if _tls is not None:
+    bind.extend(f"{_config.bind_host}:{_port}" for _port in _tls.ports.values())
 
 worker_class = "app.worker.WarrenWorker"
 workers = 1 if _config.in_process_broker else _config.web_concurrency
@@ -67,7 +72,16 @@ os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
 
 
 def on_starting(server):
-    """Say loudly what is missing."""
+    """Refuse gunicorn's own TLS settings, build the TLS contexts before any fork, say loudly what is missing."""
+    try:
+        check_gunicorn_ssl(server.cfg)
+    except ConfigError as error:
+        sys.exit(f"warren: bad configuration: {error}")
+    if _tls is not None:
+        server.worker_class.tls = (_tls, build_contexts(_tls))
+        server.log.info(f"TLS on {', '.join(f'{name}={port}' for name, port in _tls.ports.items())}"
+                        f"{' with client certificates (mutual TLS)' if _tls.client_ca_file else ''}; "
+                        f"certificate valid until {_tls.cert_not_after:%Y-%m-%d}")
     if _config.in_process_broker:
         server.log.warning(
             "WARNING: no AMQP_URL, CLOUDAMQP_URL or RABBITMQ_URL is set: running ONE worker on "

@@ -3,19 +3,18 @@
 gunicorn binds every address gunicorn.conf.py lists and hands the same listen
 sockets to every worker: they are the acceptor pool (as in Ranch). Here each
 socket becomes a gevent server whose accepted connections are started by the
-worker's connection supervisor (its `spawn`), which counts them and pauses
-accepting when the worker is full. A connection handler builds the transport
-for its port and runs one `Session` over it, in the connection's own greenlet.
+worker's connection supervisor (it sets each server's `spawn`), which counts
+them and pauses accepting when the worker is full. The connection handlers
+(app/handlers.py) run in the connections' own greenlets.
 
-    DEVICE_PORT  newline-delimited JSON (app/transports/tcp.py)
-    MQTT_PORT    MQTT 3.1.1 (app/transports/mqtt.py)
-    PORT         the HTTP API (app/web.py), with `GET /ws` (JSON) and `GET /mqtt` (MQTT) upgraded
-                 to device sessions
+    DEVICE_PORT      newline-delimited JSON            DEVICE_TLS_PORT  the same over TLS
+    MQTT_PORT        MQTT 3.1.1                         MQTT_TLS_PORT    the same over TLS
+    PORT             the HTTP API (app/web.py), with `GET /ws` (JSON) and `GET /mqtt` (MQTT) upgraded
+                     to device sessions                 HTTPS_PORT       the same over TLS
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -23,55 +22,16 @@ import gevent
 from gevent.server import StreamServer
 from gunicorn.workers.ggevent import PyWSGIHandler, PyWSGIServer
 
-from app.sessions.session import Session
-from app.transports.mqtt import MqttConnection
-from app.transports.streams import SocketStream, WebSocketStream
-from app.transports.tcp import TcpConnection
-from app.transports.ws import HandshakeError, WsConnection
+from app.handlers import DeviceHandlers
+from app.transports.ws import HandshakeError
 
 if TYPE_CHECKING:
     from gevent.baseserver import BaseServer
 
     from app.config import Config
-    from app.sessions.ports import Backend, Host
+    from app.tls import TlsSettings
 
-log = logging.getLogger("warren.listeners")
-
-
-class DeviceHandlers:
-    """What runs in a device connection's greenlet, per transport: build the transport, run a session."""
-
-    def __init__(self, config: Config, host: Host, backend: Backend) -> None:
-        self.config, self.host, self.backend = config, host, backend
-
-    def tcp(self, sock: Any, address: Any) -> None:
-        config = self.config
-        connection = TcpConnection(sock, peer_name(address), config.max_frame_bytes, config.send_buffer_bytes)
-        Session(connection, self.host, self.backend).run()
-
-    def websocket(self, sock: Any, address: Any, environ: dict[str, Any]) -> None:
-        config = self.config
-        connection = WsConnection(sock, peer_name(address), environ, config.max_frame_bytes,
-                                  config.send_buffer_bytes)
-        Session(connection, self.host, self.backend).run()
-
-    def mqtt(self, sock: Any, address: Any) -> None:
-        config = self.config
-        stream = SocketStream(sock, config.send_buffer_bytes)
-        self._run_mqtt(stream, address, "mqtt")
-
-    def mqtt_websocket(self, sock: Any, address: Any, environ: dict[str, Any]) -> None:
-        stream = WebSocketStream(sock, environ, self.config.send_buffer_bytes)
-        self._run_mqtt(stream, address, "mqtt-ws")
-
-    def _run_mqtt(self, stream: Any, address: Any, transport: str) -> None:
-        config = self.config
-        connection = MqttConnection(stream, peer_name(address), config.max_frame_bytes, config.mqtt_max_keepalive,
-                                    transport=transport)
-        Session(connection, self.host, self.backend).run()
-
-
-# The WebSocket paths of the HTTP port, and the handler of each.
+# The WebSocket paths of the HTTP ports, and the handler of each.
 UPGRADES = {"/ws": DeviceHandlers.websocket, "/mqtt": DeviceHandlers.mqtt_websocket}
 
 
@@ -107,28 +67,43 @@ class WebSocketHandler(PyWSGIHandler):
             self.write(f"{exc}\n".encode())
 
 
-def build_servers(sockets: list[Any], config: Config, devices: DeviceHandlers, wsgi: Any,
-                  gunicorn_log: Any) -> list[BaseServer]:
-    """One gevent server per gunicorn listen socket, by the port it is bound to; not started, and with no
-    `spawn` yet: the connection supervisor that adopts them sets it."""
+class HttpsServer(PyWSGIServer):
+    """HTTPS_PORT: the TLS handshake (under HELLO_TIMEOUT, through the worker's gate), then plain pywsgi.
+
+    Not gevent's `ssl_args`: that handshake has no deadline, so a client that connects and
+    sends nothing would hold its connection forever."""
+
+    def handle(self, sock: Any, address: Any) -> None:
+        accepted = self.warren_devices.https_handshake(sock, address)
+        if accepted is not None:
+            super().handle(accepted.sock, address)
+
+
+def build_servers(sockets: list[Any], config: Config, tls: TlsSettings | None, devices: DeviceHandlers, wsgi: Any,
+                  gunicorn_log: Any) -> tuple[list[BaseServer], list[BaseServer]]:
+    """(every server, the TLS ones among them): one gevent server per gunicorn listen socket, by the
+    port it is bound to; not started and with no `spawn` yet: the connection supervisor that adopts
+    them sets it."""
+    streams = {config.device_port: devices.tcp, config.mqtt_port: devices.mqtt}
+    if tls is not None:
+        streams.update({tls.device_tls_port: devices.tls_tcp, tls.mqtt_tls_port: devices.tls_mqtt})
+    https_port = tls.https_port if tls is not None else None
     servers: list[BaseServer] = []
+    secure: list[BaseServer] = []
     for sock in sockets:
         sock.setblocking(1)
         port = sock.getsockname()[1]
-        if port == config.device_port:
-            server: BaseServer = StreamServer(sock, handle=devices.tcp)
-        elif port == config.mqtt_port:
-            server = StreamServer(sock, handle=devices.mqtt)
+        handle = streams.get(port)
+        if handle is not None:
+            server: BaseServer = StreamServer(sock, handle=handle)
         else:
-            server = PyWSGIServer(sock, application=wsgi, log=gunicorn_log,
-                                  handler_class=WebSocketHandler, environ={"SERVER_SOFTWARE": "warren"})
+            server_class = HttpsServer if port == https_port else PyWSGIServer
+            scheme = "https" if port == https_port else "http"
+            server = server_class(sock, application=wsgi, log=gunicorn_log, handler_class=WebSocketHandler,
+                                  environ={"SERVER_SOFTWARE": "warren", "wsgi.url_scheme": scheme})
             server.warren_devices = devices
         server.max_accept = 64
         servers.append(server)
-    return servers
-
-
-def peer_name(address: Any) -> str:
-    if isinstance(address, tuple) and len(address) >= 2:
-        return f"{address[0]}:{address[1]}"
-    return str(address)
+        if tls is not None and port in (tls.device_tls_port, tls.mqtt_tls_port, https_port):
+            secure.append(server)
+    return servers, secure

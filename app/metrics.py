@@ -57,6 +57,8 @@ ACCEPT_PAUSED = Gauge("warren_accept_paused",
                       "Workers that stopped accepting because they are full (backlog pressure).",
                       multiprocess_mode="livesum")
 WORKERS = Gauge("warren_workers", "Live gunicorn workers.", multiprocess_mode="livesum")
+TLS_HANDSHAKES = Counter("warren_tls_handshakes", "TLS handshakes by outcome: full, resumed, timeout, closed, refused.",
+                         ["outcome"])
 
 # The children the hot paths bump, looked up once: `labels()` takes a lock and a dict lookup per call.
 EVENTS_ACKED = EVENTS.labels(outcome="acked")

@@ -24,9 +24,12 @@ import gevent
 from app import metrics, reporting
 from app.config import Config
 from app.connections import ConnectionSupervisor
-from app.listeners import DeviceHandlers, build_servers
+from app.handlers import DeviceHandlers
+from app.listeners import build_servers
 from app.sessions.registry import Registry
 from app.supervisor import ChildSpec, Supervisor
+from app.tls import TlsContexts, TlsSettings
+from app.tls_handshake import HandshakeGate
 
 log = logging.getLogger("warren.tree")
 
@@ -37,16 +40,21 @@ ACCEPT_HEADROOM = 256  # connections beyond MAX_CONNECTIONS: HTTP clients, and d
 class WorkerTree:
     """Everything one worker runs: the registry and its broker, the listeners, the supervisors."""
 
-    def __init__(self, config: Config, sockets: list[Any], wsgi: Any, gunicorn_log: Any, age: int) -> None:
+    def __init__(self, config: Config, sockets: list[Any], wsgi: Any, gunicorn_log: Any, age: int,
+                 tls: tuple[TlsSettings, TlsContexts] | None = None) -> None:
         self.config = config
         # `age` numbers workers 1, 2, 3... (a replacement gets the next): it spreads them over the
         # nodes of a RabbitMQ cluster listed in AMQP_URL.
         self.registry = Registry(config, node_offset=age)
         self.broker = self.registry.broker
         wsgi.attach(self.broker)
-        devices = DeviceHandlers(config, self.registry, self.broker)
+        # One gate per worker paces the TLS handshakes; while too many wait, the TLS listeners stop
+        # accepting and the rest of a stampede waits in the kernel's backlog for whichever worker has room.
+        self.gate = HandshakeGate(on_room=self._resume_tls) if tls is not None else None
+        devices = DeviceHandlers(config, self.registry, self.broker, tls[1] if tls else None, self.gate)
         # Each server's `spawn` is set by the connection supervisor that adopts it (`add_listener`).
-        self.servers = build_servers(sockets, config, devices, wsgi, gunicorn_log)
+        self.servers, self.tls_servers = build_servers(sockets, config, tls[0] if tls else None, devices, wsgi,
+                                                       gunicorn_log)
         self.connections: ConnectionSupervisor | None = None
         self.root: Supervisor | None = None
 
@@ -73,11 +81,23 @@ class WorkerTree:
         """A fresh connection supervisor (also after a restart) that adopts every listener, then starts
         the listeners that are not yet: no connection is ever accepted outside a supervisor."""
         self.connections = ConnectionSupervisor("connections", self.config.max_connections + ACCEPT_HEADROOM).start()
+        connections = self.connections
         for server in self.servers:
-            self.connections.add_listener(server)
+            connections.add_listener(server)
+            if server in self.tls_servers:
+                gate = self.gate
+                server.full = lambda connections=connections, gate=gate: connections.full or gate.full()
             if not server.started:
                 server.start()
-        return self.connections
+        return connections
+
+    def _resume_tls(self) -> None:
+        """The handshake gate has room again: TLS listeners accept, unless the worker is full."""
+        if self.connections is None or self.connections.full:
+            return
+        for server in self.tls_servers:
+            if server.started:
+                server.start_accepting()
 
     def shut_down(self, graceful_timeout: float, notify: Callable[[], None]) -> None:
         """Stop accepting, send every session away with a jittered retry_after, drain, stop the tree."""

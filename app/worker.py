@@ -24,6 +24,10 @@ from app import logs
 class WarrenWorker(GeventWorker):
     """Serves every listener of the instance from one gevent hub."""
 
+    # Set by gunicorn.conf.py in the master, before any fork (TLS settings, server contexts): every
+    # worker inherits the same contexts, and with them the same session-ticket keys.
+    tls = None
+
     def init_process(self) -> None:
         self.config = config_module.load()
         logs.configure(self.config)
@@ -37,7 +41,7 @@ class WarrenWorker(GeventWorker):
         # After the fork and after monkey patching, so that sentry-sdk's transport
         # thread and sockets are gevent-cooperative and belong to this worker.
         reporting.init_sentry(self.config)
-        tree = WorkerTree(self.config, self.sockets, self.wsgi, self.log, self.age)
+        tree = WorkerTree(self.config, self.sockets, self.wsgi, self.log, self.age, self.tls)
         tree.start()
         gc_policy = GcPolicy()
         while self.alive:
