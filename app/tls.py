@@ -179,10 +179,11 @@ def check_gunicorn_ssl(cfg: Any) -> None:
     serves TLS on its own ports. Mapping them would leave PORT in plaintext for an operator who
     believes it encrypted, so start-up stops and says what to set instead.
     """
-    for setting, variable in _GUNICORN_SSL.items():
-        value = getattr(cfg, setting, None)
-        if value:
-            raise ConfigError(setting, str(value), _instead(f"{variable}={value}"))
+    given = {setting: value for setting in _GUNICORN_SSL if (value := getattr(cfg, setting, None))}
+    if given:  # all in one message: --certfile and --keyfile come as a pair, and so must their replacements
+        first = next(iter(given))
+        instead = " and ".join(f"{_GUNICORN_SSL[setting]}={value}" for setting, value in given.items())
+        raise ConfigError(first, str(given[first]), _instead(instead))
     cert_reqs = getattr(cfg, "cert_reqs", ssl.CERT_NONE)
     if cert_reqs != ssl.CERT_NONE:
         raise ConfigError("cert_reqs", str(cert_reqs), _instead("TLS_CLIENT_CA_FILE=<CA file> (mutual TLS)"))
