@@ -86,7 +86,8 @@ class WorkerTree:
             connections.add_listener(server)
             if server in self.tls_servers:
                 gate = self.gate
-                server.full = lambda connections=connections, gate=gate: connections.full or gate.full()
+                # The supervisor's own hook (set by add_listener) first: it records the pause it must resume.
+                server.full = lambda counted=server.full, gate=gate: counted() or gate.full()
             if not server.started:
                 server.start()
         return connections

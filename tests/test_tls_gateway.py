@@ -217,6 +217,32 @@ def test_the_handshake_spends_the_hello_timeout_too(quick: Gateway, pki: Pki) ->
     reaches(quick, HELLO_TIMEOUTS, hello_timeouts + 1)
 
 
+# -- a worker full of TLS connections accepts again once they end ------------------------------
+
+CAP = 1 + 256  # MAX_CONNECTIONS=1 plus app/tree.py's ACCEPT_HEADROOM: the accept cap of the `capped` worker
+
+
+@pytest.fixture(scope="module")
+def capped(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[Gateway]:
+    gateway = start_gateway(tmp_path_factory.mktemp("capped"), workers=1, MAX_CONNECTIONS="1", HELLO_TIMEOUT="8",
+                            **pki.tls_env())
+    yield gateway
+    gateway.stop()
+
+
+def test_a_worker_filled_by_tls_connections_accepts_again_when_they_end(capped: Gateway, pki: Pki) -> None:
+    """Only TLS connections fill the worker; once they close, the TLS listener must resume (not stay paused)."""
+    context = pki.client_context()
+    fillers = gevent.joinall([gevent.spawn(TlsDevice, port(capped), context) for _ in range(CAP)], raise_error=True)
+    late = gevent.spawn(lambda: TlsDevice(port(capped), context, timeout=WAIT).hello(uid("late"), SECRET))
+    gevent.sleep(0.5)  # the late connect waits in the backlog while the worker is full
+    assert not late.ready(), late.value
+    for filler in fillers:
+        filler.value.close()
+    late.join(WAIT * 2)
+    assert late.successful() and late.value["type"] == "welcome", late.exception or late.value
+
+
 # -- a stampede of handshakes beside held sessions -----------------------------------------------
 
 def keep_pinging(client: DeviceClient, stop: Event) -> int:
