@@ -6,13 +6,16 @@ a binding). A worker that dies takes its queue and bindings with it, so no stale
 route survives (PROTOCOL.md section 5). After a reconnect the queue is new: every
 live device is bound again and every live session announced again.
 
-Writes are paced. RabbitMQ's channel handles our methods and its deliveries to us in
-one mailbox, and our own takeover notices come back through our own queue, ahead of
-the commands behind them: a worker re-binding and re-announcing 20,000 devices after
-a failover would hold up the commands of the devices already bound for seconds. So
-every write waits for its answer (a bind for its bind-ok, an unbind for its
-unbind-ok, a notice for its own echo; binds are not no-wait) and at most WINDOW are
-ever unanswered: that many at most stand between a command and its device.
+Writes are paced, so that commands keep flowing for the devices already bound while
+thousands of others are bound again (after a failover). Deliveries come on a channel
+of their own: RabbitMQ runs a channel's methods one at a time, and a bind can wait.
+Our own takeover notices come back through our own queue, ahead of the commands
+behind them. And binds written in bulk right after a reconnect race RabbitMQ's
+deletion of our previous queue's bindings of the same keys (measured with 20,000:
+binds take 50 ms each, the deletion drags on for seconds, and RabbitMQ holds commands
+to those keys meanwhile). So every write waits for its answer (a bind for its
+bind-ok, an unbind for its unbind-ok, a notice for its own echo; binds are not
+no-wait), and a `Window` says how many may be unanswered at once.
 
 Takeover notices are published on this connection, on the same channel, after the
 device's bind: RabbitMQ handles a channel's methods in order, so by the time our own
@@ -54,10 +57,47 @@ from app.broker.messages import (
 
 log = logging.getLogger("warren.broker")
 
-WINDOW = 256  # binds, unbinds and notices written whose answer has not come back, at most
+QUEUE_DELAY = 0.05  # seconds of our writes that may stand at RabbitMQ between a command and us
+MIN_WINDOW, START_WINDOW, MAX_WINDOW = 1, 8, 256
 ECHO_TIMEOUT = 10.0  # a notice not back by then was not routed to us (its device unbound meanwhile)
 
 _BIND, _UNBIND, _NOTICE = "bind", "unbind", "notice"
+
+
+class Window:
+    """How many writes may await their answer: as many as RabbitMQ answers in QUEUE_DELAY.
+
+    A write's cost is the time between answers while writes are outstanding (or since
+    the write, for the first): 0.1 ms for a bind normally, 5 to 80 ms while RabbitMQ is
+    deleting our previous queue's bindings. When a write costs more than QUEUE_DELAY the
+    window closes (`size` 0) and one write each TICK tries again, so that a RabbitMQ
+    that cannot keep up is not handed more; it opens again as prompt answers come back.
+    """
+
+    def __init__(self) -> None:
+        self.size = START_WINDOW
+        self._per_write: float | None = None  # a moving average of what a write costs RabbitMQ
+        self._busy_since: float | None = None  # when the oldest write still unanswered began to count
+
+    def wrote(self, now: float, outstanding: int) -> None:
+        if not outstanding:
+            self._busy_since = now
+
+    def answered(self, now: float, outstanding: int) -> None:
+        if self._busy_since is not None:
+            cost = now - self._busy_since
+            self._per_write = cost if self._per_write is None else 0.7 * self._per_write + 0.3 * cost
+            self.size = 0 if self._per_write > QUEUE_DELAY else \
+                max(MIN_WINDOW, min(MAX_WINDOW, int(QUEUE_DELAY / max(self._per_write, 1e-6))))
+        self._busy_since = now if outstanding else None
+
+    def tick(self) -> None:
+        if self.size == 0:
+            self.size = 1  # one write to see whether RabbitMQ answers promptly again
+
+    def idle(self) -> None:
+        """Nothing is outstanding any more (given up on, or a new connection)."""
+        self._busy_since = None
 
 
 class CommandConsumer(Link):
@@ -81,6 +121,7 @@ class CommandConsumer(Link):
         self._todo: deque[tuple[Any, ...]] = deque()  # binds, unbinds and notices, in write order
         self._awaiting = 0  # binds and unbinds written, their -ok still to come
         self._echoes: dict[tuple[str, str], float] = {}  # (device, session) of notices written -> expiry
+        self.window = Window()
         self.methods = {frames.QUEUE_BIND_OK: self._on_bind_ok, frames.QUEUE_UNBIND_OK: self._on_bind_ok}
         self.contents = {frames.BASIC_DELIVER: self._on_deliver}
 
@@ -116,51 +157,61 @@ class CommandConsumer(Link):
             self.wake()
 
     # -- the link's greenlets -------------------------------------------------------------------
-    def setup(self, channel: Any) -> None:
+    def setup(self, connection: Any, channel: Any) -> None:
         for exchange in EXCHANGES:
             exchange(channel).declare()
         Queue(self.queue_name, exclusive=True, auto_delete=True, durable=False)(channel).declare()
+        # Deliveries come on a channel of their own: RabbitMQ runs a channel's methods one at a time,
+        # so a bind that waits (for the deletion of our previous queue's bindings of the same keys,
+        # seconds at 20,000) would hold up every delivery behind it on a shared one.
         # On AMQP the reader takes deliveries off the wire itself; the callback serves `memory://`.
-        channel.basic_consume(self.queue_name, no_ack=True, callback=self._on_in_process_message,
-                              consumer_tag=self.queue_name)
+        connection.channel().basic_consume(self.queue_name, no_ack=True, callback=self._on_in_process_message,
+                                           consumer_tag=self.queue_name)
         # Announcing every session, not only those begun during the outage: another worker may hold
         # an older session of one of our devices and have re-bound after our notice went out, or
         # before; whichever order the workers come back in, the later notice reaches the other.
         self._awaiting = 0
+        self._echoes.clear()
+        self.window = Window()  # a new connection: RabbitMQ is likely deleting our previous queue now
         self._todo = deque([(_BIND, device) for device in self.bound])
         self._todo.extend((_NOTICE, device, started, session_id)
                           for device, started, session_id in self._live_sessions())
 
     def write(self, wire: Wire) -> bool:
         todo, queue, paced = self._todo, self.queue_name, wire.acknowledges_binds
-        expiry = time.monotonic() + ECHO_TIMEOUT
+        now = time.monotonic()
         for _ in range(WRITE_BATCH):
             if not todo:
                 return False
-            if paced and self._awaiting + len(self._echoes) >= WINDOW:
+            if paced and self._outstanding() >= self.window.size:
                 return False  # the reader wakes us as answers come back
             operation, device, *session = todo.popleft()
             if operation is _UNBIND:
                 if device not in self.bound:  # else bound again since: a stale unbind writes nothing
+                    self.window.wrote(now, self._outstanding())
                     wire.unbind(queue, COMMANDS_EXCHANGE, device)
                     self._awaiting += paced
             elif device not in self.bound:
                 continue  # unbound since: a stale bind, or the notice of an ended session, writes nothing
             elif operation is _BIND:
+                self.window.wrote(now, self._outstanding())
                 wire.bind(queue, COMMANDS_EXCHANGE, device)
                 self._awaiting += paced
             else:
+                self.window.wrote(now, self._outstanding())
                 wire.publish(TAKEOVER, device, encode_takeover(device, session[1], session[0]), ())
                 if paced:
-                    self._echoes[(device, session[1])] = expiry
+                    self._echoes[(device, session[1])] = now + ECHO_TIMEOUT
         return bool(todo)
 
     def tick(self, now: float) -> None:
         expired = [key for key, expiry in self._echoes.items() if expiry <= now]
         for key in expired:
             del self._echoes[key]
-        if expired:
-            self._answered()
+        if expired and not self._outstanding():
+            self.window.idle()
+        self.window.tick()
+        self._wake_if_room()
 
     def on_lost(self) -> None:
         # Our exclusive queue died with the connection; a fresh name avoids racing its deletion.
@@ -168,13 +219,21 @@ class CommandConsumer(Link):
         self._todo.clear()
         self._awaiting = 0
         self._echoes.clear()
+        self.window.idle()
 
     def _on_bind_ok(self, _payload: bytes) -> None:
         self._awaiting -= 1
         self._answered()
 
+    def _outstanding(self) -> int:
+        return self._awaiting + len(self._echoes)
+
     def _answered(self) -> None:
-        if self._todo and self._awaiting + len(self._echoes) <= WINDOW // 2:
+        self.window.answered(time.monotonic(), self._outstanding())
+        self._wake_if_room()
+
+    def _wake_if_room(self) -> None:
+        if self._todo and self._outstanding() <= self.window.size // 2:
             self.wake()
 
     def _on_deliver(self, method: bytes, properties: dict[str, Any], body: bytes) -> None:

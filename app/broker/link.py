@@ -154,10 +154,11 @@ class AmqpWire:
 
     # -- reading (the reader greenlet) -------------------------------------------------------
     def read_forever(self, methods: dict[bytes, MethodHandler], contents: dict[bytes, ContentHandler]) -> NoReturn:
-        """Dispatch every frame: ours to `methods` (by signature) and `contents` (a method with
-        its content), the rest to py-amqp (connection.close, blocked, basic.cancel...)."""
-        py_amqp, channel_id, reader, connection = self.amqp.on_inbound_frame, self.channel_id, self._reader, self.amqp
+        """Dispatch every frame of our channels: to `methods` (by signature) and `contents` (a method
+        with its content); the rest, and channel 0's, to py-amqp (connection.close, blocked, basic.cancel...)."""
+        py_amqp, reader, connection = self.amqp.on_inbound_frame, self._reader, self.amqp
         handler: ContentHandler | None = None
+        content_channel = 0  # the channel whose content is arriving, when `handler` is set
         method = b""
         properties: dict[str, Any] = {}
         size, chunks = 0, []
@@ -165,10 +166,10 @@ class AmqpWire:
             batch = reader.read()
             connection.bytes_recv += len(batch)
             for frame_type, channel, payload in batch:
-                if channel != channel_id:
+                if channel == 0:
                     if frame_type != frames.HEARTBEAT:
                         py_amqp((frame_type, channel, payload))
-                elif handler is not None:  # the header and body of a basic.deliver or basic.return
+                elif channel == content_channel:  # the header and body of a basic.deliver or basic.return
                     if frame_type == frames.HEADER:
                         size, properties = frames.decode_header(payload)
                     else:
@@ -176,7 +177,7 @@ class AmqpWire:
                         size -= len(payload)
                     if size <= 0:
                         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                        current, handler, chunks = handler, None, []
+                        current, handler, chunks, content_channel = handler, None, [], 0
                         current(method, properties, body)
                 elif frame_type != frames.METHOD:
                     py_amqp((frame_type, channel, payload))
@@ -185,7 +186,7 @@ class AmqpWire:
                     if signature in methods:
                         methods[signature](payload)
                     elif signature in contents:
-                        handler, method, size = contents[signature], payload, -1
+                        handler, method, size, content_channel = contents[signature], payload, -1, channel
                     elif signature == frames.CHANNEL_CLOSE:
                         # Not py-amqp's: it would reopen the channel and wait, reading behind our back.
                         code, text = frames.decode_close(payload)
@@ -297,7 +298,7 @@ class Link:
             if self.is_amqp:
                 connection.connection.on_blocked = self._on_blocked
                 connection.connection.on_unblocked = self._on_unblocked
-            self.setup(channel)
+            self.setup(connection, channel)
             wire: Wire = AmqpWire(connection, channel) if self.is_amqp else MemoryWire(connection, channel)
         except BaseException:
             # Connected, but the setup failed (a declare refused, the broker closing as it starts):
@@ -378,8 +379,10 @@ class Link:
         self.blocked = False
 
     # -- hooks --------------------------------------------------------------------------------
-    def setup(self, channel: Any) -> None:
-        """Declare and subscribe after each connect (synchronous: before the reader and writer start)."""
+    def setup(self, connection: Connection, channel: Any) -> None:
+        """Declare and subscribe after each connect (synchronous: before the reader and writer start).
+
+        `channel` is the one the writer writes on; a link may open more on `connection`."""
 
     def write(self, wire: Wire) -> bool:
         """Write what is due (at most WRITE_BATCH items); True when more is waiting."""

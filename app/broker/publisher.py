@@ -93,7 +93,7 @@ class Publisher(Link):
         return len(pending)
 
     # -- the writer greenlet ------------------------------------------------------------------
-    def setup(self, channel: Any) -> None:
+    def setup(self, connection: Any, channel: Any) -> None:
         self._next_tag = self._oldest = 1
         metrics.BROKER_BLOCKED.set(0)
         for exchange in EXCHANGES:

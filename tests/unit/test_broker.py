@@ -23,7 +23,7 @@ from gevent.event import Event
 from kombu import Connection, Exchange, Queue
 
 from app.broker import Broker, frames, link, rpc
-from app.broker.consumer import WINDOW, CommandConsumer
+from app.broker.consumer import MAX_WINDOW, START_WINDOW, CommandConsumer, Window
 from app.broker.link import WRITE_BATCH, AmqpWire, MemoryWire, node_order
 from app.broker.messages import (
     ASK,
@@ -328,41 +328,84 @@ def test_bindings_are_refcounted() -> None:
 
 def test_binds_are_paced_by_their_acknowledgements() -> None:
     link_, wire = consumer(), RecordingWire()
-    for n in range(WINDOW + 100):
+    for n in range(START_WINDOW + 100):
         link_.bind(f"d{n}")
     link_.announce("d0", 1.0, "s0")
     assert link_.write(wire) is False
-    assert len(wire.calls) == WINDOW
-    for _ in range(WINDOW // 2 - 1):
+    assert len(wire.calls) == START_WINDOW
+    for _ in range(START_WINDOW // 2 - 1):
         link_.methods[frames.QUEUE_BIND_OK](b"")
     link_._wakeup.clear()
     link_.methods[frames.QUEUE_BIND_OK](b"")  # half the window answered: the writer is woken
     assert link_._wakeup.is_set()
     link_.write(wire)
-    assert len(wire.calls) == WINDOW + 101
+    assert len(wire.calls) == START_WINDOW + 101
     assert wire.ops()[-1] == ("publish", "d0")  # the notice still follows its bind
 
 
-def test_notices_wait_for_their_own_echo_or_its_expiry() -> None:
-    heard: list[tuple] = []
+def test_the_window_holds_what_rabbitmq_answers_in_queue_delay() -> None:
+    window, now = Window(), 100.0
+    assert window.size == START_WINDOW
+    window.wrote(now, outstanding=0)
+    for _ in range(40):  # 10 µs a bind
+        now += 0.00001
+        window.answered(now, outstanding=10)
+    assert window.size == MAX_WINDOW
+    for _ in range(3):  # 80 ms a bind: RabbitMQ deleting our old queue's bindings, ours racing it
+        now += 0.08
+        window.answered(now, outstanding=10)
+    assert window.size == 0  # closed: nothing more until it answers promptly again
+    window.answered(now, outstanding=0)
+    window.tick()
+    assert window.size == 1  # one write a tick tries again
+    now += 60
+    window.wrote(now, outstanding=0)  # the idle minute before is no write's cost
+    for _ in range(5):
+        now += 0.0001
+        window.answered(now, outstanding=1)
+    assert 1 < window.size < MAX_WINDOW  # reopening, as prompt answers come back
+    for _ in range(30):
+        now += 0.0001
+        window.answered(now, outstanding=1)
+    assert window.size == MAX_WINDOW
+
+
+def announced_link(heard: list[tuple]) -> tuple[CommandConsumer, RecordingWire]:
+    """A consumer holding START_WINDOW + 4 sessions that announced themselves, one window of it written."""
     link_, wire = consumer(takeover=lambda *notice: heard.append(notice)), RecordingWire()
     link_.connected = False
-    for n in range(WINDOW + 10):
+    for n in range(START_WINDOW + 4):
         link_.bind(f"d{n}")  # bound while down: the reconnect would re-bind them
     link_.connected = True
-    for n in range(WINDOW + 10):
+    for n in range(START_WINDOW + 4):
         link_.announce(f"d{n}", 1.0, f"s{n}")
-    link_.write(wire)
-    assert len(wire.calls) == WINDOW
+    assert link_.write(wire) is False and len(wire.calls) == START_WINDOW
+    assert link_.write(wire) is False and len(wire.calls) == START_WINDOW  # nothing came back yet
+    link_._wakeup.clear()
+    return link_, wire
+
+
+def test_notices_wait_for_their_own_echo() -> None:
+    heard: list[tuple] = []
+    link_, wire = announced_link(heard)
     deliver = method(spec.Basic.Deliver, "sLbss", ("c", 1, False, "devices.commands", "d0"))
-    for notice in (("d0", "s-other", 2.0), ("d0", "s0", 1.0)):  # someone else's, then our own back
-        link_.contents[frames.BASIC_DELIVER](deliver, {"type": "warren.takeover"}, encode_takeover(*notice))
-    assert heard == [("d0", 2.0, "s-other"), ("d0", 1.0, "s0")]
-    assert link_.write(wire) is False and len(wire.calls) == WINDOW + 1
-    link_.tick(time.monotonic() + 60)  # the rest never came back (unbound meanwhile): given up
-    assert link_._wakeup.is_set()
+    link_.contents[frames.BASIC_DELIVER](deliver, {"type": "warren.takeover"}, encode_takeover("d0", "s-x", 2.0))
+    assert not link_._wakeup.is_set()  # someone else's notice answers none of ours
+    link_.contents[frames.BASIC_DELIVER](deliver, {"type": "warren.takeover"}, encode_takeover("d0", "s0", 1.0))
+    assert heard == [("d0", 2.0, "s-x"), ("d0", 1.0, "s0")]
+    assert link_._wakeup.is_set()  # ours came back at once: RabbitMQ is quick, the window opens
     link_.write(wire)
-    assert len(wire.calls) == WINDOW + 10
+    assert len(wire.calls) == START_WINDOW + 4
+
+
+def test_notices_that_never_come_back_are_given_up_on() -> None:
+    link_, wire = announced_link([])
+    link_.tick(time.monotonic() + 1)
+    link_.write(wire)
+    assert len(wire.calls) == START_WINDOW
+    link_.tick(time.monotonic() + 60)  # not back after ECHO_TIMEOUT: their devices were unbound meanwhile
+    link_.write(wire)
+    assert len(wire.calls) == START_WINDOW + 4
 
 
 def test_a_reconnect_rebinds_every_device_then_announces_every_session() -> None:
@@ -374,7 +417,8 @@ def test_a_reconnect_rebinds_every_device_then_announces_every_session() -> None
     link_.connected = False
     link_.on_lost()
     link_.announce("a", 1.0, "s-a")  # while down: nothing queued, the reconnect announces
-    link_.setup(Connection("memory://").channel())
+    memory = Connection("memory://")
+    link_.setup(memory, memory.channel())
     assert link_.queue_name != old_queue
     link_.connected = True
     link_.write(wire)
