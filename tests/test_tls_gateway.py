@@ -10,6 +10,7 @@ test_tls_gateway_startup.py.
 from __future__ import annotations
 
 import contextlib
+import signal
 import socket
 import ssl
 import time
@@ -20,9 +21,9 @@ from typing import Any
 import gevent
 import pytest
 import requests
-from conftest import SECRET, Gateway, start_gateway
+from conftest import SECRET, Gateway, start_gateway, wait_until
 from gevent.event import Event
-from test_gateway import WAIT, EventTap, expect_closed, expect_error, ping_ok, uid
+from test_gateway import WAIT, EventTap, ping_ok, uid
 from tls_devices import Pki, TlsDevice, counted, reaches, read_to_end, s_client, worker_of
 from unit import mqtt_client
 
@@ -182,6 +183,29 @@ def test_after_a_restart_an_old_ticket_does_not_resume(tmp_path: Path, pki: Pki)
         after.stop()
 
 
+def served_serial(gateway: Gateway, pki: Pki) -> str:
+    with TlsDevice(port(gateway), pki.client_context()) as client:
+        return client.tls.getpeercert()["serialNumber"]
+
+
+@pytest.mark.xfail(strict=True, reason="gunicorn.conf.py builds the contexts in on_starting only; a SIGHUP re-reads "
+                                       "the config but the new workers inherit the old contexts (no on_reload)")
+def test_a_renewed_certificate_is_served_after_a_sighup(tmp_path: Path) -> None:
+    """Certificate renewal in place (the same paths, as certbot does), then `kill -HUP` the master."""
+    pki = Pki.make(tmp_path)
+    gateway = start_gateway(tmp_path, workers=1, **pki.tls_env())
+    try:
+        old_serial, old_workers = served_serial(gateway, pki), set(gateway.worker_pids())
+        renewed = pki.server_ca.issue_cert("localhost", "127.0.0.1")
+        pki.write("server.pem", b"".join(blob.bytes() for blob in renewed.cert_chain_pems))
+        pki.write("server.key", renewed.private_key_pem.bytes())
+        gateway.process.send_signal(signal.SIGHUP)
+        wait_until(lambda: gateway.worker_pids() and not old_workers & set(gateway.worker_pids()), WAIT)
+        assert served_serial(gateway, pki) != old_serial
+    finally:
+        gateway.stop()
+
+
 # -- HELLO_TIMEOUT covers the handshake and the hello -----------------------------------------
 
 @pytest.mark.parametrize("listener", list(PLAINTEXT))
@@ -192,12 +216,18 @@ def test_a_client_that_sends_nothing_is_closed_and_counted(quick: Gateway, liste
     reaches(quick, TIMED_OUT, timed_out + 1)
 
 
-def test_a_handshake_without_a_hello_gets_hello_timeout(quick: Gateway, pki: Pki) -> None:
+@pytest.mark.parametrize("listener", list(PLAINTEXT))
+def test_a_handshake_without_a_hello_is_closed_at_the_hello_timeout(quick: Gateway, pki: Pki, listener: str) -> None:
     hello_timeouts, timed_out = counted(quick, HELLO_TIMEOUTS), counted(quick, TIMED_OUT)
-    with TlsDevice(port(quick), pki.client_context()) as client:
-        expect_error(client, "hello_timeout", timeout=HELLO_TIMEOUT + WAIT)
-        expect_closed(client)
-    reaches(quick, HELLO_TIMEOUTS, hello_timeouts + 1)
+    raw = socket.create_connection(("127.0.0.1", port(quick, listener)), timeout=WAIT)
+    with pki.client_context().wrap_socket(raw, server_hostname="localhost") as tls:
+        answer = read_to_end(tls, timeout=HELLO_TIMEOUT + WAIT)
+    if listener == "DEVICE_TLS_PORT":
+        assert b'"code":"hello_timeout"' in answer, answer
+    else:  # MQTT has no error packet; HTTPS closes a connection that sends no request line in time
+        assert answer == b"", answer
+    if listener != "HTTPS_PORT":
+        reaches(quick, HELLO_TIMEOUTS, hello_timeouts + 1)
     assert counted(quick, TIMED_OUT) == timed_out  # the handshake itself was in time
 
 
@@ -235,7 +265,7 @@ def test_a_worker_filled_by_tls_connections_accepts_again_when_they_end(capped: 
     context = pki.client_context()
     fillers = gevent.joinall([gevent.spawn(TlsDevice, port(capped), context) for _ in range(CAP)], raise_error=True)
     late = gevent.spawn(lambda: TlsDevice(port(capped), context, timeout=WAIT).hello(uid("late"), SECRET))
-    gevent.sleep(0.5)  # the late connect waits in the backlog while the worker is full
+    gevent.sleep(0.5)  # the late connect waits in the backlog while the worker is full (/metrics would too)
     assert not late.ready(), late.value
     for filler in fillers:
         filler.value.close()

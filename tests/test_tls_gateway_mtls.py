@@ -16,7 +16,7 @@ import requests
 import trustme
 from conftest import API_TOKEN, SECRET, Gateway, start_gateway
 from test_gateway import WAIT, EventTap, answer_next_command, expect_closed, expect_error, in_background, uid
-from tls_devices import PahoTls, Pki, TlsDevice, counted, reaches, refused_before_welcome
+from tls_devices import PahoTls, Pki, TlsDevice, counted, leaf, reaches, refused_before_welcome
 from unit import mqtt_client
 
 from app.auth import mint
@@ -79,14 +79,22 @@ def mqtt_attempt(gateway: Gateway, context: ssl.SSLContext, device: str):
     return attempt
 
 
+def presented(pki: Pki, certificate: str, device: str) -> str | None:
+    """The certificate file a device presents: none, one of another CA, or an expired one of the right CA."""
+    if certificate == "none":
+        return None
+    if certificate == "another CA's":
+        return pki.device_cert(device, ca=trustme.CA())
+    return pki.write(f"expired-{device}.pem", leaf(pki.device_ca, device, days=(-30, -1)))
+
+
 @pytest.mark.parametrize("version", list(VERSIONS))
-@pytest.mark.parametrize("certificate", ["none", "another CA's"])
+@pytest.mark.parametrize("certificate", ["none", "another CA's", "expired"])
 @pytest.mark.parametrize("listener", ["DEVICE_TLS_PORT", "MQTT_TLS_PORT"])
 def test_a_device_port_refuses_a_device_without_a_certificate_of_the_ca(mtls_gw: Gateway, pki: Pki, listener: str,
                                                                         certificate: str, version: str) -> None:
     device = uid("nocert")
-    cert = pki.device_cert(device, ca=trustme.CA()) if certificate != "none" else None
-    context = pki.client_context(cert, VERSIONS[version])
+    context = pki.client_context(presented(pki, certificate, device), VERSIONS[version])
     refused = counted(mtls_gw, REFUSED)
     make = json_attempt if listener == "DEVICE_TLS_PORT" else mqtt_attempt
     # TLS 1.2 fails in the client's handshake; TLS 1.3 at its first read (the server verifies after the client's Finished).
@@ -122,6 +130,21 @@ def test_a_wrong_token_is_unauthorized_with_the_right_certificate(mtls_gw: Gatew
                      "token": token(uid()) if wrong == "another device's" else wrong})
         expect_error(client, "unauthorized")
         expect_closed(client)
+
+
+@pytest.mark.parametrize("version", list(VERSIONS))
+@pytest.mark.parametrize("listener,path", [("DEVICE_TLS_PORT", None), ("HTTPS_PORT", "/ws")])
+def test_a_resumed_session_is_still_named_by_its_certificate(mtls_gw: Gateway, pki: Pki, version: str, listener: str,
+                                                             path: str | None) -> None:
+    """A resumption sends no certificate: the name must come from the ticket's session."""
+    device = uid("dns")
+    context = pki.client_context(pki.device_cert(device, "dns"), VERSIONS[version])
+    ticket = None
+    for reconnect in range(4):
+        with TlsDevice(port(mtls_gw, listener), context, path=path, session=ticket) as client:
+            assert client.hello_without_token(device)["type"] == "welcome"
+            assert client.tls.session_reused == (reconnect > 0)
+            ticket = client.tls.session
 
 
 def test_the_certificate_and_a_valid_token_together_are_welcome(mtls_gw: Gateway, pki: Pki) -> None:
@@ -173,6 +196,18 @@ def test_paho_over_tls_with_a_certificate_needs_no_password(mtls_gw: Gateway, pk
         try:
             assert client.connack() == "Success"
             assert tap.get()["data"] == {"transport": transport}
+        finally:
+            client.close()
+
+
+def test_paho_over_wss_without_a_certificate_connects_with_its_token(mtls_gw: Gateway, pki: Pki) -> None:
+    device = uid("wssmq")
+    with EventTap(f"{device}.session.connected") as tap:
+        client = PahoTls(port(mtls_gw, "HTTPS_PORT"), pki.client_context(), device, password=token(device),
+                         websocket=True)
+        try:
+            assert client.connack() == "Success"
+            assert tap.get()["data"] == {"transport": "mqtt-wss"}
         finally:
             client.close()
 
