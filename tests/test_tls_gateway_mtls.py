@@ -212,10 +212,13 @@ def test_paho_over_wss_without_a_certificate_connects_with_its_token(mtls_gw: Ga
             client.close()
 
 
-def test_paho_with_another_devices_certificate_is_not_authorized(mtls_gw: Gateway, pki: Pki) -> None:
-    _, context = certified(pki)
-    other = uid("other")
-    client = PahoTls(port(mtls_gw, "MQTT_TLS_PORT"), context, other, password=token(other))
+@pytest.mark.parametrize("case", ["another device's certificate", "a wrong password"])
+def test_paho_is_not_authorized_by_a_certificate_alone(mtls_gw: Gateway, pki: Pki, case: str) -> None:
+    device, context = certified(pki)
+    if case == "another device's certificate":
+        device = uid("other")
+    client = PahoTls(port(mtls_gw, "MQTT_TLS_PORT"), context, device,
+                     password=token(device) if case == "another device's certificate" else "00" * 32)
     try:
         assert client.connack() == "Not authorized"
     finally:
