@@ -46,7 +46,11 @@ for _variable, _port in (("DEVICE_PORT", _config.device_port), ("MQTT_PORT", _co
         continue
     bind.append(f"{_config.bind_host}:{_port}")
 if _tls is not None:
-    bind.extend(f"{_config.bind_host}:{_port}" for _port in _tls.ports.values())
+    for _variable, _port in _tls.ports.items():
+        if _variable not in os.environ and _taken(_config.bind_host, _port):
+            _skipped.append((_variable, _port))
+            continue
+        bind.append(f"{_config.bind_host}:{_port}")
 
 worker_class = "app.worker.WarrenWorker"
 workers = 1 if _config.in_process_broker else _config.web_concurrency
@@ -98,6 +102,12 @@ def on_starting(server):
         server.log.warning(f"WARNING: {variable} is not set and its default port {port} is taken by another "
                            f"program: that listener is OFF. Set {variable} to a free port, or to the empty "
                            f"string to turn it off without this warning.")
+
+
+def on_reload(server):
+    """SIGHUP re-reads this file: new workers get contexts of the certificate as it is now (a renewal),
+    and with them new ticket keys (devices pay one full handshake)."""
+    server.worker_class.tls = (_tls, build_contexts(_tls)) if _tls is not None else None
 
 
 def child_exit(server, worker):

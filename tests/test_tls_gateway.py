@@ -188,8 +188,6 @@ def served_serial(gateway: Gateway, pki: Pki) -> str:
         return client.tls.getpeercert()["serialNumber"]
 
 
-@pytest.mark.xfail(strict=True, reason="gunicorn.conf.py builds the contexts in on_starting only; a SIGHUP re-reads "
-                                       "the config but the new workers inherit the old contexts (no on_reload)")
 def test_a_renewed_certificate_is_served_after_a_sighup(tmp_path: Path) -> None:
     """Certificate renewal in place (the same paths, as certbot does), then `kill -HUP` the master."""
     pki = Pki.make(tmp_path)
