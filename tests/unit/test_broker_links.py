@@ -1,0 +1,317 @@
+"""app/broker/'s links in-process: the publisher's confirms and the consumer's bindings, notices and
+pacing against a recording wire, and the link's reconnect on kombu's `memory://` transport."""
+
+from __future__ import annotations
+
+import itertools
+import struct
+import time
+import uuid
+from typing import Any
+
+import gevent
+import pytest
+from amqp import spec
+from amqp.serialization import dumps
+from gevent.event import Event
+from kombu import Connection
+
+from app.broker import frames, link
+from app.broker.consumer import MAX_WINDOW, START_WINDOW, CommandConsumer, Window
+from app.broker.link import WRITE_BATCH, MemoryWire
+from app.broker.messages import EVENT, decode_takeover, encode_takeover
+from app.broker.publisher import Publisher
+
+
+def wait_for(predicate: Any, timeout: float = 3.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        gevent.sleep(0.005)
+
+
+def method(sig: tuple[int, int], argsig: str = "", args: tuple = ()) -> bytes:
+    return struct.pack(">HH", *sig) + (dumps(argsig, args) if argsig else b"")
+
+
+class RecordingWire:
+    """What a link writes, as calls; answers binds like RabbitMQ (acknowledges_binds)."""
+
+    acknowledges_binds = True
+    collecting = False
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def publish(self, kind: Any, routing_key: str, body: bytes, values: tuple) -> None:
+        self.calls.append(("publish", kind, routing_key, body, values))
+
+    def bind(self, queue: str, exchange: str, routing_key: str) -> None:
+        self.calls.append(("bind", routing_key))
+
+    def unbind(self, queue: str, exchange: str, routing_key: str) -> None:
+        self.calls.append(("unbind", routing_key))
+
+    def ops(self) -> list[tuple[str, str]]:
+        return [(c[0], c[2]) if c[0] == "publish" else c for c in self.calls]
+
+
+# -- the publisher's confirms -------------------------------------------------------------------------
+def ack(tag: int, multiple: bool = False, sig: tuple[int, int] = spec.Basic.Ack) -> bytes:
+    return method(sig, "Lb", (tag, multiple))
+
+
+@pytest.fixture
+def publisher() -> Publisher:
+    publisher = Publisher("amqp://nowhere", confirm_timeout=10.0)
+    publisher.connected = True
+    return publisher
+
+
+def publish_events(publisher: Publisher, count: int) -> dict[int, str | None]:
+    outcomes: dict[int, str | None] = {}
+    for n in range(count):
+        publisher.publish(EVENT, "lock-1.door", b"{}", (f"m{n}",), lambda o, n=n: outcomes.__setitem__(n, o))
+    assert publisher.write(RecordingWire()) is False
+    return outcomes
+
+
+def test_confirms_settle_single_multiple_and_nack(publisher: Publisher) -> None:
+    outcomes = publish_events(publisher, 5)
+    assert outcomes == {} and publisher.backlog == 5
+    publisher.methods[frames.BASIC_ACK](ack(2))
+    assert outcomes == {1: None}
+    publisher.methods[frames.BASIC_ACK](ack(4, multiple=True))
+    assert outcomes == {0: None, 1: None, 2: None, 3: None}
+    publisher.methods[frames.BASIC_NACK](ack(5, sig=spec.Basic.Nack))
+    assert outcomes[4] == "broker_unavailable" and publisher.backlog == 0
+
+
+def test_a_return_before_the_ack_is_unroutable(publisher: Publisher) -> None:
+    outcomes = publish_events(publisher, 2)
+    returned = method(spec.Basic.Return, "Bsss", (312, "NO_ROUTE", "devices.events", "lock-1.door"))
+    publisher.contents[frames.BASIC_RETURN](returned, {"message_id": "m1"}, b"{}")
+    publisher.methods[frames.BASIC_ACK](ack(2, multiple=True))
+    assert outcomes == {0: None, 1: "unroutable"}
+
+
+def test_acks_for_unknown_tags_change_nothing(publisher: Publisher) -> None:
+    outcomes = publish_events(publisher, 2)
+    publisher.methods[frames.BASIC_ACK](ack(1))
+    publisher.methods[frames.BASIC_ACK](ack(1))  # again
+    publisher.methods[frames.BASIC_ACK](ack(99))  # never published
+    assert outcomes == {0: None} and publisher.backlog == 1
+    publisher.methods[frames.BASIC_ACK](ack(99, multiple=True))  # covers what exists, no more
+    assert outcomes == {0: None, 1: None}
+    later = publish_events(publisher, 1)
+    assert later == {} and publisher.backlog == 1
+
+
+def test_an_overdue_confirm_fails_and_drops_an_unblocked_connection(publisher: Publisher) -> None:
+    outcomes = publish_events(publisher, 2)
+    publisher.tick(time.monotonic() + 5)
+    assert outcomes == {}
+    with pytest.raises(ConnectionError):
+        publisher.tick(time.monotonic() + 11)
+    assert outcomes == {0: "broker_unavailable", 1: "broker_unavailable"}
+    publisher.blocked = True  # RabbitMQ withholds confirms on purpose: not a dead connection
+    outcomes = publish_events(publisher, 0) or {}
+    publisher.blocked = False
+    blocked_outcomes = publish_events(publisher, 1)
+    publisher.blocked = True
+    publisher.tick(time.monotonic() + 11)
+    assert blocked_outcomes == {0: "broker_unavailable"}
+
+
+def test_give_up_answers_every_pending_publish_once(publisher: Publisher) -> None:
+    outcomes = publish_events(publisher, 3)
+    assert publisher.give_up("shutting_down") == 3
+    publisher.methods[frames.BASIC_ACK](ack(3, multiple=True))
+    assert outcomes == {0: "shutting_down", 1: "shutting_down", 2: "shutting_down"}
+
+
+def test_blocked_refuses_at_once_and_fails_what_was_queued(publisher: Publisher) -> None:
+    queued: list[str | None] = []
+    publisher.publish(EVENT, "lock-1.door", b"{}", ("m0",), queued.append)
+    publisher._on_blocked("low on memory")
+    now: list[str | None] = []
+    publisher.publish(EVENT, "lock-1.door", b"{}", ("m1",), now.append)
+    assert now == ["broker_unavailable"] and queued == []
+    wire = RecordingWire()
+    publisher.write(wire)
+    assert queued == ["broker_unavailable"] and wire.calls == []
+    publisher._on_unblocked()
+    assert publisher.accepting
+
+
+def test_a_lost_connection_fails_pending_and_queued(publisher: Publisher) -> None:
+    pending = publish_events(publisher, 1)
+    queued: list[str | None] = []
+    publisher.publish(EVENT, "lock-1.door", b"{}", ("q",), queued.append)
+    publisher.connected = False
+    publisher.on_lost()
+    assert pending == {0: "broker_unavailable"} and queued == ["broker_unavailable"]
+
+
+# -- the consumer's bindings -------------------------------------------------------------------------
+def consumer(live: list[tuple[str, float, str]] | None = None, url: str = "amqp://nowhere",
+             takeover: Any = None) -> CommandConsumer:
+    def fail(*_args: Any) -> None:
+        raise AssertionError("no delivery expected")
+
+    made = CommandConsumer(url, max_command_bytes=1000, deliver=fail, refuse=fail, takeover=takeover or fail,
+                           reply_received=fail, asked=fail, live_sessions=lambda: list(live or []))
+    made.connected = True
+    return made
+
+
+def test_bindings_are_refcounted() -> None:
+    link_, wire = consumer(), RecordingWire()
+    link_.bind("a")
+    link_.bind("a")
+    link_.unbind("a")
+    link_.write(wire)
+    assert wire.ops() == [("bind", "a")]
+    link_.unbind("a")
+    link_.bind("b")
+    link_.unbind("b")  # bound and unbound before the writer ran: the bind is stale
+    link_.write(wire)
+    assert wire.ops() == [("bind", "a"), ("unbind", "a"), ("unbind", "b")]
+
+
+def test_binds_are_paced_by_their_acknowledgements() -> None:
+    link_, wire = consumer(), RecordingWire()
+    for n in range(START_WINDOW + 100):
+        link_.bind(f"d{n}")
+    link_.announce("d0", 1.0, "s0")
+    assert link_.write(wire) is False
+    assert len(wire.calls) == START_WINDOW
+    for _ in range(START_WINDOW // 2 - 1):
+        link_.methods[frames.QUEUE_BIND_OK](b"")
+    link_._wakeup.clear()
+    link_.methods[frames.QUEUE_BIND_OK](b"")  # half the window answered: the writer is woken
+    assert link_._wakeup.is_set()
+    link_.write(wire)
+    assert len(wire.calls) == START_WINDOW + 101
+    assert wire.ops()[-1] == ("publish", "d0")  # the notice still follows its bind
+
+
+def test_the_window_holds_what_rabbitmq_answers_in_queue_delay() -> None:
+    window, now = Window(), 100.0
+    assert window.size == START_WINDOW
+    window.wrote(now, outstanding=0)
+    for _ in range(40):  # 10 µs a bind
+        now += 0.00001
+        window.answered(now, outstanding=10)
+    assert window.size == MAX_WINDOW
+    for _ in range(3):  # 80 ms a bind: RabbitMQ deleting our old queue's bindings, ours racing it
+        now += 0.08
+        window.answered(now, outstanding=10)
+    assert window.size == 0  # closed: nothing more until it answers promptly again
+    window.answered(now, outstanding=0)
+    window.tick()
+    assert window.size == 1  # one write a tick tries again
+    now += 60
+    window.wrote(now, outstanding=0)  # the idle minute before is no write's cost
+    for _ in range(5):
+        now += 0.0001
+        window.answered(now, outstanding=1)
+    assert 1 < window.size < MAX_WINDOW  # reopening, as prompt answers come back
+    for _ in range(30):
+        now += 0.0001
+        window.answered(now, outstanding=1)
+    assert window.size == MAX_WINDOW
+
+
+def announced_link(heard: list[tuple]) -> tuple[CommandConsumer, RecordingWire]:
+    """A consumer holding START_WINDOW + 4 sessions that announced themselves, one window of it written."""
+    link_, wire = consumer(takeover=lambda *notice: heard.append(notice)), RecordingWire()
+    link_.connected = False
+    for n in range(START_WINDOW + 4):
+        link_.bind(f"d{n}")  # bound while down: the reconnect would re-bind them
+    link_.connected = True
+    for n in range(START_WINDOW + 4):
+        link_.announce(f"d{n}", 1.0, f"s{n}")
+    assert link_.write(wire) is False and len(wire.calls) == START_WINDOW
+    assert link_.write(wire) is False and len(wire.calls) == START_WINDOW  # nothing came back yet
+    link_._wakeup.clear()
+    return link_, wire
+
+
+def test_notices_wait_for_their_own_echo() -> None:
+    heard: list[tuple] = []
+    link_, wire = announced_link(heard)
+    deliver = method(spec.Basic.Deliver, "sLbss", ("c", 1, False, "devices.commands", "d0"))
+    link_.contents[frames.BASIC_DELIVER](deliver, {"type": "warren.takeover"}, encode_takeover("d0", "s-x", 2.0))
+    assert not link_._wakeup.is_set()  # someone else's notice answers none of ours
+    link_.contents[frames.BASIC_DELIVER](deliver, {"type": "warren.takeover"}, encode_takeover("d0", "s0", 1.0))
+    assert heard == [("d0", 2.0, "s-x"), ("d0", 1.0, "s0")]
+    assert link_._wakeup.is_set()  # ours came back at once: RabbitMQ is quick, the window opens
+    link_.write(wire)
+    assert len(wire.calls) == START_WINDOW + 4
+
+
+def test_notices_that_never_come_back_are_given_up_on() -> None:
+    link_, wire = announced_link([])
+    link_.tick(time.monotonic() + 1)
+    link_.write(wire)
+    assert len(wire.calls) == START_WINDOW
+    link_.tick(time.monotonic() + 60)  # not back after ECHO_TIMEOUT: their devices were unbound meanwhile
+    link_.write(wire)
+    assert len(wire.calls) == START_WINDOW + 4
+
+
+def test_a_reconnect_rebinds_every_device_then_announces_every_session() -> None:
+    live = [("a", 1.0, "s-a"), ("b", 2.0, "s-b")]
+    link_, wire = consumer(live), RecordingWire()
+    for device in ("a", "b", "c"):
+        link_.bind(device)
+    old_queue = link_.queue_name
+    link_.connected = False
+    link_.on_lost()
+    link_.announce("a", 1.0, "s-a")  # while down: nothing queued, the reconnect announces
+    memory = Connection("memory://")
+    link_.setup(memory, memory.channel())
+    assert link_.queue_name != old_queue
+    link_.connected = True
+    link_.write(wire)
+    assert wire.ops() == [("bind", "a"), ("bind", "b"), ("bind", "c"), ("publish", "a"), ("publish", "b")]
+    notice = wire.calls[3]
+    assert decode_takeover(notice[3]) == ("a", 1.0, "s-a")
+
+
+def test_rebinding_after_a_reconnect_lets_sessions_run_between_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    bound: list[str] = []
+    monkeypatch.setattr(MemoryWire, "bind", lambda self, queue, exchange, key: bound.append(key))
+    drops = itertools.count()
+    drop = Event()
+    real_read = MemoryWire.read_forever
+
+    def read_forever(self: MemoryWire, *args: Any) -> None:
+        if next(drops) == 0:
+            drop.wait()
+            raise ConnectionResetError("dropped")  # the first connection dies: a reconnect
+        real_read(self, *args)
+
+    monkeypatch.setattr(MemoryWire, "read_forever", read_forever)
+    monkeypatch.setattr(link, "backoff_delays", lambda: itertools.repeat(0.0))
+    devices = [f"r-{uuid.uuid4().hex[:6]}-{n}" for n in range(3 * WRITE_BATCH)]
+    link_ = consumer(url="memory://")
+    link_.bound = dict.fromkeys(devices, 1)
+    seen: list[int] = []
+    runner = gevent.spawn(link_.run)
+
+    def watch() -> None:  # a busy session: ready to run whenever the hub lets it
+        while True:
+            if not seen or seen[-1] != len(bound):
+                seen.append(len(bound))
+            gevent.sleep(0)
+
+    watcher = gevent.spawn(watch)
+    try:
+        wait_for(lambda: len(bound) == len(devices))
+        drop.set()
+        wait_for(lambda: len(bound) == 2 * len(devices))  # all bound again after the reconnect
+        assert any(len(devices) < n < 2 * len(devices) for n in seen)  # sessions ran midway through
+    finally:
+        gevent.killall([runner, watcher])

@@ -1,0 +1,235 @@
+"""app/broker/'s wire in-process: frames.py's codec and messages.py against py-amqp's own encoder
+and parser, and link.py's AmqpWire (one send per writer pass, the lock, the reader's dispatch) over
+a socket pair."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import types
+from typing import Any
+
+import amqp
+import gevent
+import pytest
+from amqp import spec
+from amqp.method_framing import frame_writer
+from amqp.serialization import dumps, loads
+
+from app.broker import frames
+from app.broker.link import AmqpWire
+from app.broker.messages import (
+    COMMAND,
+    EVENT,
+    REPLY,
+    Command,
+    Refusal,
+    decode_takeover,
+    encode_takeover,
+    parse_command,
+)
+
+
+def method(sig: tuple[int, int], argsig: str = "", args: tuple = ()) -> bytes:
+    return struct.pack(">HH", *sig) + (dumps(argsig, args) if argsig else b"")
+
+
+def py_amqp_frames(*writes: tuple) -> bytes:
+    """Frames as py-amqp's own writer encodes them."""
+    sink = bytearray()
+    writer = frame_writer(types.SimpleNamespace(frame_max=4096, bytes_sent=0),
+                          types.SimpleNamespace(write=sink.extend))
+    for write in writes:
+        writer(*write)
+    return bytes(sink)
+
+
+class ChunkedSocket:
+    """A socket that hands out `data` a few bytes at a time, then EOF."""
+
+    def __init__(self, data: bytes, step: int = 3) -> None:
+        self.chunks = [data[i:i + step] for i in range(0, len(data), step)]
+
+    def recv(self, _size: int) -> bytes:
+        return self.chunks.pop(0) if self.chunks else b""
+
+
+def read_all(data: bytes, step: int) -> list[tuple[int, int, bytes]]:
+    """Every frame in `data`, read `step` bytes at a time."""
+    reader, got = frames.FrameReader(ChunkedSocket(data, step)), []
+    with pytest.raises(ConnectionResetError):
+        while True:
+            got += reader.read()
+    return got
+
+
+# -- the wire codec ----------------------------------------------------------------------------------
+def test_publish_frames_decode_as_py_amqp_reads_them() -> None:
+    values = ("corr-1", "reply.q", "5000", "msg-1", 1700000000)
+    body = bytes(range(256)) * 40  # 10 kB: three body frames at frame_max 4096
+    out = bytearray()
+    frames.encode_publish(out, 1, 4096, COMMAND, "lock-1", COMMAND.properties.encode(values), body)
+    (kind, channel, args), (header_kind, _, header), *bodies = read_all(bytes(out), step=1000)
+    assert (kind, channel, header_kind, [b[0] for b in bodies]) == (1, 1, 2, [3, 3, 3])
+    assert struct.unpack_from(">HH", args) == spec.Basic.Publish
+    assert loads("Bssbb", args, 4)[0] == [0, "devices.commands", "lock-1", True, False]
+    message = amqp.Message()  # py-amqp's own content parser
+    message.inbound_header(header)
+    for _, _, piece in bodies:
+        message.inbound_body(piece)
+    assert message.ready and message.body == body
+    assert message.properties == COMMAND.properties.as_dict(values)
+
+
+def test_fixed_properties_are_serialized_as_py_amqp_does() -> None:
+    for kind, values in [(EVENT, ("d/e/1",)), (REPLY, ("c-9",)), (COMMAND, ("c", "r", "1", "m", 5))]:
+        expected = amqp.Message(**kind.properties.as_dict(values))._serialize_properties()
+        assert kind.properties.encode(values) == expected
+    with pytest.raises(ValueError):
+        frames.Properties({"message_id": "x"}, ("correlation_id",))  # a variable before a fixed one
+    with pytest.raises(ValueError):
+        frames.shortstr("x" * 256)
+
+
+def test_bind_and_unbind_are_py_amqp_bytes() -> None:
+    for encode, sig, argsig, args in [
+        (frames.encode_bind, spec.Queue.Bind, "BsssbF", (0, "q", "devices.commands", "lock-1", False, {})),
+        (frames.encode_unbind, spec.Queue.Unbind, "BsssF", (0, "q", "devices.commands", "lock-1", {})),
+    ]:
+        out = bytearray()
+        encode(out, 1, "q", "devices.commands", "lock-1")
+        assert bytes(out) == py_amqp_frames((1, 1, sig, dumps(argsig, args), None))
+
+
+def test_inbound_methods_decode() -> None:
+    deliver = method(spec.Basic.Deliver, "sLbss", ("ctag", 7, True, "devices.commands", "lock-1"))
+    assert frames.decode_deliver(deliver) == ("devices.commands", "lock-1")
+    returned = method(spec.Basic.Return, "Bsss", (312, "NO_ROUTE", "devices.events", "d.e"))
+    assert frames.decode_return(returned) == (312, "NO_ROUTE", "devices.events", "d.e")
+    assert frames.decode_ack(method(spec.Basic.Ack, "Lb", (2**40, True))) == (2**40, True)
+    assert frames.decode_ack(method(spec.Basic.Nack, "Lb", (3, False))) == (3, False)
+
+
+def test_frame_reader_reassembles_any_split_and_checks_frame_ends() -> None:
+    data = py_amqp_frames((8, 0, None, None, None), (1, 1, spec.Basic.Ack, dumps("Lb", (1, False)), None)) * 5
+    got = read_all(data, step=3)
+    assert [(t, c) for t, c, _ in got] == [(8, 0), (1, 1)] * 5
+    with pytest.raises(amqp.exceptions.UnexpectedFrame):
+        frames.FrameReader(ChunkedSocket(data[:-1] + b"\x00", step=len(data))).read()
+
+
+# -- parsing commands -------------------------------------------------------------------------------
+def parse(body: bytes, max_bytes: int = 1000, **properties: Any) -> Command | Refusal:
+    return parse_command("lock-1", properties, body, max_bytes, monotonic=100.0, wall=5000.0)
+
+
+def test_parse_command_builds_it_complete() -> None:
+    command = parse(b'{"name":"unlock","data":{"a":1}}', message_id="m-1", reply_to="r", correlation_id="c")
+    assert command == Command("lock-1", "m-1", "unlock", {"a": 1}, "r", "c", 160.0)
+    with pytest.raises(AttributeError):
+        command.name = "lock"  # type: ignore[misc]
+    made = parse(b'{"name":"unlock"}', reply_to="")
+    assert isinstance(made, Command) and len(made.id) == 32 and made.correlation_id == made.id
+    assert made.reply_to is None and made.data is None
+
+
+@pytest.mark.parametrize("body", [b"not json", b"[1]", b'{"data":1}', b'{"name":""}', b'{"name":7}'])
+def test_parse_command_refuses_bad_commands(body: bytes) -> None:
+    refusal = parse(body, message_id="m-2", reply_to="r")
+    assert refusal == Refusal("lock-1", "m-2", "r", "m-2", "bad_command")
+
+
+def test_parse_command_refuses_too_large_before_parsing() -> None:
+    assert parse(b'{"name":"x","data":"' + b"a" * 100 + b'"}', max_bytes=50).error == "too_large"
+
+
+@pytest.mark.parametrize(("properties", "deadline"), [
+    ({}, 160.0),  # 60 s by default, counted from now
+    ({"expiration": "5000"}, 105.0),
+    ({"expiration": "5000", "timestamp": 4998}, 103.0),  # waited 2 s in the queue
+    ({"expiration": "5000", "timestamp": 6000}, 105.0),  # a sender's clock ahead of ours waits nothing
+    ({"expiration": "soon"}, 160.0),
+    ({"expiration": "1000", "timestamp": 4000}, -899.0),  # expired long ago
+])
+def test_command_deadline_from_expiration_and_timestamp(properties: dict, deadline: float) -> None:
+    assert parse(b'{"name":"x"}', **properties).deadline == deadline
+
+
+def test_takeover_notice_round_trip_and_junk() -> None:
+    assert decode_takeover(encode_takeover("lock-1", "s-1", 12.5)) == ("lock-1", 12.5, "s-1")
+    for junk in [b"junk", b"[]", b'{"device":"d"}', b'{"device":1,"started":1,"session":"s"}']:
+        assert decode_takeover(junk) is None
+
+
+# -- the batching frame writer over a real socket --------------------------------------------------------
+def fake_amqp(sock: socket.socket) -> Any:
+    return types.SimpleNamespace(transport=types.SimpleNamespace(sock=sock, _read_buffer=b""), frame_max=4096,
+                                 bytes_recv=0, bytes_sent=0, on_inbound_frame=None, frame_writer=None,
+                                 heartbeat_tick=lambda: None)
+
+
+def test_a_writer_pass_is_one_send_and_never_interleaves_with_protocol_writes() -> None:
+    ours, theirs = socket.socketpair()
+    theirs.setblocking(False)
+    connection = fake_amqp(ours)
+    wire = AmqpWire(types.SimpleNamespace(connection=connection), types.SimpleNamespace(channel_id=1))
+    sends: list[int] = []
+    real_send = ours.send
+    wire._sock = types.SimpleNamespace(send=lambda data: sends.append(len(data)) or real_send(data))
+    wire.collecting = True
+    for n in range(50):
+        wire.publish(EVENT, "lock-1.door", b"{}", (f"m{n}",))
+    connection.frame_writer(8, 0, None, None, None)  # py-amqp's heartbeat, inside the pass: batched
+    wire.collecting = False
+    wire.flush()
+    assert len(sends) == 1
+    received = bytearray()
+    _more(theirs, received)
+    assert [t for t, _, _ in read_all(bytes(received), len(received))] == [1, 2, 3] * 50 + [frames.HEARTBEAT]
+
+    big = b"x" * 4000
+    for _ in range(400):  # more than the socket buffers: the flush blocks partway
+        frames.encode_publish(wire.out, 1, 4096, EVENT, "lock-1.door", EVENT.properties.encode(("m",)), big)
+    flusher = gevent.spawn(wire.flush)
+    gevent.sleep(0.01)
+    protocol_write = gevent.spawn(connection.frame_writer, 1, 0, spec.Connection.CloseOk, "", None)
+    gevent.sleep(0.01)
+    assert not flusher.dead and not protocol_write.dead  # the reader's write waits for the lock
+    received = bytearray()
+    while not (flusher.dead and protocol_write.dead) or _more(theirs, received):
+        _more(theirs, received)
+        gevent.sleep(0.001)
+    kinds = [(t, payload[:4]) for t, _, payload in read_all(bytes(received), step=len(received))]
+    assert len(kinds) == 400 * 3 + 1
+    assert kinds[-1] == (1, method(spec.Connection.CloseOk))  # whole, after every frame of the pass
+
+
+def _more(sock: socket.socket, into: bytearray) -> bool:
+    try:
+        data = sock.recv(1 << 16)
+    except BlockingIOError:
+        return False
+    into += data
+    return bool(data)
+
+
+def test_the_reader_dispatches_deliveries_and_hands_py_amqp_the_rest() -> None:
+    ours, theirs = socket.socketpair()
+    connection = fake_amqp(ours)
+    to_py_amqp: list[tuple] = []
+    connection.on_inbound_frame = to_py_amqp.append
+    wire = AmqpWire(types.SimpleNamespace(connection=connection), types.SimpleNamespace(channel_id=1))
+    delivered: list[tuple] = []
+    message = amqp.Message(b"a" * 5000, message_id="m-1", type="t")
+    theirs.sendall(py_amqp_frames(
+        (1, 1, spec.Basic.Deliver, dumps("sLbss", ("c", 1, False, "devices.commands", "lock-1")), message),
+        (8, 0, None, None, None),
+        (1, 0, spec.Connection.Blocked, dumps("s", ("low memory",)), None),
+        (1, 1, spec.Channel.Close, dumps("BsBB", (406, "PRECONDITION_FAILED", 60, 40)), None),
+    ))
+    contents = {frames.BASIC_DELIVER: lambda m, p, b: delivered.append((frames.decode_deliver(m), p, b))}
+    with pytest.raises(amqp.exceptions.ChannelError, match="PRECONDITION_FAILED"):
+        wire.read_forever({}, contents)
+    assert delivered == [(("devices.commands", "lock-1"), {"message_id": "m-1", "type": "t"}, b"a" * 5000)]
+    assert [(t, c, p[:4]) for t, c, p in to_py_amqp] == [(1, 0, method(spec.Connection.Blocked))]
+    assert connection.bytes_recv == 7  # every frame, heartbeats too, is traffic to py-amqp's heartbeat check
