@@ -158,6 +158,21 @@ def test_the_suite_compares_mqtt_with_tcp_on_fresh_gateways(tmp_path: Path) -> N
     assert (tmp_path / "both.md").read_text().count("### ramp") == 1
 
 
+def test_the_suite_starts_nothing_on_a_port_another_server_listens_on(tmp_path: Path) -> None:
+    # gunicorn listens with SO_REUSEPORT: a second gateway on the same port would share it, not fail.
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        taken.bind(("0.0.0.0", free_port()))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run_stampede("suite", "--scenarios", "ramp", "--devices", "10", "--floor-port", str(free_port()),
+                            "--device-port", str(port), "--http-port", str(free_port()),
+                            "--out", str(tmp_path / "taken.json"), timeout=60)
+    assert done.returncode != 0
+    assert f"port {port} (--device-port) is in use" in done.stderr
+    assert not list(tmp_path.glob("taken*"))
+
+
 def test_the_gateway_decodes_what_the_tool_sends() -> None:
     decoder = mqtt.MqttDecoder(65536)
     stream = b"".join((mqtt_codec.connect("lock-1", "ab12", 30), mqtt_codec.subscribe(7, "commands/#", 1),

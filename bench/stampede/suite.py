@@ -101,6 +101,25 @@ def free_port() -> int:
             return port
 
 
+def ensure_unused(ports: dict[str, int]) -> None:
+    """Stop unless every port a server is about to bind is free.
+
+    Why: gunicorn binds with SO_REUSEPORT, so a gateway started on a port that
+    another gateway (someone else's benchmark) already listens on does not fail:
+    the two share it and the kernel spreads devices over both, spoiling both runs.
+    A plain bind (SO_REUSEADDR only, so TIME_WAIT is no obstacle) fails on a port
+    anyone listens on.
+    """
+    for option, port in ports.items():
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(("0.0.0.0", port))
+            except OSError:
+                raise SystemExit(f"suite: port {port} ({option}) is in use: another gateway or benchmark "
+                                 "listens there; wait for it, or pick other ports") from None
+
+
 def wait_for_port(port: int, timeout: float, process: subprocess.Popen) -> None:
     """Wait until something accepts on `port` (the floor); fail early if the server died."""
     deadline = time.monotonic() + timeout
@@ -113,6 +132,10 @@ def wait_for_port(port: int, timeout: float, process: subprocess.Popen) -> None:
         except OSError:
             time.sleep(0.2)
     raise TimeoutError(f"nothing listens on port {port} after {timeout:.0f}s")
+
+
+def gateway_ports(args: argparse.Namespace) -> dict[str, int]:
+    return {"--http-port": args.http_port, "--device-port": args.device_port, "--mqtt-port": args.mqtt_port}
 
 
 def gateway_env(args: argparse.Namespace, workers: int) -> dict[str, str]:
@@ -160,6 +183,7 @@ def run_suite(args: argparse.Namespace) -> None:
     for scenario in args.scenarios.split(","):
         # Fresh servers for every run: memory freed by one must not hide the next one's cost.
         one = scenario_args(args, scenario)
+        ensure_unused({"--floor-port": args.floor_port, **gateway_ports(args)})
         with started(floor_command, dict(os.environ), logs / f"floor-{scenario}.log") as floor:
             wait_for_port(args.floor_port, 30, floor)
             runs = {"floor": measure_server(one, "floor", [one.floor], floor.pid)}
@@ -176,6 +200,7 @@ def run_suite(args: argparse.Namespace) -> None:
 def run_gateway(args: argparse.Namespace, transport: str, workers: int, log: Path) -> ServerRun:
     """One scenario against a fresh gateway whose devices connect over `transport`."""
     command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"]
+    ensure_unused(gateway_ports(args))
     with started(command, gateway_env(args, workers), log, cwd=args.gateway_dir) as gateway:
         wait_for_http(f"{args.http_url}/readyz", 60, gateway)
         run = measure_server(args, gateway_label(args, transport), [device_url(args, transport)], gateway.pid)
