@@ -102,6 +102,11 @@ class Sender:
         if writer is not None:
             writer.join(timeout)
 
+    def close(self, timeout: float = 1.0) -> None:
+        """Flush for up to `timeout`, then cut the connection; closing the socket is its owner's business."""
+        self.flush(timeout)
+        abort(self._sock)
+
 
 def abort(sock: socket.socket) -> None:
     """Cut a connection so that a greenlet blocked reading it wakes up at once."""

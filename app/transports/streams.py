@@ -44,11 +44,7 @@ class SocketStream:
         self._sender.finish()
 
     def close(self) -> None:
-        self._sender.flush(timeout=1.0)
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        self._sender.close()
         self._sock.close()
 
 
@@ -120,11 +116,7 @@ class WebSocketStream:
 
     def close(self) -> None:
         self._close_politely()
-        self._sender.flush(timeout=1.0)
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        self._sender.close()  # the socket itself belongs to the HTTP server, which closes it
 
     def _close_politely(self) -> None:
         if self._ws.state.name in {"OPEN", "REMOTE_CLOSING"}:

@@ -78,9 +78,5 @@ class TcpConnection:
         self._sender.finish()
 
     def close(self) -> None:
-        self._sender.flush(timeout=1.0)
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        self._sender.close()
         self._sock.close()

@@ -130,11 +130,7 @@ class WsConnection:
     def close(self) -> None:
         if self._ws.state.name in {"OPEN", "REMOTE_CLOSING"}:
             self._sender.send(self._ws.send(CloseConnection(code=1000)))
-        self._sender.flush(timeout=1.0)
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        self._sender.close()  # the socket itself belongs to the HTTP server, which closes it
 
 
 def text_frame(payload: bytes) -> bytes:
