@@ -255,7 +255,7 @@ def test_a_closing_protocol_error_from_the_transport_ends_the_session(registry: 
 
 
 def test_a_stale_binding_stays_silent_about_a_device_that_moved_away(registry: Registry) -> None:
-    session, conn, runner = start(registry)
+    session, _conn, runner = start(registry)
     registry.takeover("lock-1", session.started + 10, "f" * 16)  # a newer session elsewhere
     runner.join(1)
     registry.deliver(Command("lock-1", "c-9"))  # also delivered to the new holder, which answers
