@@ -34,23 +34,26 @@ def _taken(host: str, port: int) -> bool:
     return False
 
 
-# A default device port that something else already holds (Mosquitto on 1883 is common) is
-# skipped, and start-up says so loudly; a port the operator set is bound or start-up fails.
-_skipped = []
-bind = [f"{_config.bind_host}:{_config.port}"]
-for _variable, _port in (("DEVICE_PORT", _config.device_port), ("MQTT_PORT", _config.mqtt_port)):
-    if _port is None:
-        continue
-    if _variable not in os.environ and _taken(_config.bind_host, _port):
-        _skipped.append((_variable, _port))
-        continue
-    bind.append(f"{_config.bind_host}:{_port}")
-if _tls is not None:
-    for _variable, _port in _tls.ports.items():
-        if _variable not in os.environ and _taken(_config.bind_host, _port):
-            _skipped.append((_variable, _port))
+# Ports are probed once per master, at its first reading of this file: a SIGHUP re-reads it while
+# the master holds its own listeners, which would look taken. A default device port that another
+# program already holds (Mosquitto on 1883 is common) is skipped, and start-up says so loudly; a
+# port the operator set that is taken stops start-up, naming its variable.
+_device_ports = {"DEVICE_PORT": _config.device_port, "MQTT_PORT": _config.mqtt_port, **(_tls.ports if _tls else {})}
+_device_ports = {name: port for name, port in _device_ports.items() if port is not None}
+if "WARREN_SKIPPED_PORTS" not in os.environ:
+    _skipped_names = []
+    for _variable, _port in _device_ports.items():
+        if not _taken(_config.bind_host, _port):
             continue
-        bind.append(f"{_config.bind_host}:{_port}")
+        if _variable in os.environ:
+            sys.exit(f"warren: bad configuration: {_variable}={_port}: the port is taken by another program "
+                     f"on {_config.bind_host}; choose a free one, or set {_variable} to the empty string")
+        _skipped_names.append(_variable)
+    os.environ["WARREN_SKIPPED_PORTS"] = ",".join(_skipped_names)
+_skipped = [(name, _device_ports[name]) for name in os.environ["WARREN_SKIPPED_PORTS"].split(",")
+            if name in _device_ports]
+bind = [f"{_config.bind_host}:{_config.port}"]
+bind += [f"{_config.bind_host}:{port}" for name, port in _device_ports.items() if (name, port) not in _skipped]
 
 worker_class = "app.worker.WarrenWorker"
 workers = 1 if _config.in_process_broker else _config.web_concurrency
