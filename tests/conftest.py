@@ -104,7 +104,7 @@ def start_gateway(tmp_path: Path, workers: int = 2, wait: bool = True, **env_ove
     """
     port, device_port, mqtt_port = free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items()
-           if k not in {"AMQP_URL", "CLOUDAMQP_URL", "RABBITMQ_URL", "PROMETHEUS_MULTIPROC_DIR"}}
+           if k not in {"AMQP_URL", "CLOUDAMQP_URL", "RABBITMQ_URL", "PROMETHEUS_MULTIPROC_DIR", "WARREN_SKIPPED_PORTS"}}
     env.update({
         "PORT": str(port), "DEVICE_PORT": str(device_port), "MQTT_PORT": str(mqtt_port),
         "WEB_CONCURRENCY": str(workers),

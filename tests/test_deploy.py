@@ -80,6 +80,8 @@ def test_gunicorn_settings_suit_the_platform(monkeypatch):
     monkeypatch.setenv("CLOUDAMQP_URL", AMQP_URL)
     for name in ("AMQP_URL", "DEVICE_PORT", "BIND_HOST"):
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MQTT_PORT", "")  # 1883 may or may not be taken here (Mosquitto): off, to be exact
+    monkeypatch.setenv("WARREN_SKIPPED_PORTS", "")  # as if probed: the file must not mark this process
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(ROOT / ".pytest_cache" / f"conf-{time.time_ns()}"))
     settings = runpy.run_path(str(ROOT / "gunicorn.conf.py"))
     assert settings["bind"] == ["0.0.0.0:5123", "0.0.0.0:7878"]
