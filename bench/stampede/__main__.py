@@ -7,6 +7,8 @@ Examples (from the repository root):
   python -m bench.stampede hold --target mqtt://127.0.0.1:1883 --devices 20000 --heartbeat 30
   python -m bench.stampede suite --devices 30000
   python -m bench.stampede suite --devices 20000 --transport tcp,mqtt --scenarios hold
+  python -m bench.stampede stampede --target tls://127.0.0.1:7879 --cafile ca.pem --devices 20000
+  python -m bench.stampede suite --devices 20000 --transport tcp,tls --scenarios stampede
 
 Every run is bounded (device count, --duration, --ramp-timeout) and stops by
 itself; its load processes exit with it, Ctrl-C included.
@@ -42,8 +44,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     where = parser.add_argument_group("where")
     where.add_argument("--target", action="append", default=[],
                        help="gateway device endpoint: tcp://host:7878 or ws://host:8000/ws (JSON devices), "
+                            "tls://host:7879 or wss://host:8443/ws (the same inside TLS; see --cafile), "
                             "mqtt://host:1883 or mqtt+ws://host:8000/mqtt (MQTT devices; keep alive = "
                             "--heartbeat, default 30 s) (repeat to split devices over several)")
+    where.add_argument("--cafile", help="CA certificate (PEM) the devices trust on tls:// and wss:// targets "
+                                        "(default: the system's; the suite makes its own)")
+    where.add_argument("--insecure", action="store_true",
+                       help="tls:// and wss://: verify neither the certificate nor the host name")
     where.add_argument("--floor", help="floor echo server, e.g. tcp://127.0.0.1:7979 (JSON devices only): "
                                         "measured first, every figure also reported as a ratio to it")
     where.add_argument("--gateway-dir", type=Path, default=Path("."),
@@ -94,6 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     suite.add_argument("--device-port", type=int, default=7878)
     suite.add_argument("--http-port", type=int, default=8000)
     suite.add_argument("--mqtt-port", type=int, help="the gateway's MQTT_PORT (default: a free port)")
+    suite.add_argument("--device-tls-port", type=int, help="tls: the gateway's DEVICE_TLS_PORT (default: a free port)")
+    suite.add_argument("--https-port", type=int, help="wss: the gateway's HTTPS_PORT (default: a free port)")
     args = parser.parse_args(argv)
     if args.scenario != "suite":
         args.out = args.out or Path("bench/results") / f"{args.scenario}.json"

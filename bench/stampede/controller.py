@@ -26,8 +26,8 @@ from bench.stampede.gauges import TreeGauge, others_cpu_s, rabbit_process, rabbi
 
 DEVICES_PER_PROCESS = 15000
 SOURCES_PER_PROCESS = 4
-SUMMED = ("up", "connecting", "backing_off", "established", "commands", "pongs", "events_sent", "acked",
-          "unanswered_events")
+SUMMED = ("up", "connecting", "backing_off", "established", "tls_full", "tls_resumed", "tls_failed", "commands",
+          "pongs", "events_sent", "acked", "unanswered_events")
 COUNTED = ("failures", "lost", "errors", "nacked")
 
 
@@ -46,6 +46,8 @@ class Plan:
     connect_timeout: float = 10.0
     welcome_timeout: float = 15.0
     heartbeat: float | None = None
+    cafile: str | None = None  # the CA the devices trust over TLS (None: the system's)
+    verify_tls: bool = True
     run_id: str = field(default_factory=lambda: secrets.token_hex(3))
 
     def share(self, worker: int) -> tuple[int, int]:
@@ -61,7 +63,8 @@ class Plan:
                 "sources": sources, "floor": self.floor, "secret": self.secret,
                 "prefix": self.prefix, "run_id": self.run_id, "concurrency": self.concurrency,
                 "connect_timeout": self.connect_timeout,
-                "welcome_timeout": self.welcome_timeout, "heartbeat": self.heartbeat}
+                "welcome_timeout": self.welcome_timeout, "heartbeat": self.heartbeat,
+                "cafile": self.cafile, "verify_tls": self.verify_tls}
 
     def device_name(self, index: int) -> str:
         return f"{self.prefix}-{index:06d}"
@@ -271,6 +274,8 @@ def progress_line(label: str, entry: dict[str, Any]) -> str:
     line = (f"[{label} {entry['t']:6.1f}s] up {entry['up']:>7} | +{entry['rate']:>6}/s"
             f" | connecting {entry['connecting']}, backing off {entry['backing_off']}"
             f" | failures: {failures or 'none'} | lost: {lost or 'none'}")
+    if entry["tls_full"] or entry["tls_resumed"]:
+        line += f" | tls full {entry['tls_full']}, resumed {entry['tls_resumed']}"
     if "command_outcomes" in entry:
         line += f" | commands sent {entry['commands_sent']} {entry['command_outcomes']}"
     return line

@@ -22,7 +22,7 @@ import gevent
 from gevent.lock import BoundedSemaphore, Semaphore
 
 from app.auth import mint
-from bench.stampede.links import Link, LinkClosed, Target
+from bench.stampede.links import HandshakeFailed, Link, LinkClosed, Target
 
 MAX_BACKOFF = 5.0
 
@@ -35,6 +35,10 @@ class Stats:
     connecting: int = 0
     backing_off: int = 0
     established: int = 0
+    # TLS handshakes completed in full or resumed (the server accepted the device's ticket), and failed.
+    tls_full: int = 0
+    tls_resumed: int = 0
+    tls_failed: int = 0
     failures: Counter = field(default_factory=Counter)
     lost: Counter = field(default_factory=Counter)
     errors: Counter = field(default_factory=Counter)
@@ -95,10 +99,12 @@ class Device:
     """What every simulated device holds; a subclass speaks its dialect in `greet`, `handle`, `ping` and `send_event`.
 
     `pending` holds the events sent and not yet answered, keyed as the dialect's
-    answers name them (event id for JSON, packet identifier for MQTT).
+    answers name them (event id for JSON, packet identifier for MQTT). `tls_session`
+    is the last TLS session the server gave (over TLS only), offered on the next
+    connect as firmware keeps its ticket across reconnects.
     """
 
-    __slots__ = ("heartbeat", "link", "lock", "name", "next_ping", "pending", "target", "token")
+    __slots__ = ("heartbeat", "link", "lock", "name", "next_ping", "pending", "target", "tls_session", "token")
 
     def __init__(self, name: str, secret: bytes, target: Target) -> None:
         self.name = name
@@ -109,6 +115,7 @@ class Device:
         self.pending: dict[Any, Any] = {}
         self.heartbeat = 30.0
         self.next_ping = 0.0
+        self.tls_session: Any = None
 
     def send(self, data: bytes) -> bool:
         """Write one message if the device is connected; False if it is not (or the write failed)."""
@@ -203,9 +210,13 @@ def connect(device: Device, world: World) -> tuple[Link, list[Any]]:
     """Open a link and a session on it; return the link and what the server sent right after the greeting."""
     started = time.monotonic()
     try:
-        link = device.target.open(world.source(), world.connect_timeout)
+        link = device.target.open(world.source(), world.connect_timeout, device.tls_session)
+    except HandshakeFailed as exc:
+        world.stats.tls_failed += 1
+        raise Failure(exc.reason) from None
     except OSError as exc:
         raise Failure(os_reason(exc)) from None
+    count_handshake(link, world.stats)
     inbox = Inbox(link)
     try:
         with gevent.Timeout(world.welcome_timeout, Failure("welcome_timeout")):
@@ -215,6 +226,7 @@ def connect(device: Device, world: World) -> tuple[Link, list[Any]]:
         link.sock.close()
         raise as_failure(exc) from None
     device.link = link
+    remember_session(device, link)
     device.heartbeat = heartbeat
     # A random phase: pings are spread evenly from the start, so a quiet window sees their steady rate.
     device.next_ping = time.monotonic() + device.heartbeat * random.random()
@@ -223,6 +235,27 @@ def connect(device: Device, world: World) -> tuple[Link, list[Any]]:
     world.stats.last_welcome = time.time()
     world.stats.welcome_ms.append(round((time.monotonic() - started) * 1000, 2))
     return link, inbox.ready
+
+
+def count_handshake(link: Link, stats: Stats) -> None:
+    """Count a TLS link's handshake as resumed or full (nothing for plain links)."""
+    session_reused = getattr(link.sock, "session_reused", None)
+    if session_reused is not None:
+        if session_reused:
+            stats.tls_resumed += 1
+        else:
+            stats.tls_full += 1
+
+
+def remember_session(device: Device, link: Link) -> None:
+    """Keep the link's TLS session for the next connect.
+
+    Read after the welcome, not after the handshake: a TLS 1.3 server sends its
+    ticket after the handshake, and the client only holds it once it has read past it.
+    """
+    session = getattr(link.sock, "session", None)
+    if session is not None:
+        device.tls_session = session
 
 
 def as_failure(exc: BaseException) -> Failure:

@@ -3,7 +3,9 @@
 A link owns a connected socket and turns it into whole messages in both
 directions, so a device never sees the transport: JSON payloads as bytes for the
 JSON links, packets (bench.stampede.mqtt_codec's tuples) in and packet bytes out
-for the MQTT links.
+for the MQTT links. `tls://` and `wss://` targets wrap the socket in gevent's TLS
+before the link sees it, offering the device's previous session (its ticket) so
+that a reconnect can resume instead of paying a full handshake.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import socket
 from typing import Protocol
 from urllib.parse import urlsplit
 
+from gevent import ssl
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
     AcceptConnection,
@@ -26,7 +29,9 @@ from wsproto.events import (
 from bench.stampede import mqtt_codec
 
 RECV_BYTES = 65536
-DEFAULT_PATHS = {"ws": "/ws", "mqtt+ws": "/mqtt"}
+DEFAULT_PATHS = {"ws": "/ws", "wss": "/ws", "mqtt+ws": "/mqtt"}
+SCHEMES = ("tcp", "tls", "ws", "wss", "mqtt", "mqtt+ws")
+TLS_SCHEMES = ("tls", "wss")
 # Linux socket option: pick the source port at connect(), not bind(), so one
 # source address can reuse a port towards different destinations.
 IP_BIND_ADDRESS_NO_PORT = 24
@@ -34,6 +39,23 @@ IP_BIND_ADDRESS_NO_PORT = 24
 
 class LinkClosed(Exception):
     """The peer closed the connection (or refused the WebSocket upgrade)."""
+
+
+class HandshakeFailed(Exception):
+    """The TCP connection was made but the TLS handshake failed; `reason` is what gets counted."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def client_context(cafile: str | None, verify: bool = True) -> ssl.SSLContext:
+    """The devices' TLS context: trusting `cafile` (or the system's CAs), or verifying nothing when not `verify`."""
+    context = ssl.create_default_context(cafile=cafile)
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 class Link(Protocol):
@@ -45,14 +67,18 @@ class Link(Protocol):
 
 
 class Target:
-    """Where devices connect: `tcp://host:port`, `ws://host:port/path`, `mqtt://host:port`, `mqtt+ws://host:port/path`."""
+    """Where devices connect: `tcp://host:port`, `tls://host:port`, `ws[s]://host:port/path`, `mqtt://host:port`,
+    `mqtt+ws://host:port/path`; the TLS schemes need `tls` (the client context)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, tls: ssl.SSLContext | None = None) -> None:
         parts = urlsplit(url)
-        if parts.scheme not in ("tcp", "ws", "mqtt", "mqtt+ws") or not parts.hostname or not parts.port:
-            raise ValueError(f"target {url!r} must look like tcp://host:7878, ws://host:8000/ws, "
-                             "mqtt://host:1883 or mqtt+ws://host:8000/mqtt")
+        if parts.scheme not in SCHEMES or not parts.hostname or not parts.port:
+            raise ValueError(f"target {url!r} must look like tcp://host:7878, tls://host:7879, ws://host:8000/ws, "
+                             "wss://host:8443/ws, mqtt://host:1883 or mqtt+ws://host:8000/mqtt")
+        if parts.scheme in TLS_SCHEMES and tls is None:
+            raise ValueError(f"target {url!r} speaks TLS: give it a client context")
         self.url = url
+        self.tls = tls if parts.scheme in TLS_SCHEMES else None
         self.scheme = parts.scheme
         self.host = parts.hostname
         self.port = parts.port
@@ -63,25 +89,40 @@ class Target:
         """Whether devices speak MQTT here (PROTOCOL.md section 8) rather than JSON frames."""
         return self.scheme.startswith("mqtt")
 
-    def open(self, source: str, timeout: float) -> Link:
-        """Connect from `source` (an address of this host) and return the matching link."""
+    def open(self, source: str, timeout: float, session: ssl.SSLSession | None = None) -> Link:
+        """Connect from `source` (an address of this host) and return the matching link; over TLS, offer
+        `session` for resumption (HandshakeFailed if the handshake fails, OSError if the connect does)."""
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
             sock.bind((source, 0))
             sock.settimeout(timeout)
             sock.connect((self.host, self.port))
+            if self.tls is not None:
+                sock = self.secure(sock, session)
             sock.settimeout(None)
         except BaseException:
             sock.close()
             raise
-        if self.scheme == "tcp":
+        if self.scheme in ("tcp", "tls"):
             return TcpLink(sock)
         if self.scheme == "mqtt":
             return MqttLink(sock)
         if self.scheme == "mqtt+ws":
             return MqttWsLink(sock, f"{self.host}:{self.port}", self.path)
         return WsLink(sock, f"{self.host}:{self.port}", self.path)
+
+    def secure(self, sock: socket.socket, session: ssl.SSLSession | None) -> ssl.SSLSocket:
+        """The TLS handshake on a connected socket (within its timeout), offering `session` when it has one."""
+        assert self.tls is not None
+        try:
+            return self.tls.wrap_socket(sock, server_hostname=self.host, session=session)
+        except ssl.SSLError as exc:
+            raise HandshakeFailed(f"tls:{(exc.reason or type(exc).__name__).lower()}") from None
+        except TimeoutError:
+            raise HandshakeFailed("tls:handshake_timeout") from None
+        except OSError as exc:
+            raise HandshakeFailed(f"tls:{type(exc).__name__.lower()}") from None
 
 
 def upgrade(sock: socket.socket, ws: WSConnection, request: Request) -> None:

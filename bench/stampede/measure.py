@@ -82,7 +82,7 @@ def measure_server(args: argparse.Namespace, label: str, targets: list[str], pid
     plan = Plan(label=label, targets=targets, devices=args.devices, floor=label == "floor",
                 processes=args.processes or processes_for(args.devices, minimum_processes),
                 secret=args.secret, prefix=args.prefix, concurrency=args.concurrency,
-                heartbeat=args.heartbeat)
+                heartbeat=args.heartbeat, cafile=args.cafile, verify_tls=not args.insecure)
     with Run(plan, pid, args.commands_via, args.amqp_url, args.http_url, args.api_token,
              args.command_timeout) as run:
         return ServerRun(targets, SCENARIOS[args.scenario](run, args), run.timeline)

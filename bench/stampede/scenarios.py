@@ -33,6 +33,16 @@ def cost(before: dict[str, Any], after: dict[str, Any], count: int, field: str,
     return round((after[field] - before[field]) * scale / count, 4)
 
 
+def handshakes(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any] | None:
+    """TLS handshakes between two marks: full, resumed (the device's ticket accepted), failed, and the resumed
+    share of those completed; None for a plain transport (no handshake happened)."""
+    counts = {kind: after[f"tls_{kind}"] - before[f"tls_{kind}"] for kind in ("full", "resumed", "failed")}
+    if not any(counts.values()):
+        return None
+    completed = counts["full"] + counts["resumed"]
+    return {**counts, "resumed_share": round(counts["resumed"] / completed, 4) if completed else None}
+
+
 def ramp(run: Run, options: argparse.Namespace) -> dict[str, Any]:
     """Connect every device as fast as the bounded in-flight connects allow, then hold a moment."""
     devices = run.plan.devices
@@ -49,6 +59,7 @@ def ramp(run: Run, options: argparse.Namespace) -> dict[str, Any]:
         "seconds": round(seconds, 3), "sessions_per_s": round(established / seconds, 1),
         "peak_sessions_per_s": max((entry["rate"] for entry in run.timeline), default=0),
         "failures": delta(connected["failures"], before["failures"]),
+        "tls": handshakes(before, connected),
         "welcome_ms": percentiles(run.fleet.welcome_ms),
         "server_rss_mb_idle": before.get("rss_mb"), "server_rss_mb_held": held.get("rss_mb"),
         "rss_kib_per_session": cost(before, held, held["up"], "rss_mb", KIB_PER_MIB),
@@ -211,7 +222,10 @@ def reconnect(run: Run, options: argparse.Namespace, jitter: float) -> dict[str,
     return {"jitter_s": jitter, "all_back": all_back, "up": after["up"],
             "seconds_until_all_back": round(run.fleet.last_welcome() - before["wall"], 3),
             "failures": delta(after["failures"], before["failures"]),
+            "tls": handshakes(before, after),
             "sessions_lost_meanwhile": delta(after["lost"], before["lost"]),
+            # Sessions already back keep pinging while the rest reconnect: the server must keep answering.
+            "heartbeats_answered_meanwhile": after["pongs"] - before["pongs"],
             "cpu_ms_per_session": cost(before, after, established, "cpu_s", 1000)}
 
 

@@ -7,10 +7,14 @@ open-file limit) and the floor gets the same worker count. `--gateway-dir`
 starts it from another checkout (run with this checkout's virtualenv), so one
 session can measure before and after a change. `--transport` says how the
 gateway's devices connect: `tcp` (the device port), `ws` (`/ws`), `mqtt`
-(MQTT_PORT, a free port unless --mqtt-port says) or `mqtt-ws` (`/mqtt`); a
+(MQTT_PORT, a free port unless --mqtt-port says), `mqtt-ws` (`/mqtt`), `tls`
+(JSON lines on DEVICE_TLS_PORT) or `wss` (`/ws` on HTTPS_PORT); a
 comma-separated list runs each scenario once per transport, each on a fresh
-gateway, and compares every later one with the first (`mqtt/tcp`). The floor is
-always JSON lines (an echo server has no MQTT). Each server runs alone: the
+gateway, and compares every later one with the first (`mqtt/tcp`). For the
+TLS transports the suite makes a throw-away CA and server certificate (trustme)
+and starts that gateway with TLS_CERT_FILE/TLS_KEY_FILE and its TLS ports on free
+ports; the devices trust that CA. The floor is always plain JSON lines (an echo
+server has no MQTT and no TLS), so a TLS run's ratio to it includes the handshake. Each server runs alone: the
 floor first, then each gateway, so none disturbs another's figures.
 Results go to bench/results/PREFIX-SCENARIO.{json,png} and bench/results/PREFIX.md,
 PREFIX being --out's name or suite-DEVICES[-TRANSPORTS].
@@ -33,6 +37,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import gevent
+import trustme
 import urllib3
 
 from bench.stampede import report
@@ -76,7 +81,8 @@ def wait_for_http(url: str, timeout: float, process: subprocess.Popen) -> None:
     raise TimeoutError(f"{url} did not answer 200 within {timeout:.0f}s")
 
 
-TRANSPORTS = ("tcp", "ws", "mqtt", "mqtt-ws")
+TRANSPORTS = ("tcp", "ws", "mqtt", "mqtt-ws", "tls", "wss")
+TLS_TRANSPORTS = ("tls", "wss")
 
 
 def known_transports(names: str) -> list[str]:
@@ -134,26 +140,56 @@ def wait_for_port(port: int, timeout: float, process: subprocess.Popen) -> None:
     raise TimeoutError(f"nothing listens on port {port} after {timeout:.0f}s")
 
 
-def gateway_ports(args: argparse.Namespace) -> dict[str, int]:
-    return {"--http-port": args.http_port, "--device-port": args.device_port, "--mqtt-port": args.mqtt_port}
+def gateway_ports(args: argparse.Namespace, transport: str | None = None) -> dict[str, int]:
+    """The ports a gateway binds: the plain ones always, the TLS ones when it serves `transport` over TLS."""
+    ports = {"--http-port": args.http_port, "--device-port": args.device_port, "--mqtt-port": args.mqtt_port}
+    if transport in TLS_TRANSPORTS:
+        ports |= {"DEVICE_TLS_PORT": args.device_tls_port, "HTTPS_PORT": args.https_port}
+    return ports
 
 
-def gateway_env(args: argparse.Namespace, workers: int) -> dict[str, str]:
-    """The gateway's environment; PYTHONPATH is its own checkout, so `app` never comes from this one."""
+def gateway_env(args: argparse.Namespace, workers: int, transport: str) -> dict[str, str]:
+    """The gateway's environment; PYTHONPATH is its own checkout, so `app` never comes from this one.
+
+    TLS listeners only for a TLS transport: the plain transports are measured on a gateway without them,
+    as they are deployed. MQTT_TLS_PORT is disabled, so that its default port (8883) is never contended.
+    """
     env = {**os.environ, "PORT": str(args.http_port), "DEVICE_PORT": str(args.device_port),
            "MQTT_PORT": str(args.mqtt_port), "WEB_CONCURRENCY": str(workers), "AMQP_URL": args.amqp_url,
            "DEVICE_SECRETS": args.secret, "API_TOKENS": args.api_token or "bench-token",
            "MAX_CONNECTIONS": str(SESSIONS_PER_WORKER), "PYTHONPATH": str(args.gateway_dir.resolve())}
+    for variable in ("TLS_CERT_FILE", "TLS_KEY_FILE", "TLS_CLIENT_CA_FILE"):
+        env.pop(variable, None)
+    if transport in TLS_TRANSPORTS:
+        env |= {"TLS_CERT_FILE": args.tls_cert_file, "TLS_KEY_FILE": args.tls_key_file,
+                "DEVICE_TLS_PORT": str(args.device_tls_port), "HTTPS_PORT": str(args.https_port),
+                "MQTT_TLS_PORT": ""}
     if args.heartbeat:
         env["HEARTBEAT"] = f"{args.heartbeat:g}"
     return env
+
+
+def make_certificates(args: argparse.Namespace, directory: Path) -> None:
+    """A throw-away CA and a server certificate for 127.0.0.1 in `directory`; the devices trust that CA."""
+    ca = trustme.CA()
+    server = ca.issue_cert("127.0.0.1", "localhost")
+    args.cafile = str(directory / "ca.pem")
+    args.tls_cert_file = str(directory / "server.pem")
+    args.tls_key_file = str(directory / "server.key")
+    ca.cert_pem.write_to_path(args.cafile)
+    server.private_key_pem.write_to_path(args.tls_key_file)
+    server.cert_chain_pems[0].write_to_path(args.tls_cert_file)
+    for intermediate in server.cert_chain_pems[1:]:
+        intermediate.write_to_path(args.tls_cert_file, append=True)
 
 
 def device_url(args: argparse.Namespace, transport: str) -> str:
     """Where the gateway's devices connect over `transport`."""
     return {"tcp": f"tcp://127.0.0.1:{args.device_port}", "ws": f"ws://127.0.0.1:{args.http_port}/ws",
             "mqtt": f"mqtt://127.0.0.1:{args.mqtt_port}",
-            "mqtt-ws": f"mqtt+ws://127.0.0.1:{args.http_port}/mqtt"}[transport]
+            "mqtt-ws": f"mqtt+ws://127.0.0.1:{args.http_port}/mqtt",
+            "tls": f"tls://127.0.0.1:{args.device_tls_port}",
+            "wss": f"wss://127.0.0.1:{args.https_port}/ws"}[transport]
 
 
 def gateway_label(args: argparse.Namespace, transport: str) -> str:
@@ -174,11 +210,18 @@ def run_suite(args: argparse.Namespace) -> None:
     args.api_token = args.api_token or "bench-token"
     args.http_url = f"http://127.0.0.1:{args.http_port}"
     args.mqtt_port = args.mqtt_port or free_port()
+    args.device_tls_port = args.device_tls_port or free_port()
+    args.https_port = args.https_port or free_port()
     floor_command = [sys.executable, "-m", "bench.floor", "--port", str(args.floor_port),
                      "--workers", str(workers)]
     logs = Path(tempfile.mkdtemp(prefix="stampede-suite-"))
     print(f"suite: {workers} workers each; gateway from {args.gateway_dir.resolve()} over "
           f"{', '.join(args.transport)}; server logs in {logs}", file=sys.stderr)
+    if set(args.transport) & set(TLS_TRANSPORTS):
+        make_certificates(args, logs)
+        print(f"suite: TLS gateways serve a throw-away certificate (CA {args.cafile}) on DEVICE_TLS_PORT "
+              f"{args.device_tls_port} and HTTPS_PORT {args.https_port}; the floor stays plain TCP",
+              file=sys.stderr)
     sections = []
     for scenario in args.scenarios.split(","):
         # Fresh servers for every run: memory freed by one must not hide the next one's cost.
@@ -200,8 +243,8 @@ def run_suite(args: argparse.Namespace) -> None:
 def run_gateway(args: argparse.Namespace, transport: str, workers: int, log: Path) -> ServerRun:
     """One scenario against a fresh gateway whose devices connect over `transport`."""
     command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"]
-    ensure_unused(gateway_ports(args))
-    with started(command, gateway_env(args, workers), log, cwd=args.gateway_dir) as gateway:
+    ensure_unused(gateway_ports(args, transport))
+    with started(command, gateway_env(args, workers, transport), log, cwd=args.gateway_dir) as gateway:
         wait_for_http(f"{args.http_url}/readyz", 60, gateway)
         run = measure_server(args, gateway_label(args, transport), [device_url(args, transport)], gateway.pid)
         if gateway.poll() is not None:
@@ -233,11 +276,16 @@ def markdown_section(results: dict, plot: Path) -> str:
             f"\n\n{report.markdown(results)}\n")
 
 
+TLS_NOTE = (" TLS gateways serve a throw-away trustme certificate; the floor stays plain TCP, so their ratio "
+            "to it includes the TLS handshake and record layer.")
+
+
 def write_markdown(args: argparse.Namespace, workers: int, sections: list[str]) -> None:
     facts = machine()
     header = (f"## Suite: {args.devices:,} devices ({', '.join(args.transport)}), {workers} workers "
               "(each gateway and the floor)\n\n"
-              f"Gateway from `{args.gateway_dir.resolve()}`.\n\n"
+              f"Gateway from `{args.gateway_dir.resolve()}`."
+              f"{TLS_NOTE if set(args.transport) & set(TLS_TRANSPORTS) else ''}\n\n"
               f"Machine: {facts['cores']} cores, {facts['memory_gib']} GiB, kernel {facts['kernel']}, "
               f"Python {facts['python']}, open-file limit {facts['open_files_limit']:,}.\n")
     path = (args.out.parent if args.out else RESULTS) / f"{prefix(args)}.md"

@@ -26,7 +26,7 @@ from gevent.lock import BoundedSemaphore
 
 from bench.stampede.device import Device, World, live
 from bench.stampede.json_device import JsonDevice
-from bench.stampede.links import Target
+from bench.stampede.links import Target, client_context
 from bench.stampede.mqtt_device import MqttDevice
 
 EVENT_TICK = 0.1
@@ -34,7 +34,8 @@ EVENT_TICK = 0.1
 
 class Worker:
     def __init__(self, settings: dict[str, Any]) -> None:
-        targets = [Target(url) for url in settings["targets"]]
+        tls = client_context(settings["cafile"], settings["verify_tls"])  # one for all: built once, shared
+        targets = [Target(url, tls) for url in settings["targets"]]
         self.number = settings["worker"]
         self.run_id = settings["run_id"]  # keeps event ids unique across runs sharing a RabbitMQ
         self.world = World(
