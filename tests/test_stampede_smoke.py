@@ -5,6 +5,9 @@ anything is. The tests marked `gateway` run it against a real gunicorn gateway o
 RabbitMQ (conftest's `gateway` fixture), with JSON and with MQTT devices, and the
 suite against gateways it starts itself. The tool's MQTT client codec is checked
 against the gateway's own codec (app.mqtt), each decoding what the other encodes.
+Over TLS (a gateway with a trustme certificate) the devices resume their sessions
+after a mass drop, and a device that does not trust the server counts a failed
+handshake rather than a session.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from pathlib import Path
 
 import orjson
 import pytest
-from conftest import AMQP_URL, API_TOKEN, SECRET, Gateway, free_port
+from conftest import AMQP_URL, API_TOKEN, SECRET, Gateway, free_port, start_gateway
+from tls_devices import Pki
 
 from app import mqtt
 from bench.stampede import mqtt_codec
@@ -204,3 +208,59 @@ def test_the_tool_parses_what_the_gateway_sends_however_it_is_split() -> None:
 def test_the_tool_gives_up_on_a_packet_a_server_never_sends() -> None:
     with pytest.raises(mqtt_codec.ProtocolViolation):
         mqtt_codec.parse(mqtt_codec.connect("lock-1", "ab12", 30))
+
+
+@pytest.fixture(scope="module")
+def tls_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Gateway, Pki]]:
+    """A two-worker gateway serving TLS (DEVICE_TLS_PORT and HTTPS_PORT) with a throw-away certificate."""
+    pki = Pki.make(tmp_path_factory.mktemp("stampede-pki"))
+    gateway = start_gateway(tmp_path_factory.mktemp("stampede-tls"), workers=2, **pki.tls_env())
+    try:
+        yield gateway, pki
+    finally:
+        gateway.stop()
+
+
+def tls_url(gateway: Gateway, transport: str) -> str:
+    if transport == "tls":
+        return f"tls://127.0.0.1:{gateway.env['DEVICE_TLS_PORT']}"
+    return f"wss://127.0.0.1:{gateway.env['HTTPS_PORT']}/ws"
+
+
+@pytest.mark.gateway
+@pytest.mark.parametrize("transport", ["tls", "wss"])
+def test_tls_devices_resume_their_sessions_after_a_mass_drop(
+        tls_gateway: tuple[Gateway, Pki], tmp_path: Path, transport: str) -> None:
+    gateway, pki = tls_gateway
+    out = tmp_path / "stampede.json"
+    done = run_stampede("stampede", "--target", tls_url(gateway, transport), "--cafile", pki.path("server-ca.pem"),
+                        "--devices", str(DEVICES), "--processes", "2", "--secret", SECRET,
+                        "--commands-via", "none", "--prefix", f"smoke{transport}{gateway.port}",
+                        "--gateway-pid", str(gateway.process.pid), "--jitter", "0", "--settle", "0.5",
+                        "--ramp-timeout", "30", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    figures = orjson.loads(out.read_bytes())["runs"]["gateway"]
+    ramp, back = figures["ramp"], figures["reconnect_jitter_0s"]
+    assert (ramp["up"], ramp["failures"]) == (DEVICES, {})
+    assert ramp["tls"] == {"full": DEVICES, "resumed": 0, "failed": 0, "resumed_share": 0.0}
+    assert back["all_back"] and back["failures"] == {}
+    # Each device offered the ticket of its one session: every reconnect resumed it.
+    assert back["tls"] == {"full": 0, "resumed": DEVICES, "failed": 0, "resumed_share": 1.0}
+    assert "TLS reconnects resumed" in done.stdout
+
+
+@pytest.mark.gateway
+def test_devices_that_do_not_trust_the_server_count_failed_handshakes(
+        tls_gateway: tuple[Gateway, Pki], tmp_path: Path) -> None:
+    gateway, _ = tls_gateway
+    common = ("--target", tls_url(gateway, "tls"), "--devices", "20", "--secret", SECRET, "--commands-via", "none",
+              "--prefix", f"smokeuntrusted{gateway.port}", "--settle", "0.2", "--ramp-timeout", "2")
+    untrusted = run_stampede("ramp", *common, "--out", str(tmp_path / "untrusted.json"))
+    assert untrusted.returncode == 0, untrusted.stderr
+    ramp = orjson.loads((tmp_path / "untrusted.json").read_bytes())["runs"]["gateway"]["ramp"]
+    assert ramp["up"] == 0
+    assert set(ramp["failures"]) == {"tls:certificate_verify_failed"}
+    assert ramp["tls"]["failed"] == ramp["failures"]["tls:certificate_verify_failed"] > 0
+    insecure = run_stampede("ramp", *common, "--insecure", "--out", str(tmp_path / "insecure.json"))
+    assert insecure.returncode == 0, insecure.stderr
+    assert orjson.loads((tmp_path / "insecure.json").read_bytes())["runs"]["gateway"]["ramp"]["up"] == 20
