@@ -264,3 +264,23 @@ def test_devices_that_do_not_trust_the_server_count_failed_handshakes(
     insecure = run_stampede("ramp", *common, "--insecure", "--out", str(tmp_path / "insecure.json"))
     assert insecure.returncode == 0, insecure.stderr
     assert orjson.loads((tmp_path / "insecure.json").read_bytes())["runs"]["gateway"]["ramp"]["up"] == 20
+
+
+@pytest.mark.gateway
+@pytest.mark.slow
+def test_the_suite_starts_a_tls_gateway_with_its_own_certificate(tmp_path: Path) -> None:
+    out = tmp_path / "tls.json"
+    done = run_stampede("suite", "--scenarios", "ramp", "--transport", "tls,wss", "--devices", "100",
+                        "--workers", "2", "--secret", SECRET, "--amqp-url", AMQP_URL,
+                        "--floor-port", str(free_port()), "--device-port", str(free_port()),
+                        "--http-port", str(free_port()), "--settle", "0.5", "--ramp-timeout", "30",
+                        "--out", str(out), timeout=240)
+    assert done.returncode == 0, done.stderr
+    results = orjson.loads((tmp_path / "tls-ramp.json").read_bytes())
+    assert results["targets"]["tls"][0].startswith("tls://")
+    assert results["targets"]["wss"][0].startswith("wss://")
+    for label in ("tls", "wss"):
+        assert results["runs"][label]["ramp"]["up"] == 100
+        assert results["runs"][label]["ramp"]["tls"]["full"] == 100
+    assert results["runs"]["floor"]["ramp"]["tls"] is None  # the floor stays plain
+    assert "the floor stays plain" in done.stderr
