@@ -26,7 +26,10 @@ except ConfigError as _error:
 
 
 def _taken(host: str, port: int) -> bool:
+    """Whether another socket holds the port, asked as gunicorn will bind it: with SO_REUSEADDR, so that
+    connections of the port still in TIME_WAIT do not count."""
     with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError:
