@@ -24,7 +24,7 @@ code and ends on.
 from __future__ import annotations
 
 import itertools
-import os
+import random
 import time
 from typing import Any, Protocol
 
@@ -99,7 +99,7 @@ class MqttConnection:
         self._events: dict[str, tuple[int | None, int]] = {}  # event id -> (packet id, QoS), until acked
         # Event ids are the gateway's (PROTOCOL.md section 8) and must be unique per device, not per connection:
         # backends deduplicate at-least-once events by (device, id), and a device reconnects often.
-        self._event_prefix = f"m{os.urandom(6).hex()}-"
+        self._event_prefix = f"m{random.getrandbits(48):012x}-"  # no syscall; random is reseeded in each fork
         self._event_ids = itertools.count(1)
         self._packet_ids = itertools.cycle(range(1, 65536))
         self.peer = peer
