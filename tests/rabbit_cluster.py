@@ -1,4 +1,5 @@
-"""A real RabbitMQ cluster of its own on loopback, for the cluster tests (tests/test_cluster.py).
+"""A real RabbitMQ cluster of its own on loopback, for the cluster tests (tests/test_cluster.py)
+and the stampede benchmark's `--broker cluster` (bench/stampede/brokers.py).
 
 It runs beside the machine's own broker (rabbit@localhost on 5672) and never touches
 it: its nodes have their own names (a random suffix), AMQP and distribution ports,
@@ -40,8 +41,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from conftest import free_port
-
 TMP_PREFIX = "warren-rabbit-"
 PR_SET_PDEATHSIG = 1
 _prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child between fork and exec only calls it
@@ -79,6 +78,16 @@ class Node:
         with contextlib.suppress(OSError):
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         return "(no log)"
+
+
+def free_port() -> int:
+    """A port the kernel has no use for now, for a node to bind within seconds (its AMQP or distribution port).
+
+    Asked of the kernel rather than picked like conftest's ports, so that this module stands alone:
+    the stampede benchmark boots its cluster with it too (bench/stampede/brokers.py)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def amqp_url(*nodes: Node) -> str:

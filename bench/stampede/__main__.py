@@ -9,6 +9,8 @@ Examples (from the repository root):
   python -m bench.stampede suite --devices 20000 --transport tcp,mqtt --scenarios hold
   python -m bench.stampede stampede --target tls://127.0.0.1:7879 --cafile ca.pem --devices 20000
   python -m bench.stampede suite --devices 20000 --transport tcp,tls --scenarios stampede
+  python -m bench.stampede suite --devices 20000 --broker single,cluster --scenarios ramp,stampede
+  python -m bench.stampede suite --devices 20000 --broker cluster --scenarios node-loss --command-rate 1000
 
 Every run is bounded (device count, --duration, --ramp-timeout) and stops by
 itself; its load processes exit with it, Ctrl-C included.
@@ -25,9 +27,10 @@ import signal
 import sys
 from pathlib import Path
 
+from bench.stampede.brokers import BROKERS, known_brokers
 from bench.stampede.measure import measure, publish
 from bench.stampede.scenarios import SCENARIOS
-from bench.stampede.suite import SCENARIO_ORDER, TRANSPORTS, known_scenarios, known_transports, run_suite
+from bench.stampede.suite import DEFAULT_SCENARIOS, TRANSPORTS, known_scenarios, known_transports, run_suite
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
 
@@ -91,18 +94,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     suite = parser.add_argument_group("suite (starts the floor and the gateway itself)")
     suite.add_argument("--workers", type=int, help="gateway and floor workers (default: enough for "
                                                     "--devices at 18,000 sessions each, at least 2)")
-    suite.add_argument("--scenarios", type=known_scenarios, default=",".join(SCENARIO_ORDER),
-                       help="which scenarios, comma-separated (default: all)")
+    suite.add_argument("--scenarios", type=known_scenarios, default=",".join(DEFAULT_SCENARIOS),
+                       help=f"which scenarios, comma-separated (default: {','.join(DEFAULT_SCENARIOS)}; "
+                            "node-loss, which kills a RabbitMQ node, only runs with --broker cluster)")
     suite.add_argument("--transport", type=known_transports, default=["tcp"],
                        help=f"how the gateway's devices connect, one or a comma-separated list of "
                             f"{', '.join(TRANSPORTS)}: each runs on its own fresh gateway, compared "
                             "with the first (default: tcp)")
+    suite.add_argument("--broker", type=known_brokers, default=["single"],
+                       help=f"which RabbitMQ the gateway runs on, one or a comma-separated list of "
+                            f"{', '.join(BROKERS)}: single is --amqp-url, cluster a two-node cluster the suite "
+                            "boots beside it (tests/rabbit_cluster.py; root or the rabbitmq user), the gateway "
+                            "listing both nodes; each runs on its own fresh gateway (default: single)")
     suite.add_argument("--floor-port", type=int, default=7979)
     suite.add_argument("--device-port", type=int, default=7878)
     suite.add_argument("--http-port", type=int, default=8000)
     suite.add_argument("--mqtt-port", type=int, help="the gateway's MQTT_PORT (default: a free port)")
     suite.add_argument("--device-tls-port", type=int, help="tls: the gateway's DEVICE_TLS_PORT (default: a free port)")
     suite.add_argument("--https-port", type=int, help="wss: the gateway's HTTPS_PORT (default: a free port)")
+    parser.set_defaults(rabbit=None)  # the suite's Broker, for the run on it (node-loss loses one of its nodes)
     args = parser.parse_args(argv)
     if args.scenario != "suite":
         args.out = args.out or Path("bench/results") / f"{args.scenario}.json"

@@ -28,17 +28,26 @@ PACE_TICK = 0.01
 
 
 class CommandLog:
-    """Outcomes of every command, and (send time, round trip) of the ones a device answered."""
+    """Outcomes of every command, (send time, round trip) of the ones a device answered, and
+    (send time, device, outcome) of every one settled: the node-loss scenario reads recovery from those."""
 
     def __init__(self) -> None:
         self.sent = 0
         self.outcomes: Counter = Counter()
         self.samples: list[tuple[float, float]] = []
+        self.settled: list[tuple[float, str, str]] = []
 
-    def answered(self, started: float) -> None:
+    def answered(self, started: float, device: str) -> None:
         self.outcomes["ok"] += 1
         now = time.monotonic()
-        self.samples.append((time.time() - (now - started), (now - started) * 1000))
+        sent = time.time() - (now - started)
+        self.samples.append((sent, (now - started) * 1000))
+        self.settled.append((sent, device, "ok"))
+
+    def failed(self, started: float, device: str, outcome: str) -> None:
+        """`started` is the monotonic send time, as for `answered`."""
+        self.outcomes[outcome] += 1
+        self.settled.append((time.time() - (time.monotonic() - started), device, outcome))
 
 
 BROKER_ERRORS = (OSError, amqp.AMQPError, amqp.exceptions.RecoverableConnectionError)
@@ -121,7 +130,7 @@ class AmqpCommands(BrokerClient):
     def __init__(self, url: str, timeout: float) -> None:
         self.timeout = timeout
         self.log = CommandLog()
-        self.pending: dict[str, float] = {}
+        self.pending: dict[str, tuple[float, str]] = {}  # command id -> (monotonic send time, device)
         self.outbox: deque[str] = deque()
         self.next_expiry = 0.0
         super().__init__(url)
@@ -149,39 +158,41 @@ class AmqpCommands(BrokerClient):
         message = amqp.Message(COMMAND, content_type="application/json", message_id=command_id,
                                correlation_id=command_id, reply_to=self.reply_to,
                                expiration=str(int(self.timeout * 1000)))
-        self.pending[command_id] = time.monotonic()
+        self.pending[command_id] = (time.monotonic(), device)
         self.log.sent += 1
         self.channel.basic_publish(message, exchange="devices.commands", routing_key=device,
                                    mandatory=True)
 
     def lost(self) -> None:
         """Commands not yet published when the broker went away are counted, not silently dropped."""
-        self.log.outcomes["not_sent_broker_down"] += len(self.outbox)
-        self.outbox.clear()
+        now = time.monotonic()
+        while self.outbox:
+            self.log.failed(now, self.outbox.popleft(), "not_sent_broker_down")
 
     def on_reply(self, message: amqp.Message) -> None:
-        started = self.pending.pop(message.properties.get("correlation_id"), None)
-        if started is None:
+        sent = self.pending.pop(message.properties.get("correlation_id"), None)
+        if sent is None:
             self.log.outcomes["late_reply"] += 1
             return
         reply = orjson.loads(message.body)
         if reply.get("ok"):
-            self.log.answered(started)
+            self.log.answered(*sent)
         else:
-            self.log.outcomes[f"failed:{reply.get('error')}"] += 1
+            self.log.failed(*sent, f"failed:{reply.get('error')}")
 
     def on_return(self, _exc: Any, _exchange: str, _routing_key: str, message: amqp.Message) -> None:
         """RabbitMQ returned a mandatory command: no worker holds a route to that device."""
-        if self.pending.pop(message.properties.get("correlation_id"), None) is not None:
-            self.log.outcomes["returned_offline"] += 1
+        sent = self.pending.pop(message.properties.get("correlation_id"), None)
+        if sent is not None:
+            self.log.failed(*sent, "returned_offline")
 
     def expire(self) -> None:
         """Count commands without any answer well after their expiration as timed out."""
         deadline = time.monotonic() - self.timeout - 2
-        for command_id, started in list(self.pending.items()):
-            if started < deadline:
+        for command_id, sent in list(self.pending.items()):
+            if sent[0] < deadline:
                 del self.pending[command_id]
-                self.log.outcomes["timeout"] += 1
+                self.log.failed(*sent, "timeout")
 
 
 class HttpCommands:
@@ -208,12 +219,12 @@ class HttpCommands:
             response = self.http.request("POST", f"{self.base_url}/devices/{device}/commands",
                                          body=self.body, headers=self.headers)
         except urllib3.exceptions.HTTPError as exc:
-            self.log.outcomes[f"http_error:{type(exc).__name__}"] += 1
+            self.log.failed(started, device, f"http_error:{type(exc).__name__}")
             return
         if response.status == 200 and orjson.loads(response.data).get("ok"):
-            self.log.answered(started)
+            self.log.answered(started, device)
         else:
-            self.log.outcomes[f"http_{response.status}"] += 1
+            self.log.failed(started, device, f"http_{response.status}")
 
     def close(self) -> None:
         self.greenlets.join(timeout=10)

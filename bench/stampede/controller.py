@@ -16,13 +16,16 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import gevent
 import orjson
 
 from bench.stampede.backend import AmqpCommands, EventVerifier, HttpCommands
-from bench.stampede.gauges import TreeGauge, others_cpu_s, rabbit_process, rabbit_rss_mb
+from bench.stampede.gauges import TreeGauge, others_cpu_s, rabbit_processes, rabbit_rss_mb
+
+if TYPE_CHECKING:
+    from bench.stampede.brokers import Broker
 
 DEVICES_PER_PROCESS = 15000
 SOURCES_PER_PROCESS = 4
@@ -170,8 +173,10 @@ class Run:
     """One measurement against one server; a context manager that always cleans up."""
 
     def __init__(self, plan: Plan, gateway_pid: int | None, commands: str,
-                 amqp_url: str, http_url: str, api_token: str, command_timeout: float) -> None:
+                 amqp_url: str, http_url: str, api_token: str, command_timeout: float,
+                 broker: Broker | None = None) -> None:
         self.plan = plan
+        self.broker = broker  # the suite's broker: the node-loss scenario loses one of its nodes
         self.gauge = TreeGauge(gateway_pid) if gateway_pid else None
         self.commands: AmqpCommands | HttpCommands | None = None
         self.events: EventVerifier | None = None
@@ -209,7 +214,7 @@ class Run:
         """The server tree's RSS and CPU, RabbitMQ's RSS, and the CPU everything else used, now."""
         sample: dict[str, Any] = self.gauge.sample() if self.gauge else {}
         if not self.plan.floor:
-            sample["rabbit_rss_mb"] = rabbit_rss_mb()
+            sample["rabbit_rss_mb"] = rabbit_rss_mb(self.rabbit_pids())
         sample["others_cpu_s"] = others_cpu_s(self.measured_pids())
         return sample
 
@@ -218,8 +223,11 @@ class Run:
         pids = {os.getpid(), *(process.pid for process in self.fleet.processes)}
         if self.gauge:
             pids |= self.gauge.pids()
-        rabbit = rabbit_process()
-        return pids | ({rabbit.pid} if rabbit else set())
+        return pids | {process.pid for process in rabbit_processes(self.rabbit_pids())}
+
+    def rabbit_pids(self) -> list[int] | None:
+        """The cluster's nodes when the suite booted one, else None (the machine's broker)."""
+        return self.broker.pids if self.broker is not None else None
 
     def mark(self, name: str, pss: bool = False) -> dict[str, Any]:
         """Remember the time, counters and gauges at a moment the scenario cares about."""

@@ -85,24 +85,37 @@ def listens_on(process: psutil.Process, port: int) -> bool:
         return False
 
 
-def rabbit_process() -> psutil.Process | None:
-    """The local RabbitMQ node (its beam.smp process), if one runs here.
+def rabbit_processes(pids: list[int] | None = None) -> list[psutil.Process]:
+    """The RabbitMQ nodes a run drives: the processes `pids` (a cluster the suite booted), else the
+    local node (its beam.smp process), if one runs here.
 
-    The oldest beam: every `rabbitmqctl` (others run them on a shared machine) is a
-    short-lived beam.smp too, and mistaking one for the node swaps the node's
-    whole memory and CPU in or out of a figure.
+    The local node is the oldest beam: every `rabbitmqctl` (others run them on a shared machine) is a
+    short-lived beam.smp too, and mistaking one for the node swaps the node's whole memory and CPU in
+    or out of a figure.
     """
+    if pids is not None:
+        found = []
+        for pid in pids:
+            try:
+                found.append(psutil.Process(pid))
+            except psutil.Error:
+                continue
+        return found
     beams = [process for process in psutil.process_iter(["name", "create_time"])
              if (process.info["name"] or "").startswith("beam")]
-    return min(beams, key=lambda process: process.info["create_time"], default=None)
+    return [min(beams, key=lambda process: process.info["create_time"])] if beams else []
 
 
-def rabbit_rss_mb() -> float | None:
-    process = rabbit_process()
-    try:
-        return process.memory_info().rss / MB if process else None
-    except psutil.Error:
-        return None
+def rabbit_rss_mb(pids: list[int] | None = None) -> float | None:
+    """RSS of the RabbitMQ nodes (summed over a cluster's), None when there is none to read."""
+    total, read = 0, False
+    for process in rabbit_processes(pids):
+        try:
+            total += process.memory_info().rss
+            read = True
+        except psutil.Error:
+            continue
+    return total / MB if read else None
 
 
 def others_cpu_s(excluded: set[int]) -> float:

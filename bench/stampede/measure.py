@@ -84,7 +84,7 @@ def measure_server(args: argparse.Namespace, label: str, targets: list[str], pid
                 secret=args.secret, prefix=args.prefix, concurrency=args.concurrency,
                 heartbeat=args.heartbeat, cafile=args.cafile, verify_tls=not args.insecure)
     with Run(plan, pid, args.commands_via, args.amqp_url, args.http_url, args.api_token,
-             args.command_timeout) as run:
+             args.command_timeout, args.rabbit) as run:
         return ServerRun(targets, SCENARIOS[args.scenario](run, args), run.timeline)
 
 

@@ -119,6 +119,27 @@ def plot(results: dict[str, Any], timelines: dict[str, list[dict[str, Any]]], pa
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=80)
     plt.close(figure)
+    plot_recovery(results, path.with_name(f"{path.stem}-recovery.png"))
+
+
+def plot_recovery(results: dict[str, Any], path: Path) -> None:
+    """A node-loss run: the share of commands answered by when they were sent, 0 being the node's loss."""
+    series = {label: figures["node_loss"]["sampled"]["answered_share_over_time"]
+              for label, figures in results["runs"].items() if figures.get("node_loss")}
+    if not series:
+        return
+    figure, axes = plt.subplots(figsize=(9, 4))
+    for label, bins in series.items():
+        axes.step([b["t"] for b in bins], [100 * b["share"] for b in bins], where="post", label=label)
+    axes.axvline(0, color="grey", linestyle=":", label="node killed")
+    axes.set_xlabel("seconds since a RabbitMQ node was killed (by send time)")
+    axes.set_ylabel("commands answered (%)")
+    axes.set_title(f"node loss: {results['devices']:,} devices held, commands to random devices")
+    axes.set_ylim(0, 105)
+    axes.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
 
 
 def plot_cpu(axes: plt.Axes, timelines: dict[str, list[dict[str, Any]]],

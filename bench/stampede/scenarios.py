@@ -7,7 +7,9 @@ with a ramp, so every run also reports what connecting costs.
 from __future__ import annotations
 
 import argparse
+import math
 import random
+import time
 from collections import Counter
 from typing import Any
 
@@ -221,6 +223,8 @@ def reconnect(run: Run, options: argparse.Namespace, jitter: float) -> dict[str,
     established = after["established"] - before["established"]
     return {"jitter_s": jitter, "all_back": all_back, "up": after["up"],
             "seconds_until_all_back": round(run.fleet.last_welcome() - before["wall"], 3),
+            # Every session re-established is one bind (its old session's unbind came with the drop).
+            "sessions_per_s": round(established / max(run.fleet.last_welcome() - before["wall"], 1e-3), 1),
             "failures": delta(after["failures"], before["failures"]),
             "tls": handshakes(before, after),
             "sessions_lost_meanwhile": delta(after["lost"], before["lost"]),
@@ -259,5 +263,102 @@ def span(share: tuple[int, int]) -> tuple[int, int]:
     return first, first + count
 
 
+RECOVERY_TARGET = 5.0  # seconds after a node's loss by which commands must flow for every device (issue 13)
+SWEEP_SECONDS = 10.0  # the sweep sends one command to every device, spread over this long
+
+
+def node_loss(run: Run, options: argparse.Namespace) -> dict[str, Any]:
+    """A RabbitMQ node crashes (SIGKILL) while every device is held and commands flow: do they flow again
+    within RECOVERY_TARGET seconds, for every device?
+
+    Commands go to random devices at --command-rate for --quiet seconds, then through the loss and
+    RECOVERY_TARGET seconds after it: the last of them that failed says when commands flowed again
+    (for a sample of devices). Then a sweep, RECOVERY_TARGET seconds after the loss, sends one command
+    to every device: each answered proves that device reachable again by then. The node is booted
+    again at the end, and commands flow for --settle seconds more, so later runs find both nodes.
+    Only on a cluster the suite booted (`--broker cluster`): one node has nothing to lose.
+    """
+    figures: dict[str, Any] = {"ramp": ramp(run, options)}
+    if run.broker is None or not run.broker.can_lose_node or run.commands is None:
+        figures["node_loss"] = None
+        return figures
+    log, devices = run.commands.log, run.plan.devices
+    start = run.mark("commands_start")
+    commands = run.commands
+
+    def one() -> None:
+        commands.send(run.plan.device_name(random.randrange(devices)))
+
+    pace(options.command_rate, options.quiet, one)
+    killed = run.broker.lose_node()
+    run.mark("node_lost")
+    pace(options.command_rate, RECOVERY_TARGET - (time.time() - killed), one)
+    sweep_started = time.time()
+    names = (run.plan.device_name(index) for index in range(devices))
+    pace(devices / SWEEP_SECONDS, SWEEP_SECONDS, lambda: commands.send(next(names)))
+    for name in names:  # the pacing's last tick may fall short of the last few
+        commands.send(name)
+    drain(options)
+    swept = run.mark("swept")
+    restored_in = run.broker.restore_node()
+    pace(options.command_rate, options.settle, one)
+    drain(options)
+    end = run.mark("node_restored")
+    # Judged by send time once everything settled: a command's outcome may come after the next phase began.
+    figures["node_loss"] = {
+        "killed_after_s": round(killed - start["wall"], 3),
+        "sampled": recovery(log.settled, start["wall"], killed, sweep_started),
+        "sweep": sweep(log.settled, sweep_started, swept["wall"], killed, devices),
+        "sessions_lost": sum(delta(swept["lost"], start["lost"]).values()),
+        "sessions_lost_by_reason": delta(swept["lost"], start["lost"]),
+        "up_after": swept["up"],
+        "node_restored_in_s": round(restored_in, 3),
+        "after_restore": outcomes_between(log.settled, swept["wall"]),
+        "sessions_lost_after_restore": delta(end["lost"], swept["lost"]),
+        "commands": command_figures(run),
+    }
+    return figures
+
+
+def recovery(settled: list[tuple[float, str, str]], since: float, killed: float, until: float) -> dict[str, Any]:
+    """Random commands sent between `since` and `until`: how they fared before and after the loss at `killed`."""
+    sample = [(sent - killed, outcome) for sent, _device, outcome in settled if since <= sent < until]
+    failed_after = [t for t, outcome in sample if outcome != "ok" and t >= 0]
+    return {"sent_before_loss": sum(t < 0 for t, _ in sample),
+            "failed_before_loss": sum(t < 0 and outcome != "ok" for t, outcome in sample),
+            "sent_after_loss": sum(t >= 0 for t, _ in sample),
+            "failed_after_loss": dict(Counter(outcome for t, outcome in sample if outcome != "ok" and t >= 0)),
+            "first_failed_s": round(min(failed_after), 3) if failed_after else None,
+            # After this, every sampled command was answered: commands flowed again.
+            "recovery_s": round(max(failed_after), 3) if failed_after else 0.0,
+            "answered_share_over_time": answered_share(sample)}
+
+
+def answered_share(sample: list[tuple[float, str]], width: float = 0.5) -> list[dict[str, Any]]:
+    """Per `width` seconds (0 = the loss): commands sent then, and the share of them answered."""
+    bins: dict[int, list[int]] = {}
+    for t, outcome in sample:
+        counts = bins.setdefault(math.floor(t / width), [0, 0])
+        counts[0] += 1
+        counts[1] += outcome == "ok"
+    return [{"t": index * width, "sent": sent, "share": round(ok / sent, 4)}
+            for index, (sent, ok) in sorted(bins.items())]
+
+
+def sweep(settled: list[tuple[float, str, str]], started: float, ended: float, killed: float,
+          devices: int) -> dict[str, Any]:
+    """The sweep's commands (one per device): how many devices answered, and when the failed ones were sent."""
+    swept = [(sent - killed, device, outcome) for sent, device, outcome in settled if started <= sent < ended]
+    answered = {device for _, device, outcome in swept if outcome == "ok"}
+    failed = [(t, outcome) for t, device, outcome in swept if outcome != "ok" and device not in answered]
+    return {"devices": devices, "started_after_loss_s": round(started - killed, 3),
+            "answered": len(answered), "not_answered": dict(Counter(outcome for _, outcome in failed)),
+            "last_failed_sent_after_loss_s": round(max(t for t, _ in failed), 3) if failed else None}
+
+
+def outcomes_between(settled: list[tuple[float, str, str]], since: float) -> dict[str, int]:
+    return dict(Counter(outcome for sent, _device, outcome in settled if sent >= since))
+
+
 SCENARIOS = {"ramp": lambda run, options: {"ramp": ramp(run, options)},
-             "hold": hold, "stampede": stampede, "kill-load": kill_load}
+             "hold": hold, "stampede": stampede, "kill-load": kill_load, "node-loss": node_loss}

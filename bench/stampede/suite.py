@@ -41,10 +41,12 @@ import trustme
 import urllib3
 
 from bench.stampede import report
+from bench.stampede.brokers import Broker, brokers
 from bench.stampede.measure import ServerRun, assemble, machine, measure_server, publish
 
 SESSIONS_PER_WORKER = 18000
-SCENARIO_ORDER = ("ramp", "hold", "stampede", "kill-load")
+SCENARIO_ORDER = ("ramp", "hold", "stampede", "kill-load", "node-loss")
+DEFAULT_SCENARIOS = SCENARIO_ORDER[:4]  # node-loss needs --broker cluster
 RESULTS = Path("bench/results")
 
 
@@ -148,14 +150,14 @@ def gateway_ports(args: argparse.Namespace, transport: str | None = None) -> dic
     return ports
 
 
-def gateway_env(args: argparse.Namespace, workers: int, transport: str) -> dict[str, str]:
+def gateway_env(args: argparse.Namespace, workers: int, transport: str, amqp_url: str) -> dict[str, str]:
     """The gateway's environment; PYTHONPATH is its own checkout, so `app` never comes from this one.
 
     TLS listeners only for a TLS transport: the plain transports are measured on a gateway without them,
     as they are deployed. MQTT_TLS_PORT is disabled, so that its default port (8883) is never contended.
     """
     env = {**os.environ, "PORT": str(args.http_port), "DEVICE_PORT": str(args.device_port),
-           "MQTT_PORT": str(args.mqtt_port), "WEB_CONCURRENCY": str(workers), "AMQP_URL": args.amqp_url,
+           "MQTT_PORT": str(args.mqtt_port), "WEB_CONCURRENCY": str(workers), "AMQP_URL": amqp_url,
            "DEVICE_SECRETS": args.secret, "API_TOKENS": args.api_token or "bench-token",
            "MAX_CONNECTIONS": str(SESSIONS_PER_WORKER), "PYTHONPATH": str(args.gateway_dir.resolve())}
     for variable in ("TLS_CERT_FILE", "TLS_KEY_FILE", "TLS_CLIENT_CA_FILE"):
@@ -192,16 +194,19 @@ def device_url(args: argparse.Namespace, transport: str) -> str:
             "wss": f"wss://127.0.0.1:{args.https_port}/ws"}[transport]
 
 
-def gateway_label(args: argparse.Namespace, transport: str) -> str:
-    """"gateway" when the suite measures one transport (as results always said), else the transport."""
-    return "gateway" if len(args.transport) == 1 else transport
+def gateway_label(args: argparse.Namespace, transport: str, broker: str) -> str:
+    """"gateway" when the suite measures one transport on one broker (as results always said), else what
+    varies: the transport, the broker (`cluster`), or both (`mqtt-cluster`)."""
+    varies = [*([transport] if len(args.transport) > 1 else []), *([broker] if len(args.broker) > 1 else [])]
+    return "-".join(varies) or "gateway"
 
 
 def prefix(args: argparse.Namespace) -> str:
-    """The name every file of this suite starts with: --out's, or suite-DEVICES[-TRANSPORTS]."""
+    """The name every file of this suite starts with: --out's, or suite-DEVICES[-TRANSPORTS][-BROKERS]."""
     if args.out:
         return args.out.with_suffix("").name
-    return f"suite-{args.devices}" + ("" if args.transport == ["tcp"] else "-" + "-".join(args.transport))
+    return (f"suite-{args.devices}" + ("" if args.transport == ["tcp"] else "-" + "-".join(args.transport))
+            + ("" if args.broker == ["single"] else "-" + "-".join(args.broker)))
 
 
 def run_suite(args: argparse.Namespace) -> None:
@@ -223,32 +228,44 @@ def run_suite(args: argparse.Namespace) -> None:
               f"{args.device_tls_port} and HTTPS_PORT {args.https_port}; the floor stays plain TCP",
               file=sys.stderr)
     sections = []
-    for scenario in args.scenarios.split(","):
-        # Fresh servers for every run: memory freed by one must not hide the next one's cost.
-        one = scenario_args(args, scenario)
-        ensure_unused({"--floor-port": args.floor_port, **gateway_ports(args)})
-        with started(floor_command, dict(os.environ), logs / f"floor-{scenario}.log") as floor:
-            wait_for_port(args.floor_port, 30, floor)
-            runs = {"floor": measure_server(one, "floor", [one.floor], floor.pid)}
-        for transport in args.transport:
-            gevent.sleep(args.settle)
-            label = gateway_label(args, transport)
-            runs[label] = run_gateway(one, transport, workers, logs / f"gateway-{scenario}-{transport}.log")
-        results = assemble(one, runs)
-        publish(results, one)
-        sections.append(markdown_section(results, one.plot))
+    with brokers(args.broker, args.amqp_url) as found:
+        for scenario in args.scenarios.split(","):
+            # Fresh servers for every run: memory freed by one must not hide the next one's cost.
+            one = scenario_args(args, scenario)
+            ensure_unused({"--floor-port": args.floor_port, **gateway_ports(args)})
+            with started(floor_command, dict(os.environ), logs / f"floor-{scenario}.log") as floor:
+                wait_for_port(args.floor_port, 30, floor)
+                runs = {"floor": measure_server(one, "floor", [one.floor], floor.pid)}
+            for broker in found.values():
+                if scenario == "node-loss" and not broker.can_lose_node:
+                    print(f"suite: node-loss skipped on the {broker.name} broker (one node: nothing to lose)",
+                          file=sys.stderr)
+                    continue
+                for transport in args.transport:
+                    gevent.sleep(args.settle)
+                    log = logs / f"gateway-{scenario}-{transport}-{broker.name}.log"
+                    runs[gateway_label(args, transport, broker.name)] = run_gateway(one, transport, broker,
+                                                                                   workers, log)
+            results = assemble(one, runs)
+            publish(results, one)
+            sections.append(markdown_section(results, one.plot))
     write_markdown(args, workers, sections)
 
 
-def run_gateway(args: argparse.Namespace, transport: str, workers: int, log: Path) -> ServerRun:
-    """One scenario against a fresh gateway whose devices connect over `transport`."""
+def run_gateway(args: argparse.Namespace, transport: str, broker: Broker, workers: int, log: Path) -> ServerRun:
+    """One scenario against a fresh gateway on `broker` whose devices connect over `transport`."""
     command = [sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", "wsgi:app"]
     ensure_unused(gateway_ports(args, transport))
-    with started(command, gateway_env(args, workers, transport), log, cwd=args.gateway_dir) as gateway:
+    on_broker = copy.copy(args)
+    on_broker.amqp_url, on_broker.rabbit = broker.backend_url, broker
+    env = gateway_env(args, workers, transport, broker.gateway_url)
+    with started(command, env, log, cwd=args.gateway_dir) as gateway:
         wait_for_http(f"{args.http_url}/readyz", 60, gateway)
-        run = measure_server(args, gateway_label(args, transport), [device_url(args, transport)], gateway.pid)
+        label = gateway_label(args, transport, broker.name)
+        run = measure_server(on_broker, label, [device_url(args, transport)], gateway.pid)
         if gateway.poll() is not None:
-            print(f"suite: the gateway exited during {args.scenario} over {transport}; see {log}", file=sys.stderr)
+            print(f"suite: the gateway exited during {args.scenario} over {transport} on the {broker.name} broker; "
+                  f"see {log}", file=sys.stderr)
         return run
 
 
@@ -282,8 +299,8 @@ TLS_NOTE = (" TLS gateways serve a throw-away trustme certificate; the floor sta
 
 def write_markdown(args: argparse.Namespace, workers: int, sections: list[str]) -> None:
     facts = machine()
-    header = (f"## Suite: {args.devices:,} devices ({', '.join(args.transport)}), {workers} workers "
-              "(each gateway and the floor)\n\n"
+    header = (f"## Suite: {args.devices:,} devices ({', '.join(args.transport)}; RabbitMQ: "
+              f"{', '.join(args.broker)}), {workers} workers (each gateway and the floor)\n\n"
               f"Gateway from `{args.gateway_dir.resolve()}`."
               f"{TLS_NOTE if set(args.transport) & set(TLS_TRANSPORTS) else ''}\n\n"
               f"Machine: {facts['cores']} cores, {facts['memory_gib']} GiB, kernel {facts['kernel']}, "

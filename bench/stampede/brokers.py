@@ -1,0 +1,82 @@
+"""Which RabbitMQ a suite's gateway runs on: the machine's own broker, or a two-node cluster of the suite's.
+
+`--broker single,cluster` runs every scenario once per broker, each on a fresh
+gateway, the later compared with the first. The cluster is the one the cluster
+tests boot (tests/rabbit_cluster.py: own node names, ports and data, run as the
+`rabbitmq` user, killed when the suite ends), booted once for the whole suite.
+The gateway lists both nodes in AMQP_URL (`a;b`), so its workers spread over them;
+this tool's backend (its commands and the event verifier) connects to the first
+node only, so that commands and events cross the cluster as they would between
+hosts, and `lose_node` (the node-loss scenario) kills the second: the backend
+keeps its connection, and what is measured is the gateway's recovery.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+
+from tests.rabbit_cluster import RabbitCluster, amqp_url, running_cluster
+
+BROKERS = ("single", "cluster")
+
+
+@dataclass
+class Broker:
+    """Where one gateway's RabbitMQ is, and (on a cluster) how to lose and restore a node."""
+
+    name: str
+    gateway_url: str  # the gateway's AMQP_URL
+    backend_url: str  # this tool's commands and event verifier
+    cluster: RabbitCluster | None = field(default=None, repr=False)
+
+    @property
+    def pids(self) -> list[int] | None:
+        """The cluster's node processes, whose memory the run gauges (None: the machine's broker)."""
+        if self.cluster is None:
+            return None
+        return [node.process.pid for node in self.cluster.nodes if node.running]
+
+    @property
+    def can_lose_node(self) -> bool:
+        return self.cluster is not None
+
+    def lose_node(self) -> float:
+        """SIGKILL the second node (a crash: no goodbye to clients); the wall-clock time it died."""
+        self.cluster.kill_node(self.cluster.nodes[1])
+        return time.time()
+
+    def restore_node(self) -> float:
+        """Boot the lost node again from its data (it rejoins by itself); seconds until it accepts AMQP."""
+        started = time.monotonic()
+        self.cluster.start_node(self.cluster.nodes[1])
+        return time.monotonic() - started
+
+
+def known_brokers(names: str) -> list[str]:
+    """argparse type for --broker: a comma-separated list of BROKERS, each at most once."""
+    chosen = names.split(",")
+    if set(chosen) - set(BROKERS) or len(set(chosen)) != len(chosen):
+        raise argparse.ArgumentTypeError(f"--broker takes distinct names among {', '.join(BROKERS)}")
+    return chosen
+
+
+@contextmanager
+def brokers(names: list[str], single_url: str) -> Iterator[dict[str, Broker]]:
+    """Every broker named, by name; a cluster is booted first and killed when the block ends."""
+    with ExitStack() as stack:
+        found = {}
+        for name in names:
+            if name == "single":
+                found[name] = Broker(name, single_url, single_url)
+                continue
+            print("suite: booting a two-node RabbitMQ cluster (tests/rabbit_cluster.py)", file=sys.stderr)
+            cluster = stack.enter_context(running_cluster(2))
+            print(f"suite: cluster {', '.join(node.name for node in cluster.nodes)} up in "
+                  f"{cluster.boot_seconds:.1f}s", file=sys.stderr)
+            found[name] = Broker(name, amqp_url(*cluster.nodes), cluster.nodes[0].url, cluster)
+        yield found
