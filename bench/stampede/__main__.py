@@ -104,8 +104,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     suite.add_argument("--broker", type=known_brokers, default=["single"],
                        help=f"which RabbitMQ the gateway runs on, one or a comma-separated list of "
                             f"{', '.join(BROKERS)}: single is --amqp-url, cluster a two-node cluster the suite "
-                            "boots beside it (tests/rabbit_cluster.py; root or the rabbitmq user), the gateway "
-                            "listing both nodes; each runs on its own fresh gateway (default: single)")
+                            "boots beside it (tests/rabbit_cluster.py; root or the rabbitmq user), cluster3 one "
+                            "of three, the gateway listing every node; each runs on its own fresh gateway "
+                            "(default: single)")
     suite.add_argument("--floor-port", type=int, default=7979)
     suite.add_argument("--device-port", type=int, default=7878)
     suite.add_argument("--http-port", type=int, default=8000)

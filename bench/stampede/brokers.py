@@ -1,10 +1,11 @@
 """Which RabbitMQ a suite's gateway runs on: the machine's own broker, or a two-node cluster of the suite's.
 
 `--broker single,cluster` runs every scenario once per broker, each on a fresh
-gateway, the later compared with the first. The cluster is the one the cluster
+gateway, the later compared with the first; `cluster3` is a cluster of three nodes,
+so that the nodes left after a loss are still a cluster. A cluster is the one the cluster
 tests boot (tests/rabbit_cluster.py: own node names, ports and data, run as the
 `rabbitmq` user, killed when the suite ends), booted once for the whole suite.
-The gateway lists both nodes in AMQP_URL (`a;b`), so its workers spread over them;
+The gateway lists every node in AMQP_URL (`a;b`), so its workers spread over them;
 this tool's backend (its commands and the event verifier) connects to the first
 node only, so that commands and events cross the cluster as they would between
 hosts, and `lose_node` (the node-loss scenario) kills the second: the backend
@@ -22,7 +23,8 @@ from dataclasses import dataclass, field
 
 from tests.rabbit_cluster import RabbitCluster, amqp_url, running_cluster
 
-BROKERS = ("single", "cluster")
+CLUSTER_SIZES = {"cluster": 2, "cluster3": 3}
+BROKERS = ("single", *CLUSTER_SIZES)
 
 
 @dataclass
@@ -74,8 +76,9 @@ def brokers(names: list[str], single_url: str) -> Iterator[dict[str, Broker]]:
             if name == "single":
                 found[name] = Broker(name, single_url, single_url)
                 continue
-            print("suite: booting a two-node RabbitMQ cluster (tests/rabbit_cluster.py)", file=sys.stderr)
-            cluster = stack.enter_context(running_cluster(2))
+            size = CLUSTER_SIZES[name]
+            print(f"suite: booting a RabbitMQ cluster of {size} nodes (tests/rabbit_cluster.py)", file=sys.stderr)
+            cluster = stack.enter_context(running_cluster(size))
             print(f"suite: cluster {', '.join(node.name for node in cluster.nodes)} up in "
                   f"{cluster.boot_seconds:.1f}s", file=sys.stderr)
             found[name] = Broker(name, amqp_url(*cluster.nodes), cluster.nodes[0].url, cluster)
