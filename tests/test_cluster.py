@@ -443,17 +443,12 @@ def test_three_nodes_quorum_queue_keeps_acked_events_when_a_node_is_lost_for_goo
         assert acked(before) and [event for event in acked(before + during) if event not in stored] == [], stored
 
 
-class NotAckedAgain(AssertionError):
-    """The one failure the next test expects for now."""
-
-
-@pytest.mark.xfail(raises=NotAckedAgain, strict=True, reason=(
-    "RabbitMQ 3.10.8 nacks every later publish of a channel whose first publish to a quorum queue came "
-    "while the queue had no leader, until the channel closes; the gateway keeps its channel"))
 def test_events_are_acked_again_once_a_quorum_queue_has_its_majority_back(
         cluster: RabbitCluster, third_node: Node, tmp_path: Path) -> None:
     """Three nodes, one stopped, then the leader's node killed: no majority, so events are nacked;
-    the stopped node back, a majority again: events are acked again."""
+    the stopped node back, a majority again: events are acked again. RabbitMQ 3.10 keeps nacking a
+    channel whose first publish came while the queue had no leader: the publisher replaces a channel
+    nacked for NACK_STREAK seconds with no ack (app/broker/publisher.py)."""
     node_a, node_b = cluster.nodes[:2]
     with quorum_queue_of_a_device(tmp_path, third_node, node_a) as (gateway, client, queue):
         assert acked(events_until_acked(client, "before"))
@@ -465,7 +460,13 @@ def test_events_are_acked_again_once_a_quorum_queue_has_its_majority_back(
         wait_until(on_node_a, timeout=30)
         assert send_event(client, "during")["type"] == "nack"
         cluster.start_node(node_b)
-        after = events_until_acked(client, "after", timeout=6)  # a fresh channel's are acked within 1-2 s
-        if not acked(after):
-            raise NotAckedAgain(f"a majority again, but events still nacked: {after[-3:]}")
+        back = time.monotonic()
+        # Its first publish may still find no leader, and so the channel nacking: then NACK_STREAK and
+        # a tick (up to 3 s) before the publisher drops it, and about 2 s to try the dead node first (kombu's
+        # connect retries once, 2 s later) before a fresh channel on this one: about 5 s, 4.2-5.2 s seen.
+        after = events_until_acked(client, "after", timeout=10)
+        nacked = Counter(answer.get("reason") for answer in after if answer["type"] == "nack")
+        print(f"\n[figure] quorum queue's majority back: events acked again {time.monotonic() - back:.1f}s later "
+              f"(nacked meanwhile: {dict(nacked)})")
+        assert acked(after), f"a majority again, but events still nacked: {after[-3:]}"
         assert set(acked(after)) <= queue.ids()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import struct
 import time
+import types
 import uuid
 from typing import Any
 
@@ -17,10 +18,11 @@ from gevent.event import Event
 from kombu import Connection
 
 from app.broker import frames, link
+from app.broker import publisher as publisher_module
 from app.broker.consumer import MAX_WINDOW, START_WINDOW, CommandConsumer, Window
 from app.broker.link import WRITE_BATCH, MemoryWire
 from app.broker.messages import EVENT, decode_takeover, encode_takeover
-from app.broker.publisher import Publisher
+from app.broker.publisher import NACK_STREAK, Publisher
 
 
 def wait_for(predicate: Any, timeout: float = 3.0) -> None:
@@ -151,6 +153,46 @@ def test_a_lost_connection_fails_pending_and_queued(publisher: Publisher) -> Non
     publisher.connected = False
     publisher.on_lost()
     assert pending == {0: "broker_unavailable"} and queued == ["broker_unavailable"]
+
+
+def nack(tag: int, multiple: bool = False) -> bytes:
+    return ack(tag, multiple, sig=spec.Basic.Nack)
+
+
+def test_a_streak_of_nacks_with_no_ack_drops_the_connection(publisher: Publisher,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """RabbitMQ 3.10 keeps nacking a channel that first published to a leaderless quorum queue."""
+    clock = [100.0]
+    monkeypatch.setattr(publisher_module, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    publish_events(publisher, 2)
+    publisher.methods[frames.BASIC_NACK](nack(1))
+    clock[0] += NACK_STREAK - 0.5
+    publish_events(publisher, 1)
+    publisher.methods[frames.BASIC_NACK](nack(3, multiple=True))  # a later nack does not restart the streak
+    publisher.tick(100.0 + NACK_STREAK - 0.1)
+    with pytest.raises(ConnectionError, match="nacked for 2s with no ack"):
+        publisher.tick(100.0 + NACK_STREAK + 0.1)
+
+
+def test_an_ack_ends_a_streak_of_nacks(publisher: Publisher) -> None:
+    publish_events(publisher, 3)
+    publisher.methods[frames.BASIC_NACK](nack(1))
+    publisher.methods[frames.BASIC_ACK](ack(2))
+    publisher.tick(time.monotonic() + NACK_STREAK + 1)
+    publisher.methods[frames.BASIC_NACK](nack(3))  # a new streak, from now
+    started = time.monotonic()
+    publisher.tick(started + NACK_STREAK - 0.1)
+    with pytest.raises(ConnectionError):
+        publisher.tick(started + NACK_STREAK + 0.1)
+
+
+def test_a_reconnect_ends_a_streak_of_nacks(publisher: Publisher) -> None:
+    publish_events(publisher, 1)
+    publisher.methods[frames.BASIC_NACK](nack(1))
+    publisher.connected = False
+    publisher.on_lost()  # the link's teardown, before it connects a fresh channel
+    publisher.connected = True
+    publisher.tick(time.monotonic() + NACK_STREAK + 1)
 
 
 # -- the consumer's bindings -------------------------------------------------------------------------
