@@ -17,6 +17,12 @@ to those keys meanwhile). So every write waits for its answer (a bind for its
 bind-ok, an unbind for its unbind-ok, a notice for its own echo; binds are not
 no-wait), and a `Window` says how many may be unanswered at once.
 
+Binds go over several channels ("lanes"), a device always on the same one: RabbitMQ
+runs one channel's binds one after another, and on a cluster each is a transaction
+the other nodes must agree to (about 1.3 ms on two nodes here), so one channel would
+cap a worker at some 750 binds a second however wide the window. A device's bind,
+unbind and notice share its lane, so their order, which the welcome relies on, holds.
+
 Takeover notices are published on this connection, on the same channel, after the
 device's bind: RabbitMQ handles a channel's methods in order, so by the time our own
 notice comes back the bind before it is in effect, and the session's welcome waits
@@ -40,7 +46,7 @@ from typing import Any
 from kombu import Queue
 
 from app.broker import frames
-from app.broker.link import WRITE_BATCH, Link, Wire
+from app.broker.link import WRITE_BATCH, Link
 from app.broker.messages import (
     ASK_TYPE,
     COMMANDS_EXCHANGE,
@@ -54,11 +60,13 @@ from app.broker.messages import (
     encode_takeover,
     parse_command,
 )
+from app.broker.wires import Wire
 
 log = logging.getLogger("warren.broker")
 
 QUEUE_DELAY = 0.05  # seconds of our writes that may stand at RabbitMQ between a command and us
 MIN_WINDOW, START_WINDOW, MAX_WINDOW = 1, 8, 256
+BIND_LANES = 4  # channels for binds, unbinds and notices (a cluster's bind rate grows with them to about 4)
 ECHO_TIMEOUT = 10.0  # a notice not back by then was not routed to us (its device unbound meanwhile)
 
 _BIND, _UNBIND, _NOTICE = "bind", "unbind", "notice"
@@ -121,6 +129,7 @@ class CommandConsumer(Link):
         self._todo: deque[tuple[Any, ...]] = deque()  # binds, unbinds and notices, in write order
         self._awaiting = 0  # binds and unbinds written, their -ok still to come
         self._echoes: dict[tuple[str, str], float] = {}  # (device, session) of notices written -> expiry
+        self._lanes: tuple[int, ...] = (0,)  # channel ids for binds (0: the link's own, in-process)
         self.window = Window()
         self.methods = {frames.QUEUE_BIND_OK: self._on_bind_ok, frames.QUEUE_UNBIND_OK: self._on_bind_ok}
         self.contents = {frames.BASIC_DELIVER: self._on_deliver}
@@ -167,6 +176,8 @@ class CommandConsumer(Link):
         # On AMQP the reader takes deliveries off the wire itself; the callback serves `memory://`.
         connection.channel().basic_consume(self.queue_name, no_ack=True, callback=self._on_in_process_message,
                                            consumer_tag=self.queue_name)
+        if self.is_amqp:
+            self._lanes = (channel.channel_id, *(connection.channel().channel_id for _ in range(BIND_LANES - 1)))
         # Announcing every session, not only those begun during the outage: another worker may hold
         # an older session of one of our devices and have re-bound after our notice went out, or
         # before; whichever order the workers come back in, the later notice reaches the other.
@@ -178,7 +189,7 @@ class CommandConsumer(Link):
                           for device, started, session_id in self._live_sessions())
 
     def write(self, wire: Wire) -> bool:
-        todo, queue, paced = self._todo, self.queue_name, wire.acknowledges_binds
+        todo, queue, paced, lanes = self._todo, self.queue_name, wire.acknowledges_binds, self._lanes
         now = time.monotonic()
         for _ in range(WRITE_BATCH):
             if not todo:
@@ -186,20 +197,21 @@ class CommandConsumer(Link):
             if paced and self._outstanding() >= self.window.size:
                 return False  # the reader wakes us as answers come back
             operation, device, *session = todo.popleft()
+            lane = lanes[hash(device) % len(lanes)]  # str hashes are cached: cheap, and fixed per process
             if operation is _UNBIND:
                 if device not in self.bound:  # else bound again since: a stale unbind writes nothing
                     self.window.wrote(now, self._outstanding())
-                    wire.unbind(queue, COMMANDS_EXCHANGE, device)
+                    wire.unbind(queue, COMMANDS_EXCHANGE, device, lane)
                     self._awaiting += paced
             elif device not in self.bound:
                 continue  # unbound since: a stale bind, or the notice of an ended session, writes nothing
             elif operation is _BIND:
                 self.window.wrote(now, self._outstanding())
-                wire.bind(queue, COMMANDS_EXCHANGE, device)
+                wire.bind(queue, COMMANDS_EXCHANGE, device, lane)
                 self._awaiting += paced
             else:
                 self.window.wrote(now, self._outstanding())
-                wire.publish(TAKEOVER, device, encode_takeover(device, session[1], session[0]), ())
+                wire.publish(TAKEOVER, device, encode_takeover(device, session[1], session[0]), (), lane)
                 if paced:
                     self._echoes[(device, session[1])] = now + ECHO_TIMEOUT
         return bool(todo)

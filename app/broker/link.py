@@ -6,9 +6,8 @@ drains what any greenlet queued, without blocking them, and the reader's rare
 protocol writes (close-ok) and the writer's sends take the same lock, so that no
 two frames ever interleave on the socket. Sessions never touch a RabbitMQ socket.
 
-Why batches: each writer pass (everything queued since the last one, up to a
-limit) is encoded into one buffer and sent with one `sendall`; the reader takes
-every frame that has arrived with one `recv`. The wire codec is frames.py.
+Why batches: each writer pass takes everything queued since the last one, up to a
+limit, and the wire (wires.py) sends it with one syscall.
 
 A lost connection is not a crash: the link marks itself down, lets its owner fail
 what was in flight, and reconnects with exponential backoff and full jitter. The
@@ -24,19 +23,16 @@ import logging
 import random
 import socket
 import time
-from collections.abc import Callable, Iterator
-from typing import Any, NoReturn
+from collections.abc import Iterator
+from typing import Any
 
 import amqp.exceptions
 import gevent
-from amqp.method_framing import frame_writer
 from gevent.event import Event
-from gevent.lock import Semaphore
 from kombu import Connection
 
 from app import metrics
-from app.broker import frames
-from app.broker.frames import PublishKind
+from app.broker.wires import AmqpWire, ContentHandler, MemoryWire, MethodHandler, Wire
 
 log = logging.getLogger("warren.broker")
 
@@ -48,8 +44,9 @@ TICK = 1.0  # seconds between the writer's periodic work (confirm timeouts, hear
 # Why a link went down: errors a network or a broker can cause. Anything else is a bug.
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (OSError, socket.timeout, EOFError, amqp.exceptions.AMQPError)
 
-MethodHandler = Callable[[bytes], None]
-ContentHandler = Callable[[bytes, dict[str, Any], bytes], None]
+
+class StuckChannel(ConnectionError):
+    """The node works but our channel is stuck in a bad state: reconnect to the same node."""
 
 
 def backoff_delays(first: float = BACKOFF_FIRST, maximum: float = BACKOFF_MAX) -> Iterator[float]:
@@ -76,166 +73,6 @@ def node_order(url: str, offset: int) -> list[str]:
         shift = (offset // len(nodes)) % len(rest)
         rest = rest[shift:] + rest[:shift]
     return [nodes[start], *rest]
-
-
-class AmqpWire:
-    """A py-amqp connection's socket, read through one buffer and written once per writer pass.
-
-    py-amqp's own frames (heartbeats, close-ok, declares) come through `_write_frame`:
-    inside a writer pass they join its buffer; outside one they are sent at once under
-    the lock that every send of this socket takes.
-    """
-
-    acknowledges_binds = True  # queue.bind-ok / queue.unbind-ok come back through the reader
-
-    def __init__(self, connection: Connection, channel: Any) -> None:
-        self.amqp = connection.connection
-        self.channel_id: int = channel.channel_id
-        self.frame_max: int = self.amqp.frame_max
-        self.collecting = False  # set by the writer for the length of a pass (which never yields)
-        self.out = bytearray()
-        self._sock = self.amqp.transport.sock
-        self._lock = Semaphore()
-        self._target = self.out
-        self._encode_frame = frame_writer(self.amqp, self)  # py-amqp's encoder, writing to `write`
-        self.amqp.frame_writer = self._write_frame
-        # What py-amqp read past its last frame while connecting (normally nothing).
-        self._reader = frames.FrameReader(self._sock, getattr(self.amqp.transport, "_read_buffer", b""))
-
-    # -- writing (the writer greenlet, except `_write_frame`) ------------------------------
-    def publish(self, kind: PublishKind, routing_key: str, body: bytes, values: tuple[Any, ...]) -> None:
-        frames.encode_publish(self.out, self.channel_id, self.frame_max, kind, routing_key,
-                              kind.properties.encode(values), body)
-
-    def bind(self, queue: str, exchange: str, routing_key: str) -> None:
-        frames.encode_bind(self.out, self.channel_id, queue, exchange, routing_key)
-
-    def unbind(self, queue: str, exchange: str, routing_key: str) -> None:
-        frames.encode_unbind(self.out, self.channel_id, queue, exchange, routing_key)
-
-    def heartbeat(self) -> None:
-        """Send a heartbeat when due; raises when RabbitMQ's have stopped coming."""
-        self.amqp.heartbeat_tick()
-
-    def flush(self) -> None:
-        """Send what this pass wrote, in one syscall."""
-        if self.out:
-            self._send(self.out)
-            self.out.clear()
-
-    def write(self, data: Any) -> None:
-        """Where py-amqp's frame encoder puts a frame (a view of its reused buffer: copied here)."""
-        self._target += data
-
-    def _write_frame(self, *frame: Any) -> None:
-        if self.collecting:
-            self._encode_frame(*frame)
-            return
-        self._target = own = bytearray()
-        try:
-            self._encode_frame(*frame)
-        finally:
-            self._target = self.out
-        self._send(own)
-
-    def _send(self, data: bytearray) -> None:
-        # `send` in a loop rather than gevent's `sendall`, which asks the kernel for the socket's
-        # buffer size on every call: one syscall per pass instead of two.
-        self._lock.acquire()
-        try:
-            sent = self._sock.send(data)
-            if sent < len(data):
-                view = memoryview(data)
-                while sent < len(view):
-                    sent += self._sock.send(view[sent:])
-        finally:
-            self._lock.release()
-        self.amqp.bytes_sent += 1  # py-amqp's heartbeat logic counts traffic, not bytes
-
-    # -- reading (the reader greenlet) -------------------------------------------------------
-    def read_forever(self, methods: dict[bytes, MethodHandler], contents: dict[bytes, ContentHandler]) -> NoReturn:
-        """Dispatch every frame of our channels: to `methods` (by signature) and `contents` (a method
-        with its content); the rest, and channel 0's, to py-amqp (connection.close, blocked, basic.cancel...)."""
-        py_amqp, reader, connection = self.amqp.on_inbound_frame, self._reader, self.amqp
-        handler: ContentHandler | None = None
-        content_channel = 0  # the channel whose content is arriving, when `handler` is set
-        method = b""
-        properties: dict[str, Any] = {}
-        size, chunks = 0, []
-        while True:
-            batch = reader.read()
-            connection.bytes_recv += len(batch)
-            for frame_type, channel, payload in batch:
-                if channel == 0:
-                    if frame_type != frames.HEARTBEAT:
-                        py_amqp((frame_type, channel, payload))
-                elif channel == content_channel:  # the header and body of a basic.deliver or basic.return
-                    if frame_type == frames.HEADER:
-                        size, properties = frames.decode_header(payload)
-                    else:
-                        chunks.append(payload)
-                        size -= len(payload)
-                    if size <= 0:
-                        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                        current, handler, chunks, content_channel = handler, None, [], 0
-                        current(method, properties, body)
-                elif frame_type != frames.METHOD:
-                    py_amqp((frame_type, channel, payload))
-                else:
-                    signature = payload[:4]
-                    if signature in methods:
-                        methods[signature](payload)
-                    elif signature in contents:
-                        handler, method, size, content_channel = contents[signature], payload, -1, channel
-                    elif signature == frames.CHANNEL_CLOSE:
-                        # Not py-amqp's: it would reopen the channel and wait, reading behind our back.
-                        code, text = frames.decode_close(payload)
-                        raise amqp.exceptions.ChannelError(text, reply_code=code)
-                    else:
-                        py_amqp((frame_type, channel, payload))
-
-
-class MemoryWire:
-    """kombu's in-process transport (`memory://`): no socket, no confirms, no returns."""
-
-    acknowledges_binds = False
-    collecting = False
-
-    def __init__(self, connection: Connection, channel: Any) -> None:
-        self.connection, self.channel = connection, channel
-
-    def publish(self, kind: PublishKind, routing_key: str, body: bytes, values: tuple[Any, ...]) -> None:
-        properties = kind.properties.as_dict(values)
-        message = self.channel.prepare_message(body, content_type=properties.pop("content_type", None),
-                                               content_encoding=properties.pop("content_encoding", None),
-                                               properties=properties)
-        self.channel.basic_publish(message, exchange=kind.exchange, routing_key=routing_key)
-
-    def routes(self, exchange: str, routing_key: str) -> bool:
-        """Whether a message to `exchange` with `routing_key` reaches some queue now."""
-        if not exchange:
-            return True
-        table = self.channel.get_table(exchange)
-        return bool(self.channel.typeof(exchange).lookup(table, exchange, routing_key, None))
-
-    def bind(self, queue: str, exchange: str, routing_key: str) -> None:
-        self.channel.queue_bind(queue, exchange, routing_key=routing_key)
-
-    def unbind(self, queue: str, exchange: str, routing_key: str) -> None:
-        self.channel.queue_unbind(queue, exchange, routing_key=routing_key)
-
-    def heartbeat(self) -> None:
-        pass
-
-    def flush(self) -> None:
-        pass
-
-    def read_forever(self, methods: dict[bytes, MethodHandler], contents: dict[bytes, ContentHandler]) -> NoReturn:
-        while True:  # deliveries reach the consumer's basic_consume callback
-            self.connection.drain_events(timeout=None)
-
-
-Wire = AmqpWire | MemoryWire
 
 
 class Link:
@@ -279,19 +116,22 @@ class Link:
                 gevent.sleep(delay)
                 continue
             delays = backoff_delays()
+            suspect = True  # the node that dropped us: try the next first
             try:
                 self._serve(wire)
             except CONNECTION_ERRORS as exc:
                 log.warning("%s: lost RabbitMQ (%s)", self.role, exc)
+                suspect = not isinstance(exc, StuckChannel)
             finally:
                 self._teardown(connection)
-            node = (node + 1) % len(self.nodes)  # the node that dropped us is suspect: try the next first
+            node = (node + suspect) % len(self.nodes)
             gevent.sleep(next(delays))
 
     def _connect(self, url: str) -> tuple[Connection, Wire]:
         connection = Connection(url, heartbeat=self.heartbeat, connect_timeout=CONNECT_TIMEOUT,
                                 transport_options={"polling_interval": 0.005})
-        connection.connect()
+        # Not `connect()`, which tries again itself after 2 s: a dead node would hold up the failover.
+        connection.ensure_connection(max_retries=0, reraise_as_library_errors=False)
         try:
             channel = connection.channel()
             self.blocked = False

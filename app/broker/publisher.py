@@ -37,8 +37,9 @@ from typing import Any
 from app import metrics
 from app.broker import frames
 from app.broker.frames import PublishKind
-from app.broker.link import WRITE_BATCH, Link, MemoryWire, Wire
+from app.broker.link import WRITE_BATCH, Link, StuckChannel
 from app.broker.messages import EXCHANGES
+from app.broker.wires import MemoryWire, Wire
 
 log = logging.getLogger("warren.broker")
 
@@ -147,8 +148,8 @@ class Publisher(Link):
         """Give up on confirms that take too long; the device will resend (at-least-once). Drop a
         channel whose publishes have been nacked for NACK_STREAK seconds with no ack."""
         if self._nacked_since is not None and now - self._nacked_since >= NACK_STREAK:
-            raise ConnectionError(f"publishes nacked for {now - self._nacked_since:.0f}s with no ack: reconnecting "
-                                  f"for a fresh channel (a quorum queue's leaderless channel state)")
+            raise StuckChannel(f"publishes nacked for {now - self._nacked_since:.0f}s with no ack: reconnecting "
+                               f"for a fresh channel (a quorum queue's leaderless channel state)")
         pending = self._pending
         overdue = 0
         while pending and self._oldest < self._next_tag:

@@ -49,7 +49,8 @@ def test_a_link_fails_over_along_its_order(monkeypatch: pytest.MonkeyPatch) -> N
     def connect(url: str, **_kwargs: Any) -> Any:
         attempts.append(url)
         if url in dead:
-            return types.SimpleNamespace(connect=lambda: (_ for _ in ()).throw(ConnectionRefusedError(url)))
+            return types.SimpleNamespace(
+                ensure_connection=lambda **_: (_ for _ in ()).throw(ConnectionRefusedError(url)))
         return Connection("memory://")
 
     monkeypatch.setattr(link, "Connection", connect)
@@ -59,6 +60,36 @@ def test_a_link_fails_over_along_its_order(monkeypatch: pytest.MonkeyPatch) -> N
     try:
         wait_for(lambda: publisher.connected)
         assert attempts == ["memory://b", "memory://c"]
+    finally:
+        runner.kill()
+
+
+@pytest.mark.parametrize(("error", "second"), [(ConnectionResetError("reset"), "memory://b"),
+                                               (link.StuckChannel("nacked"), "memory://a")])
+def test_a_stuck_channel_reconnects_to_its_node_and_a_lost_one_moves_on(
+        monkeypatch: pytest.MonkeyPatch, error: Exception, second: str) -> None:
+    attempts: list[str] = []
+
+    def connect(url: str, **_kwargs: Any) -> Any:
+        attempts.append(url)
+        return Connection("memory://")
+
+    monkeypatch.setattr(link, "Connection", connect)
+    monkeypatch.setattr(link, "backoff_delays", lambda: itertools.repeat(0.0))
+    monkeypatch.setattr(link, "TICK", 0.01)
+    publisher = Publisher("memory://a;memory://b")
+    raised: list[Exception] = []
+
+    def tick(_now: float) -> None:  # the first tick finds the link broken, as the publisher's checks do
+        if not raised:
+            raised.append(error)
+            raise error
+
+    monkeypatch.setattr(publisher, "tick", tick)
+    runner = gevent.spawn(publisher.run)
+    try:
+        wait_for(lambda: len(attempts) == 2 and publisher.connected)
+        assert attempts == ["memory://a", second]
     finally:
         runner.kill()
 

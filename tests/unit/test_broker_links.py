@@ -20,9 +20,10 @@ from kombu import Connection
 from app.broker import frames, link
 from app.broker import publisher as publisher_module
 from app.broker.consumer import MAX_WINDOW, START_WINDOW, CommandConsumer, Window
-from app.broker.link import WRITE_BATCH, MemoryWire
+from app.broker.link import WRITE_BATCH
 from app.broker.messages import EVENT, decode_takeover, encode_takeover
 from app.broker.publisher import NACK_STREAK, Publisher
+from app.broker.wires import MemoryWire
 
 
 def wait_for(predicate: Any, timeout: float = 3.0) -> None:
@@ -44,15 +45,19 @@ class RecordingWire:
 
     def __init__(self) -> None:
         self.calls: list[tuple] = []
+        self.channels: list[int] = []  # the channel of each call (0: the link's own)
 
-    def publish(self, kind: Any, routing_key: str, body: bytes, values: tuple) -> None:
+    def publish(self, kind: Any, routing_key: str, body: bytes, values: tuple, channel: int = 0) -> None:
         self.calls.append(("publish", kind, routing_key, body, values))
+        self.channels.append(channel)
 
-    def bind(self, queue: str, exchange: str, routing_key: str) -> None:
+    def bind(self, queue: str, exchange: str, routing_key: str, channel: int = 0) -> None:
         self.calls.append(("bind", routing_key))
+        self.channels.append(channel)
 
-    def unbind(self, queue: str, exchange: str, routing_key: str) -> None:
+    def unbind(self, queue: str, exchange: str, routing_key: str, channel: int = 0) -> None:
         self.calls.append(("unbind", routing_key))
+        self.channels.append(channel)
 
     def ops(self) -> list[tuple[str, str]]:
         return [(c[0], c[2]) if c[0] == "publish" else c for c in self.calls]
@@ -303,6 +308,28 @@ def test_notices_that_never_come_back_are_given_up_on() -> None:
     assert len(wire.calls) == START_WINDOW + 4
 
 
+def test_a_devices_bind_unbind_and_notice_keep_to_one_lane_and_devices_spread_over_lanes() -> None:
+    """RabbitMQ runs a channel's binds one at a time (a cluster transaction each), hence several lanes;
+    the welcome relies on a device's bind preceding its notice, which only one channel guarantees."""
+    link_, wire = consumer(), RecordingWire()
+    link_._lanes = (5, 6, 7, 8)  # what setup opens on RabbitMQ (not on memory://)
+    devices = [f"lane-{n}" for n in range(64)]
+    for device in devices:
+        link_.bind(device)
+        link_.announce(device, 1.0, f"s-{device}")
+    for device in devices[::2]:
+        link_.unbind(device)
+    link_.window.size = MAX_WINDOW
+    link_.write(wire)
+    lanes_of: dict[str, list[int]] = {}
+    for call, channel in zip(wire.calls, wire.channels, strict=True):
+        lanes_of.setdefault(call[1] if call[0] != "publish" else call[2], []).append(channel)
+    assert set(lanes_of) == set(devices) and {len(set(lanes)) for lanes in lanes_of.values()} == {1}
+    assert {lanes[0] for lanes in lanes_of.values()} == {5, 6, 7, 8}
+    assert [op for op, device in wire.ops() if device == devices[1]] == ["bind", "publish"]
+    assert [op for op, device in wire.ops() if device == devices[0]] == ["unbind"]  # bound and gone before the pass
+
+
 def test_a_reconnect_rebinds_every_device_then_announces_every_session() -> None:
     live = [("a", 1.0, "s-a"), ("b", 2.0, "s-b")]
     link_, wire = consumer(live), RecordingWire()
@@ -324,7 +351,7 @@ def test_a_reconnect_rebinds_every_device_then_announces_every_session() -> None
 
 def test_rebinding_after_a_reconnect_lets_sessions_run_between_batches(monkeypatch: pytest.MonkeyPatch) -> None:
     bound: list[str] = []
-    monkeypatch.setattr(MemoryWire, "bind", lambda self, queue, exchange, key: bound.append(key))
+    monkeypatch.setattr(MemoryWire, "bind", lambda self, queue, exchange, key, channel=0: bound.append(key))
     drops = itertools.count()
     drop = Event()
     real_read = MemoryWire.read_forever

@@ -17,7 +17,6 @@ from amqp.method_framing import frame_writer
 from amqp.serialization import dumps, loads
 
 from app.broker import frames
-from app.broker.link import AmqpWire
 from app.broker.messages import (
     COMMAND,
     EVENT,
@@ -28,6 +27,7 @@ from app.broker.messages import (
     encode_takeover,
     parse_command,
 )
+from app.broker.wires import AmqpWire
 
 
 def method(sig: tuple[int, int], argsig: str = "", args: tuple = ()) -> bytes:
