@@ -230,13 +230,13 @@ def third_node(cluster: RabbitCluster) -> Iterator[Node]:
 @contextlib.contextmanager
 def quorum_queue_of_a_device(tmp_path: Path, first: Node, second: Node) -> Iterator[tuple[Gateway, DeviceClient,
                                                                                          EventQueue]]:
-    """A device on an instance whose AMQP_URL is `first;second`, and a quorum queue of its events
-    declared through `first` (so that its leader is there)."""
-    url = amqp_url(first, second)
-    gateway = start_gateway(tmp_path, workers=1, AMQP_URL=url, **FAST)
+    """A device on an instance connected to `first` (failing over to `second`), and a quorum queue of
+    its events declared through `first` (so that its leader is there)."""
+    # The instance's one worker starts at the second node listed (worker N at node N mod k).
+    gateway = start_gateway(tmp_path, workers=1, AMQP_URL=amqp_url(second, first), **FAST)
     try:
         device = unique("cl-q")
-        queue = EventQueue(url, [f"{device}.#"], quorum=True)
+        queue = EventQueue(amqp_url(first, second), [f"{device}.#"], quorum=True)
         try:
             with connect(gateway.tcp, device) as client:
                 yield gateway, client, queue
