@@ -130,6 +130,7 @@ class CommandConsumer(Link):
         self._awaiting = 0  # binds and unbinds written, their -ok still to come
         self._echoes: dict[tuple[str, str], float] = {}  # (device, session) of notices written -> expiry
         self._lanes: tuple[int, ...] = (0,)  # channel ids for binds (0: the link's own, in-process)
+        self._rebinding: tuple[int, float] | None = None  # after a connect: (devices, when) until all are bound
         self.window = Window()
         self.methods = {frames.QUEUE_BIND_OK: self._on_bind_ok, frames.QUEUE_UNBIND_OK: self._on_bind_ok}
         self.contents = {frames.BASIC_DELIVER: self._on_deliver}
@@ -187,6 +188,7 @@ class CommandConsumer(Link):
         self._todo = deque([(_BIND, device) for device in self.bound])
         self._todo.extend((_NOTICE, device, started, session_id)
                           for device, started, session_id in self._live_sessions())
+        self._rebinding = (len(self.bound), time.monotonic()) if self.bound else None
 
     def write(self, wire: Wire) -> bool:
         todo, queue, paced, lanes = self._todo, self.queue_name, wire.acknowledges_binds, self._lanes
@@ -224,6 +226,7 @@ class CommandConsumer(Link):
             self.window.idle()
         self.window.tick()
         self._wake_if_room()
+        self._rebound(now)
 
     def on_lost(self) -> None:
         # Our exclusive queue died with the connection; a fresh name avoids racing its deletion.
@@ -231,6 +234,7 @@ class CommandConsumer(Link):
         self._todo.clear()
         self._awaiting = 0
         self._echoes.clear()
+        self._rebinding = None
         self.window.idle()
 
     def _on_bind_ok(self, _payload: bytes) -> None:
@@ -241,8 +245,21 @@ class CommandConsumer(Link):
         return self._awaiting + len(self._echoes)
 
     def _answered(self) -> None:
-        self.window.answered(time.monotonic(), self._outstanding())
+        now = time.monotonic()
+        self.window.answered(now, self._outstanding())
         self._wake_if_room()
+        if self._rebinding is not None:
+            self._rebound(now)
+
+    def _rebound(self, now: float) -> None:
+        """Once everything a connect queued is answered, say so: from then on commands route here for
+        every device this worker holds (what an operator watching a failover wants to know)."""
+        if self._todo or self._outstanding() or self._rebinding is None:
+            return
+        devices, since = self._rebinding
+        self._rebinding = None
+        log.info("consumer: %d devices bound again and their sessions announced, %.2fs after connecting",
+                 devices, now - since)
 
     def _wake_if_room(self) -> None:
         if self._todo and self._outstanding() <= self.window.size // 2:

@@ -4,6 +4,7 @@ pacing against a recording wire, and the link's reconnect on kombu's `memory://`
 from __future__ import annotations
 
 import itertools
+import logging
 import struct
 import time
 import types
@@ -347,6 +348,30 @@ def test_a_reconnect_rebinds_every_device_then_announces_every_session() -> None
     assert wire.ops() == [("bind", "a"), ("bind", "b"), ("bind", "c"), ("publish", "a"), ("publish", "b")]
     notice = wire.calls[3]
     assert decode_takeover(notice[3]) == ("a", 1.0, "s-a")
+
+
+def test_the_end_of_rebinding_after_a_connect_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    heard: list[tuple] = []
+    link_, wire = consumer([("a", 1.0, "s-a")], takeover=lambda *notice: heard.append(notice)), RecordingWire()
+    link_.bind("a")
+    link_.bind("b")
+    link_.connected = False
+    link_.on_lost()
+    memory = Connection("memory://")
+    link_.setup(memory, memory.channel())
+    link_.connected = True
+    link_.write(wire)
+    assert wire.ops() == [("bind", "a"), ("bind", "b"), ("publish", "a")]
+    with caplog.at_level(logging.INFO, logger="warren.broker"):
+        link_.methods[frames.QUEUE_BIND_OK](b"")
+        link_.methods[frames.QUEUE_BIND_OK](b"")
+        link_.tick(time.monotonic())
+        assert "bound again" not in caplog.text  # the notice's echo is still to come
+        deliver = method(spec.Basic.Deliver, "sLbss", ("c", 1, False, "devices.commands", "a"))
+        link_.contents[frames.BASIC_DELIVER](deliver, {"type": "warren.takeover"}, encode_takeover("a", "s-a", 1.0))
+        link_.tick(time.monotonic())
+    assert heard == [("a", 1.0, "s-a")]
+    assert caplog.text.count("consumer: 2 devices bound again") == 1
 
 
 def test_rebinding_after_a_reconnect_lets_sessions_run_between_batches(monkeypatch: pytest.MonkeyPatch) -> None:
