@@ -123,14 +123,17 @@ def plot(results: dict[str, Any], timelines: dict[str, list[dict[str, Any]]], pa
 
 
 def plot_recovery(results: dict[str, Any], path: Path) -> None:
-    """A node-loss run: the share of commands answered by when they were sent, 0 being the node's loss."""
-    series = {label: figures["node_loss"]["sampled"]["answered_share_over_time"]
-              for label, figures in results["runs"].items() if figures.get("node_loss")}
-    if not series:
+    """A node-loss run: the share of commands answered by when they were sent, 0 being the node's loss
+    (commands to random devices, then the sweep's one to every device)."""
+    runs = {label: figures["node_loss"] for label, figures in results["runs"].items() if figures.get("node_loss")}
+    if not runs:
         return
     figure, axes = plt.subplots(figsize=(9, 4))
-    for label, bins in series.items():
-        axes.step([b["t"] for b in bins], [100 * b["share"] for b in bins], where="post", label=label)
+    for label, loss in runs.items():
+        for part, style in (("sampled", "-"), ("sweep", "--")):
+            bins = loss[part].get("answered_share_over_time", [])
+            axes.step([b["t"] for b in bins], [100 * b["share"] for b in bins], style, where="post",
+                      label=f"{label}: {'random devices' if part == 'sampled' else 'sweep of every device'}")
     axes.axvline(0, color="grey", linestyle=":", label="node killed")
     axes.set_xlabel("seconds since a RabbitMQ node was killed (by send time)")
     axes.set_ylabel("commands answered (%)")

@@ -353,7 +353,8 @@ def sweep(settled: list[tuple[float, str, str]], started: float, ended: float, k
     failed = [(t, outcome) for t, device, outcome in swept if outcome != "ok" and device not in answered]
     return {"devices": devices, "started_after_loss_s": round(started - killed, 3),
             "answered": len(answered), "not_answered": dict(Counter(outcome for _, outcome in failed)),
-            "last_failed_sent_after_loss_s": round(max(t for t, _ in failed), 3) if failed else None}
+            "last_failed_sent_after_loss_s": round(max(t for t, _ in failed), 3) if failed else None,
+            "answered_share_over_time": answered_share([(t, outcome) for t, _device, outcome in swept])}
 
 
 def outcomes_between(settled: list[tuple[float, str, str]], since: float) -> dict[str, int]:
