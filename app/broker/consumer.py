@@ -19,12 +19,13 @@ no-wait), and a `Window` says how many may be unanswered at once.
 
 Binds go over several channels ("lanes"), a device always on the same one: RabbitMQ
 runs one channel's binds one after another, and on a cluster each is a transaction
-the other nodes must agree to (about 1.3 ms on two nodes here), so one channel would
-cap a worker at some 750 binds a second however wide the window. A device's bind,
-unbind and notice share its lane, so their order, which the welcome relies on, holds.
+the other nodes take part in, so one channel caps a worker however wide the window
+(two nodes here: 1,168 sessions set up a second with one channel per worker, 1,341
+with four; BENCHMARKS.md). A device's bind, unbind and notice share its lane, so
+their order, which the welcome relies on, holds.
 
-Takeover notices are published on this connection, on the same channel, after the
-device's bind: RabbitMQ handles a channel's methods in order, so by the time our own
+Takeover notices are published on this connection, on the device's lane, after its
+bind: RabbitMQ handles a channel's methods in order, so by the time our own
 notice comes back the bind before it is in effect, and the session's welcome waits
 for exactly that. The price: this connection publishes, so under a memory or disk
 alarm RabbitMQ blocks it as soon as it sends a notice. While it is blocked RabbitMQ
@@ -66,7 +67,7 @@ log = logging.getLogger("warren.broker")
 
 QUEUE_DELAY = 0.05  # seconds of our writes that may stand at RabbitMQ between a command and us
 MIN_WINDOW, START_WINDOW, MAX_WINDOW = 1, 8, 256
-BIND_LANES = 4  # channels for binds, unbinds and notices (a cluster's bind rate grows with them to about 4)
+BIND_LANES = 4  # channels for binds, unbinds and notices (on a cluster, eight measured no better than four)
 ECHO_TIMEOUT = 10.0  # a notice not back by then was not routed to us (its device unbound meanwhile)
 
 _BIND, _UNBIND, _NOTICE = "bind", "unbind", "notice"

@@ -124,7 +124,8 @@ class Link:
                 suspect = not isinstance(exc, StuckChannel)
             finally:
                 self._teardown(connection)
-            node = (node + suspect) % len(self.nodes)
+            if suspect:
+                node = (node + 1) % len(self.nodes)
             gevent.sleep(next(delays))
 
     def _connect(self, url: str) -> tuple[Connection, Wire]:
