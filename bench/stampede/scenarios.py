@@ -276,7 +276,7 @@ def node_loss(run: Run, options: argparse.Namespace) -> dict[str, Any]:
     (for a sample of devices). Then a sweep, RECOVERY_TARGET seconds after the loss, sends one command
     to every device: each answered proves that device reachable again by then. The node is booted
     again at the end, and commands flow for --settle seconds more, so later runs find both nodes.
-    Only on a cluster the suite booted (`--broker cluster`): one node has nothing to lose.
+    Only on a cluster the suite booted (`--broker cluster` or `cluster3`): one node has nothing to lose.
     """
     figures: dict[str, Any] = {"ramp": ramp(run, options)}
     if run.broker is None or not run.broker.can_lose_node or run.commands is None:
@@ -316,6 +316,7 @@ def node_loss(run: Run, options: argparse.Namespace) -> dict[str, Any]:
         "after_restore": outcomes_between(log.settled, swept["wall"]),
         "sessions_lost_after_restore": delta(end["lost"], swept["lost"]),
         "commands": command_figures(run),
+        "commands_unsettled": log.sent - len(log.settled),  # neither answered nor timed out by the end
     }
     return figures
 
