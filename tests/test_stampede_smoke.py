@@ -284,3 +284,26 @@ def test_the_suite_starts_a_tls_gateway_with_its_own_certificate(tmp_path: Path)
         assert results["runs"][label]["ramp"]["tls"]["full"] == 100
     assert results["runs"]["floor"]["ramp"]["tls"] is None  # the floor stays plain
     assert "the floor stays plain" in done.stderr
+
+
+@pytest.mark.slow
+def test_the_node_loss_scenario_kills_a_cluster_node_and_every_device_answers_again(tmp_path: Path) -> None:
+    """The suite boots its own two-node cluster, kills a node under a held fleet, sweeps every device."""
+    out = tmp_path / "loss.json"
+    done = run_stampede("suite", "--broker", "single,cluster", "--scenarios", "node-loss", "--devices", "200",
+                        "--workers", "2", "--secret", SECRET, "--amqp-url", AMQP_URL, "--command-rate", "200",
+                        "--quiet", "2", "--floor-port", str(free_port()), "--device-port", str(free_port()),
+                        "--http-port", str(free_port()), "--settle", "0.5", "--ramp-timeout", "30",
+                        "--out", str(out), timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "node-loss skipped on the single broker" in done.stderr
+    results = orjson.loads((tmp_path / "loss-node-loss.json").read_bytes())
+    assert list(results["runs"]) == ["floor", "cluster"]
+    loss = results["runs"]["cluster"]["node_loss"]
+    assert loss["sampled"]["sent_before_loss"] > 0 and loss["sampled"]["failed_before_loss"] == 0
+    assert loss["sampled"]["sent_after_loss"] > 0
+    assert (loss["sweep"]["answered"], loss["sweep"]["not_answered"]) == (200, {})
+    assert loss["sweep"]["started_after_loss_s"] >= 5.0
+    assert loss["sessions_lost"] == 0 and loss["up_after"] == 200
+    assert loss["after_restore"].get("ok", 0) > 0 and set(loss["after_restore"]) == {"ok"}
+    assert (tmp_path / "loss-node-loss-recovery.png").stat().st_size > 0
