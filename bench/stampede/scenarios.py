@@ -305,10 +305,15 @@ def node_loss(run: Run, options: argparse.Namespace) -> dict[str, Any]:
     drain(options)
     end = run.mark("node_restored")
     # Judged by send time once everything settled: a command's outcome may come after the next phase began.
+    sampled = recovery(log.settled, start["wall"], killed, sweep_started)
+    swept_figures = sweep(log.settled, sweep_started, swept["wall"], killed, devices)
     figures["node_loss"] = {
         "killed_after_s": round(killed - start["wall"], 3),
-        "sampled": recovery(log.settled, start["wall"], killed, sweep_started),
-        "sweep": sweep(log.settled, sweep_started, swept["wall"], killed, devices),
+        # The last failure of either: after it, every command sent was answered, the sweep's included.
+        "every_device_answering_after_s": max(sampled["recovery_s"],
+                                              swept_figures["last_failed_sent_after_loss_s"] or 0.0),
+        "sampled": sampled,
+        "sweep": swept_figures,
         "sessions_lost": sum(delta(swept["lost"], start["lost"]).values()),
         "sessions_lost_by_reason": delta(swept["lost"], start["lost"]),
         "up_after": swept["up"],
