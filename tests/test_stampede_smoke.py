@@ -61,6 +61,14 @@ def run_stampede(*args: str, timeout: float = 120) -> subprocess.CompletedProces
                           capture_output=True, text=True, timeout=timeout)
 
 
+def run_suite(out: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """The suite with two workers on the test RabbitMQ and free ports, writing under `out`'s name."""
+    return run_stampede("suite", *args, "--workers", "2", "--secret", SECRET, "--amqp-url", AMQP_URL,
+                        "--floor-port", str(free_port()), "--device-port", str(free_port()),
+                        "--http-port", str(free_port()), "--settle", "0.5", "--ramp-timeout", "30",
+                        "--out", str(out), timeout=timeout)
+
+
 def test_every_device_reaches_the_floor_and_results_are_written(floor: str, tmp_path: Path) -> None:
     out = tmp_path / "ramp.json"
     done = run_stampede("stampede", "--floor", floor, "--devices", str(DEVICES),
@@ -145,11 +153,7 @@ def test_mqtt_devices_refused_at_connect_are_counted_by_connack_code(gateway: Ga
 @pytest.mark.slow
 def test_the_suite_compares_mqtt_with_tcp_on_fresh_gateways(tmp_path: Path) -> None:
     out = tmp_path / "both.json"
-    done = run_stampede("suite", "--scenarios", "ramp", "--transport", "tcp,mqtt", "--devices", "200",
-                        "--workers", "2", "--secret", SECRET, "--amqp-url", AMQP_URL,
-                        "--floor-port", str(free_port()), "--device-port", str(free_port()),
-                        "--http-port", str(free_port()), "--settle", "0.5", "--ramp-timeout", "30",
-                        "--out", str(out), timeout=240)
+    done = run_suite(out, "--scenarios", "ramp", "--transport", "tcp,mqtt", "--devices", "200")
     assert done.returncode == 0, done.stderr
     results = orjson.loads((tmp_path / "both-ramp.json").read_bytes())
     assert list(results["runs"]) == ["floor", "tcp", "mqtt"]
@@ -270,11 +274,7 @@ def test_devices_that_do_not_trust_the_server_count_failed_handshakes(
 @pytest.mark.slow
 def test_the_suite_starts_a_tls_gateway_with_its_own_certificate(tmp_path: Path) -> None:
     out = tmp_path / "tls.json"
-    done = run_stampede("suite", "--scenarios", "ramp", "--transport", "tls,wss", "--devices", "100",
-                        "--workers", "2", "--secret", SECRET, "--amqp-url", AMQP_URL,
-                        "--floor-port", str(free_port()), "--device-port", str(free_port()),
-                        "--http-port", str(free_port()), "--settle", "0.5", "--ramp-timeout", "30",
-                        "--out", str(out), timeout=240)
+    done = run_suite(out, "--scenarios", "ramp", "--transport", "tls,wss", "--devices", "100")
     assert done.returncode == 0, done.stderr
     results = orjson.loads((tmp_path / "tls-ramp.json").read_bytes())
     assert results["targets"]["tls"][0].startswith("tls://")
@@ -290,11 +290,8 @@ def test_the_suite_starts_a_tls_gateway_with_its_own_certificate(tmp_path: Path)
 def test_the_node_loss_scenario_kills_a_cluster_node_and_every_device_answers_again(tmp_path: Path) -> None:
     """The suite boots its own two-node cluster, kills a node under a held fleet, sweeps every device."""
     out = tmp_path / "loss.json"
-    done = run_stampede("suite", "--broker", "single,cluster", "--scenarios", "node-loss", "--devices", "200",
-                        "--workers", "2", "--secret", SECRET, "--amqp-url", AMQP_URL, "--command-rate", "200",
-                        "--quiet", "2", "--floor-port", str(free_port()), "--device-port", str(free_port()),
-                        "--http-port", str(free_port()), "--settle", "0.5", "--ramp-timeout", "30",
-                        "--out", str(out), timeout=300)
+    done = run_suite(out, "--broker", "single,cluster", "--scenarios", "node-loss", "--devices", "200",
+                     "--command-rate", "200", "--quiet", "2", timeout=300)
     assert done.returncode == 0, done.stderr
     assert "node-loss skipped on the single broker" in done.stderr
     results = orjson.loads((tmp_path / "loss-node-loss.json").read_bytes())
