@@ -14,7 +14,7 @@ import sys
 import tempfile
 
 from app.config import ConfigError, load
-from app.tls import build_contexts, check_gunicorn_ssl, load_tls
+from app.tls.contexts import build_contexts, check_gunicorn_ssl, load_tls
 
 try:
     _config = load()

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 from app import metrics
 from app.sessions.session import Session
-from app.tls import certificate_names
-from app.tls_handshake import HandshakeGate, TlsHandshakeError, handshake
+from app.tls.contexts import certificate_names
+from app.tls.handshake import HandshakeGate, TlsHandshakeError, handshake
 from app.transports.mqtt import MqttConnection
 from app.transports.streams import SocketStream, WebSocketStream
 from app.transports.tcp import TcpConnection
@@ -33,7 +33,7 @@ from app.transports.ws import WsConnection
 if TYPE_CHECKING:
     from app.config import Config
     from app.sessions.ports import Backend, Host
-    from app.tls import TlsContexts
+    from app.tls.contexts import TlsContexts
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from gevent.baseserver import BaseServer
 
     from app.config import Config
-    from app.tls import TlsSettings
+    from app.tls.contexts import TlsSettings
 
 # The WebSocket paths of the HTTP ports, and the handler of each.
 UPGRADES = {"/ws": DeviceHandlers.websocket, "/mqtt": DeviceHandlers.mqtt_websocket}

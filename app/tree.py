@@ -21,15 +21,14 @@ from typing import Any
 
 import gevent
 
-from app import metrics, reporting
+from app import metrics, sentry
 from app.config import Config
-from app.connections import ConnectionSupervisor
 from app.handlers import DeviceHandlers
 from app.listeners import build_servers
 from app.sessions.registry import Registry
-from app.supervisor import ChildSpec, Supervisor
-from app.tls import TlsContexts, TlsSettings
-from app.tls_handshake import HandshakeGate
+from app.supervision import ChildSpec, ConnectionSupervisor, Supervisor
+from app.tls.contexts import TlsContexts, TlsSettings
+from app.tls.handshake import HandshakeGate
 
 log = logging.getLogger("warren.tree")
 
@@ -127,11 +126,11 @@ class WorkerTree:
         if self.root is not None:
             self.root.stop()
         metrics.WORKERS.set(0)
-        reporting.flush()
+        sentry.flush()
 
 
 def _root_exited(root: Supervisor) -> None:
     if root.exception is not None:
         log.critical("worker %s: its supervision tree gave up (%s); exiting", os.getpid(), root.exception)
-        reporting.flush()
+        sentry.flush()
         os._exit(EXIT_GAVE_UP)

@@ -34,13 +34,13 @@ class WarrenWorker(GeventWorker):
         super().init_process()  # gevent's monkey patching, then run()
 
     def run(self) -> None:
-        from app import reporting
+        from app import sentry
         from app.gc_policy import GcPolicy
         from app.tree import WorkerTree
 
         # After the fork and after monkey patching, so that sentry-sdk's transport
         # thread and sockets are gevent-cooperative and belong to this worker.
-        reporting.init_sentry(self.config)
+        sentry.init_sentry(self.config)
         tree = WorkerTree(self.config, self.sockets, self.wsgi, self.log, self.age, self.tls)
         tree.start()
         gc_policy = GcPolicy()

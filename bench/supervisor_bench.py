@@ -49,12 +49,12 @@ class Starter:
     def __init__(self, scenario: str) -> None:
         self._stop: Callable[[], None] = lambda: None
         if scenario == "connections":
-            from app.connections import ConnectionSupervisor
+            from app.supervision import ConnectionSupervisor
 
             conns = ConnectionSupervisor("bench", max_open=10**9).start()
             self.spawn, self._open, self._stop = conns.spawn, lambda: conns.open, conns.stop
         elif scenario == "dynamic":
-            from app.supervisor import ChildSpec, Supervisor
+            from app.supervision import ChildSpec, Supervisor
 
             sup = Supervisor("bench", "simple_one_for_one", [ChildSpec("child", gevent.spawn, restart="temporary")])
             sup.start()

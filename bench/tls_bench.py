@@ -44,8 +44,8 @@ import trustme
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
-from app.tls import device_context, load_tls
-from app.tls_handshake import HandshakeGate, TlsHandshakeError, handshake
+from app.tls.contexts import device_context, load_tls
+from app.tls.handshake import HandshakeGate, TlsHandshakeError, handshake
 
 HELLO_TIMEOUT = 10.0
 PROBE_SECONDS = 0.005

@@ -30,7 +30,8 @@ import requests
 from conftest import AMQP_URL, API_TOKEN, SECRET, Gateway, metric_value, start_gateway, wait_until
 from kombu import Connection
 
-from app import openapi, web
+from app.web import api as web
+from app.web import openapi
 from clients.backend import ASK_TYPE, BackendClient
 from clients.device import Closed, DeviceClient
 

@@ -211,20 +211,20 @@ def test_supervisor_giving_up_is_its_own_event(receiver):
     import gevent
     import sentry_sdk
 
-    from app import reporting, supervisor
+    from app import sentry, supervision
     from app.config import load
 
     before = len(receiver.snapshot())
-    reporting.init_sentry(load({"SENTRY_DSN": receiver.dsn, "SENTRY_ENVIRONMENT": "ci"}))
+    sentry.init_sentry(load({"SENTRY_DSN": receiver.dsn, "SENTRY_ENVIRONMENT": "ci"}))
     try:
         def crash() -> None:
             raise RuntimeError("broken child")
 
-        tree = supervisor.Supervisor("flaky", "one_for_one", max_restarts=2, max_seconds=60, children=[
-            supervisor.ChildSpec("crasher", lambda: gevent.spawn(crash))]).start()
-        with pytest.raises(supervisor.SupervisorGaveUp):
+        tree = supervision.Supervisor("flaky", "one_for_one", max_restarts=2, max_seconds=60, children=[
+            supervision.ChildSpec("crasher", lambda: gevent.spawn(crash))]).start()
+        with pytest.raises(supervision.SupervisorGaveUp):
             tree.wait(timeout=10)
-        reporting.flush()
+        sentry.flush()
         wait_until(lambda: [e for e in receiver.snapshot()[before:] if e.get("level") == "fatal"], timeout=10)
         new = receiver.snapshot()[before:]
         gave_up = [e for e in new if e.get("level") == "fatal"]
@@ -234,6 +234,6 @@ def test_supervisor_giving_up_is_its_own_event(receiver):
         crashes = [e for e in new if "RuntimeError" in exception_types(e)]
         assert len(crashes) == 3  # the first exit and two restarts, each reported once
     finally:
-        supervisor.set_reporter(None)
+        supervision.set_reporter(None)
         sentry_sdk.get_client().close()
         sentry_sdk.init()  # back to a disabled client

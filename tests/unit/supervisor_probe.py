@@ -15,7 +15,7 @@ import gevent
 from gevent import GreenletExit
 from gevent.event import AsyncResult
 
-from app.supervisor import ChildSpec, Reporter, Supervisor, SupervisorGaveUp
+from app.supervision import ChildSpec, Reporter, Supervisor, SupervisorGaveUp
 
 STATIC_STRATEGIES = ["one_for_one", "one_for_all", "rest_for_one"]
 RESTART_TYPES = ["permanent", "transient", "temporary"]

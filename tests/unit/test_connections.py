@@ -22,9 +22,7 @@ from gevent.event import AsyncResult, Event
 from gevent.server import StreamServer
 from prometheus_client import REGISTRY
 
-from app.child_shutdown import ShutdownKill
-from app.connections import ConnectionSupervisor
-from app.supervisor import ChildSpec, Reporter, Supervisor, set_reporter
+from app.supervision import ChildSpec, ConnectionSupervisor, Reporter, ShutdownKill, Supervisor, set_reporter
 
 
 class Boom(Exception):

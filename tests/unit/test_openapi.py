@@ -21,8 +21,9 @@ from gevent.event import AsyncResult
 from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi.definitions import OPENAPI_31
 
-from app import openapi, status, web
 from app.config import Config
+from app.web import api as web
+from app.web import openapi, status
 
 API, OPS = "unit-api-token", "unit-ops-token"
 ONLINE = "lock-online"

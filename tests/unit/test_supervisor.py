@@ -14,8 +14,7 @@ from gevent import GreenletExit
 from gevent.event import AsyncResult, Event
 from supervisor_probe import Boom, Probe, RecordingReporter, settle, started_supervisors, wait_until
 
-from app.child_shutdown import ShutdownKill
-from app.supervisor import ChildSpec, Reporter, Supervisor, set_reporter
+from app.supervision import ChildSpec, Reporter, ShutdownKill, Supervisor, set_reporter
 
 
 @pytest.fixture
@@ -186,14 +185,13 @@ def test_simple_one_for_one_api(supervise):
     sup = supervise("sessions", "simple_one_for_one", [ChildSpec("session", start, args=("cfg",), type="worker")])
     first = sup.start_child(1, 2)
     second = sup.start_child(3)
-    second.child_id = "session:lock-1"
     assert calls == [("cfg", 1, 2), ("cfg", 3)]
-    assert sup.which_children() == [("session", first, "worker"), ("session:lock-1", second, "worker")]
+    assert sup.which_children() == [("session", first, "worker"), ("session", second, "worker")]
     assert sup.count_children() == {"specs": 2, "active": 2, "supervisors": 0, "workers": 2}
 
     sup.terminate_child(first)
     assert first.dead
-    assert sup.which_children() == [("session:lock-1", second, "worker")]
+    assert sup.which_children() == [("session", second, "worker")]
     with pytest.raises(KeyError):
         sup.terminate_child(first)
     with pytest.raises(ValueError, match="simple_one_for_one"):
@@ -204,19 +202,18 @@ def test_simple_one_for_one_api(supervise):
         Supervisor("s", children=[ChildSpec("a", start)]).start().start_child(1)
 
 
-def test_crash_reports_name_dynamic_children(supervise):
+def test_crash_reports_name_dynamic_children_by_their_template(supervise):
     reporter = RecordingReporter()
     set_reporter(reporter)
     probe = Probe()
     sup = supervise("sessions", "simple_one_for_one", [ChildSpec("session", probe.start, restart="temporary")])
     x = sup.start_child("x")
-    x.child_id = "session:lock-1"
     y = sup.start_child("y")
     probe.crash("x")
     probe.crash("y")
     settle(sup, x, y)
     assert reporter.events == [
-        ("crash", "sessions", "session:lock-1", "Boom"),
+        ("crash", "sessions", "session", "Boom"),
         ("crash", "sessions", "session", "Boom"),
     ]
     assert sup.count_children()["active"] == 0

@@ -13,8 +13,7 @@ import textwrap
 import gevent
 import pytest
 
-from app.connections import ConnectionSupervisor
-from app.supervisor import Reporter, set_reporter
+from app.supervision import ConnectionSupervisor, Reporter, set_reporter
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -76,7 +75,7 @@ from gevent import monkey
 monkey.patch_all()
 import os
 import gevent
-from app.supervisor import ChildSpec, Supervisor
+from app.supervision import ChildSpec, Supervisor
 
 def crashing_worker():
     def run():

@@ -25,7 +25,7 @@ from supervisor_probe import (
     wait_until,
 )
 
-from app.supervisor import ChildSpec, Supervisor, SupervisorGaveUp, set_reporter
+from app.supervision import ChildSpec, Supervisor, SupervisorGaveUp, set_reporter
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from gevent import monkey
 from gunicorn.config import Config as GunicornConfig
 
 from app.config import ConfigError
-from app.tls import (
+from app.tls.contexts import (
     certificate_names,
     certificate_names_device,
     check_gunicorn_ssl,
@@ -34,7 +34,7 @@ from app.tls import (
     https_context,
     load_tls,
 )
-from app.tls_handshake import HandshakeGate, TlsHandshakeError, handshake
+from app.tls.handshake import HandshakeGate, TlsHandshakeError, handshake
 
 NOW = datetime.now(UTC)
 HELLO = b'{"type":"hello","device":"lock-0001","token":"00","v":1}\n'

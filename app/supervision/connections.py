@@ -20,7 +20,7 @@ connections for the workers that still have room, and they accept again as
 soon as one ends. The listen sockets themselves are the acceptor
 pool, shared by every worker (gunicorn forks them in).
 
-It is a child supervisor (app.childspec.ChildSupervisor): give it to a
+It is a child supervisor (app.supervision.childspec.ChildSupervisor): give it to a
 Supervisor as `ChildSpec(id, start, type="supervisor", shutdown="infinity")`,
 where `start` creates it, starts it and adds the listeners. Stopping it ends
 all of its connections (killed, after an optional grace) and pauses its
@@ -36,11 +36,11 @@ from functools import partial
 import gevent
 from gevent.baseserver import BaseServer
 
-from app.actor import Actor
-from app.child_shutdown import ShutdownKill, shut_down
-from app.childspec import is_valid_shutdown, require
 from app.metrics import ACCEPT_PAUSED, CONNECTIONS
-from app.supervision_reports import report_crash
+from app.supervision.actor import Actor
+from app.supervision.childspec import is_valid_shutdown, require
+from app.supervision.reports import report_crash
+from app.supervision.shutdown import ShutdownKill, shut_down
 
 log = logging.getLogger("warren.supervisor")
 

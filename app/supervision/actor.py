@@ -8,7 +8,7 @@ block in the hub. When asked to stop, or when a job raises, the greenlet winds
 down (`_wind_down`: a supervisor stops its children there) and exits.
 
 The lifecycle members (started, dead, exception, rawlink, request_stop, join)
-are what app.childspec.ChildSupervisor asks of a child supervisor.
+are what app.supervision.childspec.ChildSupervisor asks of a child supervisor.
 """
 
 from __future__ import annotations

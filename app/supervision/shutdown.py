@@ -1,6 +1,6 @@
 """How a supervisor stops its children: ask, wait out the grace period, then kill.
 
-A child's `shutdown` value (see app.childspec) is its grace period: a number
+A child's `shutdown` value (see app.supervision.childspec) is its grace period: a number
 of seconds, "brutal_kill" (one turn of the event loop) or "infinity" (as long
 as it takes, which is what a child supervisor needs to stop its own children).
 """
@@ -11,7 +11,7 @@ import logging
 
 import gevent
 
-from app.childspec import Child
+from app.supervision.childspec import Child
 
 log = logging.getLogger("warren.supervisor")
 

@@ -1,7 +1,7 @@
 """How supervisors tell of crashes, restarts and give-ups: a log line, and one process-wide Reporter.
 
-Every supervisor (app.supervisor.Supervisor, app.connections.ConnectionSupervisor)
-reports through these functions, so app.reporting's one Reporter sees all of
+Every supervisor (app.supervision.supervisor.Supervisor, app.supervision.connections.ConnectionSupervisor)
+reports through these functions, so app.sentry's one Reporter sees all of
 them. A reporter hook runs in the supervisor's own greenlet, never in the hub,
 since error tracking may do I/O.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from app.childspec import SupervisorGaveUp
+from app.supervision.childspec import SupervisorGaveUp
 
 log = logging.getLogger("warren.supervisor")
 

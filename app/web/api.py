@@ -4,7 +4,7 @@
 takes upgraded connections first (see `app.listeners`). Any worker answers any
 request; commands, lookups and kicks travel through RabbitMQ to whichever
 worker, on whichever host, holds the device. `ROUTES` is the whole surface, and
-`app.openapi` describes it (a unit test keeps the two equal).
+`app.web.openapi` describes it (a unit test keeps the two equal).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 import gevent
 import orjson
 
-from app import metrics, openapi, protocol, status
+from app import metrics, protocol
+from app.web import openapi, status
 
 if TYPE_CHECKING:
     from app.broker import Broker

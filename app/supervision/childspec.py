@@ -27,7 +27,7 @@ CHILD_TYPES = ("worker", "supervisor")
 class ChildSupervisor(Protocol):
     """What a Supervisor needs of a child that supervises children of its own.
 
-    A Supervisor provides it, and so does app.connections.ConnectionSupervisor:
+    A Supervisor provides it, and so does app.supervision.connections.ConnectionSupervisor:
     anything with these members can be returned by the start function of a
     `type="supervisor"` spec. Stopping it must stop all of its own children.
     """

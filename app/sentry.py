@@ -15,13 +15,13 @@ import os
 
 import sentry_sdk
 
-from app import metrics, supervisor
+from app import metrics, supervision
 from app.config import Config
 
 log = logging.getLogger("warren.reporting")
 
 
-class SupervisorReporter(supervisor.Reporter):
+class SupervisorReporter(supervision.Reporter):
     """Counts restarts, reports crashes and give-ups to Sentry (when configured)."""
 
     def crash(self, supervisor_name: str, child_id: str, exc: BaseException) -> None:
@@ -50,7 +50,7 @@ class SupervisorReporter(supervisor.Reporter):
 
 def init_sentry(config: Config) -> None:
     """Start sentry-sdk in this worker when SENTRY_DSN is set; install the supervisor hook."""
-    supervisor.set_reporter(SupervisorReporter())
+    supervision.set_reporter(SupervisorReporter())
     if not config.sentry_dsn:
         return
     sentry_sdk.init(dsn=config.sentry_dsn, release=config.release, environment=config.environment,

@@ -7,18 +7,18 @@ they exit. If restarts come too fast (more than `max_restarts` within
 its children and exits with SupervisorGaveUp, which its own parent sees as a
 crash of that child. Semantics follow Erlang's `supervisor` module.
 
-How it runs: every Supervisor is an app.actor.Actor, whose one greenlet does
+How it runs: every Supervisor is an app.supervision.actor.Actor, whose one greenlet does
 all of its work (child exits, API calls, shutdown) one queued job at a time,
 so its state never changes under a running job and no locks are needed. Exit
 callbacks run in the gevent hub, where nothing may block, so they only queue a
 job; and every API call waits for the supervisor's greenlet, so none may come
 from the hub. The children that gevent's accept callback starts, one per
-connection, belong to app.connections.ConnectionSupervisor instead, which
+connection, belong to app.supervision.connections.ConnectionSupervisor instead, which
 starts and drops them in O(1) wherever it is called.
 
 Child specs, restart types, shutdown values and the restart budget are in
-app.childspec, how children are stopped in app.child_shutdown, and how
-crashes are reported (Reporter, set_reporter) in app.supervision_reports.
+app.supervision.childspec, how children are stopped in app.supervision.shutdown, and how
+crashes are reported (Reporter, set_reporter) in app.supervision.reports.
 """
 
 from __future__ import annotations
@@ -29,25 +29,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from functools import partial
 
-from app.actor import Actor
-from app.child_shutdown import shut_down
-from app.childspec import (
-    CHILD_TYPES,
-    RESTART_TYPES,
+from app.supervision.actor import Actor
+from app.supervision.childspec import (
     Child,
     ChildSpec,
-    ChildSupervisor,
     RestartBudget,
     SupervisorGaveUp,
     check_started,
     require,
     should_restart,
 )
-from app.supervision_reports import Reporter, report_crash, report_gave_up, report_restart, set_reporter
-
-# Part of this module's API, though defined in app.childspec and app.supervision_reports.
-__all__ = ["CHILD_TYPES", "RESTART_TYPES", "STRATEGIES", "Child", "ChildSpec", "ChildSupervisor", "Reporter",
-           "Supervisor", "SupervisorGaveUp", "report_crash", "set_reporter"]
+from app.supervision.reports import report_crash, report_gave_up, report_restart
+from app.supervision.shutdown import shut_down
 
 log = logging.getLogger("warren.supervisor")
 
@@ -213,7 +206,7 @@ class Supervisor(Actor):
         spec = self._running.pop(child, None)
         if spec is None:
             return  # we stopped it ourselves, or it was already replaced by a restart
-        reason, name = child.exception, self._child_name(child, spec)
+        reason, name = child.exception, spec.id
         if reason is not None:
             report_crash(self.name, name, reason)
         if not should_restart(spec.restart, reason):
@@ -304,7 +297,7 @@ class Supervisor(Actor):
 
     def _which_children(self) -> list[tuple[str, Child | None, str]]:
         if self._template is not None:
-            return [(self._child_name(child, spec), child, spec.type) for child, spec in self._running.items()]
+            return [(spec.id, child, spec.type) for child, spec in self._running.items()]
         running = self._running_by_id()
         return [(spec.id, running.get(spec.id), spec.type) for spec in self._specs.values()]
 
@@ -332,11 +325,6 @@ class Supervisor(Actor):
         running = self._running_by_id()
         return [running[child_id] for child_id in self._specs if child_id in running]
 
-    def _child_name(self, child: Child, spec: ChildSpec) -> str:
-        """Dynamic children may name themselves (child.child_id = "session:lock-1"); static ones use their spec id."""
-        if self._template is None:
-            return spec.id
-        return getattr(child, "child_id", None) or spec.id
 
 
 # ----- helpers ----------------------------------------------------------------
