@@ -130,11 +130,10 @@ class CommandConsumer(Link):
         self._todo: deque[tuple[Any, ...]] = deque()  # binds, unbinds and notices, in write order
         self._awaiting = 0  # binds and unbinds written, their -ok still to come
         self._echoes: dict[tuple[str, str], float] = {}  # (device, session) of notices written -> expiry
-        self._lanes: tuple[int, ...] = (0,)  # channel ids for binds (0: the link's own, in-process)
+        self._lanes: tuple[int, ...] = (0,)  # channel ids for binds (0: the link's own)
         self._rebinding: tuple[int, float] | None = None  # after a connect: (devices, when) until all are bound
         self.window = Window()
         self.methods = {frames.QUEUE_BIND_OK: self._on_bind_ok, frames.QUEUE_UNBIND_OK: self._on_bind_ok}
-        self.contents = {frames.BASIC_DELIVER: self._on_deliver}
 
     @property
     def ready(self) -> bool:
@@ -168,18 +167,15 @@ class CommandConsumer(Link):
             self.wake()
 
     # -- the link's greenlets -------------------------------------------------------------------
-    def setup(self, connection: Any, channel: Any) -> None:
+    def setup(self, wire: Wire) -> None:
         for exchange in EXCHANGES:
-            exchange(channel).declare()
-        Queue(self.queue_name, exclusive=True, auto_delete=True, durable=False)(channel).declare()
+            exchange(wire.channel).declare()
+        Queue(self.queue_name, exclusive=True, auto_delete=True, durable=False)(wire.channel).declare()
         # Deliveries come on a channel of their own: RabbitMQ runs a channel's methods one at a time,
         # so a bind that waits (for the deletion of our previous queue's bindings of the same keys,
         # seconds at 20,000) would hold up every delivery behind it on a shared one.
-        # On AMQP the reader takes deliveries off the wire itself; the callback serves `memory://`.
-        connection.channel().basic_consume(self.queue_name, no_ack=True, callback=self._on_in_process_message,
-                                           consumer_tag=self.queue_name)
-        if self.is_amqp:
-            self._lanes = (channel.channel_id, *(connection.channel().channel_id for _ in range(BIND_LANES - 1)))
+        wire.consume(self.queue_name, self._dispatch)
+        self._lanes = wire.lanes(BIND_LANES)
         # Announcing every session, not only those begun during the outage: another worker may hold
         # an older session of one of our devices and have re-bound after our notice went out, or
         # before; whichever order the workers come back in, the later notice reaches the other.
@@ -265,14 +261,6 @@ class CommandConsumer(Link):
     def _wake_if_room(self) -> None:
         if self._todo and self._outstanding() <= self.window.size // 2:
             self.wake()
-
-    def _on_deliver(self, method: bytes, properties: dict[str, Any], body: bytes) -> None:
-        exchange, routing_key = frames.decode_deliver(method)
-        self._dispatch(exchange, routing_key, properties, body)
-
-    def _on_in_process_message(self, message: Any) -> None:
-        info = message.delivery_info
-        self._dispatch(info.get("exchange", ""), info.get("routing_key", ""), message.properties, message.body)
 
     def _dispatch(self, exchange: str, routing_key: str, properties: dict[str, Any], body: bytes) -> None:
         """One delivery from our queue: an answer to our API, a takeover notice, an operator's question

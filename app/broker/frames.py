@@ -6,9 +6,10 @@ and a lock, writes each with its own `sendall`, and reads each with three `recv`
 that was most of a worker's broker time. Here the few frames the hot path uses
 (basic.publish with its content, queue.bind/unbind; basic.deliver, basic.return,
 basic.ack/nack, queue.bind-ok/unbind-ok, channel.close) are packed and unpacked
-directly, and message properties that repeat are serialized once (`Properties`).
-Everything else (the handshake, declares, heartbeats, connection.close) stays
-py-amqp's; tests/unit/test_broker.py checks the encodings here against py-amqp's.
+directly, and message properties that repeat are serialized once (`Properties`). A
+basic.return's method is never decoded: the message id in its header says which
+publish it was. Everything else (the handshake, declares, heartbeats, connection.close)
+stays py-amqp's; tests/unit/test_broker_wire.py checks the encodings here against py-amqp's.
 """
 
 from __future__ import annotations
@@ -158,6 +159,11 @@ def _encode_method(out: bytearray, channel: int, payload: bytes) -> None:
     out += _END
 
 
+def encode_ack(tag: int, multiple: bool) -> bytes:
+    """A basic.ack's payload as RabbitMQ sends it: what MemoryWire answers its publishes with."""
+    return BASIC_ACK + _TAG_AND_BITS.pack(tag, multiple)
+
+
 # -- inbound -------------------------------------------------------------------------------
 def decode_ack(payload: bytes) -> tuple[int, bool]:
     """basic.ack or basic.nack: (delivery tag, multiple)."""
@@ -172,15 +178,6 @@ def decode_deliver(payload: bytes) -> tuple[str, str]:
     exchange, offset = _read_shortstr(payload, offset)
     routing_key, _ = _read_shortstr(payload, offset)
     return exchange, routing_key
-
-
-def decode_return(payload: bytes) -> tuple[int, str, str, str]:
-    """basic.return: (reply code, reply text, exchange, routing key)."""
-    code = struct.unpack_from(">H", payload, 4)[0]
-    text, offset = _read_shortstr(payload, 6)
-    exchange, offset = _read_shortstr(payload, offset)
-    routing_key, _ = _read_shortstr(payload, offset)
-    return code, text, exchange, routing_key
 
 
 def decode_close(payload: bytes) -> tuple[int, str]:

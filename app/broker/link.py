@@ -9,6 +9,10 @@ two frames ever interleave on the socket. Sessions never touch a RabbitMQ socket
 Why batches: each writer pass takes everything queued since the last one, up to a
 limit, and the wire (wires.py) sends it with one syscall.
 
+Which broker: the wire, chosen for the node's URL on each connect (`wire_for`), is
+RabbitMQ's or kombu's in-process `memory://` (what `make run` uses with no AMQP_URL);
+everything here and in the links is the same for both.
+
 A lost connection is not a crash: the link marks itself down, lets its owner fail
 what was in flight, and reconnects with exponential backoff and full jitter. The
 URL may list several nodes of one cluster separated by `;` (PROTOCOL.md section 7):
@@ -24,7 +28,6 @@ import random
 import socket
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import amqp.exceptions
 import gevent
@@ -32,7 +35,7 @@ from gevent.event import Event
 from kombu import Connection
 
 from app import metrics
-from app.broker.wires import AmqpWire, ContentHandler, MemoryWire, MethodHandler, Wire
+from app.broker.wires import ContentHandler, MethodHandler, Wire, wire_for
 
 log = logging.getLogger("warren.broker")
 
@@ -80,16 +83,16 @@ class Link:
 
     Hooks: `setup` declares after each connect; `write` writes what is due in one
     writer pass; `tick` runs about once a second in the writer; `on_lost` fails
-    what was in flight once the connection is gone. Inbound frames of our channel
-    go to `methods` and `contents` (by method signature, see frames.py).
+    what was in flight once the connection is gone. Inbound frames of our channels
+    go to `methods` and `contents` (by method signature, see frames.py); RabbitMQ's
+    resource alarms to `on_blocked` and `on_unblocked`.
     """
 
     role = "link"
 
     def __init__(self, url: str, *, heartbeat: int = 20, node_offset: int = 0) -> None:
         self.nodes = node_order(url, node_offset)
-        self.is_amqp = not self.nodes[0].startswith("memory://")
-        self.heartbeat = heartbeat if self.is_amqp else 0
+        self.heartbeat = heartbeat  # kombu's memory:// ignores it (and its wire sends none)
         self.connected = False
         self.blocked = False  # RabbitMQ stopped reading from this connection (a resource alarm)
         self.methods: dict[bytes, MethodHandler] = {}
@@ -130,18 +133,15 @@ class Link:
 
     def _connect(self, url: str) -> tuple[Connection, Wire]:
         started = time.monotonic()
+        # The polling interval is memory://'s (how often its reader looks for messages); AMQP ignores it.
         connection = Connection(url, heartbeat=self.heartbeat, connect_timeout=CONNECT_TIMEOUT,
                                 transport_options={"polling_interval": 0.005})
         # Not `connect()`, which tries again itself after 2 s: a dead node would hold up the failover.
         connection.ensure_connection(max_retries=0, reraise_as_library_errors=False)
         try:
-            channel = connection.channel()
             self.blocked = False
-            if self.is_amqp:
-                connection.connection.on_blocked = self._on_blocked
-                connection.connection.on_unblocked = self._on_unblocked
-            self.setup(connection, channel)
-            wire: Wire = AmqpWire(connection, channel) if self.is_amqp else MemoryWire(connection, channel)
+            wire = wire_for(url)(connection, connection.channel(), self)
+            self.setup(wire)
         except BaseException:
             # Connected, but the setup failed (a declare refused, the broker closing as it starts):
             # drop this connection, or each retry leaves one open at RabbitMQ until its heartbeat timeout.
@@ -150,8 +150,7 @@ class Link:
         self.connected = True
         metrics.BROKER_CONNECTED.labels(link=self.role).set(1)
         # How long connecting and declaring took: seconds after a node's loss, while the survivors clean up.
-        log.info("%s: connected to %s in %.2fs", self.role,
-                 connection.as_uri() if self.is_amqp else "the in-process broker", time.monotonic() - started)
+        log.info("%s: connected to %s in %.2fs", self.role, wire.peer, time.monotonic() - started)
         return connection, wire
 
     def _serve(self, wire: Wire) -> None:
@@ -194,7 +193,7 @@ class Link:
     def _read(self, wire: Wire) -> BaseException:
         """The reader greenlet: returns why the connection ended (a bug raises, and gevent reports it)."""
         try:
-            wire.read_forever(self.methods, self.contents)
+            wire.read_forever()
         except CONNECTION_ERRORS as exc:
             return exc
 
@@ -214,19 +213,20 @@ class Link:
             log.debug("%s: cleaning up the old connection failed: %r", self.role, exc)
         self.on_lost()
 
-    def _on_blocked(self, reason: str) -> None:
+    def on_blocked(self, reason: str) -> None:
+        """RabbitMQ stopped reading from this connection (a memory or disk alarm); in the reader."""
         log.warning("%s: RabbitMQ blocked this connection (%s)", self.role, reason)
         self.blocked = True
 
-    def _on_unblocked(self) -> None:
+    def on_unblocked(self) -> None:
         log.info("%s: RabbitMQ unblocked this connection", self.role)
         self.blocked = False
 
     # -- hooks --------------------------------------------------------------------------------
-    def setup(self, connection: Connection, channel: Any) -> None:
+    def setup(self, wire: Wire) -> None:
         """Declare and subscribe after each connect (synchronous: before the reader and writer start).
 
-        `channel` is the one the writer writes on; a link may open more on `connection`."""
+        `wire.channel` is the one the writer writes on; the wire opens any others (`consume`, `lanes`)."""
 
     def write(self, wire: Wire) -> bool:
         """Write what is due (at most WRITE_BATCH items); True when more is waiting."""

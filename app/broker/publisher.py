@@ -21,9 +21,8 @@ memory or disk alarm (`connection.blocked`). Publishes are then refused at once
 (`broker_unavailable`) rather than queued behind the alarm, while the consumer's
 connection keeps delivering commands.
 
-kombu's `memory://` transport has neither confirms nor returns: there the
-publisher decides routing as RabbitMQ would, drops what no queue takes (kombu
-would park it in a queue nobody reads), and answers at once.
+kombu's `memory://` transport has neither confirms nor returns: its wire
+(wires.py) emulates them, so that this module is the same for both.
 """
 
 from __future__ import annotations
@@ -39,7 +38,7 @@ from app.broker import frames
 from app.broker.frames import PublishKind
 from app.broker.link import WRITE_BATCH, Link, StuckChannel
 from app.broker.messages import EXCHANGES
-from app.broker.wires import MemoryWire, Wire
+from app.broker.wires import Wire
 
 log = logging.getLogger("warren.broker")
 
@@ -106,13 +105,12 @@ class Publisher(Link):
         return len(pending)
 
     # -- the writer greenlet ------------------------------------------------------------------
-    def setup(self, connection: Any, channel: Any) -> None:
+    def setup(self, wire: Wire) -> None:
         self._next_tag = self._oldest = 1
         metrics.BROKER_BLOCKED.set(0)
         for exchange in EXCHANGES:
-            exchange(channel).declare()
-        if self.is_amqp:
-            channel.confirm_select()
+            exchange(wire.channel).declare()
+        wire.confirm_select()
 
     def write(self, wire: Wire) -> bool:
         queue = self._queue
@@ -121,8 +119,6 @@ class Publisher(Link):
         if self.blocked:  # queued before RabbitMQ said so: refuse them as the caller would have been
             self._fail_queued()
             return False
-        if isinstance(wire, MemoryWire):
-            return self._write_in_process(wire)
         deadline = time.monotonic() + self.confirm_timeout
         pending, tag, publish = self._pending, self._next_tag, wire.publish
         for _ in range(min(len(queue), WRITE_BATCH)):
@@ -131,17 +127,6 @@ class Publisher(Link):
             pending[tag] = (done, kind.message_id(values), deadline)
             tag += 1
         self._next_tag = tag
-        return bool(queue)
-
-    def _write_in_process(self, wire: MemoryWire) -> bool:
-        queue = self._queue
-        for _ in range(min(len(queue), WRITE_BATCH)):
-            kind, routing_key, body, values, done = queue.popleft()
-            routed = wire.routes(kind.exchange, routing_key)
-            if routed:
-                wire.publish(kind, routing_key, body, values)
-            if done is not None:
-                done(None if routed or not kind.mandatory else "unroutable")
         return bool(queue)
 
     def tick(self, now: float) -> None:
@@ -220,10 +205,10 @@ class Publisher(Link):
         if done is not None:
             done(outcome)
 
-    def _on_blocked(self, reason: str) -> None:
-        super()._on_blocked(reason)
+    def on_blocked(self, reason: str) -> None:
+        super().on_blocked(reason)
         metrics.BROKER_BLOCKED.set(1)
 
-    def _on_unblocked(self) -> None:
-        super()._on_unblocked()
+    def on_unblocked(self) -> None:
+        super().on_unblocked()
         metrics.BROKER_BLOCKED.set(0)

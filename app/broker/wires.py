@@ -1,15 +1,28 @@
-"""How a link's frames reach RabbitMQ: `AmqpWire` (a py-amqp socket) or `MemoryWire` (kombu's `memory://`).
+"""How a link's frames reach a broker: `AmqpWire` (RabbitMQ, a py-amqp socket) or `MemoryWire` (kombu's `memory://`).
 
-A wire is what one writer pass writes through and what the reader reads from; the
-link (link.py) owns it for the life of one connection. On AMQP each pass is encoded
-into one buffer and sent with one syscall, and the reader takes every frame that has
+The wire is the seam between the two. A link picks the class for its URL (`wire_for`)
+each time it connects, and from then on only calls the wire: publisher.py, consumer.py
+and link.py hold no transport branches. What differs lives here:
+
+    what                 AmqpWire (RabbitMQ)                     MemoryWire (`make run` with no AMQP_URL)
+    publishes, binds     encoded by frames.py, one send a pass   kombu's channel methods, one call each
+    confirms, returns    RabbitMQ's, read by the reader          emulated at `flush`, routing decided as
+                                                                 RabbitMQ would (unrouted: not stored)
+    bind-ok, unbind-ok   answered (`acknowledges_binds`)         binds take effect at once
+    bind lanes           several channels                        the one channel
+    deliveries           taken off the socket by the reader      kombu's consumer callback
+    heartbeats, alarms   py-amqp's, connection.blocked           none
+
+A wire lives for one connection and is built before the link's `setup`, which
+declares and subscribes through it. On AMQP each writer pass is encoded into one
+buffer and sent with one syscall, and the reader takes every frame that has
 arrived with one `recv` (the codec is frames.py). Sessions never touch a wire.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any, ClassVar, NoReturn, Protocol
 
 import amqp.exceptions
 from amqp.method_framing import frame_writer
@@ -21,6 +34,20 @@ from app.broker.frames import PublishKind
 
 MethodHandler = Callable[[bytes], None]
 ContentHandler = Callable[[bytes, dict[str, Any], bytes], None]
+OnMessage = Callable[[str, str, dict[str, Any], bytes], None]
+"""A delivery from a queue we consume: (exchange, routing key, properties, body)."""
+
+
+class Endpoint(Protocol):
+    """What a wire needs of its link: handlers for the inbound methods of its channels, by signature
+    (`contents`: a method followed by content), and what to do when RabbitMQ blocks the connection."""
+
+    methods: dict[bytes, MethodHandler]
+    contents: dict[bytes, ContentHandler]
+
+    def on_blocked(self, reason: str) -> None: ...
+
+    def on_unblocked(self) -> None: ...
 
 
 class AmqpWire:
@@ -31,21 +58,54 @@ class AmqpWire:
     the lock that every send of this socket takes.
     """
 
-    acknowledges_binds = True  # queue.bind-ok / queue.unbind-ok come back through the reader
+    acknowledges_binds: ClassVar[bool] = True  # queue.bind-ok / queue.unbind-ok come back through the reader
 
-    def __init__(self, connection: Connection, channel: Any) -> None:
+    def __init__(self, connection: Connection, channel: Any, link: Endpoint) -> None:
+        self.connection, self.channel = connection, channel
         self.amqp = connection.connection
         self.channel_id: int = channel.channel_id
         self.frame_max: int = self.amqp.frame_max
         self.collecting = False  # set by the writer for the length of a pass (which never yields)
         self.out = bytearray()
+        self._methods = link.methods
+        self._contents = dict(link.contents)  # `consume` adds basic.deliver's
         self._sock = self.amqp.transport.sock
         self._lock = Semaphore()
         self._target = self.out
         self._encode_frame = frame_writer(self.amqp, self)  # py-amqp's encoder, writing to `write`
         self.amqp.frame_writer = self._write_frame
-        # What py-amqp read past its last frame while connecting (normally nothing).
-        self._reader = frames.FrameReader(self._sock, getattr(self.amqp.transport, "_read_buffer", b""))
+        self.amqp.on_blocked = link.on_blocked
+        self.amqp.on_unblocked = link.on_unblocked
+
+    @property
+    def peer(self) -> str:
+        """Where this wire goes, for the log."""
+        return str(self.connection.as_uri())
+
+    # -- the link's setup (before the reader and writer start) ---------------------------------
+    def confirm_select(self) -> None:
+        """Have RabbitMQ confirm every publish of the link's channel (basic.ack / basic.nack)."""
+        self.channel.confirm_select()
+
+    def consume(self, queue: str, on_message: OnMessage) -> None:
+        """Deliver `queue`'s messages to `on_message`, on a channel of their own.
+
+        The reader takes each basic.deliver off the socket itself: one call here, as the link's
+        own handler was before. py-amqp gets `on_message` too, for a delivery that came while
+        the setup still read through it (none should: the queue is new and not yet bound).
+        """
+        decode = frames.decode_deliver
+
+        def delivered(method: bytes, properties: dict[str, Any], body: bytes) -> None:
+            on_message(*decode(method), properties, body)
+
+        self._contents[frames.BASIC_DELIVER] = delivered
+        self.connection.channel().basic_consume(queue, no_ack=True, callback=_message_callback(on_message),
+                                                consumer_tag=queue)
+
+    def lanes(self, count: int) -> tuple[int, ...]:
+        """`count` channels for binds: the link's own and `count - 1` new ones."""
+        return (self.channel_id, *(self.connection.channel().channel_id for _ in range(count - 1)))
 
     # -- writing (the writer greenlet, except `_write_frame`) ------------------------------
     # `channel` 0 (the connection's own, never ours) means the link's channel.
@@ -100,10 +160,14 @@ class AmqpWire:
         self.amqp.bytes_sent += 1  # py-amqp's heartbeat logic counts traffic, not bytes
 
     # -- reading (the reader greenlet) -------------------------------------------------------
-    def read_forever(self, methods: dict[bytes, MethodHandler], contents: dict[bytes, ContentHandler]) -> NoReturn:
-        """Dispatch every frame of our channels: to `methods` (by signature) and `contents` (a method
-        with its content); the rest, and channel 0's, to py-amqp (connection.close, blocked, basic.cancel...)."""
-        py_amqp, reader, connection = self.amqp.on_inbound_frame, self._reader, self.amqp
+    def read_forever(self) -> NoReturn:
+        """Dispatch every frame of our channels: to the link's `methods` (by signature) and `contents` (a
+        method with its content); the rest, and channel 0's, to py-amqp (connection.close, blocked, basic.cancel...)."""
+        methods, contents, connection = self._methods, self._contents, self.amqp
+        py_amqp = connection.on_inbound_frame
+        # Made now, not with the wire: the link's setup read its declares' answers through py-amqp
+        # since. What py-amqp read past its last frame (normally nothing) is the reader's to start with.
+        reader = frames.FrameReader(self._sock, getattr(connection.transport, "_read_buffer", b""))
         handler: ContentHandler | None = None
         content_channel = 0  # the channel whose content is arriving, when `handler` is set
         method = b""
@@ -143,29 +207,54 @@ class AmqpWire:
 
 
 class MemoryWire:
-    """kombu's in-process transport (`memory://`): no socket, no confirms, no returns."""
+    """kombu's in-process transport (`memory://`): no socket, and RabbitMQ's answers emulated.
 
-    acknowledges_binds = False
-    collecting = False
+    kombu has neither confirms nor returns, and would park what no queue takes in a queue
+    nobody reads. So a publish goes out only when some queue takes it, and `flush` answers
+    the pass as RabbitMQ would: a basic.return for each mandatory publish no queue took,
+    then one basic.ack covering them all, to the link's own handlers (in the writer greenlet,
+    where `done` used to be called directly).
+    """
 
-    def __init__(self, connection: Connection, channel: Any) -> None:
+    acknowledges_binds: ClassVar[bool] = False
+    collecting = False  # a pass buffers nothing here
+    peer = "the in-process broker"
+
+    def __init__(self, connection: Connection, channel: Any, link: Endpoint) -> None:
         self.connection, self.channel = connection, channel
+        self._link = link
+        self._confirming = False
+        self._tag = 0  # publishes since confirm_select, numbered as RabbitMQ numbers them
+        self._acked = 0  # the last tag answered
+        self._returned: list[tuple[dict[str, Any], bytes]] = []  # this pass's unrouted mandatory publishes
 
-    # One channel in-process: `channel` is accepted for AmqpWire's sake and has no meaning here.
+    # -- the link's setup ------------------------------------------------------------------------
+    def confirm_select(self) -> None:
+        self._confirming = True
+
+    def consume(self, queue: str, on_message: OnMessage) -> None:
+        """Deliver `queue`'s messages to `on_message` (kombu calls back from `drain_events`, in the reader)."""
+        self.connection.channel().basic_consume(queue, no_ack=True, callback=_message_callback(on_message),
+                                                consumer_tag=queue)
+
+    def lanes(self, count: int) -> tuple[int, ...]:
+        """One channel in-process: binds take effect at once, in order."""
+        return (0,)
+
+    # -- writing (the writer greenlet) -------------------------------------------------------------
+    # `channel` is accepted for AmqpWire's sake and has no meaning here.
     def publish(self, kind: PublishKind, routing_key: str, body: bytes, values: tuple[Any, ...],
                 channel: int = 0) -> None:
         properties = kind.properties.as_dict(values)
-        message = self.channel.prepare_message(body, content_type=properties.pop("content_type", None),
-                                               content_encoding=properties.pop("content_encoding", None),
-                                               properties=properties)
-        self.channel.basic_publish(message, exchange=kind.exchange, routing_key=routing_key)
-
-    def routes(self, exchange: str, routing_key: str) -> bool:
-        """Whether a message to `exchange` with `routing_key` reaches some queue now."""
-        if not exchange:
-            return True
-        table = self.channel.get_table(exchange)
-        return bool(self.channel.typeof(exchange).lookup(table, exchange, routing_key, None))
+        if self._routes(kind.exchange, routing_key):
+            message = self.channel.prepare_message(body, content_type=properties.pop("content_type", None),
+                                                   content_encoding=properties.pop("content_encoding", None),
+                                                   properties=properties)
+            self.channel.basic_publish(message, exchange=kind.exchange, routing_key=routing_key)
+        elif kind.mandatory:
+            self._returned.append((properties, body))
+        if self._confirming:
+            self._tag += 1
 
     def bind(self, queue: str, exchange: str, routing_key: str, channel: int = 0) -> None:
         self.channel.queue_bind(queue, exchange, routing_key=routing_key)
@@ -174,14 +263,44 @@ class MemoryWire:
         self.channel.queue_unbind(queue, exchange, routing_key=routing_key)
 
     def heartbeat(self) -> None:
-        pass
+        """Nothing to keep alive in-process."""
 
     def flush(self) -> None:
-        pass
+        """Answer this pass's publishes: returns first (their acks settle them as unroutable), then the ack."""
+        returned, self._returned = self._returned, []
+        on_return = self._link.contents.get(frames.BASIC_RETURN)
+        if on_return is not None:
+            for properties, body in returned:  # the method bare: its reply code and text are read by nobody
+                on_return(frames.BASIC_RETURN, properties, body)
+        if self._tag > self._acked:
+            self._acked = self._tag
+            self._link.methods[frames.BASIC_ACK](frames.encode_ack(self._tag, multiple=True))
 
-    def read_forever(self, methods: dict[bytes, MethodHandler], contents: dict[bytes, ContentHandler]) -> NoReturn:
-        while True:  # deliveries reach the consumer's basic_consume callback
+    def _routes(self, exchange: str, routing_key: str) -> bool:
+        """Whether a message to `exchange` with `routing_key` reaches some queue now."""
+        if not exchange:
+            return True
+        table = self.channel.get_table(exchange)
+        return bool(self.channel.typeof(exchange).lookup(table, exchange, routing_key, None))
+
+    # -- reading (the reader greenlet) -------------------------------------------------------------
+    def read_forever(self) -> NoReturn:
+        while True:  # deliveries reach `consume`'s callback
             self.connection.drain_events(timeout=None)
 
 
 Wire = AmqpWire | MemoryWire
+
+
+def _message_callback(on_message: OnMessage) -> Callable[[Any], None]:
+    """A basic_consume callback (a kombu or py-amqp message, alike in what is read here) for `on_message`."""
+    def delivered(message: Any) -> None:
+        info = message.delivery_info
+        on_message(info.get("exchange", ""), info.get("routing_key", ""), message.properties, message.body)
+
+    return delivered
+
+
+def wire_for(url: str) -> type[Wire]:
+    """The wire for a node's URL (config.py accepts amqp, amqps, pyamqp and memory)."""
+    return MemoryWire if url.startswith("memory://") else AmqpWire

@@ -16,13 +16,13 @@ import pytest
 from amqp import spec
 from amqp.serialization import dumps
 from gevent.event import Event
-from kombu import Connection
+from kombu import Connection, Exchange, Queue
 
 from app.broker import frames, link
 from app.broker import publisher as publisher_module
 from app.broker.consumer import MAX_WINDOW, START_WINDOW, CommandConsumer, Window
 from app.broker.link import WRITE_BATCH
-from app.broker.messages import EVENT, decode_takeover, encode_takeover
+from app.broker.messages import EVENT, PRESENCE, decode_takeover, encode_takeover
 from app.broker.publisher import NACK_STREAK, Publisher
 from app.broker.wires import MemoryWire
 
@@ -141,14 +141,14 @@ def test_give_up_answers_every_pending_publish_once(publisher: Publisher) -> Non
 def test_blocked_refuses_at_once_and_fails_what_was_queued(publisher: Publisher) -> None:
     queued: list[str | None] = []
     publisher.publish(EVENT, "lock-1.door", b"{}", ("m0",), queued.append)
-    publisher._on_blocked("low on memory")
+    publisher.on_blocked("low on memory")
     now: list[str | None] = []
     publisher.publish(EVENT, "lock-1.door", b"{}", ("m1",), now.append)
     assert now == ["broker_unavailable"] and queued == []
     wire = RecordingWire()
     publisher.write(wire)
     assert queued == ["broker_unavailable"] and wire.calls == []
-    publisher._on_unblocked()
+    publisher.on_unblocked()
     assert publisher.accepting
 
 
@@ -199,6 +199,28 @@ def test_a_reconnect_ends_a_streak_of_nacks(publisher: Publisher) -> None:
     publisher.on_lost()  # the link's teardown, before it connects a fresh channel
     publisher.connected = True
     publisher.tick(time.monotonic() + NACK_STREAK + 1)
+
+
+def test_the_in_process_wire_answers_a_pass_as_rabbitmq_would() -> None:
+    """memory:// has no confirms or returns: its wire routes as RabbitMQ would and answers at the flush,
+    through the same handlers RabbitMQ's answers reach (returns first, then one ack for the pass)."""
+    publisher = Publisher("memory://")
+    memory = Connection("memory://")
+    wire = MemoryWire(memory, memory.channel(), publisher)
+    publisher.setup(wire)
+    publisher.connected = True
+    device = f"w-{uuid.uuid4().hex[:8]}"
+    witness = memory.channel()
+    Queue(f"w-{device}", Exchange("devices.events", type="topic"), routing_key=f"{device}.#")(witness).declare()
+    outcomes: dict[int, str | None] = {}
+    for n, (kind, key) in enumerate([(EVENT, f"{device}.door"), (EVENT, "nobody.door"), (PRESENCE, "nobody.x")]):
+        publisher.publish(kind, key, b"{}", (f"m{n}",), lambda o, n=n: outcomes.__setitem__(n, o))
+    publisher.write(wire)
+    assert outcomes == {} and publisher.backlog == 3  # nothing answered before the flush, as on a socket
+    wire.flush()
+    assert outcomes == {0: None, 1: "unroutable", 2: None} and publisher.backlog == 0
+    assert witness.basic_get(f"w-{device}").properties["message_id"] == "m0"
+    assert witness.basic_get(f"w-{device}") is None  # one event reached the queue, once
 
 
 # -- the consumer's bindings -------------------------------------------------------------------------
@@ -289,10 +311,10 @@ def announced_link(heard: list[tuple]) -> tuple[CommandConsumer, RecordingWire]:
 def test_notices_wait_for_their_own_echo() -> None:
     heard: list[tuple] = []
     link_, wire = announced_link(heard)
-    deliver = method(spec.Basic.Deliver, "sLbss", ("c", 1, False, "devices.commands", "d0"))
-    link_.contents[frames.BASIC_DELIVER](deliver, {"type": "warren.takeover"}, encode_takeover("d0", "s-x", 2.0))
+    notice = {"type": "warren.takeover"}
+    link_._dispatch("devices.commands", "d0", notice, encode_takeover("d0", "s-x", 2.0))
     assert not link_._wakeup.is_set()  # someone else's notice answers none of ours
-    link_.contents[frames.BASIC_DELIVER](deliver, {"type": "warren.takeover"}, encode_takeover("d0", "s0", 1.0))
+    link_._dispatch("devices.commands", "d0", notice, encode_takeover("d0", "s0", 1.0))
     assert heard == [("d0", 2.0, "s-x"), ("d0", 1.0, "s0")]
     assert link_._wakeup.is_set()  # ours came back at once: RabbitMQ is quick, the window opens
     link_.write(wire)
@@ -341,7 +363,7 @@ def test_a_reconnect_rebinds_every_device_then_announces_every_session() -> None
     link_.on_lost()
     link_.announce("a", 1.0, "s-a")  # while down: nothing queued, the reconnect announces
     memory = Connection("memory://")
-    link_.setup(memory, memory.channel())
+    link_.setup(MemoryWire(memory, memory.channel(), link_))
     assert link_.queue_name != old_queue
     link_.connected = True
     link_.write(wire)
@@ -358,7 +380,7 @@ def test_the_end_of_rebinding_after_a_connect_is_logged_once(caplog: pytest.LogC
     link_.connected = False
     link_.on_lost()
     memory = Connection("memory://")
-    link_.setup(memory, memory.channel())
+    link_.setup(MemoryWire(memory, memory.channel(), link_))
     link_.connected = True
     link_.write(wire)
     assert wire.ops() == [("bind", "a"), ("bind", "b"), ("publish", "a")]
@@ -367,8 +389,7 @@ def test_the_end_of_rebinding_after_a_connect_is_logged_once(caplog: pytest.LogC
         link_.methods[frames.QUEUE_BIND_OK](b"")
         link_.tick(time.monotonic())
         assert "bound again" not in caplog.text  # the notice's echo is still to come
-        deliver = method(spec.Basic.Deliver, "sLbss", ("c", 1, False, "devices.commands", "a"))
-        link_.contents[frames.BASIC_DELIVER](deliver, {"type": "warren.takeover"}, encode_takeover("a", "s-a", 1.0))
+        link_._dispatch("devices.commands", "a", {"type": "warren.takeover"}, encode_takeover("a", "s-a", 1.0))
         link_.tick(time.monotonic())
     assert heard == [("a", 1.0, "s-a")]
     assert caplog.text.count("consumer: 2 devices bound again") == 1

@@ -1,5 +1,5 @@
 """app/broker/'s wire in-process: frames.py's codec and messages.py against py-amqp's own encoder
-and parser, and link.py's AmqpWire (one send per writer pass, the lock, the reader's dispatch) over
+and parser, and wires.py's AmqpWire (one send per writer pass, the lock, the reader's dispatch) over
 a socket pair."""
 
 from __future__ import annotations
@@ -104,10 +104,9 @@ def test_bind_and_unbind_are_py_amqp_bytes() -> None:
 def test_inbound_methods_decode() -> None:
     deliver = method(spec.Basic.Deliver, "sLbss", ("ctag", 7, True, "devices.commands", "lock-1"))
     assert frames.decode_deliver(deliver) == ("devices.commands", "lock-1")
-    returned = method(spec.Basic.Return, "Bsss", (312, "NO_ROUTE", "devices.events", "d.e"))
-    assert frames.decode_return(returned) == (312, "NO_ROUTE", "devices.events", "d.e")
     assert frames.decode_ack(method(spec.Basic.Ack, "Lb", (2**40, True))) == (2**40, True)
     assert frames.decode_ack(method(spec.Basic.Nack, "Lb", (3, False))) == (3, False)
+    assert frames.encode_ack(2**40, multiple=True) == method(spec.Basic.Ack, "Lb", (2**40, True))  # memory://'s
 
 
 def test_frame_reader_reassembles_any_split_and_checks_frame_ends() -> None:
@@ -168,11 +167,19 @@ def fake_amqp(sock: socket.socket) -> Any:
                                  heartbeat_tick=lambda: None)
 
 
+def amqp_wire(connection: Any) -> AmqpWire:
+    """An AmqpWire on a fake py-amqp connection, for a link that handles no frames of its own."""
+    kombu = types.SimpleNamespace(connection=connection,
+                                  channel=lambda: types.SimpleNamespace(basic_consume=lambda *_a, **_k: None))
+    link = types.SimpleNamespace(methods={}, contents={}, on_blocked=None, on_unblocked=None)
+    return AmqpWire(kombu, types.SimpleNamespace(channel_id=1), link)  # type: ignore[arg-type]
+
+
 def test_a_writer_pass_is_one_send_and_never_interleaves_with_protocol_writes() -> None:
     ours, theirs = socket.socketpair()
     theirs.setblocking(False)
     connection = fake_amqp(ours)
-    wire = AmqpWire(types.SimpleNamespace(connection=connection), types.SimpleNamespace(channel_id=1))
+    wire = amqp_wire(connection)
     sends: list[int] = []
     real_send = ours.send
     wire._sock = types.SimpleNamespace(send=lambda data: sends.append(len(data)) or real_send(data))
@@ -218,8 +225,9 @@ def test_the_reader_dispatches_deliveries_and_hands_py_amqp_the_rest() -> None:
     connection = fake_amqp(ours)
     to_py_amqp: list[tuple] = []
     connection.on_inbound_frame = to_py_amqp.append
-    wire = AmqpWire(types.SimpleNamespace(connection=connection), types.SimpleNamespace(channel_id=1))
+    wire = amqp_wire(connection)
     delivered: list[tuple] = []
+    wire.consume("q", lambda *message: delivered.append(message))
     message = amqp.Message(b"a" * 5000, message_id="m-1", type="t")
     theirs.sendall(py_amqp_frames(
         (1, 1, spec.Basic.Deliver, dumps("sLbss", ("c", 1, False, "devices.commands", "lock-1")), message),
@@ -227,9 +235,8 @@ def test_the_reader_dispatches_deliveries_and_hands_py_amqp_the_rest() -> None:
         (1, 0, spec.Connection.Blocked, dumps("s", ("low memory",)), None),
         (1, 1, spec.Channel.Close, dumps("BsBB", (406, "PRECONDITION_FAILED", 60, 40)), None),
     ))
-    contents = {frames.BASIC_DELIVER: lambda m, p, b: delivered.append((frames.decode_deliver(m), p, b))}
     with pytest.raises(amqp.exceptions.ChannelError, match="PRECONDITION_FAILED"):
-        wire.read_forever({}, contents)
-    assert delivered == [(("devices.commands", "lock-1"), {"message_id": "m-1", "type": "t"}, b"a" * 5000)]
+        wire.read_forever()
+    assert delivered == [("devices.commands", "lock-1", {"message_id": "m-1", "type": "t"}, b"a" * 5000)]
     assert [(t, c, p[:4]) for t, c, p in to_py_amqp] == [(1, 0, method(spec.Connection.Blocked))]
     assert connection.bytes_recv == 7  # every frame, heartbeats too, is traffic to py-amqp's heartbeat check
