@@ -3,7 +3,7 @@
     app/broker/
     ├── __init__.py   Broker, the facade: nothing reaches through it into a link
     ├── link.py       one connection with its reader and writer greenlets; reconnects, fails over
-    ├── wires.py      how a link's frames reach RabbitMQ (a py-amqp socket) or kombu's memory://
+    ├── wires.py      RabbitMQ (a py-amqp socket) or kombu's memory://: all that differs between them
     ├── frames.py     the AMQP frames of the hot path, packed and unpacked directly
     ├── publisher.py  events, presence, replies and commands, with publisher confirms
     ├── consumer.py   this worker's command queue: bindings, takeover notices, deliveries
