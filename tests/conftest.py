@@ -1,7 +1,7 @@
-"""Shared fixtures: real gunicorn gateways on free ports, against the real RabbitMQ.
+"""Shared fixtures: the `gateway` most end-to-end tests talk to (real gunicorn on free ports, the real RabbitMQ).
 
-A gateway is started exactly as a user starts it, `gunicorn -c gunicorn.conf.py
-wsgi:app`, with its configuration in the environment.
+Fixtures only: how a gateway is started and reached is tests/support/gateways.py. pytest puts tests/ on
+sys.path (pyproject.toml's `pythonpath`), so tests import their helpers as `support.<module>`.
 """
 
 from __future__ import annotations
@@ -10,162 +10,10 @@ from gevent import monkey
 
 monkey.patch_all()  # first: the supervisor tests run greenlets, and patching must precede imports
 
-import os
-import random
-import signal
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
-import requests
-
-ROOT = Path(__file__).resolve().parent.parent
-AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
-SECRET = "test-secret"
-API_TOKEN = "test-api-token"
-
-
-def free_port() -> int:
-    """A port below the kernel's ephemeral range, which load tools may fill with client sockets."""
-    while True:
-        port = random.randrange(20000, 32000)
-        with socket.socket() as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind(("0.0.0.0", port))
-            except OSError:
-                continue
-            return port
-
-
-@dataclass
-class Gateway:
-    """A running gunicorn gateway (master and workers) and how to reach it."""
-
-    process: subprocess.Popen
-    port: int
-    device_port: int
-    env: dict[str, str]
-    log_path: Path
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def http(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def tcp(self) -> str:
-        return f"tcp://127.0.0.1:{self.device_port}"
-
-    @property
-    def ws(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
-
-    @property
-    def mqtt_port(self) -> int:
-        return int(self.env["MQTT_PORT"])
-
-    def url(self, transport: str) -> str:
-        return self.tcp if transport == "tcp" else self.ws
-
-    def command(self, device: str, name: str = "unlock", data: object = None, timeout: float = 5,
-                token: str = API_TOKEN) -> requests.Response:
-        return requests.post(f"{self.http}/devices/{device}/commands",
-                             json={"name": name, "data": data, "timeout": timeout},
-                             headers={"Authorization": f"Bearer {token}"}, timeout=timeout + 10)
-
-    def worker_pids(self) -> list[int]:
-        out = subprocess.run(["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True, check=False)
-        return [int(pid) for pid in out.stdout.split()]
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 40) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
-
-
-def start_gateway(tmp_path: Path, workers: int = 2, wait: bool = True, **env_overrides: str) -> Gateway:
-    """Start `gunicorn -c gunicorn.conf.py wsgi:app` and wait until every worker is ready.
-
-    With wait=False, return once /healthz answers on every worker (RabbitMQ may be down).
-    """
-    port, device_port, mqtt_port = free_port(), free_port(), free_port()
-    env = {k: v for k, v in os.environ.items()
-           if k not in {"AMQP_URL", "CLOUDAMQP_URL", "RABBITMQ_URL", "PROMETHEUS_MULTIPROC_DIR", "WARREN_SKIPPED_PORTS"}}
-    env.update({
-        "PORT": str(port), "DEVICE_PORT": str(device_port), "MQTT_PORT": str(mqtt_port),
-        "WEB_CONCURRENCY": str(workers),
-        "AMQP_URL": AMQP_URL, "DEVICE_SECRETS": SECRET, "API_TOKENS": API_TOKEN,
-        "BIND_HOST": "127.0.0.1", "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / f"metrics-{port}"),
-    })
-    env.update(env_overrides)
-    log_path = tmp_path / f"gunicorn-{port}.log"
-    process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"],
-        cwd=ROOT, env=env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
-    gateway = Gateway(process, port, device_port, env, log_path)
-    if wait:
-        wait_ready(gateway, workers)
-    else:
-        wait_healthy(gateway, workers)
-    return gateway
-
-
-def wait_healthy(gateway: Gateway, workers: int, timeout: float = 30) -> None:
-    """Until /healthz answers and gunicorn shows `workers` workers (RabbitMQ may be down)."""
-    def healthy() -> bool:
-        answered = requests.get(f"{gateway.http}/healthz", timeout=5).status_code == 200
-        return answered and len(gateway.worker_pids()) == workers
-
-    _wait_for(gateway, healthy, "healthy", timeout)
-
-
-def wait_ready(gateway: Gateway, workers: int, timeout: float = 30) -> None:
-    """Ready when every worker reports both RabbitMQ links up (the instance-wide metric)."""
-    def ready() -> bool:
-        metrics = requests.get(f"{gateway.http}/metrics", timeout=2).text
-        return all(metric_value(metrics, f'warren_broker_connected{{link="{link}"}}') >= workers
-                   for link in ("consumer", "publisher"))
-
-    _wait_for(gateway, ready, "ready", timeout)
-
-
-def _wait_for(gateway: Gateway, condition: Callable[[], bool], what: str, timeout: float) -> None:
-    """Poll `condition` until it holds; stop the gateway and show its log if it never does."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if gateway.process.poll() is not None:
-            raise RuntimeError(f"gunicorn exited with {gateway.process.returncode}:\n{gateway.log()}")
-        try:
-            if condition():
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.2)
-    gateway.stop()
-    raise RuntimeError(f"gateway not {what} within {timeout}s:\n{gateway.log()}")
-
-
-def metric_value(text: str, name: str) -> float:
-    """The sum of the samples of `name` (a metric name, optionally with its exact labels)."""
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + " ") or (line.startswith(name + "{") and "{" not in name):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+from support.gateways import Gateway, start_gateway
 
 
 @pytest.fixture(scope="module")
@@ -175,14 +23,3 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
                              HELLO_TIMEOUT="2", HEARTBEAT="30", EVENT_RATE="1000", EVENT_BURST="1000")
     yield instance
     instance.stop()
-
-
-def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05):
-    """Poll until predicate() is truthy; return its value, or fail the test naming the predicate."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    pytest.fail(f"condition not met within {timeout}s: {getattr(predicate, '__name__', predicate)}")

@@ -1,11 +1,11 @@
 """Warren on a real RabbitMQ cluster of two nodes (tests/rabbit_cluster.py), with real gateways.
 
-Instances start as users start them (conftest.start_gateway), their AMQP_URL naming one
+Instances start as users start them (support.gateways.start_gateway), their AMQP_URL naming one
 node or both (`a;b`, PROTOCOL.md 7). Backends (BackendClients, queues bound to
 devices.events) connect to a node of their own, so that messages cross the cluster.
 Nodes are stopped (SIGTERM), killed (SIGKILL) or lost for good from outside.
 Figures are printed as `[figure]` lines (pytest -s shows them).
-The backends' queues, held devices and checks they use are tests/cluster_clients.py.
+The backends' queues, held devices and checks they use are tests/support/cluster_clients.py.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cluster_clients import (
+from rabbit_cluster import ClusterError, Node, RabbitCluster, amqp_url, running_cluster
+from support.cluster_clients import (
     CommandRounds,
     EventQueue,
     HeldDevice,
@@ -27,19 +28,17 @@ from cluster_clients import (
     instance_ports,
     was_replaced,
 )
-from conftest import SECRET, Gateway, start_gateway, wait_until
-from rabbit_cluster import ClusterError, Node, RabbitCluster, amqp_url, running_cluster
-from test_faults_helpers import (
-    all_ready,
+from support.fault_devices import (
     command_roundtrip,
     connect,
     http_roundtrip,
-    metric,
     ping,
     read_until_closed,
     send_event,
     unique,
 )
+from support.gateways import SECRET, Gateway, all_ready, metric, start_gateway
+from support.waiting import wait_until
 
 from app.auth import mint
 from clients.backend import BackendClient

@@ -11,7 +11,7 @@ import subprocess
 import time
 
 import requests
-from conftest import AMQP_URL, API_TOKEN, ROOT, SECRET, Gateway, free_port, wait_ready
+from support.gateways import AMQP_URL, API_TOKEN, ROOT, SECRET, Gateway, free_port, wait_ready
 
 from app.config import load
 from clients.device import DeviceClient

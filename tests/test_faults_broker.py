@@ -10,25 +10,18 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import AMQP_URL
-from test_faults_helpers import (
-    DurableQueue,
-    all_ready,
-    close_connections,
+from support.fault_devices import (
     command_roundtrip,
     connect,
-    get,
     http_roundtrip,
-    launch,
-    metric,
     ping,
-    rabbitmqctl,
     read_until_closed,
-    readyz_codes,
     send_event,
     unique,
-    wait_until,
 )
+from support.gateways import AMQP_URL, all_ready, get, launch, metric, readyz_codes
+from support.rabbitmq import DurableQueue, close_connections, rabbitmqctl
+from support.waiting import wait_until
 
 from clients.backend import BackendClient
 

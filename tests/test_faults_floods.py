@@ -8,23 +8,20 @@ import threading
 import time
 
 import pytest
-from conftest import AMQP_URL, SECRET
-from test_faults_helpers import (
-    DurableQueue,
+from support.fault_devices import (
     command_roundtrip,
     connect,
     expect,
-    get,
     hello_line,
     is_closed,
-    launch,
-    metric,
     ping,
     read_line,
     reset,
     unique,
-    wait_until,
 )
+from support.gateways import AMQP_URL, SECRET, get, launch, metric
+from support.rabbitmq import DurableQueue
+from support.waiting import wait_until
 
 from clients.backend import BackendClient
 from clients.device import DeviceClient

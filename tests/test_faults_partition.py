@@ -10,20 +10,10 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import AMQP_URL
-from test_faults_helpers import (
-    Blackhole,
-    DurableQueue,
-    all_ready,
-    command_roundtrip,
-    connect,
-    launch,
-    ping,
-    readyz_codes,
-    send_event,
-    unique,
-    wait_until,
-)
+from support.fault_devices import command_roundtrip, connect, ping, send_event, unique
+from support.gateways import AMQP_URL, all_ready, launch, readyz_codes
+from support.rabbitmq import Blackhole, DurableQueue
+from support.waiting import wait_until
 
 from clients.backend import BackendClient
 

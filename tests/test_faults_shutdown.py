@@ -7,7 +7,9 @@ import time
 
 import orjson
 import pytest
-from test_faults_helpers import DurableQueue, connect, launch, read_until_closed, unique
+from support.fault_devices import connect, read_until_closed, unique
+from support.gateways import launch
+from support.rabbitmq import DurableQueue
 
 pytestmark = pytest.mark.slow
 

@@ -12,26 +12,22 @@ import time
 
 import amqp
 import pytest
-from conftest import AMQP_URL, ROOT
-from test_faults_helpers import (
-    all_ready,
+from support.fault_devices import (
     bulk_sessions,
     command_roundtrip,
     connect,
     expect,
     http_roundtrip,
     is_closed,
-    kill_tree,
-    launch,
-    metric,
     ping,
-    rabbitmqctl,
     read_line,
     reset,
     unique,
-    wait_until,
     worker_of,
 )
+from support.gateways import AMQP_URL, ROOT, all_ready, kill_tree, launch, metric
+from support.rabbitmq import rabbitmqctl
+from support.waiting import wait_until
 
 from clients.backend import BackendClient
 

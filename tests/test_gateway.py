@@ -13,34 +13,42 @@ HEARTBEAT=0.75) for the limits.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import socket
 import subprocess
-import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Self
+from typing import Any
 
-import amqp
 import orjson
 import pytest
 import requests
-from conftest import AMQP_URL, API_TOKEN, SECRET, Gateway, metric_value, start_gateway, wait_until
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.devices import (
+    TRANSPORTS,
+    Responder,
+    answer_next_command,
+    connect,
+    expect,
+    expect_closed,
+    expect_error,
+    in_background,
+    ping_ok,
+    survivors,
+    uid,
+)
+from support.gateways import AMQP_URL, API_TOKEN, SECRET, Gateway, metric_value, metrics_text, sessions, start_gateway
+from support.rabbitmq import AMQP_HOST, PRIVATE_VHOST, EventTap, publish_command, routed
+from support.waiting import WAIT, wait_until
 from wsproto.events import BytesMessage, TextMessage
 
 from app.auth import mint
 from clients.backend import BackendClient
 from clients.device import Closed, DeviceClient
 
-TRANSPORTS = ["tcp", "ws"]
 MAX_FRAME_BYTES = 65536
-WAIT = 15.0  # generous: the machine is shared
-AMQP_HOST = AMQP_URL.split("@", 1)[1].split("/", 1)[0]  # host:port
 
 
 @pytest.fixture(params=TRANSPORTS)
@@ -68,180 +76,6 @@ def tight_gw(tight: Gateway) -> Gateway:
     """The tight gateway, once the sessions of earlier tests are gone (it takes three at most)."""
     wait_until(lambda: sessions(tight) == 0, WAIT)
     return tight
-
-
-# -- helpers (also used by test_two_hosts.py) -----------------------------------------------------
-def uid(prefix: str = "dev") -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:12]}"
-
-
-def connect(gateway: Gateway, transport: str, device: str | None = None,
-            secret: str = SECRET) -> tuple[DeviceClient, dict[str, Any]]:
-    """A welcomed device session."""
-    client = DeviceClient(gateway.url(transport), timeout=WAIT)
-    welcome = client.hello(device or uid(), secret)
-    assert welcome["type"] == "welcome", welcome
-    return client, welcome
-
-
-def expect(client: DeviceClient, kind: str, timeout: float = WAIT, **fields: Any) -> dict[str, Any]:
-    """The next frame is of type `kind` with these fields."""
-    frame = client.receive(timeout=timeout)
-    assert frame.get("type") == kind, frame
-    for key, value in fields.items():
-        assert frame.get(key) == value, (key, frame)
-    return frame
-
-
-def expect_error(client: DeviceClient, code: str, timeout: float = WAIT) -> dict[str, Any]:
-    return expect(client, "error", timeout, code=code)
-
-
-def expect_closed(client: DeviceClient, timeout: float = WAIT) -> None:
-    """The server ends the connection (EOF, a WebSocket close or a reset), sending nothing more."""
-    try:
-        frame = client.receive(timeout=timeout)
-    except TimeoutError:
-        pytest.fail(f"the server did not close the connection within {timeout}s")
-    except (Closed, OSError):
-        return
-    pytest.fail(f"expected the connection to close, got {frame}")
-
-
-def ping_ok(client: DeviceClient) -> None:
-    client.send({"type": "ping"})
-    expect(client, "pong")
-
-
-def sessions(gateway: Gateway) -> float:
-    return metric_value(requests.get(f"{gateway.http}/metrics", timeout=WAIT).text, "warren_sessions")
-
-
-def metrics_text(gateway: Gateway) -> str:
-    return requests.get(f"{gateway.http}/metrics", timeout=WAIT).text
-
-
-def answer_next_command(client: DeviceClient, ok: bool = True, data: Any = ...,
-                        error: str | None = None) -> dict[str, Any]:
-    """Read frames until a command, reply to it; return the command."""
-    while True:
-        frame = client.receive(timeout=WAIT)
-        if frame["type"] == "command":
-            reply: dict[str, Any] = {"type": "reply", "id": frame["id"], "ok": ok,
-                                     "data": {"done": frame["name"], "got": frame["data"]} if data is ... else data}
-            if error is not None:
-                reply["error"] = error
-            client.send(reply)
-            return frame
-
-
-def in_background(function: Any, *args: Any, **kwargs: Any) -> Any:
-    """Run a blocking call (an HTTP request) on a thread; returns a Future."""
-    pool = ThreadPoolExecutor(1)
-    future = pool.submit(function, *args, **kwargs)
-    pool.shutdown(wait=False)
-    return future
-
-
-class Responder(threading.Thread):
-    """A device that answers every command (and pings every `ping_every` seconds) until stopped."""
-
-    def __init__(self, client: DeviceClient, ping_every: float | None = None) -> None:
-        super().__init__(daemon=True)
-        self.client, self.ping_every = client, ping_every
-        self.frames: list[dict[str, Any]] = []
-        self.ended: BaseException | None = None
-        self._halt = threading.Event()
-        self.start()
-
-    def run(self) -> None:
-        next_ping = time.monotonic() + (self.ping_every or 0)
-        while not self._halt.is_set():
-            try:
-                if self.ping_every and time.monotonic() >= next_ping:
-                    self.client.send({"type": "ping"})
-                    next_ping = time.monotonic() + self.ping_every
-                frame = self.client.receive(timeout=0.1)
-            except TimeoutError:
-                continue
-            except (Closed, OSError, ValueError) as exc:
-                self.ended = exc
-                return
-            self.frames.append(frame)
-            if frame.get("type") == "command":
-                try:
-                    self.client.send({"type": "reply", "id": frame["id"], "ok": True,
-                                      "data": {"done": frame["name"], "got": frame["data"]}})
-                except OSError as exc:
-                    self.ended = exc
-                    return
-
-    def stop(self) -> None:
-        self._halt.set()
-        self.join(10)
-
-    def errors(self) -> list[dict[str, Any]]:
-        return [f for f in self.frames if f.get("type") == "error"]
-
-
-class EventTap:
-    """Our own exclusive queue on `devices.events`, bound before anything is published."""
-
-    def __init__(self, *bindings: str, vhost: str = "/") -> None:
-        self.connection = amqp.Connection(AMQP_HOST, userid="guest", password="guest", virtual_host=vhost)
-        self.connection.connect()
-        self.channel = self.connection.channel()
-        self.queue, _, _ = self.channel.queue_declare(queue="", exclusive=True, auto_delete=True)
-        for binding in bindings:
-            self.channel.queue_bind(self.queue, "devices.events", routing_key=binding)
-
-    def get(self, routing_key: str | None = None, timeout: float = WAIT) -> dict[str, Any]:
-        """The next event (whose routing key is `routing_key`, skipping others)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            message = self.channel.basic_get(self.queue, no_ack=True)
-            if message is None:
-                time.sleep(0.02)
-                continue
-            if routing_key is None or message.delivery_info["routing_key"] == routing_key:
-                body = orjson.loads(message.body)
-                body["_routing_key"] = message.delivery_info["routing_key"]
-                return body
-        pytest.fail(f"no event {routing_key or ''} within {timeout}s")
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):  # best effort at teardown
-            self.connection.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def routed(routing_key: str, vhost: str = "/") -> bool:
-    """Would RabbitMQ route a message on devices.events with this key to some queue right now?"""
-    connection = amqp.Connection(AMQP_HOST, userid="guest", password="guest", confirm_publish=True,
-                                 virtual_host=vhost)
-    connection.connect()
-    try:
-        channel = connection.channel()
-        returned: list[str] = []
-        channel.events["basic_return"].add(lambda *args: returned.append("returned"))
-        channel.basic_publish(amqp.Message(b"{}"), exchange="devices.events", routing_key=routing_key,
-                              mandatory=True)
-        return not returned
-    finally:
-        connection.close()
-
-
-def publish_command(backend: BackendClient, device: str, name: str, data: Any = None,
-                    **properties: Any) -> None:
-    """A command with exactly these AMQP properties (BackendClient.send picks its own)."""
-    message = backend.channel.prepare_message(orjson.dumps({"name": name, "data": data}),
-                                              content_type="application/json", properties=properties)
-    backend.channel.basic_publish(message, exchange="devices.commands", routing_key=device, mandatory=True)
 
 
 # == section 2: hello ===============================================================================
@@ -496,9 +330,6 @@ def test_many_events_each_acked_exactly_once(gateway: Gateway, transport: str) -
             assert sorted(acked) == sorted(ids)
             got = {tap.get(f"{device}.meter.reading")["id"] for _ in ids}
             assert got == set(ids)
-
-
-PRIVATE_VHOST = "warren-private-test"
 
 
 @pytest.fixture(scope="module")
@@ -879,7 +710,7 @@ def test_simultaneous_hellos_leave_exactly_one(gateway: Gateway) -> None:
             else:
                 assert frame["type"] == "welcome" and frame["device"] == device, frame
                 welcomed.append(client)
-        alive = _survivors(welcomed, settle=2.0)
+        alive = survivors(welcomed, settle=2.0)
         assert len(alive) == 1, f"{len(alive)} sessions survived"
         survivor = alive[0]
         ping_ok(survivor)
@@ -889,32 +720,6 @@ def test_simultaneous_hellos_leave_exactly_one(gateway: Gateway) -> None:
     finally:
         for client in clients:
             client.close()
-
-
-def _survivors(clients: list[DeviceClient], settle: float) -> list[DeviceClient]:
-    """Read every client until only one is left (or WAIT passes), then `settle`; return the live ones."""
-    alive = list(clients)
-
-    def sweep(timeout: float) -> None:
-        for client in list(alive):
-            try:
-                frame = client.receive(timeout=timeout)
-            except TimeoutError:
-                continue
-            except (Closed, OSError):
-                alive.remove(client)
-                continue
-            assert frame == {"type": "error", "code": "replaced", "id": None}, frame
-            expect_closed(client)
-            alive.remove(client)
-
-    deadline = time.monotonic() + WAIT
-    while len(alive) > 1 and time.monotonic() < deadline:
-        sweep(0.05)
-    end = time.monotonic() + settle
-    while time.monotonic() < end:
-        sweep(0.05)
-    return alive
 
 
 # == limits ============================================================================================

@@ -1,6 +1,6 @@
 """MQTT 3.1.1 devices against real gunicorn (2 workers) and the real RabbitMQ (PROTOCOL.md section 8): CONNECT,
 events and commands. Sessions (keep-alive, wills, takeover), WebSocket, malformed input and the mosquitto binaries
-are in test_mqtt_sessions.py; the devices of both are in mqtt_devices.py.
+are in test_mqtt_sessions.py; the devices of both are in support/mqtt_devices.py.
 
 Devices are unmodified paho-mqtt 2.2.0 clients, or a bare socket (`RawMqtt`) where a real client cannot send what a
 test needs (a level 3 CONNECT, nothing at all) or where a test must see every packet the gateway writes, in order.
@@ -18,9 +18,11 @@ from typing import Any
 import orjson
 import pytest
 import requests
-from conftest import AMQP_URL, Gateway, start_gateway, wait_until
-from mqtt_devices import CONNACK, PINGRESP, MqttDevice, RawMqtt, build, counted, mqtt_device, token
-from test_gateway import AMQP_HOST, PRIVATE_VHOST, WAIT, EventTap, in_background, routed, sessions, uid
+from support.devices import in_background, uid
+from support.gateways import AMQP_URL, Gateway, counted, sessions, start_gateway
+from support.mqtt_devices import CONNACK, PINGRESP, MqttDevice, RawMqtt, build, mqtt_device, token
+from support.rabbitmq import AMQP_HOST, PRIVATE_VHOST, EventTap, routed
+from support.waiting import WAIT, wait_until
 
 from clients.backend import BackendClient
 

@@ -1,6 +1,6 @@
 """MQTT 3.1.1 sessions against real gunicorn (2 workers) and the real RabbitMQ (PROTOCOL.md section 8): keep-alive,
 wills, takeover across transports, MQTT over WebSocket, malformed input, and the mosquitto_pub/mosquitto_sub
-binaries. The devices are mqtt_devices.py's.
+binaries. The devices are support/mqtt_devices.py's.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from typing import Any
 import orjson
 import pytest
 import requests
-from conftest import AMQP_URL, API_TOKEN, Gateway, wait_until
-from mqtt_devices import (
+from support.devices import answer_next_command, connect, expect_closed, expect_error, in_background, uid
+from support.gateways import AMQP_URL, API_TOKEN, Gateway, counted, sessions
+from support.mqtt_devices import (
     CONNACK,
     PINGRESP,
     PUBACK,
@@ -25,21 +26,11 @@ from mqtt_devices import (
     RawMqttWs,
     build,
     closed_by_gateway,
-    counted,
     mqtt_device,
     token,
 )
-from test_gateway import (
-    WAIT,
-    EventTap,
-    answer_next_command,
-    connect,
-    expect_closed,
-    expect_error,
-    in_background,
-    sessions,
-    uid,
-)
+from support.rabbitmq import EventTap
+from support.waiting import WAIT, wait_until
 from wsproto.events import AcceptConnection, RejectConnection
 
 from clients.backend import BackendClient

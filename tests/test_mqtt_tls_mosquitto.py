@@ -12,10 +12,11 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from conftest import Gateway, start_gateway
-from mqtt_devices import token
-from test_gateway import WAIT, EventTap
-from tls_devices import Pki
+from support.gateways import Gateway, start_gateway
+from support.mqtt_devices import token
+from support.rabbitmq import EventTap
+from support.tls_devices import Pki
+from support.waiting import WAIT
 
 
 @pytest.fixture(scope="module")

@@ -27,38 +27,18 @@ import gevent
 import orjson
 import pytest
 import requests
-from conftest import AMQP_URL, API_TOKEN, SECRET, Gateway, metric_value, start_gateway, wait_until
 from kombu import Connection
+from support.gateways import AMQP_URL, API_TOKEN, FUZZ_TOKEN, OPS_TOKENS, SECRET, Gateway, start_guarded
+from support.waiting import wait_until
 
 from app.web import api as web
 from app.web import openapi
 from clients.backend import ASK_TYPE, BackendClient
 from clients.device import Closed, DeviceClient
 
-OPS_TOKENS = ("test-ops-token", "test-ops-token-next")  # two: a rotation in progress
-FUZZ_TOKEN = "test-fuzz-token"  # in API_TOKENS and OPS_TOKENS: one header opens every door to schemathesis
 API = {"Authorization": f"Bearer {API_TOKEN}"}
 OPS_PATHS = ("/metrics", "/", "/status.json")
 SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"
-
-
-def start_guarded(tmp_path: Path, workers: int) -> Gateway:
-    """A gateway with OPS_TOKENS set, ready: both RabbitMQ links up in every worker, read from
-    /metrics with an ops token (conftest's readiness probe reads it without one)."""
-    gateway = start_gateway(tmp_path, workers=workers, wait=False, OPS_TOKENS=",".join((*OPS_TOKENS, FUZZ_TOKEN)),
-                            API_TOKENS=f"{API_TOKEN},{FUZZ_TOKEN}")
-
-    def ready() -> bool:
-        text = requests.get(f"{gateway.http}/metrics", auth=("prometheus", OPS_TOKENS[0]), timeout=5).text
-        return all(metric_value(text, f'warren_broker_connected{{link="{link}"}}') >= workers
-                   for link in ("consumer", "publisher"))
-
-    try:
-        wait_until(ready, timeout=30)
-    except BaseException:
-        gateway.stop()
-        raise
-    return gateway
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,9 @@ import signal
 
 import pytest
 import requests
-from conftest import SECRET, metric_value, start_gateway, wait_until
 from prometheus_client.metrics import MetricWrapperBase
+from support.gateways import SECRET, metric_value, start_gateway
+from support.waiting import wait_until
 
 from app import metrics
 from clients.device import DeviceClient

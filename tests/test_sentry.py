@@ -17,7 +17,8 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from conftest import ROOT, SECRET, start_gateway, wait_until
+from support.gateways import ROOT, SECRET, start_gateway
+from support.waiting import wait_until
 
 from clients.device import Closed, DeviceClient
 

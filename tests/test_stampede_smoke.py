@@ -21,8 +21,8 @@ from pathlib import Path
 
 import orjson
 import pytest
-from conftest import AMQP_URL, API_TOKEN, SECRET, Gateway, free_port, start_gateway
-from tls_devices import Pki
+from support.gateways import AMQP_URL, API_TOKEN, SECRET, Gateway, free_port, start_gateway
+from support.tls_devices import Pki
 
 from app import mqtt
 from bench.stampede import mqtt_codec

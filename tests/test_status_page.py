@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 import requests
-from conftest import API_TOKEN, SECRET, free_port, metric_value, wait_until
-from test_operators import OPS_TOKENS, start_guarded
+from support.gateways import API_TOKEN, OPS_TOKENS, SECRET, free_port, metric_value, start_guarded
+from support.waiting import wait_until
 
 from clients.device import Closed, DeviceClient
 

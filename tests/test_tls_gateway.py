@@ -21,10 +21,12 @@ from typing import Any
 import gevent
 import pytest
 import requests
-from conftest import SECRET, Gateway, start_gateway, wait_until
 from gevent.event import Event
-from test_gateway import WAIT, EventTap, ping_ok, uid
-from tls_devices import Pki, TlsDevice, counted, reaches, read_to_end, s_client, worker_of
+from support.devices import ping_ok, uid
+from support.gateways import SECRET, Gateway, counted, start_gateway
+from support.rabbitmq import EventTap
+from support.tls_devices import Pki, TlsDevice, reaches, read_to_end, s_client, worker_of
+from support.waiting import WAIT, wait_until
 from unit import mqtt_client
 
 from app.auth import mint

@@ -14,9 +14,11 @@ from collections.abc import Iterator
 import pytest
 import requests
 import trustme
-from conftest import API_TOKEN, SECRET, Gateway, start_gateway
-from test_gateway import WAIT, EventTap, answer_next_command, expect_closed, expect_error, in_background, uid
-from tls_devices import PahoTls, Pki, TlsDevice, counted, leaf, reaches, refused_before_welcome
+from support.devices import answer_next_command, expect_closed, expect_error, in_background, uid
+from support.gateways import API_TOKEN, SECRET, Gateway, counted, start_gateway
+from support.rabbitmq import EventTap
+from support.tls_devices import PahoTls, Pki, TlsDevice, leaf, reaches, refused_before_welcome
+from support.waiting import WAIT
 from unit import mqtt_client
 
 from app.auth import mint

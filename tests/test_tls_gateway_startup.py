@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import trustme
-from conftest import AMQP_URL, ROOT, SECRET, free_port, start_gateway
 from cryptography import x509
-from tls_devices import Pki, leaf
+from support.gateways import AMQP_URL, ROOT, SECRET, free_port, start_gateway
+from support.tls_devices import Pki, leaf
 
 GUNICORN = str(Path(sys.executable).parent / "gunicorn")
 

@@ -11,12 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from conftest import AMQP_URL, SECRET, Gateway, start_gateway
-from test_gateway import (
+from support.devices import (
     TRANSPORTS,
-    WAIT,
-    EventTap,
-    _survivors,
     answer_next_command,
     connect,
     expect,
@@ -24,8 +20,12 @@ from test_gateway import (
     expect_error,
     in_background,
     ping_ok,
+    survivors,
     uid,
 )
+from support.gateways import AMQP_URL, SECRET, Gateway, start_gateway
+from support.rabbitmq import EventTap
+from support.waiting import WAIT
 
 from app.auth import mint
 from clients.backend import BackendClient
@@ -127,7 +127,7 @@ def test_simultaneous_hellos_on_two_hosts_leave_exactly_one(gateway: Gateway, ho
             else:
                 assert frame["type"] == "welcome", frame
                 welcomed.append(client)
-        alive = _survivors(welcomed, settle=2.0)
+        alive = survivors(welcomed, settle=2.0)
         assert len(alive) == 1, f"{len(alive)} sessions survived"
         for api in hosts:
             assert command_via(api, device, alive[0])["ok"] is True

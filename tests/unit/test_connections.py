@@ -16,11 +16,11 @@ from collections.abc import Iterator
 
 import gevent
 import pytest
-from conftest import wait_until
 from gevent import GreenletExit
 from gevent.event import AsyncResult, Event
 from gevent.server import StreamServer
 from prometheus_client import REGISTRY
+from support.waiting import wait_until
 
 from app.supervision import ChildSpec, ConnectionSupervisor, Reporter, ShutdownKill, Supervisor, set_reporter
 

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import paho.mqtt.client as paho
 import pytest
-from conftest import wait_until
+from support.waiting import wait_until
 
 from app.mqtt import (
     Connect,

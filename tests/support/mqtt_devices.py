@@ -10,8 +10,6 @@ from typing import Any, Self
 import orjson
 import paho.mqtt.client as paho
 import pytest
-from conftest import SECRET, Gateway, metric_value, wait_until
-from test_gateway import WAIT, metrics_text, uid
 from unit import mqtt_client as build
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
@@ -26,6 +24,9 @@ from wsproto.events import (
 
 from app.auth import mint
 from clients.device import Closed
+from support.devices import uid
+from support.gateways import SECRET, Gateway
+from support.waiting import WAIT, wait_until
 
 CONNACK, PUBLISH, PUBACK, SUBACK, PINGRESP = 0x20, 0x30, 0x40, 0x90, 0xD0
 OWN_TOKEN: Any = object()  # MqttDevice's default password: the device's own token
@@ -33,10 +34,6 @@ OWN_TOKEN: Any = object()  # MqttDevice's default password: the device's own tok
 
 def token(device: str) -> str:
     return mint(SECRET.encode(), device)
-
-
-def counted(gateway: Gateway, metric: str) -> float:
-    return metric_value(metrics_text(gateway), metric)
 
 
 class MqttDevice:

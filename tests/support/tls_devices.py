@@ -18,14 +18,14 @@ from typing import Any
 
 import paho.mqtt.client as paho
 import trustme
-from conftest import Gateway, free_port, metric_value, wait_until
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from test_gateway import WAIT, metrics_text
 
 from clients.device import Closed, DeviceClient
+from support.gateways import Gateway, counted, free_port
+from support.waiting import WAIT, wait_until
 
 SERVER_NAME = "localhost"
 
@@ -201,10 +201,6 @@ def worker_of(gateway: Gateway, session: str) -> int:
         return next((int(pid) for pid, opened in _OPENED.findall(gateway.log()) if opened == session), None)
 
     return wait_until(logged, WAIT)
-
-
-def counted(gateway: Gateway, metric: str) -> float:
-    return metric_value(metrics_text(gateway), metric)
 
 
 def reaches(gateway: Gateway, metric: str, value: float) -> None:

@@ -15,13 +15,14 @@ from typing import Any
 import gevent
 import orjson
 import psutil
-from conftest import Gateway, wait_until
 from kombu import Connection
 from rabbit_cluster import Node
-from test_faults_helpers import read_until_closed, send_event, unique
 
 from clients.backend import EVENTS, BackendClient
 from clients.device import Closed, DeviceClient
+from support.fault_devices import read_until_closed, send_event, unique
+from support.gateways import Gateway
+from support.waiting import wait_until
 
 
 def assert_no_crash(gateway: Gateway) -> None:
