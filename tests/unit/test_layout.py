@@ -68,3 +68,25 @@ def test_no_import_cycle_between_modules_of_app() -> None:
 
 def test_the_cycle_finder_finds_a_cycle() -> None:
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
+
+
+MAX_TOP_LEVEL_MODULES = 15
+TESTS = APP.parent / "tests"
+
+
+def test_app_has_at_most_15_modules_at_its_top_level() -> None:
+    """Past that, a newcomer reads a list instead of a map: group modules into packages that say what they are."""
+    top = sorted(path.name for path in APP.glob("*.py"))
+    assert len(top) <= MAX_TOP_LEVEL_MODULES, top
+
+
+def test_every_test_module_holds_a_test() -> None:
+    """A `test_` file without tests is a helper module in disguise: helpers live in tests/support/."""
+    empty = []
+    for path in TESTS.rglob("test_*.py"):
+        tree = ast.parse(path.read_text())
+        names = [node.name for node in ast.walk(tree)
+                 if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)]
+        if not any(name.startswith(("test_", "Test")) for name in names):
+            empty.append(path.relative_to(TESTS).as_posix())
+    assert empty == []
