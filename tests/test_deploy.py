@@ -11,7 +11,8 @@ import subprocess
 import time
 
 import requests
-from support.gateways import AMQP_URL, API_TOKEN, ROOT, SECRET, Gateway, free_port, wait_ready
+from support.devices import answer_next_command, in_background
+from support.gateways import AMQP_URL, API_TOKEN, ROOT, SECRET, Gateway, free_port, start_gateway, wait_ready
 
 from app.config import load
 from clients.device import DeviceClient
@@ -112,3 +113,29 @@ def test_app_json_and_python_version():
     assert manifest["formation"]["web"]["quantity"] == 1
     assert {"url": "heroku/python"} in manifest["buildpacks"]
     assert (ROOT / ".python-version").read_text().strip() == "3.11"
+
+
+def test_make_run_without_rabbitmq_serves_a_device_on_the_in_process_broker(tmp_path):
+    """`make run` with no AMQP_URL (the README's first command): one worker on kombu's in-process broker,
+    said loudly, and a device still gets the whole round trip: welcome, an API command and its reply,
+    `offline` for a device with no session, and an event nacked `unroutable` (no queue takes it there)."""
+    gateway = start_gateway(tmp_path, workers=1, AMQP_URL="")
+    try:
+        assert "running ONE worker on kombu's in-process broker" in gateway.log()
+        headers = {"Authorization": f"Bearer {API_TOKEN}"}
+        with DeviceClient(f"tcp://127.0.0.1:{gateway.device_port}") as device:
+            assert device.hello("lock-local", SECRET)["type"] == "welcome"
+            answer = in_background(requests.post, f"{gateway.http}/devices/lock-local/commands", headers=headers,
+                                   json={"name": "unlock", "data": {"for": 5}}, timeout=10)
+            command = answer_next_command(device)
+            assert command["name"] == "unlock" and command["data"] == {"for": 5}
+            reply = answer.result(timeout=10)
+            assert reply.status_code == 200 and reply.json()["ok"] is True, reply.text
+            device.send({"type": "event", "id": "e-1", "name": "door.opened"})
+            nack = device.receive(timeout=10)
+            assert (nack["type"], nack["id"], nack["reason"]) == ("nack", "e-1", "unroutable"), nack
+        offline = requests.post(f"{gateway.http}/devices/lock-elsewhere/commands", headers=headers,
+                                json={"name": "unlock"}, timeout=10)
+        assert offline.status_code == 404 and offline.json()["error"] == "offline", offline.text
+    finally:
+        gateway.stop()
