@@ -48,6 +48,8 @@ _BYE = {"type": "bye"}
 
 
 class ByteStream(Protocol):
+    """What MQTT is carried over: mqtt_streams.py's socket or WebSocket stream."""
+
     def recv(self) -> bytes | None: ...
 
     def send(self, data: bytes) -> None: ...
