@@ -25,10 +25,10 @@ from app import metrics
 from app.sessions.session import Session
 from app.tls.contexts import certificate_names
 from app.tls.handshake import HandshakeGate, TlsHandshakeError, handshake
+from app.transports.json_lines import JsonLinesConnection
+from app.transports.json_websocket import JsonWebSocketConnection
 from app.transports.mqtt import MqttConnection
-from app.transports.streams import SocketStream, WebSocketStream
-from app.transports.tcp import TcpConnection
-from app.transports.ws import WsConnection
+from app.transports.mqtt_streams import MqttSocketStream, MqttWebSocketStream
 
 if TYPE_CHECKING:
     from app.config import Config
@@ -76,14 +76,15 @@ class DeviceHandlers:
     def websocket(self, sock: Any, address: Any, environ: dict[str, Any]) -> None:
         accepted = self._upgraded(sock, address, environ)
         config = self.config
-        connection = WsConnection(accepted.sock, accepted.peer, environ, config.max_frame_bytes,
-                                  config.send_buffer_bytes, transport="wss" if accepted.tls else "ws",
-                                  direct_writes=not accepted.tls, certificate_names=accepted.names)
+        connection = JsonWebSocketConnection(accepted.sock, accepted.peer, environ, config.max_frame_bytes,
+                                              config.send_buffer_bytes, transport="wss" if accepted.tls else "ws",
+                                              direct_writes=not accepted.tls, certificate_names=accepted.names)
         Session(connection, self.host, self.backend, accepted.deadline).run()
 
     def mqtt_websocket(self, sock: Any, address: Any, environ: dict[str, Any]) -> None:
         accepted = self._upgraded(sock, address, environ)
-        stream = WebSocketStream(accepted.sock, environ, self.config.send_buffer_bytes, direct_writes=not accepted.tls)
+        stream = MqttWebSocketStream(accepted.sock, environ, self.config.send_buffer_bytes,
+                                     direct_writes=not accepted.tls)
         self._mqtt(stream, accepted, "mqtt-wss" if accepted.tls else "mqtt-ws")
 
     # -- handshakes ---------------------------------------------------------------------------
@@ -117,13 +118,13 @@ class DeviceHandlers:
     # -- sessions ------------------------------------------------------------------------------
     def _json_lines(self, accepted: Accepted) -> None:
         config = self.config
-        connection = TcpConnection(accepted.sock, accepted.peer, config.max_frame_bytes, config.send_buffer_bytes,
-                                   transport="tls" if accepted.tls else "tcp", direct_writes=not accepted.tls,
-                                   certificate_names=accepted.names)
+        connection = JsonLinesConnection(accepted.sock, accepted.peer, config.max_frame_bytes,
+                                         config.send_buffer_bytes, transport="tls" if accepted.tls else "tcp",
+                                         direct_writes=not accepted.tls, certificate_names=accepted.names)
         Session(connection, self.host, self.backend, accepted.deadline).run()
 
     def _mqtt_stream(self, accepted: Accepted) -> None:
-        stream = SocketStream(accepted.sock, self.config.send_buffer_bytes, direct_writes=not accepted.tls)
+        stream = MqttSocketStream(accepted.sock, self.config.send_buffer_bytes, direct_writes=not accepted.tls)
         self._mqtt(stream, accepted, "mqtts" if accepted.tls else "mqtt")
 
     def _mqtt(self, stream: Any, accepted: Accepted, transport: str) -> None:

@@ -23,7 +23,7 @@ from gevent.server import StreamServer
 from gunicorn.workers.ggevent import PyWSGIHandler, PyWSGIServer
 
 from app.handlers import DeviceHandlers
-from app.transports.ws import HandshakeError
+from app.transports.websocket import HandshakeError
 
 if TYPE_CHECKING:
     from gevent.baseserver import BaseServer

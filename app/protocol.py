@@ -163,11 +163,6 @@ def _check_depth(frame: dict[str, Any], field: str) -> None:
                             _frame_id(frame))
 
 
-def encode(frame: dict[str, Any]) -> bytes:
-    """One frame as compact JSON bytes, without the transport's delimiter."""
-    return orjson.dumps(frame)
-
-
 def error(code: str, message: str | None = None, frame_id: Any = None,
           retry_after: float | None = None) -> dict[str, Any]:
     frame: dict[str, Any] = {"type": "error", "code": code}

@@ -3,7 +3,7 @@
 Reading order:
   ports.py     what a session needs of the world: a frame connection, a backend, a host
   limits.py    the token bucket behind every rate limit
-  session.py   one device's protocol state machine (PROTOCOL.md sections 2-4)
+  session.py   one device's protocol state machine (PROTOCOL.md sections 2-4), the one holder of its commands
   registry.py  a worker's live sessions: admission, takeover, commands to sessions, presence
   watchdog.py  one sweep per worker for hello and idle deadlines, instead of a timer per read
 """

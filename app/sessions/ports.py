@@ -21,6 +21,10 @@ Frame = dict[str, Any]
 Done = Callable[[str | None], None]
 """A publish's outcome: None once RabbitMQ confirmed it, else the nack reason."""
 
+COMMANDS_MAY_FLOW: Frame = {"type": "commands_may_flow"}
+"""Handed up by `FrameConnection.receive` (this very object) when `commands_flow` has just become true
+(an MQTT SUBSCRIBE to commands/#): the session writes the commands it holds. Never a device's frame."""
+
 
 class FrameConnection(Protocol):
     """A device connection as frames: the transport decodes and encodes, the session never sees bytes."""
@@ -31,18 +35,22 @@ class FrameConnection(Protocol):
     backpressure: bool  # over the rate limit, wait (stop reading) instead of refusing the frame
     certificate_names: tuple[str, ...]  # the device names of a verified TLS client certificate; () without one
 
+    @property
+    def commands_flow(self) -> bool:
+        """Whether a command frame may be sent now; JSON transports: always (a class attribute).
+
+        The session holds commands until its welcome and while this is false (MQTT: until the device
+        subscribes to commands/#, and again after it unsubscribes); when it becomes true, `receive`
+        hands up COMMANDS_MAY_FLOW."""
+
     def receive(self) -> Frame | None:
         """The next frame, None once the peer is gone; raises ProtocolError for a bad one."""
 
     def send(self, frame: Frame) -> None:
-        """Queue one frame; never blocks."""
+        """Queue one frame (a command only while `commands_flow`); never blocks."""
 
     def accepts_command(self, name: str) -> bool:
         """Whether a command of this name can be carried at all (an MQTT topic level cannot hold `/`)."""
-
-    def send_command(self, frame: Frame, deadline: float) -> None:
-        """Queue a command frame; a transport that must hold it (no MQTT subscription yet) drops it
-        once time.monotonic() passes `deadline`. Never blocks."""
 
     def finish(self) -> None:
         """Cut the connection once what is queued is written; never blocks."""

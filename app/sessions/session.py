@@ -8,12 +8,19 @@ device sends, the worst outcome is the end of this one session: a
 `ProtocolError` becomes an error frame; anything else is a bug that the
 connection supervisor logs and reports.
 
-The states, in order (a session only moves forward):
+The states, in order (a session only moves forward); `state` is the one
+answer to "where is this session", and `close_code` is set exactly when it is
+CLOSING:
 
     GREETING  connected, waiting for the hello (the watchdog enforces HELLO_TIMEOUT)
     ROUTING   registered; waiting until RabbitMQ routes this device's commands here
     OPEN      welcomed; frames flow (the watchdog enforces 2 x heartbeat of silence)
-    CLOSING   ending with a code; nothing more is delivered
+    CLOSING   ending with `close_code`; nothing more is delivered
+
+Commands are held in one place, `held`, until they may flow: through ROUTING,
+and while the transport says they may not (an MQTT device that has not
+subscribed to commands/# yet). `_write_held` writes them in order once they
+may, and is the one place a held command's deadline is checked.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from gevent.event import Event
 from app import auth, metrics, protocol
 from app.protocol import ProtocolError
 from app.sessions.limits import TokenBucket
+from app.sessions.ports import COMMANDS_MAY_FLOW
 
 if TYPE_CHECKING:
     from app.broker.messages import Command
@@ -55,27 +63,8 @@ def _seconds(value: float) -> float | int:
 class Session:
     """The protocol state of one device connection."""
 
-    __slots__ = (
-        "__weakref__",
-        "backend",
-        "bucket",
-        "clean",
-        "closing",
-        "conn",
-        "deadline",
-        "device",
-        "draining",
-        "held",
-        "host",
-        "id",
-        "idle_limit",
-        "in_flight",
-        "pending",
-        "routed",
-        "started",
-        "state",
-        "will",
-    )
+    __slots__ = ("__weakref__", "backend", "bucket", "clean", "close_code", "conn", "deadline", "device", "draining",
+                 "held", "host", "id", "idle_limit", "in_flight", "pending", "routed", "started", "state", "will")
 
     def __init__(self, conn: FrameConnection, host: Host, backend: Backend, hello_deadline: float | None = None) -> None:
         self.conn = conn
@@ -85,13 +74,13 @@ class Session:
         self.device = ""
         self.id = ""
         self.started = 0.0
-        self.closing: str | None = None  # the error code this session is ending with
+        self.close_code: str | None = None  # why the session ends: set exactly when `state` is CLOSING
         self.draining = False
         self.in_flight = 0
         self.pending: dict[str, tuple[Command, float]] = {}  # in delivery order
         self.bucket: TokenBucket | None = None
-        self.routed: Event | None = None  # exists only in ROUTING
-        self.held: list[tuple[Frame, float]] | None = None  # commands that arrived in ROUTING, with deadlines
+        self.routed: Event | None = None  # the route wait's wake-up, only while ROUTING (not a state of its own)
+        self.held: list[Command] | None = None  # delivered, not yet written (None, not [], when none: memory)
         self.will: tuple[str, Any] | None = None  # (event name, data) published if the session ends uncleanly
         self.clean = False  # the device said goodbye (`bye`, MQTT DISCONNECT): no will
         # The watchdog ends the session once time.monotonic() passes `deadline`: the whole hello
@@ -109,7 +98,7 @@ class Session:
         try:
             if self._hello():
                 self._serve()
-            reason = self.closing or "closed"
+            reason = self.close_code or "closed"
         except ProtocolError as exc:
             reason = exc.code
             self.send_error(exc.code, exc.message, exc.frame_id)
@@ -118,7 +107,7 @@ class Session:
             exc.warren_device, exc.warren_session = self.device or None, self.id or None
             raise
         finally:
-            self.state = State.CLOSING
+            self._close_with(reason)
             self.host.forget(self)
             if self.id:
                 self._publish_will()
@@ -127,7 +116,7 @@ class Session:
 
     def expire(self) -> None:
         """The watchdog found this session past its deadline."""
-        self.end("idle_timeout" if self.state == State.OPEN else "hello_timeout", "no frame in time")
+        self.end("idle_timeout" if self.state is State.OPEN else "hello_timeout", "no frame in time")
 
     def _hello(self) -> bool:
         """Authenticate the first frame; True once the device is welcomed."""
@@ -137,7 +126,7 @@ class Session:
             if exc.code in protocol.CLOSING_ERRORS:
                 raise
             return self._refuse("unauthorized", exc.message)  # not JSON, a binary WebSocket message, ...
-        if frame is None or self.closing is not None:
+        if frame is None or self.state is State.CLOSING:
             return False
         try:
             device, token = protocol.validate_hello(frame)
@@ -187,7 +176,7 @@ class Session:
             self.routed.wait(config.route_wait)
         self.routed = None
         self.host.welcomed(self)
-        if self.closing is not None:  # replaced while waiting: _serve ends at once
+        if self.state is State.CLOSING:  # replaced while waiting: _serve ends at once
             self._answer_held_offline()
             return True
         self.state = State.OPEN
@@ -195,9 +184,7 @@ class Session:
         self.deadline = time.monotonic() + self.idle_limit
         self.conn.send({"type": "welcome", "device": device, "session": self.id,
                         "heartbeat": _seconds(config.heartbeat)})
-        held, self.held = self.held or [], None
-        for frame, deadline in held:
-            self.conn.send_command(frame, deadline)
+        self._write_held()
         return True
 
     def route_confirmed(self) -> None:
@@ -207,12 +194,12 @@ class Session:
 
     def _answer_held_offline(self) -> None:
         """Commands held for a welcome that never came were never written: their senders hear `offline`."""
-        for frame, _deadline in self.held or []:
-            entry = self.pending.pop(frame["id"], None)
+        held, self.held = self.held or [], None
+        for command in held:
+            entry = self.pending.pop(command.id, None)
             if entry is not None:
                 metrics.COMMANDS_OFFLINE.inc()
                 self.backend.reply(entry[0], ok=False, error="offline")
-        self.held = None
 
     def _refuse(self, code: str, message: str, retry_after: float | None = None) -> bool:
         metrics.HELLO_FAILURES.labels(code=code).inc()
@@ -220,8 +207,8 @@ class Session:
         return False
 
     def _serve(self) -> None:
-        conn, idle_limit = self.conn, self.idle_limit
-        while self.closing is None:
+        conn, idle_limit, bucket, closing = self.conn, self.idle_limit, self.bucket, State.CLOSING
+        while self.state is not closing:
             try:
                 # Inside the try: a transport's own `bad_frame` (a binary WebSocket message) keeps
                 # the session open like any other bad frame; `frame_too_large` still closes it.
@@ -229,37 +216,38 @@ class Session:
                 if frame is None:
                     return
                 self.deadline = time.monotonic() + idle_limit
-                if frame.get("type") == "ping" and self.bucket.take():  # the frame that dominates
-                    conn.send(PONG)
+                if frame.get("type") == "ping":  # the frame that dominates: nothing to validate
+                    if bucket.take() or self._over_the_limit(frame):
+                        conn.send(PONG)
+                    continue
+                if frame is COMMANDS_MAY_FLOW:  # the transport's, not the device's: not rate limited
+                    self._write_held()
                     continue
                 frame = protocol.validate(frame)
-                if frame["type"] == "bye":
+                kind = frame["type"]
+                if kind == "bye":
                     self.clean = True
                     return
-                self._handle(frame)
+                if bucket.take() or self._over_the_limit(frame):
+                    if kind == "event":
+                        self._on_event(frame)
+                    else:
+                        self._on_reply(frame)
             except ProtocolError as exc:
                 if exc.closes:
                     raise
                 self.send_error(exc.code, exc.message, exc.frame_id)
 
-    def _handle(self, frame: Frame) -> None:
-        kind = frame["type"]
-        if not self.bucket.take():
-            if self.conn.backpressure:
-                self._wait_for_tokens()
-            elif kind == "event":
-                self._nack(frame["id"], "rate_limited", self.bucket.wait_time())
-                return
-            else:
-                self.send_error("rate_limited", "too many frames", frame.get("id"),
-                                retry_after=self.bucket.wait_time())
-                return
-        if kind == "ping":
-            self.conn.send(PONG)
-        elif kind == "event":
-            self._on_event(frame)
+    def _over_the_limit(self, frame: Frame) -> bool:
+        """A frame over the rate limit: True once it may go on anyway (backpressure waited), False if refused."""
+        if self.conn.backpressure:
+            self._wait_for_tokens()
+            return True
+        if frame.get("type") == "event":
+            self._nack(frame["id"], "rate_limited", self.bucket.wait_time())
         else:
-            self._on_reply(frame)
+            self.send_error("rate_limited", "too many frames", frame.get("id"), retry_after=self.bucket.wait_time())
+        return False
 
     # -- events ---------------------------------------------------------------
     def _on_event(self, frame: Frame) -> None:
@@ -310,8 +298,9 @@ class Session:
 
     # -- commands -------------------------------------------------------------
     def deliver(self, command: Command) -> bool:
-        """Write a command to the device; False if this session can no longer take it."""
-        if self.closing is not None:
+        """Take a command for the device (written now, or held until it may be); False if this session
+        can no longer take it."""
+        if self.state is State.CLOSING:
             return False
         if not self.conn.accepts_command(command.name):
             metrics.COMMANDS.labels(outcome="bad_command").inc()
@@ -322,14 +311,33 @@ class Session:
             del self.pending[next(iter(self.pending))]
             metrics.COMMANDS.labels(outcome="dropped").inc()
         self.pending[command.id] = (command, time.monotonic())
-        frame = {"type": "command", "id": command.id, "name": command.name, "data": command.data}
-        if self.state == State.ROUTING:  # the command itself proves the route; it follows the welcome
-            self.route_confirmed()
-            self.held = [*(self.held or []), (frame, command.deadline)]
+        if self.held is None:
+            self.held = [command]
         else:
-            self.conn.send_command(frame, command.deadline)
+            self.held.append(command)
+        if self.state is State.ROUTING:  # the command itself proves the route; it follows the welcome
+            self.route_confirmed()
+        else:
+            self._write_held()
         metrics.COMMANDS_DELIVERED.inc()
         return True
+
+    def _write_held(self) -> None:
+        """Write the held commands, in order, if they may flow now: OPEN, and the transport says so.
+
+        The one deadline check of a held command: one held past its deadline is never written; it
+        leaves `pending` counted `expired`, as `_forget_expired` would have counted it."""
+        held = self.held
+        if held is None or self.state is not State.OPEN or not self.conn.commands_flow:
+            return
+        self.held = None
+        now = time.monotonic()
+        for command in held:
+            if command.deadline <= now:
+                if self.pending.pop(command.id, None) is not None:
+                    metrics.COMMANDS.labels(outcome="expired").inc()
+                continue
+            self.conn.send({"type": "command", "id": command.id, "name": command.name, "data": command.data})
 
     def _forget_expired(self) -> None:
         if not self.pending:
@@ -353,13 +361,18 @@ class Session:
     # -- ending ---------------------------------------------------------------
     def end(self, code: str, message: str | None = None, retry_after: float | None = None) -> None:
         """End this session from any greenlet: tell the device why, then cut. Never blocks."""
-        if self.closing is not None:
+        if not self._close_with(code):
             return
         self.route_confirmed()  # a hello waiting for its route stops waiting
-        self.closing = code
-        self.state = State.CLOSING
         self.send_error(code, message, retry_after=retry_after)
         self.conn.finish()
+
+    def _close_with(self, code: str) -> bool:
+        """Move to CLOSING with `code`; False if the session was closing already (its first code stands)."""
+        if self.state is State.CLOSING:
+            return False
+        self.state, self.close_code = State.CLOSING, code
+        return True
 
     def drain(self) -> None:
         """Shutting down: refuse new events, end once the in-flight ones are confirmed."""

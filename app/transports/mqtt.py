@@ -9,7 +9,8 @@ frames back into packets, with MQTT's own acknowledgement rules:
     PUBLISH replies/<id>         -> reply (PUBACK at once at QoS 1)
     PINGREQ                      -> ping; pong -> PINGRESP
     DISCONNECT                   -> bye (a clean end: no will)
-    SUBSCRIBE commands/# or /+   -> SUBACK here; commands held until then are written
+    SUBSCRIBE commands/# or /+   -> SUBACK here; commands may flow (the session writes those it held)
+    UNSUBSCRIBE commands/...     -> UNSUBACK here; commands are held again, as before a subscription
     welcome                      -> CONNACK 0x00; a refusal -> CONNACK with its code, then close
     command                      -> PUBLISH commands/<name> {"id", "data"} at the granted QoS
     nack of a QoS 1 event        -> close without PUBACK, so the device sends it again later
@@ -25,13 +26,13 @@ from __future__ import annotations
 
 import itertools
 import random
-import time
 from typing import Any, Protocol
 
 import orjson
 
 from app import mqtt, protocol
 from app.protocol import DEVICE_ID, ProtocolError
+from app.sessions.ports import COMMANDS_MAY_FLOW
 
 # CONNACK return codes (MQTT 3.1.1 section 3.2.2.3).
 ACCEPTED, BAD_PROTOCOL_LEVEL, BAD_CLIENT_ID, UNAVAILABLE, NOT_AUTHORIZED = 0x00, 0x01, 0x02, 0x03, 0x05
@@ -47,6 +48,8 @@ _BYE = {"type": "bye"}
 
 
 class ByteStream(Protocol):
+    """What MQTT is carried over: mqtt_streams.py's socket or WebSocket stream."""
+
     def recv(self) -> bytes | None: ...
 
     def send(self, data: bytes) -> None: ...
@@ -94,8 +97,7 @@ class MqttConnection:
         self._connected = False  # a CONNECT arrived
         self._welcomed = False  # CONNACK 0x00 went out
         self._refusal = NOT_AUTHORIZED  # the CONNACK code for the session's refusal, if one comes
-        self._command_qos: int | None = None  # granted by a SUBSCRIBE to commands/#; None: hold commands
-        self._held: list[tuple[dict[str, Any], float]] = []
+        self._command_qos: int | None = None  # granted by a SUBSCRIBE to commands/#; None: commands are held
         self._events: dict[str, tuple[int | None, int]] = {}  # event id -> (packet id, QoS), until acked
         # Event ids are the gateway's (PROTOCOL.md section 8) and must be unique per device, not per connection:
         # backends deduplicate at-least-once events by (device, id), and a device reconnects often.
@@ -106,6 +108,11 @@ class MqttConnection:
         self.transport = transport
         self.idle_limit: float | None = None
         self.certificate_names = certificate_names
+
+    @property
+    def commands_flow(self) -> bool:
+        """Whether a command may be written now: while a subscription to commands/# or commands/+ stands."""
+        return self._command_qos is not None
 
     # -- device -> session ---------------------------------------------------------------------
     def receive(self) -> dict[str, Any] | None:
@@ -144,8 +151,7 @@ class MqttConnection:
         if kind is mqtt.PubAck:
             return None  # the device got a command; it stays pending until its reply
         if kind is mqtt.Subscribe:
-            self._subscribe(packet)
-            return None
+            return COMMANDS_MAY_FLOW if self._subscribe(packet) else None
         if kind is mqtt.Unsubscribe:
             self._unsubscribe(packet)
             return None
@@ -214,13 +220,14 @@ class MqttConnection:
             raise ProtocolError("bad_frame", "a reply's error must be a string", close=True)
         return {"type": "reply", "id": command_id, "ok": body["ok"], "data": body.get("data"), "error": error}
 
-    def _subscribe(self, packet: mqtt.Subscribe) -> None:
+    def _subscribe(self, packet: mqtt.Subscribe) -> bool:
+        """SUBACK the command filters (at most QoS 1), refuse the others; True when commands may now flow."""
         codes = [min(qos, 1) if topic in COMMAND_FILTERS else mqtt.SUBACK_FAILURE for topic, qos in packet.filters]
         self._stream.send(mqtt.suback(packet.packet_id, codes))
         granted = [code for code in codes if code != mqtt.SUBACK_FAILURE]
         if granted:
             self._command_qos = max(granted + [self._command_qos or 0])
-            self._write_held()
+        return bool(granted)
 
     def _unsubscribe(self, packet: mqtt.Unsubscribe) -> None:
         if any(topic in COMMAND_FILTERS for topic in packet.filters):
@@ -240,6 +247,8 @@ class MqttConnection:
             _packet_id, qos = self._events.pop(frame["id"], (None, 0))
             if qos == 1:  # not stored: no PUBACK, and the device resends it when it reconnects
                 self._stream.finish()
+        elif kind == "command":  # only while `commands_flow`: the session holds them until then
+            self._write_command(frame)
         elif kind == "welcome":
             self._welcomed = True
             self._stream.send(mqtt.connack(ACCEPTED))
@@ -256,20 +265,8 @@ class MqttConnection:
     def accepts_command(self, name: str) -> bool:
         return not any(char in name for char in NOT_A_TOPIC_LEVEL)
 
-    def send_command(self, frame: dict[str, Any], deadline: float) -> None:
-        if self._command_qos is None:
-            self._held.append((frame, deadline))
-        else:
-            self._write_command(frame)
-
-    def _write_held(self) -> None:
-        now = time.monotonic()
-        held, self._held = self._held, []
-        for frame, deadline in held:
-            if deadline > now:
-                self._write_command(frame)
-
     def _write_command(self, frame: dict[str, Any]) -> None:
+        """PUBLISH commands/<name> at the QoS the subscription granted."""
         qos = self._command_qos or 0
         payload = orjson.dumps({"id": frame["id"], "data": frame["data"]})
         packet_id = next(self._packet_ids) if qos else None

@@ -36,6 +36,7 @@ class FakeConn:
     certificate_names: tuple[str, ...] = ()
     idle_limit: float | None = None
     backpressure = False
+    commands_flow = True  # as the JSON transports: commands flow from the welcome on
 
     def __init__(self) -> None:
         self.inbox: Queue = Queue()
@@ -56,9 +57,6 @@ class FakeConn:
 
     def accepts_command(self, name: str) -> bool:
         return "/" not in name
-
-    def send_command(self, frame: dict[str, Any], deadline: float) -> None:
-        self.sent.append(frame)
 
     def finish(self) -> None:
         self.finished = True

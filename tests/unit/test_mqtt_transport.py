@@ -47,16 +47,20 @@ class FakeStream:
 
     def packets(self) -> list[tuple[int, bytes]]:
         """(packet type, body) of everything written so far."""
+        return [(first >> 4, body) for first, body in self.headed_packets()]
+
+    def headed_packets(self) -> list[tuple[int, bytes]]:
+        """(first byte: type and flags, body) of everything written so far."""
         found, data = [], self.out
         while data:
-            kind, length, shift, pos = data[0] >> 4, 0, 0, 1
+            first, length, shift, pos = data[0], 0, 0, 1
             while True:
                 byte = data[pos]
                 length |= (byte & 0x7F) << shift
                 shift, pos = shift + 7, pos + 1
                 if not byte & 0x80:
                     break
-            found.append((kind, data[pos:pos + length]))
+            found.append((first, data[pos:pos + length]))
             data = data[pos + length:]
         return found
 
@@ -171,7 +175,8 @@ def test_commands_wait_for_a_subscription_then_flow_at_the_granted_qos(registry:
     wait_for(lambda: PUBLISH in stream.kinds())
     suback = next(body for kind, body in stream.packets() if kind == SUBACK)
     assert suback == struct.pack("!H", 3) + bytes([1, 0x80, 1])
-    body = next(b for kind, b in stream.packets() if kind == PUBLISH)
+    first, body = next((first, b) for first, b in stream.headed_packets() if first >> 4 == PUBLISH)
+    assert (first >> 1) & 3 == 1  # at the QoS granted: 1
     topic_length = struct.unpack("!H", body[:2])[0]
     assert body[2:2 + topic_length] == b"commands/unlock"
     assert orjson.loads(body[2 + topic_length + 2:]) == {"id": "c-1", "data": {"for": 5}}
@@ -182,12 +187,16 @@ def test_commands_wait_for_a_subscription_then_flow_at_the_granted_qos(registry:
 
 
 def test_commands_held_past_their_deadline_are_not_written(registry: Registry) -> None:
-    stream, _, _ = open_session(registry, client.connect("lock-1", TOKEN))
+    stream, session, _ = open_session(registry, client.connect("lock-1", TOKEN))
+    before = REGISTRY.get_sample_value("warren_commands_total", {"outcome": "expired"}) or 0.0
     registry.deliver(Command("lock-1", "c-2", deadline=time.monotonic() + 0.05))
     gevent.sleep(0.1)  # its deadline passes while it is held
     stream.inbox.put(client.subscribe(1, ("commands/#", 0)))
     wait_for(lambda: SUBACK in stream.kinds())
-    assert PUBLISH not in stream.kinds()
+    stream.inbox.put(client.PINGREQ)  # once answered, the SUBSCRIBE before it was handled whole
+    wait_for(lambda: PINGRESP in stream.kinds())
+    assert PUBLISH not in stream.kinds() and session.pending == {}
+    assert REGISTRY.get_sample_value("warren_commands_total", {"outcome": "expired"}) == before + 1
 
 
 def test_command_names_that_cannot_be_topics_are_bad_command(registry: Registry) -> None:
@@ -234,3 +243,7 @@ def test_unsubscribe_holds_commands_again(registry: Registry) -> None:
     wait_for(lambda: UNSUBACK in stream.kinds())
     registry.deliver(Command("lock-1", "c-4"))
     assert PUBLISH not in stream.kinds()
+    stream.inbox.put(client.subscribe(3, ("commands/+", 0)))  # subscribed again: what was held flows
+    wait_for(lambda: PUBLISH in stream.kinds())
+    publishes = [first for first, _ in stream.headed_packets() if first >> 4 == PUBLISH]
+    assert publishes == [PUBLISH << 4]  # once, at QoS 0 as now granted (the first subscription was QoS 0 too)

@@ -1,8 +1,8 @@
 """Pure tests of the wire format (app/protocol.py) and the framing of both transports.
 
 No gateway, no RabbitMQ: hypothesis throws arbitrary bytes and frames at the
-validators, and random chunkings of random frame sequences at `TcpConnection`
-and `WsConnection` over a gevent socketpair, and checks that the only thing
+validators, and random chunkings of random frame sequences at `JsonLinesConnection`
+and `JsonWebSocketConnection` over a gevent socketpair, and checks that the only thing
 that ever comes out is a frame or a `ProtocolError` with a code of PROTOCOL.md.
 """
 
@@ -23,9 +23,10 @@ from wsproto.frame_protocol import CloseReason
 
 from app import auth, protocol
 from app.protocol import ERROR_CODES, ProtocolError
-from app.transports import Sender
-from app.transports.tcp import TcpConnection
-from app.transports.ws import HandshakeError, WsConnection, accept_token
+from app.transports.json_lines import JsonLinesConnection
+from app.transports.json_websocket import JsonWebSocketConnection
+from app.transports.sender import Sender
+from app.transports.websocket import HandshakeError, accept_token
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 IO = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -248,7 +249,7 @@ def _expected_tcp(frames: list[bytes], tail: bytes) -> list[bytes | str]:
     return [*out, None]
 
 
-def _drain_tcp(conn: TcpConnection) -> list[bytes | str]:
+def _drain_tcp(conn: JsonLinesConnection) -> list[bytes | str]:
     got: list[bytes | str] = []
     while True:
         try:
@@ -267,7 +268,7 @@ def test_tcp_frames_reassemble_exactly_whatever_the_chunking(frames: list[bytes]
     data = b"".join(line + b"\n" for line in frames) + tail
     server, client = gsocket.socketpair()
     try:
-        conn = TcpConnection(server, "test", MAX_FRAME, 1 << 20)
+        conn = JsonLinesConnection(server, "test", MAX_FRAME, 1 << 20)
         server.settimeout(10)
         writer = _feed(client, _chunked(data, cuts))
         got = _drain_tcp(conn)
@@ -281,7 +282,7 @@ def test_tcp_frames_reassemble_exactly_whatever_the_chunking(frames: list[bytes]
 def test_tcp_crlf_and_limit_boundaries() -> None:
     server, client = gsocket.socketpair()
     try:
-        conn = TcpConnection(server, "test", MAX_FRAME, 1 << 20)
+        conn = JsonLinesConnection(server, "test", MAX_FRAME, 1 << 20)
         server.settimeout(10)
         writer = _feed(client, [b'{"type":"ping"}\r\n', b"a" * MAX_FRAME + b"\r\n", b"b" * MAX_FRAME + b"\n",
                                 b"\r\n", b"c" * (MAX_FRAME + 1) + b"\r\n"], close=False)
@@ -302,7 +303,7 @@ def test_tcp_oversized_frame_is_refused_before_its_line_end_arrives() -> None:
     """A device streaming an endless line must not grow the buffer: refused with no newline in sight."""
     server, client = gsocket.socketpair()
     try:
-        conn = TcpConnection(server, "test", MAX_FRAME, 1 << 20)
+        conn = JsonLinesConnection(server, "test", MAX_FRAME, 1 << 20)
         server.settimeout(10)
         writer = _feed(client, [b"q" * 40] * 10, close=False)
         with pytest.raises(ProtocolError) as raised:
@@ -317,7 +318,7 @@ def test_tcp_oversized_frame_is_refused_before_its_line_end_arrives() -> None:
 def test_tcp_send_writes_one_line_per_frame_and_finish_cuts() -> None:
     server, client = gsocket.socketpair()
     try:
-        conn = TcpConnection(server, "test", MAX_FRAME, 1 << 20)
+        conn = JsonLinesConnection(server, "test", MAX_FRAME, 1 << 20)
         conn.send({"type": "pong"})
         conn.send({"type": "ack", "id": "e"})
         conn.finish()
@@ -371,9 +372,9 @@ def test_ws_handshake_checks(change: dict, ok: bool) -> None:
             accept_token(environ)
 
 
-def _ws_pair(max_frame: int = MAX_FRAME) -> tuple[WsConnection, gsocket.socket, Connection]:
+def _ws_pair(max_frame: int = MAX_FRAME) -> tuple[JsonWebSocketConnection, gsocket.socket, Connection]:
     server, client = gsocket.socketpair()
-    conn = WsConnection(server, "test", UPGRADE, max_frame, 1 << 20)
+    conn = JsonWebSocketConnection(server, "test", UPGRADE, max_frame, 1 << 20)
     server.settimeout(10)
     client.settimeout(10)
     head = b""

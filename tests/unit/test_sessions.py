@@ -12,8 +12,10 @@ from dataclasses import replace
 import gevent
 import pytest
 from fakes import CONFIG, Command, FakeBroker, FakeConn, hello, wait_for
+from prometheus_client import REGISTRY
 
 from app.protocol import ProtocolError
+from app.sessions.ports import COMMANDS_MAY_FLOW
 from app.sessions.registry import Registry
 from app.sessions.session import Session, State
 
@@ -115,6 +117,77 @@ def test_a_command_during_routing_is_held_until_the_welcome(registry: Registry) 
     wait_for(lambda: session.state == State.ROUTING)
     registry.deliver(Command("lock-1", "c-4"))  # a delivery proves the route too
     wait_for(lambda: conn.types() == ["welcome", "command"])
+
+
+def expired_commands() -> float:
+    return REGISTRY.get_sample_value("warren_commands_total", {"outcome": "expired"}) or 0.0
+
+
+def routing(registry: Registry) -> tuple[Session, FakeConn]:
+    """A session registered and waiting for its route proof (the broker does not echo it)."""
+    registry.broker.echo = False
+    conn = FakeConn()
+    session = Session(conn, registry, registry.broker)
+    gevent.spawn(session.run)
+    conn.push(hello())
+    wait_for(lambda: session.state == State.ROUTING)
+    return session, conn
+
+
+def test_a_command_held_past_its_deadline_is_never_written_and_counted_expired(registry: Registry) -> None:
+    conn = FakeConn()
+    conn.commands_flow = False  # as MQTT before a SUBSCRIBE to commands/#
+    session = Session(conn, registry, registry.broker)
+    gevent.spawn(session.run)
+    conn.push(hello())
+    wait_for(lambda: "welcome" in conn.types())
+    before = expired_commands()
+    registry.deliver(Command("lock-1", "c-old", deadline=time.monotonic() + 0.05))
+    registry.deliver(Command("lock-1", "c-new"))
+    gevent.sleep(0.1)  # the first one's deadline passes while it is held
+    conn.commands_flow = True
+    conn.push(COMMANDS_MAY_FLOW)
+    wait_for(lambda: "command" in conn.types())
+    assert [frame.get("id") for frame in conn.sent[1:]] == ["c-new"]
+    assert expired_commands() == before + 1 and list(session.pending) == ["c-new"]
+
+
+def test_commands_held_for_a_welcome_that_never_came_are_answered_offline(registry: Registry) -> None:
+    session, conn = routing(registry)
+    registry.deliver(Command("lock-1", "c-1"))
+    session.end("kicked")  # in the same turn: the route wait wakes to a closing session
+    wait_for(lambda: registry.broker.replies)
+    assert registry.broker.replies == [("c-1", False, None, "offline")] and "command" not in conn.types()
+
+
+def test_commands_wait_while_the_transport_holds_them_then_flow_in_order(registry: Registry) -> None:
+    conn = FakeConn()
+    conn.commands_flow = False  # as MQTT before a SUBSCRIBE to commands/#
+    gevent.spawn(Session(conn, registry, registry.broker).run)
+    conn.push(hello())
+    wait_for(lambda: "welcome" in conn.types())
+    for n in range(3):
+        registry.deliver(Command("lock-1", f"c-{n}"))
+    assert conn.types() == ["welcome"]
+    conn.commands_flow = True
+    conn.push(COMMANDS_MAY_FLOW)
+    wait_for(lambda: len(conn.sent) == 4)
+    assert [frame["id"] for frame in conn.sent[1:]] == ["c-0", "c-1", "c-2"]
+    conn.commands_flow = False  # held again (MQTT UNSUBSCRIBE)
+    registry.deliver(Command("lock-1", "c-3"))
+    assert len(conn.sent) == 4
+
+
+def test_a_ping_over_the_limit_is_answered_once_with_rate_limited() -> None:
+    registry = Registry(replace(CONFIG, event_rate=0.001, event_burst=1), broker_factory=FakeBroker)
+    _, conn, _ = start(registry)
+    conn.push({"type": "ping", "id": "p-1"})
+    conn.push({"type": "ping", "id": "p-2"})
+    conn.push({"type": "ping", "id": "p-3"})
+    wait_for(lambda: len(conn.sent) == 4)
+    gevent.sleep(0.01)
+    assert conn.types() == ["welcome", "pong", "error", "error"]
+    assert [(frame["code"], frame["id"]) for frame in conn.sent[2:]] == [("rate_limited", "p-2"), ("rate_limited", "p-3")]
 
 
 def test_newer_session_replaces_older_and_older_notice_is_answered(registry: Registry) -> None:

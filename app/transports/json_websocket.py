@@ -1,10 +1,6 @@
-"""WebSocket on `GET /ws`: one JSON object per text message (PROTOCOL.md section 1).
+"""JSON over WebSocket on `GET /ws`: one JSON object per text message (PROTOCOL.md section 1).
 
-Framing comes from wsproto, a sans-I/O library: it never touches the socket, so
-the connection's own greenlet drives it and nothing else is needed for gevent.
-The upgrade handshake is answered here (RFC 6455 section 4.2.2) because the HTTP
-request was already parsed by gunicorn's server; wsproto then handles frames,
-masking, fragmentation, ping/pong and the close handshake.
+The upgrade and the close handshake are websocket.py's; wsproto does the framing.
 """
 
 from __future__ import annotations
@@ -15,45 +11,28 @@ from typing import Any
 
 import orjson
 from gevent import socket
-from wsproto.connection import Connection, ConnectionType
+from wsproto.connection import ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, Message, Ping, TextMessage
-from wsproto.utilities import generate_accept_token
 
 from app.protocol import ProtocolError, decode
-from app.transports import Sender
+from app.transports.sender import Sender
+from app.transports.sockets import read
+from app.transports.websocket import close_politely, upgrade
 
-RECV_BYTES = 16384
-
-
-class HandshakeError(ValueError):
-    """The request is not a WebSocket upgrade we can accept; answer it with HTTP 400."""
+OPEN, REMOTE_CLOSING, CLOSED = ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING, ConnectionState.CLOSED
 
 
-def accept_token(environ: Mapping[str, str]) -> bytes:
-    """Check the upgrade request's headers and return its Sec-WebSocket-Accept value."""
-    if environ.get("REQUEST_METHOD") != "GET":
-        raise HandshakeError("a WebSocket upgrade must be a GET")
-    if "websocket" not in environ.get("HTTP_UPGRADE", "").lower():
-        raise HandshakeError("missing 'Upgrade: websocket'")
-    if environ.get("HTTP_SEC_WEBSOCKET_VERSION") != "13":
-        raise HandshakeError("only WebSocket version 13 is supported")
-    key = environ.get("HTTP_SEC_WEBSOCKET_KEY", "").strip()
-    if not key:
-        raise HandshakeError("missing Sec-WebSocket-Key")
-    return generate_accept_token(key.encode("ascii", "replace"))
-
-
-class WsConnection:
-    """Text messages over an upgraded socket, as frames."""
+class JsonWebSocketConnection:
+    """JSON frames as the text messages of an upgraded socket, plain (presence `ws`) or TLS (`wss`)."""
 
     __slots__ = ("_max_frame", "_partial", "_partial_binary", "_sender", "_sock", "_ws", "certificate_names", "peer",
                  "transport")
     idle_limit = None  # 2 x heartbeat, the session's default
     backpressure = False  # over the rate limit, frames are refused with `rate_limited`
+    commands_flow = True  # from the welcome on (the session holds commands until then)
 
     def __init__(self, sock: socket.socket, peer: str, environ: Mapping[str, str],
-                 max_frame_bytes: int, send_limit: int, already_read: bytes = b"",
-                 transport: str = "ws", direct_writes: bool = True,
+                 max_frame_bytes: int, send_limit: int, transport: str = "ws", direct_writes: bool = True,
                  certificate_names: tuple[str, ...] = ()) -> None:
         self._sock = sock
         self.transport = transport
@@ -63,10 +42,7 @@ class WsConnection:
         self._partial_binary = False
         self.peer = peer
         self.certificate_names = certificate_names  # a verified TLS client certificate's device names
-        token = accept_token(environ)
-        self._sender.send(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                          b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + token + b"\r\n\r\n")
-        self._ws = Connection(ConnectionType.SERVER, trailing_data=already_read)
+        self._ws = upgrade(environ, self._sender)
 
     def receive(self) -> dict[str, Any] | None:
         """The next complete text message, decoded; None once closed."""
@@ -78,7 +54,7 @@ class WsConnection:
         while True:
             for event in self._ws.events():
                 if isinstance(event, CloseConnection):
-                    if self._ws.state.name == "REMOTE_CLOSING":
+                    if self._ws.state is REMOTE_CLOSING:
                         self._sender.send(self._ws.send(event.response()))
                     return None
                 if isinstance(event, Ping):
@@ -87,13 +63,9 @@ class WsConnection:
                     frame = self._on_message(event)
                     if frame is not None:
                         return frame
-            if self._ws.state.name == "CLOSED":
+            if self._ws.state is CLOSED:
                 return None
-            try:
-                chunk = self._sock.recv(RECV_BYTES)
-            except (ConnectionError, socket.cancel_wait_ex):
-                chunk = b""  # cancel_wait_ex: cut by `abort` from another greenlet (see tcp.py)
-            self._ws.receive_data(chunk or None)
+            self._ws.receive_data(read(self._sock) or None)
 
     def _on_message(self, event: Message) -> bytes | None:
         self._partial_binary |= isinstance(event, BytesMessage)
@@ -113,23 +85,18 @@ class WsConnection:
         return payload
 
     def send(self, frame: dict[str, Any]) -> None:
-        if self._ws.state.name == "OPEN":
+        if self._ws.state is OPEN:
             self._sender.send(text_frame(orjson.dumps(frame)))
 
     def accepts_command(self, name: str) -> bool:
         return True
 
-    def send_command(self, frame: dict[str, Any], deadline: float) -> None:
-        self.send(frame)
-
     def finish(self) -> None:
-        if self._ws.state.name in {"OPEN", "REMOTE_CLOSING"}:
-            self._sender.send(self._ws.send(CloseConnection(code=1000)))
+        close_politely(self._ws, self._sender)
         self._sender.finish()
 
     def close(self) -> None:
-        if self._ws.state.name in {"OPEN", "REMOTE_CLOSING"}:
-            self._sender.send(self._ws.send(CloseConnection(code=1000)))
+        close_politely(self._ws, self._sender)
         self._sender.close()  # the socket itself belongs to the HTTP server, which closes it
 
 

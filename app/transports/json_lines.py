@@ -1,4 +1,4 @@
-"""Raw TCP: one UTF-8 JSON object per line (PROTOCOL.md section 1)."""
+"""JSON lines: one UTF-8 JSON object per line over a stream socket, plain TCP or TLS (PROTOCOL.md section 1)."""
 
 from __future__ import annotations
 
@@ -8,17 +8,17 @@ import orjson
 from gevent import socket
 
 from app.protocol import ProtocolError, decode
-from app.transports import Sender
+from app.transports.sender import Sender
+from app.transports.sockets import read
 
-RECV_BYTES = 16384
 
-
-class TcpConnection:
-    """Newline-delimited JSON frames over a TCP socket; `\\r\\n` accepted."""
+class JsonLinesConnection:
+    """Newline-delimited JSON frames over a socket, plain (presence `tcp`) or TLS (`tls`); `\\r\\n` accepted."""
 
     __slots__ = ("_buffer", "_max_frame", "_sender", "_sock", "certificate_names", "peer", "transport")
     idle_limit = None  # 2 x heartbeat, the session's default
     backpressure = False  # over the rate limit, frames are refused with `rate_limited`
+    commands_flow = True  # from the welcome on (the session holds commands until then)
 
     def __init__(self, sock: socket.socket, peer: str, max_frame_bytes: int, send_limit: int,
                  transport: str = "tcp", direct_writes: bool = True,
@@ -46,12 +46,7 @@ class TcpConnection:
                 return self._checked(line)
             if len(self._buffer) > self._max_frame + 1:
                 raise ProtocolError("frame_too_large", f"frames are limited to {self._max_frame} bytes")
-            try:
-                chunk = self._sock.recv(RECV_BYTES)
-            except (ConnectionError, socket.cancel_wait_ex):
-                # cancel_wait_ex: another greenlet cut this connection (`abort`, e.g. replaced or
-                # shutting_down) while we were blocked reading: the end of the stream, not a crash.
-                return None
+            chunk = read(self._sock)
             if not chunk:
                 return None
             if not self._buffer and chunk.find(b"\n") == len(chunk) - 1:
@@ -70,9 +65,6 @@ class TcpConnection:
 
     def accepts_command(self, name: str) -> bool:
         return True
-
-    def send_command(self, frame: dict[str, Any], deadline: float) -> None:
-        self.send(frame)
 
     def finish(self) -> None:
         self._sender.finish()
