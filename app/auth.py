@@ -1,4 +1,4 @@
-"""Device tokens: HMAC-SHA256 of the device id under a secret (PROTOCOL.md section 2).
+"""Who a device is: tokens (HMAC-SHA256 of the device id under a secret) and certificate names (PROTOCOL.md sections 1-2).
 
 The first secret mints, every secret verifies, so secrets rotate without a
 flag day: add the new one first, wait for devices to re-provision, drop the old.
@@ -23,3 +23,17 @@ def verify(secrets: Sequence[bytes], device: str, token: str) -> bool:
     for secret in secrets:
         matched |= hmac.compare_digest(mint(secret, device).encode(), presented)
     return matched
+
+
+def refusal(secrets: Sequence[bytes], certificate_names: Sequence[str], device: str, token: str | None) -> str | None:
+    """None when the device proved who it is, else why not.
+
+    A verified TLS client certificate names the device (exactly); with one, the token may be
+    omitted, but a token that is sent must be valid too."""
+    if certificate_names and device not in certificate_names:
+        return "the client certificate names another device"
+    if token is None:
+        return None if certificate_names else "'token' is missing"
+    if not verify(secrets, device, token):
+        return "the token does not match this device"
+    return None

@@ -134,7 +134,7 @@ class Session:
         except ProtocolError as exc:
             code = "unsupported_version" if exc.code == "unsupported_version" else "unauthorized"
             return self._refuse(code, exc.message)
-        refusal_reason = self._authenticate(device, token)
+        refusal_reason = auth.refusal(self.host.config.device_secrets, self.conn.certificate_names, device, token)
         if refusal_reason is not None:
             return self._refuse("unauthorized", refusal_reason)
         # The hello is in: from here the route wait (ROUTE_WAIT) bounds the wait, not HELLO_TIMEOUT.
@@ -145,20 +145,6 @@ class Session:
             return self._refuse(code, "the gateway cannot take a new session now", retry_after)
         self.will = will
         return self._welcome(device)
-
-    def _authenticate(self, device: str, token: str | None) -> str | None:
-        """None when the device proved who it is, else why not (PROTOCOL.md sections 1 and 2).
-
-        A verified TLS client certificate names the device (exactly); with one, the token may be
-        omitted, but a token that is sent must be valid too."""
-        names = self.conn.certificate_names
-        if names and device not in names:
-            return "the client certificate names another device"
-        if token is None:
-            return None if names else "'token' is missing"
-        if not auth.verify(self.host.config.device_secrets, device, token):
-            return "the token does not match this device"
-        return None
 
     def _welcome(self, device: str) -> bool:
         """Register the session, wait until its commands route here, then welcome it."""
@@ -311,33 +297,48 @@ class Session:
             del self.pending[next(iter(self.pending))]
             metrics.COMMANDS.labels(outcome="dropped").inc()
         self.pending[command.id] = (command, time.monotonic())
+        if self.held is None and self.state is State.OPEN and self.conn.commands_flow:
+            self._write(command)  # the common case: nothing held and nothing to wait for
+        else:
+            self._hold(command)
+        metrics.COMMANDS_DELIVERED.inc()
+        return True
+
+    def _hold(self, command: Command) -> None:
+        """Keep a command until it may flow; bounded like `pending`, since a device that never
+        subscribes (MQTT) would otherwise let it grow without end."""
         if self.held is None:
             self.held = [command]
         else:
             self.held.append(command)
+            if len(self.held) > self.host.config.max_pending_commands:
+                self.held = [held for held in self.held if held.id in self.pending]
         if self.state is State.ROUTING:  # the command itself proves the route; it follows the welcome
             self.route_confirmed()
-        else:
-            self._write_held()
-        metrics.COMMANDS_DELIVERED.inc()
-        return True
 
     def _write_held(self) -> None:
         """Write the held commands, in order, if they may flow now: OPEN, and the transport says so.
 
         The one deadline check of a held command: one held past its deadline is never written; it
-        leaves `pending` counted `expired`, as `_forget_expired` would have counted it."""
+        leaves `pending` counted `expired`, as `_forget_expired` would have counted it. One that
+        left `pending` meanwhile (pushed out by MAX_PENDING_COMMANDS, counted `dropped`) is not
+        written either: its reply would only earn the device an `unknown_command`."""
         held = self.held
         if held is None or self.state is not State.OPEN or not self.conn.commands_flow:
             return
         self.held = None
         now = time.monotonic()
         for command in held:
-            if command.deadline <= now:
-                if self.pending.pop(command.id, None) is not None:
-                    metrics.COMMANDS.labels(outcome="expired").inc()
+            if command.id not in self.pending:
                 continue
-            self.conn.send({"type": "command", "id": command.id, "name": command.name, "data": command.data})
+            if command.deadline <= now:
+                del self.pending[command.id]
+                metrics.COMMANDS.labels(outcome="expired").inc()
+                continue
+            self._write(command)
+
+    def _write(self, command: Command) -> None:
+        self.conn.send({"type": "command", "id": command.id, "name": command.name, "data": command.data})
 
     def _forget_expired(self) -> None:
         if not self.pending:

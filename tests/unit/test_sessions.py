@@ -178,6 +178,26 @@ def test_commands_wait_while_the_transport_holds_them_then_flow_in_order(registr
     assert len(conn.sent) == 4
 
 
+def test_held_commands_are_bounded_like_pending_and_dropped_ones_are_never_written() -> None:
+    """A device that never subscribes (MQTT) cannot grow its session: what is held stays within
+    MAX_PENDING_COMMANDS, and a command pushed out of `pending` (counted `dropped`) is not written later."""
+    registry = Registry(replace(CONFIG, max_pending_commands=3), broker_factory=FakeBroker)
+    conn = FakeConn()
+    conn.commands_flow = False
+    session = Session(conn, registry, registry.broker)
+    gevent.spawn(session.run)
+    conn.push(hello())
+    wait_for(lambda: "welcome" in conn.types())
+    for n in range(50):
+        registry.deliver(Command("lock-1", f"c-{n}"))
+    assert len(session.held) <= 2 * 3 and list(session.pending) == ["c-47", "c-48", "c-49"]
+    conn.commands_flow = True
+    conn.push(COMMANDS_MAY_FLOW)
+    wait_for(lambda: len(conn.sent) == 4)
+    gevent.sleep(0.01)
+    assert [frame["id"] for frame in conn.sent[1:]] == ["c-47", "c-48", "c-49"]
+
+
 def test_a_ping_over_the_limit_is_answered_once_with_rate_limited() -> None:
     registry = Registry(replace(CONFIG, event_rate=0.001, event_burst=1), broker_factory=FakeBroker)
     _, conn, _ = start(registry)
