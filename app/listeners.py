@@ -9,7 +9,7 @@ them and pauses accepting when the worker is full. The connection handlers
 
     DEVICE_PORT      newline-delimited JSON            DEVICE_TLS_PORT  the same over TLS
     MQTT_PORT        MQTT 3.1.1                         MQTT_TLS_PORT    the same over TLS
-    PORT             the HTTP API (app/web.py), with `GET /ws` (JSON) and `GET /mqtt` (MQTT) upgraded
+    PORT             the HTTP API (app/web/api.py), with `GET /ws` (JSON) and `GET /mqtt` (MQTT) upgraded
                      to device sessions                 HTTPS_PORT       the same over TLS
 """
 

@@ -3,7 +3,7 @@
     worker (one_for_one)
     ├── broker (rest_for_one): publisher link, consumer link     app/broker/
     ├── watchdog: hello and idle deadlines of every session       app/sessions/watchdog.py
-    └── connections: one temporary greenlet per accepted connection (app/connections.py)
+    └── connections: one temporary greenlet per accepted connection (app/supervision/connections.py)
 
 A crash in a session ends that connection alone (temporary children are never
 restarted). A crash loop in the broker branch exhausts the branch's budget and
