@@ -1,7 +1,7 @@
 """The HTTP API (PROTOCOL.md section 6) described as OpenAPI 3.1, served at `GET /openapi.json`.
 
 Data, not prose: `spec()` builds the document `app.web` serves, and the tests
-hold both sides to it (tests/unit/test_openapi.py: every route of `app.web.ROUTES`
+hold both sides to it (tests/unit/test_openapi.py: every route of `app.web.api.ROUTES`
 is here and nothing else, every answer of the app fits; tests/test_operators.py:
 schemathesis against a live gateway). The security of the ops endpoints follows
 the deployment: open when OPS_TOKENS is unset, so that the document stays true.

@@ -1,4 +1,4 @@
-"""The connection supervisor (app/connections.py): counting, the accept cap, crashes, stopping, its place in a tree.
+"""The connection supervisor (app/supervision/connections.py): counting, the accept cap, crashes, stopping, its place in a tree.
 
 Listeners are real gevent StreamServers on ports the kernel picks. To show that
 a paused listener accepts nothing without sleeping on it, a test connects to

@@ -1,4 +1,4 @@
-"""The OpenAPI document (app/openapi.py) stays true to the WSGI app (app/web.py), in process.
+"""The OpenAPI document (app/web/openapi.py) stays true to the WSGI app (app/web/api.py), in process.
 
 Three ways it could drift, three tests: the document stops being OpenAPI 3.1; a
 route is added or dropped on one side only; an answer stops fitting its schema
