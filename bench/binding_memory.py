@@ -1,7 +1,7 @@
 """What a per-device binding costs RabbitMQ in memory, on every node of a cluster.
 
 `python -m bench.binding_memory [--nodes 2] [--bindings 100000]` boots a cluster of its own
-(tests/rabbit_cluster.py), binds `--bindings` routing keys from a direct exchange to one
+(bench/rabbit_cluster.py), binds `--bindings` routing keys from a direct exchange to one
 exclusive queue on the first node (as gateway workers bind their devices), and reads on every
 node, before and after: the VM's total memory and the memory of RabbitMQ's routing tables
 (`rabbit_route`, `rabbit_reverse_route` and their semi-durable twin, which every node holds in
@@ -17,7 +17,7 @@ import time
 
 import amqp
 
-from tests.rabbit_cluster import Node, RabbitCluster, running_cluster
+from bench.rabbit_cluster import Node, RabbitCluster, running_cluster
 
 EXCHANGE = "binding-memory"
 ROUTE_TABLES = ("rabbit_route", "rabbit_reverse_route", "rabbit_semi_durable_route")

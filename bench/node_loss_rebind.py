@@ -1,7 +1,7 @@
 """RabbitMQ alone after a node's loss: how soon it takes the lost node's bindings again, with no gateway.
 
 `python -m bench.node_loss_rebind [--nodes 3] [--bindings 10000] [--lanes 4]` boots a cluster of its
-own (tests/rabbit_cluster.py), binds `--bindings` routing keys to an exclusive queue on the
+own (bench/rabbit_cluster.py), binds `--bindings` routing keys to an exclusive queue on the
 second node (as one gateway worker's command queue), opens a queue on the third node beforehand
 (a worker that would not even have to declare one), kills the second node, and at once binds the
 same keys to the waiting queue over `--lanes` channels (no-wait binds, then a round trip on each
@@ -20,7 +20,7 @@ import time
 
 import amqp
 
-from tests.rabbit_cluster import Node, running_cluster
+from bench.rabbit_cluster import Node, running_cluster
 
 EXCHANGE = "node-loss-rebind"
 

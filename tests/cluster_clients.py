@@ -17,9 +17,9 @@ import orjson
 import psutil
 from conftest import Gateway, wait_until
 from kombu import Connection
-from rabbit_cluster import Node
 from test_faults_helpers import read_until_closed, send_event, unique
 
+from bench.rabbit_cluster import Node
 from clients.backend import EVENTS, BackendClient
 from clients.device import Closed, DeviceClient
 

@@ -28,7 +28,6 @@ from cluster_clients import (
     was_replaced,
 )
 from conftest import SECRET, Gateway, start_gateway, wait_until
-from rabbit_cluster import ClusterError, Node, RabbitCluster, amqp_url, running_cluster
 from test_faults_helpers import (
     all_ready,
     command_roundtrip,
@@ -42,6 +41,7 @@ from test_faults_helpers import (
 )
 
 from app.auth import mint
+from bench.rabbit_cluster import ClusterError, Node, RabbitCluster, amqp_url, running_cluster
 from clients.backend import BackendClient
 from clients.device import DeviceClient
 
