@@ -12,7 +12,6 @@ import paho.mqtt.client as paho
 import pytest
 from conftest import SECRET, Gateway, metric_value, wait_until
 from test_gateway import WAIT, metrics_text, uid
-from unit import mqtt_client as build
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
     AcceptConnection,
@@ -25,6 +24,7 @@ from wsproto.events import (
 )
 
 from app.auth import mint
+from bench.stampede import mqtt_codec as build
 from clients.device import Closed
 
 CONNACK, PUBLISH, PUBACK, SUBACK, PINGRESP = 0x20, 0x30, 0x40, 0x90, 0xD0

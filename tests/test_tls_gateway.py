@@ -25,9 +25,9 @@ from conftest import SECRET, Gateway, start_gateway, wait_until
 from gevent.event import Event
 from test_gateway import WAIT, EventTap, ping_ok, uid
 from tls_devices import Pki, TlsDevice, counted, reaches, read_to_end, s_client, worker_of
-from unit import mqtt_client
 
 from app.auth import mint
+from bench.stampede import mqtt_codec as mqtt_client
 from clients.device import Closed, DeviceClient
 
 HELLO_TIMEOUT = 2.0  # the `quick` gateway's

@@ -17,9 +17,9 @@ import trustme
 from conftest import API_TOKEN, SECRET, Gateway, start_gateway
 from test_gateway import WAIT, EventTap, answer_next_command, expect_closed, expect_error, in_background, uid
 from tls_devices import PahoTls, Pki, TlsDevice, counted, leaf, reaches, refused_before_welcome
-from unit import mqtt_client
 
 from app.auth import mint
+from bench.stampede import mqtt_codec as mqtt_client
 from clients.device import Closed
 
 REFUSED = 'warren_tls_handshakes_total{outcome="refused"}'

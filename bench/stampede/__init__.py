@@ -2,7 +2,7 @@
 
 Layout, in reading order:
   links.py       framing: JSON lines over TCP, JSON text messages over WebSocket, MQTT over TCP or /mqtt
-  mqtt_codec.py  the device's half of MQTT 3.1.1: CONNECT, SUBSCRIBE, PUBLISH, PUBACK out; server packets in
+  mqtt_codec.py  a client's half of MQTT 3.1.1 (the tests' too): every client packet out; server packets in
   device.py      one simulated device's life (connect, open a session, serve it, reconnect)
   json_device.py   ... speaking JSON frames (hello, ping, event, reply)
   mqtt_device.py   ... speaking MQTT (CONNECT, SUBSCRIBE commands/#, PINGREQ, PUBLISH events/, replies/)

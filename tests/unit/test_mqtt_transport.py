@@ -11,7 +11,6 @@ import time
 from typing import Any
 
 import gevent
-import mqtt_client as client
 import orjson
 import pytest
 from fakes import CONFIG, SECRET, Command, FakeBroker, wait_for
@@ -22,6 +21,7 @@ from app import auth
 from app.sessions.registry import Registry
 from app.sessions.session import Session
 from app.transports.mqtt import MqttConnection
+from bench.stampede import mqtt_codec as client
 
 TOKEN = auth.mint(SECRET, "lock-1")
 
