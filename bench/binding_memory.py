@@ -11,12 +11,12 @@ million. Run as root or as the `rabbitmq` user; asserts nothing.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
 import amqp
 
+from bench.cli import script_parser
 from bench.rabbit_cluster import Node, RabbitCluster, running_cluster
 
 EXCHANGE = "binding-memory"
@@ -35,8 +35,7 @@ def memory(cluster: RabbitCluster, node: Node) -> tuple[int, int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.binding_memory", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser("python -m bench.binding_memory", __doc__)
     parser.add_argument("--nodes", type=int, default=2, choices=(1, 2, 3))
     parser.add_argument("--bindings", type=int, default=100000)
     args = parser.parse_args()

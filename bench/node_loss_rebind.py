@@ -14,12 +14,12 @@ this can take longer than the gateway does. Run as root or as the `rabbitmq` use
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
 import amqp
 
+from bench.cli import script_parser
 from bench.rabbit_cluster import Node, running_cluster
 
 EXCHANGE = "node-loss-rebind"
@@ -41,8 +41,7 @@ def bind_everything(channel: amqp.Channel, queue: str, keys: list[str]) -> float
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.node_loss_rebind", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser("python -m bench.node_loss_rebind", __doc__)
     parser.add_argument("--nodes", type=int, default=3, choices=(2, 3))
     parser.add_argument("--bindings", type=int, default=10000)
     parser.add_argument("--lanes", type=int, default=4)

@@ -8,7 +8,7 @@ Layout, in reading order:
   mqtt_device.py   ... speaking MQTT (CONNECT, SUBSCRIBE commands/#, PINGREQ, PUBLISH events/, replies/)
   worker.py      a load process: up to ~18,000 devices under gevent, driven over stdin/stdout
   backend.py     the backend side: commands via RabbitMQ or HTTP, event verification
-  gauges.py      the gateway's cost: process-tree RSS/PSS and CPU, RabbitMQ memory
+  gauges.py      the gateway's cost: its process tree (sampled by bench/sampling.py), RabbitMQ memory
   controller.py  spawns workers, aggregates their counters, prints progress
   scenarios.py   ramp, hold, stampede, kill-load
   measure.py     one scenario against the floor, then the gateway; writes the results
