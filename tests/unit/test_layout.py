@@ -68,3 +68,18 @@ def test_no_import_cycle_between_modules_of_app() -> None:
 
 def test_the_cycle_finder_finds_a_cycle() -> None:
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
+
+
+def test_bench_imports_nothing_of_tests() -> None:
+    """The benchmarks stand alone (tests import from bench: the cluster harness, the MQTT client codec), never
+    the other way round."""
+    bench = APP.parent / "bench"
+    found: list[str] = []
+    assert list(bench.rglob("*.py"))
+    for path in sorted(bench.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            found += [f"{path.relative_to(bench.parent)}: {name}" for name in names
+                      if name == "tests" or name.startswith("tests.")]
+    assert found == [], found
