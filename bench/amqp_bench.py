@@ -27,10 +27,8 @@ from gevent import monkey
 
 monkey.patch_all()
 
-import argparse  # after monkey patching, as in the worker
-import gc
+import gc  # after monkey patching, as in the worker
 import json
-import resource
 import socket
 import subprocess
 import sys
@@ -40,6 +38,9 @@ from typing import Any
 
 import gevent
 from gevent.event import Event
+
+from bench.cli import script_parser
+from bench.sampling import cpu_seconds
 
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672//"
 TICK = 0.002  # the pacer's step: at 2,000 items/s, four items per step
@@ -63,11 +64,6 @@ for n in range(items):
     channel.basic_publish(message, exchange="devices.commands", routing_key=device)
 connection.release()
 """
-
-
-def cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def load_broker(root: str | None) -> Any:
@@ -196,7 +192,7 @@ def declare_witness(url: str, device: str) -> tuple[Any, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = script_parser("python -m bench.amqp_bench", __doc__)
     parser.add_argument("--root", help="directory holding the `app` package to measure")
     parser.add_argument("--url", default=DEFAULT_URL)
     parser.add_argument("--items", type=int, default=10000)

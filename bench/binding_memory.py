@@ -1,7 +1,7 @@
 """What a per-device binding costs RabbitMQ in memory, on every node of a cluster.
 
 `python -m bench.binding_memory [--nodes 2] [--bindings 100000]` boots a cluster of its own
-(tests/rabbit_cluster.py), binds `--bindings` routing keys from a direct exchange to one
+(bench/rabbit_cluster.py), binds `--bindings` routing keys from a direct exchange to one
 exclusive queue on the first node (as gateway workers bind their devices), and reads on every
 node, before and after: the VM's total memory and the memory of RabbitMQ's routing tables
 (`rabbit_route`, `rabbit_reverse_route` and their semi-durable twin, which every node holds in
@@ -11,13 +11,13 @@ million. Run as root or as the `rabbitmq` user; asserts nothing.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
 import amqp
 
-from tests.rabbit_cluster import Node, RabbitCluster, running_cluster
+from bench.cli import script_parser
+from bench.rabbit_cluster import Node, RabbitCluster, running_cluster
 
 EXCHANGE = "binding-memory"
 ROUTE_TABLES = ("rabbit_route", "rabbit_reverse_route", "rabbit_semi_durable_route")
@@ -35,8 +35,7 @@ def memory(cluster: RabbitCluster, node: Node) -> tuple[int, int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.binding_memory", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser("python -m bench.binding_memory", __doc__)
     parser.add_argument("--nodes", type=int, default=2, choices=(1, 2, 3))
     parser.add_argument("--bindings", type=int, default=100000)
     args = parser.parse_args()

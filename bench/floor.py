@@ -7,12 +7,13 @@ device's hello line returns as-is. What Warren costs beyond this is Warren's own
 
 from __future__ import annotations
 
-import argparse
 import os
 import resource
 import signal
 import socket
 import sys
+
+from bench.cli import script_parser
 
 BACKLOG = 4096
 RECV_BYTES = 4096
@@ -58,7 +59,7 @@ def fork_workers(listener: socket.socket, count: int) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.floor", description=__doc__)
+    parser = script_parser("python -m bench.floor", __doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=7979)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)

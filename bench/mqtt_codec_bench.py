@@ -11,13 +11,13 @@ asserts nothing.
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Callable
 
 import orjson
 
 from app.mqtt import MqttDecoder, puback, publish
+from bench.cli import script_parser
 
 PAYLOAD = b'{"temp":21.5,"humidity":40,"battery":97,"door":"open","n":1}'
 TOPIC = "events/door.state"
@@ -43,7 +43,7 @@ def _once(fn: Callable[[], object]) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = script_parser("python -m bench.mqtt_codec_bench", __doc__)
     parser.add_argument("--seconds", type=float, default=0.3, help="time per run (five runs per figure)")
     seconds = parser.parse_args().seconds
 

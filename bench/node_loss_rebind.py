@@ -1,7 +1,7 @@
 """RabbitMQ alone after a node's loss: how soon it takes the lost node's bindings again, with no gateway.
 
 `python -m bench.node_loss_rebind [--nodes 3] [--bindings 10000] [--lanes 4]` boots a cluster of its
-own (tests/rabbit_cluster.py), binds `--bindings` routing keys to an exclusive queue on the
+own (bench/rabbit_cluster.py), binds `--bindings` routing keys to an exclusive queue on the
 second node (as one gateway worker's command queue), opens a queue on the third node beforehand
 (a worker that would not even have to declare one), kills the second node, and at once binds the
 same keys to the waiting queue over `--lanes` channels (no-wait binds, then a round trip on each
@@ -14,13 +14,13 @@ this can take longer than the gateway does. Run as root or as the `rabbitmq` use
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
 import amqp
 
-from tests.rabbit_cluster import Node, running_cluster
+from bench.cli import script_parser
+from bench.rabbit_cluster import Node, running_cluster
 
 EXCHANGE = "node-loss-rebind"
 
@@ -41,8 +41,7 @@ def bind_everything(channel: amqp.Channel, queue: str, keys: list[str]) -> float
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.node_loss_rebind", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser("python -m bench.node_loss_rebind", __doc__)
     parser.add_argument("--nodes", type=int, default=3, choices=(2, 3))
     parser.add_argument("--bindings", type=int, default=10000)
     parser.add_argument("--lanes", type=int, default=4)

@@ -34,6 +34,9 @@ import gevent
 from gevent import monkey
 from gevent.event import Event
 
+from bench.cli import script_parser
+from bench.sampling import rss_bytes
+
 SCENARIOS = {
     "connections": "ConnectionSupervisor.spawn",
     "dynamic": "simple_one_for_one start_child",
@@ -75,12 +78,6 @@ class Starter:
 
     def stop(self) -> None:
         self._stop()
-
-
-def rss_bytes() -> int:
-    import psutil
-
-    return psutil.Process().memory_info().rss
 
 
 def measure_held(starter: Starter, children: int) -> dict[str, float]:
@@ -155,7 +152,7 @@ def print_table(options: argparse.Namespace, results: dict[str, dict[str, float]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = script_parser("python -m bench.supervisor_bench", __doc__)
     parser.add_argument("--children", type=int, default=20_000)
     parser.add_argument("--churn", type=int, default=50_000)
     parser.add_argument("--metrics", choices=("multiprocess", "memory"), default="multiprocess")

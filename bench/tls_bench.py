@@ -39,13 +39,14 @@ from pathlib import Path
 from typing import Any, Self
 
 import gevent
-import psutil
 import trustme
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
 from app.tls.contexts import device_context, load_tls
 from app.tls.handshake import HandshakeGate, TlsHandshakeError, handshake
+from bench.cli import script_parser
+from bench.sampling import cpu_seconds, rss_bytes
 
 HELLO_TIMEOUT = 10.0
 PROBE_SECONDS = 0.005
@@ -82,7 +83,7 @@ def serve(args: argparse.Namespace) -> None:
                 counts.update(failed=0, stall=0.0)
             gc.collect()
             sock.sendall(json.dumps({
-                **counts, "rss": psutil.Process().memory_info().rss, "cpu": time.process_time(),
+                **counts, "rss": rss_bytes(), "cpu": cpu_seconds(),
                 "cached_sessions": context.session_stats()["number"] if context else 0,
             }).encode() + b"\n")
 
@@ -261,12 +262,12 @@ def openssl_seconds(pki: dict[str, str], mode: str, version: ssl.TLSVersion, cou
             client, session), 0.0
         incoming.write(peer.hello)
         while server.version() is None or outgoing.pending:
-            started = time.process_time()
+            started = cpu_seconds()
             try:
                 server.do_handshake()
             except ssl.SSLWantReadError:
                 pass
-            spent += time.process_time() - started
+            spent += cpu_seconds() - started
             peer.incoming.write(outgoing.read())
             incoming.write(peer.step())
         with contextlib.suppress(ssl.SSLWantReadError):
@@ -394,8 +395,7 @@ REPORTS = {"memory": report_memory, "cpu": report_cpu, "stampede": report_stampe
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.tls_bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser("python -m bench.tls_bench", __doc__)
     parser.add_argument("role", nargs="?", choices=["report", "serve"], default="report")
     parser.add_argument("--connections", type=int, default=2000)
     parser.add_argument("--handshakes", type=int, default=300)

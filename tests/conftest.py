@@ -13,6 +13,7 @@ monkey.patch_all()  # first: the supervisor tests run greenlets, and patching mu
 from collections.abc import Iterator
 
 import pytest
+
 from support.gateways import Gateway, start_gateway
 
 

@@ -1,4 +1,4 @@
-"""Warren on a real RabbitMQ cluster of two nodes (tests/rabbit_cluster.py), with real gateways.
+"""Warren on a real RabbitMQ cluster of two nodes (bench/rabbit_cluster.py), with real gateways.
 
 Instances start as users start them (support.gateways.start_gateway), their AMQP_URL naming one
 node or both (`a;b`, PROTOCOL.md 7). Backends (BackendClients, queues bound to
@@ -17,7 +17,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from rabbit_cluster import ClusterError, Node, RabbitCluster, amqp_url, running_cluster
+
+from app.auth import mint
+from bench.rabbit_cluster import ClusterError, Node, RabbitCluster, amqp_url, running_cluster
+from clients.backend import BackendClient
+from clients.device import DeviceClient
 from support.cluster_clients import (
     CommandRounds,
     EventQueue,
@@ -39,10 +43,6 @@ from support.fault_devices import (
 )
 from support.gateways import SECRET, Gateway, all_ready, metric, start_gateway
 from support.waiting import wait_until
-
-from app.auth import mint
-from clients.backend import BackendClient
-from clients.device import DeviceClient
 
 pytestmark = pytest.mark.slow
 

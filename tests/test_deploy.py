@@ -11,11 +11,11 @@ import subprocess
 import time
 
 import requests
-from support.devices import answer_next_command, in_background
-from support.gateways import AMQP_URL, API_TOKEN, ROOT, SECRET, Gateway, free_port, start_gateway, wait_ready
 
 from app.config import load
 from clients.device import DeviceClient
+from support.devices import answer_next_command, in_background
+from support.gateways import AMQP_URL, API_TOKEN, ROOT, SECRET, Gateway, free_port, start_gateway, wait_ready
 
 
 def procfile_command(process_type: str = "web") -> str:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import time
 
 import pytest
+
+from clients.backend import BackendClient
 from support.fault_devices import (
     command_roundtrip,
     connect,
@@ -22,8 +24,6 @@ from support.fault_devices import (
 from support.gateways import AMQP_URL, all_ready, get, launch, metric, readyz_codes
 from support.rabbitmq import DurableQueue, close_connections, rabbitmqctl
 from support.waiting import wait_until
-
-from clients.backend import BackendClient
 
 pytestmark = pytest.mark.slow
 

@@ -8,6 +8,9 @@ import threading
 import time
 
 import pytest
+
+from clients.backend import BackendClient
+from clients.device import DeviceClient
 from support.fault_devices import (
     command_roundtrip,
     connect,
@@ -22,9 +25,6 @@ from support.fault_devices import (
 from support.gateways import AMQP_URL, SECRET, get, launch, metric
 from support.rabbitmq import DurableQueue
 from support.waiting import wait_until
-
-from clients.backend import BackendClient
-from clients.device import DeviceClient
 
 pytestmark = pytest.mark.slow
 

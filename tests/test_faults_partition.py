@@ -10,12 +10,12 @@ from __future__ import annotations
 import time
 
 import pytest
+
+from clients.backend import BackendClient
 from support.fault_devices import command_roundtrip, connect, ping, send_event, unique
 from support.gateways import AMQP_URL, all_ready, launch, readyz_codes
 from support.rabbitmq import Blackhole, DurableQueue
 from support.waiting import wait_until
-
-from clients.backend import BackendClient
 
 pytestmark = pytest.mark.slow
 

@@ -7,6 +7,7 @@ import time
 
 import orjson
 import pytest
+
 from support.fault_devices import connect, read_until_closed, unique
 from support.gateways import launch
 from support.rabbitmq import DurableQueue

@@ -12,6 +12,8 @@ import time
 
 import amqp
 import pytest
+
+from clients.backend import BackendClient
 from support.fault_devices import (
     bulk_sessions,
     command_roundtrip,
@@ -28,8 +30,6 @@ from support.fault_devices import (
 from support.gateways import AMQP_URL, ROOT, all_ready, kill_tree, launch, metric
 from support.rabbitmq import rabbitmqctl
 from support.waiting import wait_until
-
-from clients.backend import BackendClient
 
 pytestmark = pytest.mark.slow
 

@@ -26,6 +26,11 @@ import pytest
 import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from wsproto.events import BytesMessage, TextMessage
+
+from app.auth import mint
+from clients.backend import BackendClient
+from clients.device import Closed, DeviceClient
 from support.devices import (
     TRANSPORTS,
     Responder,
@@ -42,11 +47,6 @@ from support.devices import (
 from support.gateways import AMQP_URL, API_TOKEN, SECRET, Gateway, metric_value, metrics_text, sessions, start_gateway
 from support.rabbitmq import AMQP_HOST, PRIVATE_VHOST, EventTap, publish_command, routed
 from support.waiting import WAIT, wait_until
-from wsproto.events import BytesMessage, TextMessage
-
-from app.auth import mint
-from clients.backend import BackendClient
-from clients.device import Closed, DeviceClient
 
 MAX_FRAME_BYTES = 65536
 

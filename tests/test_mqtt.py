@@ -18,13 +18,13 @@ from typing import Any
 import orjson
 import pytest
 import requests
+
+from clients.backend import BackendClient
 from support.devices import in_background, uid
 from support.gateways import AMQP_URL, Gateway, counted, sessions, start_gateway
 from support.mqtt_devices import CONNACK, PINGRESP, MqttDevice, RawMqtt, build, mqtt_device, token
 from support.rabbitmq import AMQP_HOST, PRIVATE_VHOST, EventTap, routed
 from support.waiting import WAIT, wait_until
-
-from clients.backend import BackendClient
 
 
 @pytest.fixture(scope="module")

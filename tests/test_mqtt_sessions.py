@@ -14,6 +14,10 @@ from typing import Any
 import orjson
 import pytest
 import requests
+from wsproto.events import AcceptConnection, RejectConnection
+
+from clients.backend import BackendClient
+from clients.device import Closed, DeviceClient
 from support.devices import answer_next_command, connect, expect_closed, expect_error, in_background, uid
 from support.gateways import AMQP_URL, API_TOKEN, Gateway, counted, sessions
 from support.mqtt_devices import (
@@ -31,10 +35,6 @@ from support.mqtt_devices import (
 )
 from support.rabbitmq import EventTap
 from support.waiting import WAIT, wait_until
-from wsproto.events import AcceptConnection, RejectConnection
-
-from clients.backend import BackendClient
-from clients.device import Closed, DeviceClient
 
 API = {"Authorization": f"Bearer {API_TOKEN}"}
 

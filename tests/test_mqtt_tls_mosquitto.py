@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+
 from support.gateways import Gateway, start_gateway
 from support.mqtt_devices import token
 from support.rabbitmq import EventTap

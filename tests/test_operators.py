@@ -28,13 +28,13 @@ import orjson
 import pytest
 import requests
 from kombu import Connection
-from support.gateways import AMQP_URL, API_TOKEN, FUZZ_TOKEN, OPS_TOKENS, SECRET, Gateway, start_guarded
-from support.waiting import wait_until
 
 from app.web import api as web
 from app.web import openapi
 from clients.backend import ASK_TYPE, BackendClient
 from clients.device import Closed, DeviceClient
+from support.gateways import AMQP_URL, API_TOKEN, FUZZ_TOKEN, OPS_TOKENS, SECRET, Gateway, start_guarded
+from support.waiting import wait_until
 
 API = {"Authorization": f"Bearer {API_TOKEN}"}
 OPS_PATHS = ("/metrics", "/", "/status.json")

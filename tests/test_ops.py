@@ -9,11 +9,11 @@ import signal
 import pytest
 import requests
 from prometheus_client.metrics import MetricWrapperBase
-from support.gateways import SECRET, metric_value, start_gateway
-from support.waiting import wait_until
 
 from app import metrics
 from clients.device import DeviceClient
+from support.gateways import SECRET, metric_value, start_gateway
+from support.waiting import wait_until
 
 # Every metric the operations issue asks for, by name (counters end in _total in the text format).
 EXPECTED_METRICS = (

@@ -17,10 +17,10 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from support.gateways import ROOT, SECRET, start_gateway
-from support.waiting import wait_until
 
 from clients.device import Closed, DeviceClient
+from support.gateways import ROOT, SECRET, start_gateway
+from support.waiting import wait_until
 
 
 class SentryReceiver:

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import orjson
 import pytest
-from support.gateways import AMQP_URL, API_TOKEN, SECRET, Gateway, free_port, start_gateway
-from support.tls_devices import Pki
 
 from app import mqtt
 from bench.stampede import mqtt_codec
+from support.gateways import AMQP_URL, API_TOKEN, SECRET, Gateway, free_port, start_gateway
+from support.tls_devices import Pki
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICES = 300

@@ -20,10 +20,10 @@ from typing import Any
 
 import pytest
 import requests
-from support.gateways import API_TOKEN, OPS_TOKENS, SECRET, free_port, metric_value, start_guarded
-from support.waiting import wait_until
 
 from clients.device import Closed, DeviceClient
+from support.gateways import API_TOKEN, OPS_TOKENS, SECRET, free_port, metric_value, start_guarded
+from support.waiting import wait_until
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")

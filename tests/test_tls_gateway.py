@@ -22,15 +22,15 @@ import gevent
 import pytest
 import requests
 from gevent.event import Event
+
+from app.auth import mint
+from bench.stampede import mqtt_codec as mqtt_client
+from clients.device import Closed, DeviceClient
 from support.devices import ping_ok, uid
 from support.gateways import SECRET, Gateway, counted, start_gateway
 from support.rabbitmq import EventTap
 from support.tls_devices import Pki, TlsDevice, reaches, read_to_end, s_client, worker_of
 from support.waiting import WAIT, wait_until
-from unit import mqtt_client
-
-from app.auth import mint
-from clients.device import Closed, DeviceClient
 
 HELLO_TIMEOUT = 2.0  # the `quick` gateway's
 RESUMED, FULL = 'warren_tls_handshakes_total{outcome="resumed"}', 'warren_tls_handshakes_total{outcome="full"}'

@@ -14,15 +14,15 @@ from collections.abc import Iterator
 import pytest
 import requests
 import trustme
+
+from app.auth import mint
+from bench.stampede import mqtt_codec as mqtt_client
+from clients.device import Closed
 from support.devices import answer_next_command, expect_closed, expect_error, in_background, uid
 from support.gateways import API_TOKEN, SECRET, Gateway, counted, start_gateway
 from support.rabbitmq import EventTap
 from support.tls_devices import PahoTls, Pki, TlsDevice, leaf, reaches, refused_before_welcome
 from support.waiting import WAIT
-from unit import mqtt_client
-
-from app.auth import mint
-from clients.device import Closed
 
 REFUSED = 'warren_tls_handshakes_total{outcome="refused"}'
 VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}

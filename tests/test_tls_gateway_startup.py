@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import trustme
 from cryptography import x509
+
 from support.gateways import AMQP_URL, ROOT, SECRET, free_port, start_gateway
 from support.tls_devices import Pki, leaf
 

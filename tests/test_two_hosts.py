@@ -11,6 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
+from app.auth import mint
+from clients.backend import BackendClient
+from clients.device import DeviceClient
 from support.devices import (
     TRANSPORTS,
     answer_next_command,
@@ -26,10 +30,6 @@ from support.devices import (
 from support.gateways import AMQP_URL, SECRET, Gateway, start_gateway
 from support.rabbitmq import EventTap
 from support.waiting import WAIT
-
-from app.auth import mint
-from clients.backend import BackendClient
-from clients.device import DeviceClient
 
 
 @pytest.fixture(params=TRANSPORTS)

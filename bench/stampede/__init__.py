@@ -2,13 +2,13 @@
 
 Layout, in reading order:
   links.py       framing: JSON lines over TCP, JSON text messages over WebSocket, MQTT over TCP or /mqtt
-  mqtt_codec.py  the device's half of MQTT 3.1.1: CONNECT, SUBSCRIBE, PUBLISH, PUBACK out; server packets in
+  mqtt_codec.py  a client's half of MQTT 3.1.1 (the tests' too): every client packet out; server packets in
   device.py      one simulated device's life (connect, open a session, serve it, reconnect)
   json_device.py   ... speaking JSON frames (hello, ping, event, reply)
   mqtt_device.py   ... speaking MQTT (CONNECT, SUBSCRIBE commands/#, PINGREQ, PUBLISH events/, replies/)
   worker.py      a load process: up to ~18,000 devices under gevent, driven over stdin/stdout
   backend.py     the backend side: commands via RabbitMQ or HTTP, event verification
-  gauges.py      the gateway's cost: process-tree RSS/PSS and CPU, RabbitMQ memory
+  gauges.py      the gateway's cost: its process tree (sampled by bench/sampling.py), RabbitMQ memory
   controller.py  spawns workers, aggregates their counters, prints progress
   scenarios.py   ramp, hold, stampede, kill-load
   measure.py     one scenario against the floor, then the gateway; writes the results

@@ -104,7 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     suite.add_argument("--broker", type=known_brokers, default=["single"],
                        help=f"which RabbitMQ the gateway runs on, one or a comma-separated list of "
                             f"{', '.join(BROKERS)}: single is --amqp-url, cluster a two-node cluster the suite "
-                            "boots beside it (tests/rabbit_cluster.py; root or the rabbitmq user), cluster3 one "
+                            "boots beside it (bench/rabbit_cluster.py; root or the rabbitmq user), cluster3 one "
                             "of three, the gateway listing every node; each runs on its own fresh gateway "
                             "(default: single)")
     suite.add_argument("--floor-port", type=int, default=7979)

@@ -3,7 +3,7 @@
 `--broker single,cluster` runs every scenario once per broker, each on a fresh
 gateway, the later compared with the first; `cluster3` is a cluster of three nodes,
 so that the nodes left after a loss are still a cluster. A cluster is the one the cluster
-tests boot (tests/rabbit_cluster.py: own node names, ports and data, run as the
+tests boot (bench/rabbit_cluster.py: own node names, ports and data, run as the
 `rabbitmq` user, killed when the suite ends), booted once for the whole suite.
 The gateway lists every node in AMQP_URL (`a;b`), so its workers spread over them;
 this tool's backend (its commands and the event verifier) connects to the first
@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
-from tests.rabbit_cluster import RabbitCluster, amqp_url, running_cluster
+from bench.rabbit_cluster import RabbitCluster, amqp_url, running_cluster
 
 CLUSTER_SIZES = {"cluster": 2, "cluster3": 3}
 BROKERS = ("single", *CLUSTER_SIZES)
@@ -77,7 +77,7 @@ def brokers(names: list[str], single_url: str) -> Iterator[dict[str, Broker]]:
                 found[name] = Broker(name, single_url, single_url)
                 continue
             size = CLUSTER_SIZES[name]
-            print(f"suite: booting a RabbitMQ cluster of {size} nodes (tests/rabbit_cluster.py)", file=sys.stderr)
+            print(f"suite: booting a RabbitMQ cluster of {size} nodes (bench/rabbit_cluster.py)", file=sys.stderr)
             cluster = stack.enter_context(running_cluster(size))
             print(f"suite: cluster {', '.join(node.name for node in cluster.nodes)} up in "
                   f"{cluster.boot_seconds:.1f}s", file=sys.stderr)

@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Any, Self
 import gevent
 import orjson
 
+from bench.sampling import TreeGauge, others_cpu_s
 from bench.stampede.backend import AmqpCommands, EventVerifier, HttpCommands
-from bench.stampede.gauges import TreeGauge, others_cpu_s, rabbit_processes, rabbit_rss_mb
+from bench.stampede.gauges import rabbit_processes, rabbit_rss_mb
 
 if TYPE_CHECKING:
     from bench.stampede.brokers import Broker

@@ -1,10 +1,10 @@
-"""The server's own cost, read from outside: memory and CPU of its process tree, and RabbitMQ's memory.
+"""The server's own cost, read from outside: which process tree is the server, and RabbitMQ's memory.
 
 A gunicorn master forks its workers, so every figure sums the master and all
-its descendants. RSS is cheap and sampled every second; PSS (shared pages split
-between the processes that share them) reads smaps and is taken only at a few
-moments. The machine is shared, so the CPU everything else used meanwhile is
-gauged too: it says how disturbed a figure is.
+its descendants: bench/sampling.py's TreeGauge reads them (RSS every second, PSS
+at a few moments), as it reads every benchmark's processes. The machine is shared,
+so the CPU everything else used meanwhile is gauged too (sampling.others_cpu_s):
+it says how disturbed a figure is.
 """
 
 from __future__ import annotations
@@ -13,51 +13,7 @@ import subprocess
 
 import psutil
 
-MB = 1024 * 1024
-
-
-def process_tree(pid: int) -> list[psutil.Process]:
-    root = psutil.Process(pid)
-    return [root, *root.children(recursive=True)]
-
-
-class TreeGauge:
-    """Memory and CPU of one process and its descendants."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-
-    def sample(self) -> dict[str, float]:
-        """RSS (MiB) and user+system CPU seconds of the tree, now (nothing if it is gone)."""
-        try:
-            tree = process_tree(self.pid)
-        except psutil.NoSuchProcess:
-            return {}
-        rss = cpu = 0.0
-        for process in tree:
-            try:
-                rss += process.memory_info().rss
-                times = process.cpu_times()
-                cpu += times.user + times.system
-            except psutil.Error:
-                continue
-        return {"rss_mb": rss / MB, "cpu_s": cpu}
-
-    def pids(self) -> set[int]:
-        try:
-            return {process.pid for process in process_tree(self.pid)}
-        except psutil.NoSuchProcess:
-            return set()
-
-    def pss_mb(self) -> float | None:
-        """Proportional set size of the tree in MiB, or None where the kernel does not offer it."""
-        total = 0.0
-        try:
-            for process in process_tree(self.pid):
-                total += process.memory_full_info().pss
-        except (psutil.Error, AttributeError):
-            return None
-        return total / MB
+from bench.sampling import MB
 
 
 def pid_listening_on(port: int) -> int | None:
@@ -116,24 +72,6 @@ def rabbit_rss_mb(pids: list[int] | None = None) -> float | None:
         except psutil.Error:
             continue
     return total / MB if read else None
-
-
-def others_cpu_s(excluded: set[int]) -> float:
-    """CPU seconds the machine has been busy (since boot) outside the `excluded` processes.
-
-    Cumulative, so only the difference between two readings means something:
-    how much CPU other people's work took from a window. Steal, idle and I/O
-    wait are not busy; children that already exited count as others.
-    """
-    times = psutil.cpu_times()
-    busy = times.user + times.nice + times.system + getattr(times, "irq", 0.0) + getattr(times, "softirq", 0.0)
-    for pid in excluded:
-        try:
-            own = psutil.Process(pid).cpu_times()
-        except psutil.Error:
-            continue
-        busy -= own.user + own.system
-    return busy
 
 
 def rabbit_breakdown() -> dict[str, float]:

@@ -1,5 +1,12 @@
-"""A device's half of MQTT 3.1.1, as small as the load tool needs: the packets a client sends, and a parser
-for the five a server sends it here (CONNACK, SUBACK, PUBLISH, PUBACK, PINGRESP).
+"""A client's half of MQTT 3.1.1: every packet a client sends (CONNECT, PUBLISH, PUBACK, SUBSCRIBE,
+UNSUBSCRIBE, PINGREQ, DISCONNECT), built from the standard (section 3), and a parser for the five a
+server sends it (CONNACK, SUBACK, PUBLISH, PUBACK, PINGRESP).
+
+The load tool's devices speak it, and so do the tests (tests/unit/test_mqtt_transport.py,
+tests/mqtt_devices.py, the TLS gateway tests): they need the packets a stock client would not send
+(a CONNECT of protocol level 3, with a will, without a password; a QoS 2 or retained PUBLISH), so
+every option of the standard is here, while the load tool's hot path (a QoS 1 PUBLISH of a short
+topic and payload, a PUBACK) stays one struct.pack and a join.
 
 Why not the gateway's codec (app/mqtt)? Its decoder is the server's: it refuses,
 rightly, every packet type a client may not send, which is every one a device
@@ -17,12 +24,14 @@ CONNACK, PUBLISH, PUBACK, SUBACK, UNSUBACK, PINGRESP = 2, 3, 4, 9, 11, 13
 NAMES = {CONNACK: "CONNACK", PUBLISH: "PUBLISH", PUBACK: "PUBACK", SUBACK: "SUBACK", UNSUBACK: "UNSUBACK",
          PINGRESP: "PINGRESP"}
 PINGREQ = b"\xc0\x00"
+DISCONNECT = b"\xe0\x00"
 _PINGRESP_BYTES = b"\xd0\x00"
 _PINGRESP = (PINGRESP,)
 _U16 = struct.Struct(">H")
 _HEAD = struct.Struct(">BBH")  # first byte, a one-byte remaining length, a packet id (or a topic's length)
-# CONNECT's variable header: protocol name "MQTT", level 4, then the flags byte (user name, password, clean).
-_CONNECT_HEADER = b"\x00\x04MQTT\x04\xc2"
+_PROTOCOL = b"\x00\x04MQTT"
+# CONNECT's flags (section 3.1.2.3).
+_CLEAN, _WILL, _PASSWORD, _USERNAME = 0x02, 0x04, 0x40, 0x80
 Packet = tuple
 
 
@@ -41,7 +50,8 @@ def _length_bytes(length: int) -> bytes:
             return bytes(out)
 
 
-def _packet(first: int, body: bytes) -> bytes:
+def packet(first: int, body: bytes) -> bytes:
+    """Any packet: its first byte (type and flags), the remaining length, the body."""
     return bytes((first,)) + _length_bytes(len(body)) + body
 
 
@@ -50,23 +60,51 @@ def _string(text: str | bytes) -> bytes:
     return _U16.pack(len(raw)) + raw
 
 
-def connect(client_id: str, password: str, keep_alive: int) -> bytes:
-    """CONNECT, clean session, with a user name (ignored by Warren, but 3.1.1 wants one before a password)."""
-    return _packet(0x10, b"".join((_CONNECT_HEADER, _U16.pack(keep_alive), _string(client_id),
-                                   _string(client_id), _string(password))))
+def connect(client_id: str, password: str | None = None, keep_alive: int = 60, level: int = 4,
+            will: tuple[str, bytes] | None = None, username: str | None = None) -> bytes:
+    """CONNECT, clean session. Warren ignores the user name and reads the password as the device's token;
+    3.1.1 wants a user name before a password, which stock clients send and the load tool does (its
+    own client id), and which the tests leave out unless they say otherwise."""
+    flags = _CLEAN
+    payload = [_string(client_id)]
+    if will is not None:
+        flags |= _WILL
+        payload += (_string(will[0]), _string(will[1]))
+    if username is not None:
+        flags |= _USERNAME
+        payload.append(_string(username))
+    if password is not None:
+        flags |= _PASSWORD
+        payload.append(_string(password))
+    return packet(0x10, b"".join((_PROTOCOL, bytes((level, flags)), _U16.pack(keep_alive), *payload)))
 
 
-def subscribe(packet_id: int, topic_filter: str, qos: int) -> bytes:
-    return _packet(0x82, _U16.pack(packet_id) + _string(topic_filter) + bytes((qos,)))
+def subscribe(packet_id: int, *filters: tuple[str, int] | str | int) -> bytes:
+    """SUBSCRIBE to `(topic filter, QoS)` pairs; one filter may also be given flat, `subscribe(id, "a/#", 1)`."""
+    if len(filters) == 2 and isinstance(filters[0], str):
+        filters = (filters,)
+    return packet(0x82, _U16.pack(packet_id) + b"".join(_string(topic) + bytes((qos,)) for topic, qos in filters))
 
 
-def publish(topic: str, payload: bytes, packet_id: int) -> bytes:
-    """A QoS 1 PUBLISH, the only kind the load tool sends."""
+def unsubscribe(packet_id: int, *topics: str) -> bytes:
+    return packet(0xA2, _U16.pack(packet_id) + b"".join(_string(topic) for topic in topics))
+
+
+def publish(topic: str, payload: bytes, packet_id: int | None = None, *, qos: int | None = None,
+            retain: bool = False) -> bytes:
+    """A PUBLISH: QoS 1 when it has a packet id (the load tool's only kind), else QoS 0; `qos` says
+    otherwise (a QoS above 0 without a packet id gets id 1)."""
+    if qos is None:
+        qos = 0 if packet_id is None else 1
     raw = topic.encode()
+    first = 0x30 | qos << 1 | retain
+    if not qos:
+        return packet(first, _string(raw) + payload)
+    packet_id = 1 if packet_id is None else packet_id
     length = 4 + len(raw) + len(payload)
-    if length < 128:  # one-byte remaining length: every event and reply of the tool
-        return b"".join((_HEAD.pack(0x32, length, len(raw)), raw, _U16.pack(packet_id), payload))
-    return b"".join((b"\x32", _length_bytes(length), _string(raw), _U16.pack(packet_id), payload))
+    if length < 128:  # one-byte remaining length: every event and reply of the load tool
+        return b"".join((_HEAD.pack(first, length, len(raw)), raw, _U16.pack(packet_id), payload))
+    return b"".join((bytes((first,)), _length_bytes(length), _string(raw), _U16.pack(packet_id), payload))
 
 
 def puback(packet_id: int) -> bytes:

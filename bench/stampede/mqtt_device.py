@@ -39,9 +39,9 @@ class MqttDevice(Device):
 
     def greet(self, inbox: Inbox, world: World) -> float:
         seconds = keep_alive(world.heartbeat)
-        inbox.send(mqtt_codec.connect(self.name, self.token, seconds))
+        inbox.send(mqtt_codec.connect(self.name, self.token, seconds, username=self.name))
         expect(inbox.next(), CONNACK, b"\x00")
-        inbox.send(mqtt_codec.subscribe(world.packet_id(), COMMANDS, 1))
+        inbox.send(mqtt_codec.subscribe(world.packet_id(), (COMMANDS, 1)))
         expect(inbox.next(), SUBACK, b"\x01")
         return float(seconds)
 

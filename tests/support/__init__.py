@@ -17,5 +17,5 @@ pytest puts tests/ on sys.path (pyproject.toml's `pythonpath`), so these modules
 - tls_devices.py: a PKI, JSON devices over TLS and wss, paho over TLS, `openssl s_client`.
 - cluster_clients.py: backends, held devices and command rounds for the two-node cluster tests.
 
-The unit tier's own helpers (fakes.py, supervisor_probe.py, mqtt_client.py) stay in tests/unit.
+The unit tier's own helpers (fakes.py, supervisor_probe.py) stay in tests/unit.
 """

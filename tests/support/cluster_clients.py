@@ -16,8 +16,8 @@ import gevent
 import orjson
 import psutil
 from kombu import Connection
-from rabbit_cluster import Node
 
+from bench.rabbit_cluster import Node
 from clients.backend import EVENTS, BackendClient
 from clients.device import Closed, DeviceClient
 from support.fault_devices import read_until_closed, send_event, unique

@@ -10,7 +10,6 @@ from typing import Any, Self
 import orjson
 import paho.mqtt.client as paho
 import pytest
-from unit import mqtt_client as build
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
     AcceptConnection,
@@ -23,6 +22,7 @@ from wsproto.events import (
 )
 
 from app.auth import mint
+from bench.stampede import mqtt_codec as build
 from clients.device import Closed
 from support.devices import uid
 from support.gateways import SECRET, Gateway

@@ -20,9 +20,9 @@ from gevent import GreenletExit
 from gevent.event import AsyncResult, Event
 from gevent.server import StreamServer
 from prometheus_client import REGISTRY
-from support.waiting import wait_until
 
 from app.supervision import ChildSpec, ConnectionSupervisor, Reporter, ShutdownKill, Supervisor, set_reporter
+from support.waiting import wait_until
 
 
 class Boom(Exception):

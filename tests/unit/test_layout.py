@@ -90,3 +90,18 @@ def test_every_test_module_holds_a_test() -> None:
         if not any(name.startswith(("test_", "Test")) for name in names):
             empty.append(path.relative_to(TESTS).as_posix())
     assert empty == []
+
+
+def test_bench_imports_nothing_of_tests() -> None:
+    """The benchmarks stand alone (tests import from bench: the cluster harness, the MQTT client codec), never
+    the other way round."""
+    bench = APP.parent / "bench"
+    found: list[str] = []
+    assert list(bench.rglob("*.py"))
+    for path in sorted(bench.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            found += [f"{path.relative_to(bench.parent)}: {name}" for name in names
+                      if name.split(".")[0] in {"tests", "support", "conftest"}]
+    assert found == [], found

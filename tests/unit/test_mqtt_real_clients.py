@@ -16,7 +16,6 @@ from collections.abc import Iterator
 
 import paho.mqtt.client as paho
 import pytest
-from support.waiting import wait_until
 
 from app.mqtt import (
     Connect,
@@ -37,6 +36,7 @@ from app.mqtt import (
     suback,
     unsuback,
 )
+from support.waiting import wait_until
 
 LIMIT = 65536
 

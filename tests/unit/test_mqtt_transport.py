@@ -1,6 +1,6 @@
 """MQTT devices through a real Session and Registry, over a fake byte stream (PROTOCOL.md section 8).
 
-The transport is driven with packets built from the standard (mqtt_client.py)
+The transport is driven with packets built from the standard (bench/stampede/mqtt_codec.py, the one client-side encoder)
 and what it writes is parsed back; RabbitMQ is the FakeBroker of the unit tier.
 """
 
@@ -11,7 +11,6 @@ import time
 from typing import Any
 
 import gevent
-import mqtt_client as client
 import orjson
 import pytest
 from fakes import CONFIG, SECRET, Command, FakeBroker, wait_for
@@ -22,6 +21,7 @@ from app import auth
 from app.sessions.registry import Registry
 from app.sessions.session import Session
 from app.transports.mqtt import MqttConnection
+from bench.stampede import mqtt_codec as client
 
 TOKEN = auth.mint(SECRET, "lock-1")
 

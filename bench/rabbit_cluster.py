@@ -1,5 +1,7 @@
-"""A real RabbitMQ cluster of its own on loopback, for the cluster tests (tests/test_cluster.py)
-and the stampede benchmark's `--broker cluster` (bench/stampede/brokers.py).
+"""A real RabbitMQ cluster of its own on loopback, for the cluster tests (tests/test_cluster.py),
+the stampede benchmark's `--broker cluster` (bench/stampede/brokers.py), bench.binding_memory and
+bench.node_loss_rebind. It lives with the benchmarks, which import nothing of tests/; the tests
+import it from here.
 
 It runs beside the machine's own broker (rabbit@localhost on 5672) and never touches
 it: its nodes have their own names (a random suffix), AMQP and distribution ports,
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import pwd
 import shutil
@@ -215,9 +218,8 @@ class RabbitCluster:
     def connection_peer_ports(self, node: Node) -> set[int]:
         """The client-side ports of the AMQP connections this node holds, as RabbitMQ sees them
         (list_connections lists the whole cluster's: we keep those accepted on the node's port)."""
-        out = self.ctl(node, "list_connections", "--quiet", "--no-table-headers", "port", "peer_port")
-        rows = (line.split() for line in out.splitlines() if line.strip())
-        return {int(peer) for port, peer in rows if int(port) == node.port}
+        out = self.ctl(node, "list_connections", "--quiet", "--formatter", "json", "port", "peer_port")
+        return {row["peer_port"] for row in parse_json_listing(out) if row.get("port") == node.port}
 
     # -- processes -----------------------------------------------------------------------
     def _spawn(self, node: Node) -> None:
@@ -267,6 +269,21 @@ class RabbitCluster:
         for directory, _, files in os.walk(path):
             for name in [directory, *(os.path.join(directory, f) for f in files)]:
                 os.chown(name, self.user.pw_uid, self.user.pw_gid)
+
+
+def parse_json_listing(out: str) -> list[dict]:
+    """The rows of a `rabbitmqctl list_* --formatter json` listing: one JSON array, which rabbitmqctl
+    3.10 prints an object a line (`[`, `{...}`, `,{...}`, `]`). Lines around the array (a warning the
+    CLI prints on some machines) are skipped; a table read by whitespace broke on such lines."""
+    lines = out.splitlines()
+    start = next((n for n, line in enumerate(lines) if line.lstrip().startswith("[")), None)
+    if start is None:
+        raise ClusterError(f"no JSON listing in rabbitmqctl's output:\n{out}")
+    try:
+        rows, _ = json.JSONDecoder().raw_decode("\n".join(lines[start:]).lstrip())  # and ignore what follows
+    except ValueError as exc:
+        raise ClusterError(f"rabbitmqctl's JSON listing does not parse ({exc}):\n{out}") from None
+    return [row for row in rows if isinstance(row, dict)]
 
 
 @contextlib.contextmanager
