@@ -22,6 +22,7 @@ from typing import Any
 import gevent
 
 from app import metrics, sentry
+from app.broker import Broker
 from app.config import Config
 from app.handlers import DeviceHandlers
 from app.listeners import build_servers
@@ -44,8 +45,13 @@ class WorkerTree:
         self.config = config
         # `age` numbers workers 1, 2, 3... (a replacement gets the next): it spreads them over the
         # nodes of a RabbitMQ cluster listed in AMQP_URL.
-        self.registry = Registry(config, node_offset=age)
-        self.broker = self.registry.broker
+        self.broker = Broker(config.amqp_url, max_command_bytes=config.max_frame_bytes,
+                             confirm_timeout=config.confirm_timeout, amqp_heartbeat=config.amqp_heartbeat,
+                             node_offset=age)
+        # The registry calls the broker (its `Outbound`); the broker calls the registry (its `Inbound`),
+        # attached once the registry is whole and before `start` runs the links.
+        self.registry = Registry(config, self.broker)
+        self.broker.attach(self.registry)
         wsgi.attach(self.broker)
         # One gate per worker paces the TLS handshakes; while too many wait, the TLS listeners stop
         # accepting and the rest of a stampede waits in the kernel's backlog for whichever worker has room.

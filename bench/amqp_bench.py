@@ -14,7 +14,8 @@ device is bound and every session announced again.
 
 `--root` says whose `app` package to measure: `/work/baseline` (a worktree of the
 commit before the split) measures the old `app/broker.py`, the default the current one;
-only the facade both share is used (`Broker(...)`, `publish_event`, `bind`, `announce`).
+only the facade both share is used (`Broker(...)`, `publish_event`, `bind`, `announce`; the
+sessions side attached as one `Inbound` where the broker has `attach`, as callbacks before).
 
 `--rate` paces both the publishes and the commands (items per second, spread evenly, as
 from thousands of devices at once); `--rate 0` sends them in one burst. Prints figures;
@@ -79,20 +80,25 @@ def send_commands(url: str, device: str, items: int, rate: float) -> subprocess.
 
 
 class Harness:
-    """The broker's callbacks, counting what arrives; `sessions` is what `live_sessions` reports."""
+    """The broker's `Inbound` (app/sessions/ports.py), counting what arrives; `sessions` is what
+    `live_sessions` reports."""
 
     def __init__(self, module: Any, url: str) -> None:
         self.device = f"bench-{uuid.uuid4().hex[:8]}"
         self.sessions = [(self.device, 1.0, "bench-session")]
-        self.announced: set[str] = set()  # devices whose own notice came back
+        self.echoed: set[str] = set()  # devices whose own notice came back
         self.all_announced = Event()
         self.delivered = 0
         self.expected = 0
         self.cpu_marks: list[float] = []
         self.all_delivered = Event()
         self.probes: list[tuple[float, float]] = []  # (arrival, delay since sent) of each probe
-        self.broker = module.Broker(url, deliver=self.deliver, takeover=self.takeover, max_command_bytes=65536,
-                                    live_sessions=lambda: list(self.sessions))
+        if hasattr(module.Broker, "attach"):  # the sessions side as one `Inbound`: this harness
+            self.broker = module.Broker(url, max_command_bytes=65536)
+            self.broker.attach(self)
+        else:  # before app/sessions/ports.py's `Inbound`, the broker took callbacks
+            self.broker = module.Broker(url, deliver=self.deliver, takeover=self.announced, max_command_bytes=65536,
+                                        live_sessions=self.live_sessions)
         links = getattr(self.broker, "links", None)  # the old module had two attributes instead
         self.links = tuple(links) if links is not None else (self.broker.publisher, self.broker.consumer)
 
@@ -106,10 +112,16 @@ class Harness:
         if self.delivered == self.expected:
             self.all_delivered.set()
 
-    def takeover(self, device: str, _started: float, _session_id: str) -> None:
-        self.announced.add(device)
-        if len(self.announced) >= len(self.sessions):
+    def announced(self, device: str, _started: float, _session_id: str) -> None:
+        self.echoed.add(device)
+        if len(self.echoed) >= len(self.sessions):
             self.all_announced.set()
+
+    def live_sessions(self) -> list[tuple[str, float, str]]:
+        return list(self.sessions)
+
+    def answer(self, _device: str, _question: str) -> None:
+        return None
 
 
 def bench_events(harness: Harness, items: int, rate: float) -> dict[str, Any]:
@@ -145,7 +157,7 @@ def bench_commands(harness: Harness, url: str, items: int, rate: float) -> dict[
 def bench_rebind(harness: Harness, url: str, devices: int) -> dict[str, Any]:
     names = [f"{harness.device}-r{n}" for n in range(devices)]
     harness.sessions = [(name, 1.0, f"s{n}") for n, name in enumerate(names)]
-    harness.announced.clear()
+    harness.echoed.clear()
     harness.all_announced.clear()
     for n, name in enumerate(names):
         harness.broker.bind(name)
@@ -154,7 +166,7 @@ def bench_rebind(harness: Harness, url: str, devices: int) -> dict[str, Any]:
         return {"devices": devices, "error": "the first binds never completed"}
     probe = send_commands(url, names[0], 100000, 1 / PROBE_EVERY)  # the first device re-bound
     gevent.sleep(1.0)
-    harness.announced.clear()
+    harness.echoed.clear()
     harness.all_announced.clear()
     harness.probes.clear()
     cut = time.monotonic()

@@ -8,7 +8,13 @@
     ├── publisher.py  events, presence, replies and commands, with publisher confirms
     ├── consumer.py   this worker's command queue: bindings, takeover notices, deliveries
     ├── rpc.py        the HTTP API's requests (commands, operators' questions) and their answers
-    └── messages.py   what travels: kinds of message, Command, the bodies (no I/O)
+    └── messages.py   what travels: kinds of message, deliveries parsed into Commands, the bodies (no I/O)
+
+Who calls whom: sessions and the registry call the facade (it is their `Backend`
+and `Outbound`, app/sessions/ports.py); the facade calls the sessions side only
+through the one `Inbound` given to `Broker.attach` (the registry), from the
+consumer's reader. `Command`, what it hands over, is the sessions side's: this
+package imports app.sessions.ports, never the other way round.
 
 Two links, because RabbitMQ blocks any connection that publishes during a memory or
 disk alarm: events then fail at once on the publisher's, while the consumer's keeps
@@ -20,8 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from gevent.event import AsyncResult
@@ -33,7 +38,6 @@ from app.broker.messages import (
     EVENT,
     PRESENCE,
     REPLY,
-    Command,
     MessageIds,
     Refusal,
     event_body,
@@ -42,7 +46,10 @@ from app.broker.messages import (
 from app.broker.publisher import CONFIRM_TIMEOUT, Done, Publisher
 from app.broker.rpc import RpcClient
 
-__all__ = ["Broker", "Command", "Done"]
+if TYPE_CHECKING:
+    from app.sessions.ports import Command, Inbound
+
+__all__ = ["Broker", "Done"]
 
 log = logging.getLogger("warren.broker")
 
@@ -52,31 +59,33 @@ _REFUSAL_OUTCOMES = {"too_large": "too_large", "bad_command": "malformed"}
 class Broker:
     """A worker's RabbitMQ: publish events and presence, take commands, answer them, send them, ask.
 
-    `deliver` (a command for one of our devices) and `takeover` (device, hello time,
-    session id of a session somewhere, ours included) are called in the consumer's
-    reader greenlet and must not block; `live_sessions` lists (device, hello time,
-    session id) of every session, for the announcements after a reconnect. `answer`
-    (device, question) answers an operator's `ask` about one of our devices with a
-    dict (`online` true; false when this worker binds the device but holds no session
-    of it now), or None to stay silent; also called in the reader.
+    Built first, then given the sessions side with `attach` before its links run (the worker's tree
+    does both, app/tree.py): the registry needs a broker to be built, and the broker must not call
+    into a half-built registry. The attached `Inbound` is called in the consumer's reader greenlet
+    and must not block: `deliver` (a command for one of our devices), `announced` (a takeover
+    notice: device, hello time, session id of a session somewhere, ours included), `live_sessions`
+    (for the announcements after a reconnect) and `answer` (an operator's `ask` about one of our
+    devices: a dict, `online` false when this worker binds the device but holds no session of it
+    now, or None to stay silent).
     """
 
-    def __init__(self, url: str, *, deliver: Callable[[Command], None], takeover: Callable[[str, float, str], None],
-                 live_sessions: Callable[[], Iterable[tuple[str, float, str]]], max_command_bytes: int,
-                 confirm_timeout: float = CONFIRM_TIMEOUT, amqp_heartbeat: int = 20, node_offset: int = 0,
-                 answer: Callable[[str, str], dict[str, Any] | None] | None = None) -> None:
+    def __init__(self, url: str, *, max_command_bytes: int, confirm_timeout: float = CONFIRM_TIMEOUT,
+                 amqp_heartbeat: int = 20, node_offset: int = 0) -> None:
         self._publisher = Publisher(url, heartbeat=amqp_heartbeat, node_offset=node_offset,
                                     confirm_timeout=confirm_timeout)
         self._rpc = RpcClient(self._publisher, reply_to=lambda: self._consumer.queue_name)
-        self._consumer = CommandConsumer(url, max_command_bytes=max_command_bytes, deliver=deliver,
-                                         refuse=self._refuse, takeover=takeover,
+        self._consumer = CommandConsumer(url, max_command_bytes=max_command_bytes, refuse=self._refuse,
                                          reply_received=self._rpc.reply_received, asked=self._asked,
-                                         live_sessions=live_sessions, heartbeat=amqp_heartbeat,
-                                         node_offset=node_offset)
-        self._answer = answer
+                                         heartbeat=amqp_heartbeat, node_offset=node_offset)
+        self._inbound: Inbound | None = None
         self._ids = MessageIds()
         self.links: tuple[Link, ...] = (self._publisher, self._consumer)
         """In start order; each has `.role` and `.run()`, a greenlet body that returns only when killed."""
+
+    def attach(self, inbound: Inbound) -> None:
+        """The sessions side the consumer delivers to; once, before the links run."""
+        self._inbound = inbound
+        self._consumer.attach(inbound)
 
     @property
     def ready(self) -> bool:
@@ -139,7 +148,7 @@ class Broker:
 
     # -- from the consumer's reader ---------------------------------------------------------------
     def _asked(self, device: str, kind: str, reply_to: str | None, correlation_id: str | None) -> None:
-        answer = self._answer(device, kind) if self._answer is not None else None
+        answer = self._inbound.answer(device, kind) if self._inbound is not None else None
         if answer is not None and reply_to:
             self._publisher.publish(REPLY, reply_to, orjson.dumps(answer), (correlation_id or "",))
 

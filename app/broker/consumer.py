@@ -41,8 +41,8 @@ import socket
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from kombu import Queue
 
@@ -54,7 +54,6 @@ from app.broker.messages import (
     EXCHANGES,
     TAKEOVER,
     TAKEOVER_TYPE,
-    Command,
     Refusal,
     decode_ask,
     decode_takeover,
@@ -62,6 +61,9 @@ from app.broker.messages import (
     parse_command,
 )
 from app.broker.wires import Wire
+
+if TYPE_CHECKING:
+    from app.sessions.ports import Inbound
 
 log = logging.getLogger("warren.broker")
 
@@ -114,19 +116,18 @@ class CommandConsumer(Link):
 
     role = "consumer"
 
-    def __init__(self, url: str, *, max_command_bytes: int, deliver: Callable[[Command], None],
-                 refuse: Callable[[Refusal], None], takeover: Callable[[str, float, str], None],
+    def __init__(self, url: str, *, max_command_bytes: int, refuse: Callable[[Refusal], None],
                  reply_received: Callable[[str | None, bytes], None],
                  asked: Callable[[str, str, str | None, str | None], None],
-                 live_sessions: Callable[[], Iterable[tuple[str, float, str]]],
                  heartbeat: int = 20, node_offset: int = 0) -> None:
+        """`refuse`, `reply_received` and `asked` are the facade's own (they publish or resolve what the
+        consumer read); the sessions side is reached through the `Inbound` given to `attach`."""
         super().__init__(url, heartbeat=heartbeat, node_offset=node_offset)
         self.queue_name = _command_queue_name()
         self.bound: dict[str, int] = {}  # device -> sessions of it in this worker
         self._max_command_bytes = max_command_bytes
-        self._deliver, self._refuse, self._takeover = deliver, refuse, takeover
-        self._reply_received, self._asked = reply_received, asked
-        self._live_sessions = live_sessions
+        self._inbound: Inbound | None = None
+        self._refuse, self._reply_received, self._asked = refuse, reply_received, asked
         self._todo: deque[tuple[Any, ...]] = deque()  # binds, unbinds and notices, in write order
         self._awaiting = 0  # binds and unbinds written, their -ok still to come
         self._echoes: dict[tuple[str, str], float] = {}  # (device, session) of notices written -> expiry
@@ -134,6 +135,10 @@ class CommandConsumer(Link):
         self._rebinding: tuple[int, float] | None = None  # after a connect: (devices, when) until all are bound
         self.window = Window()
         self.methods = {frames.QUEUE_BIND_OK: self._on_bind_ok, frames.QUEUE_UNBIND_OK: self._on_bind_ok}
+
+    def attach(self, inbound: Inbound) -> None:
+        """Who takes our deliveries and notices; before `run`, since a connect asks it for its sessions."""
+        self._inbound = inbound
 
     @property
     def ready(self) -> bool:
@@ -168,6 +173,8 @@ class CommandConsumer(Link):
 
     # -- the link's greenlets -------------------------------------------------------------------
     def setup(self, wire: Wire) -> None:
+        if self._inbound is None:
+            raise RuntimeError("the command consumer runs with no Inbound attached: nobody would take commands")
         for exchange in EXCHANGES:
             exchange(wire.channel).declare()
         Queue(self.queue_name, exclusive=True, auto_delete=True, durable=False)(wire.channel).declare()
@@ -184,7 +191,7 @@ class CommandConsumer(Link):
         self.window = Window()  # a new connection: RabbitMQ is likely deleting our previous queue now
         self._todo = deque([(_BIND, device) for device in self.bound])
         self._todo.extend((_NOTICE, device, started, session_id)
-                          for device, started, session_id in self._live_sessions())
+                          for device, started, session_id in self._inbound.live_sessions())
         self._rebinding = (len(self.bound), time.monotonic()) if self.bound else None
 
     def write(self, wire: Wire) -> bool:
@@ -265,7 +272,7 @@ class CommandConsumer(Link):
     def _dispatch(self, exchange: str, routing_key: str, properties: dict[str, Any], body: bytes) -> None:
         """One delivery from our queue: an answer to our API, a takeover notice, an operator's question
         about one of our devices, or a command."""
-        kind = properties.get("type")
+        kind, inbound = properties.get("type"), self._inbound  # attached: `setup` made sure of it
         if not exchange:
             self._reply_received(properties.get("correlation_id"), body)
         elif kind == TAKEOVER_TYPE:
@@ -275,7 +282,7 @@ class CommandConsumer(Link):
                 return
             if self._echoes.pop((notice[0], notice[2]), None) is not None:  # one of ours, back
                 self._answered()
-            self._takeover(*notice)
+            inbound.announced(*notice)
         elif kind == ASK_TYPE:
             question = decode_ask(body)
             if question is not None:
@@ -286,7 +293,7 @@ class CommandConsumer(Link):
             if isinstance(command, Refusal):
                 self._refuse(command)
             else:
-                self._deliver(command)
+                inbound.deliver(command)
 
 
 def _command_queue_name() -> str:

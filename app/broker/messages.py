@@ -1,8 +1,9 @@
 """What travels on RabbitMQ (PROTOCOL.md section 5), as values: no I/O here.
 
 The kinds of message this worker publishes (exchange, mandatory, properties), the
-commands it takes from its queue, the refusals it answers instead, the takeover
-notices its sessions exchange, and every body as bytes.
+commands it takes from its queue (app/sessions/ports.py's `Command`: the sessions
+side owns what it accepts), the refusals it answers instead, the takeover notices
+its sessions exchange, and every body as bytes.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import orjson
 from kombu import Exchange
 
 from app.broker.frames import Properties, PublishKind
+from app.sessions.ports import Command  # the sessions side owns what it accepts; we only build it
 
 EVENTS_EXCHANGE = "devices.events"
 COMMANDS_EXCHANGE = "devices.commands"
@@ -47,19 +49,6 @@ ASK = PublishKind(COMMANDS_EXCHANGE, mandatory=True, message_id_at=3, properties
 TAKEOVER = PublishKind(COMMANDS_EXCHANGE, mandatory=False,
                        properties=Properties({"content_type": "application/json", "type": TAKEOVER_TYPE}))
 """A takeover notice: to every worker whose queue binds the device, ours included."""
-
-
-@dataclass(frozen=True, slots=True)
-class Command:
-    """A command taken from this worker's queue, on its way to a device."""
-
-    device: str
-    id: str
-    name: str
-    data: Any
-    reply_to: str | None
-    correlation_id: str
-    deadline: float  # time.monotonic() after which it must not reach the device
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,9 +3,12 @@
 The registry is the directory (one session per device id in this worker), the
 admission control (who may start a session now), and the glue between the
 broker's deliveries and the sessions: commands, takeovers, presence. Sessions
-call it through the `Host` port; the broker calls it back through the three
-callbacks it was built with (`deliver`, `takeover`, `live_sessions`, and `answer`
-for an operator's lookup or kick from any worker's HTTP API).
+call it through the `Host` port; it calls RabbitMQ through the `Outbound` port
+it is built with, and the broker calls it back through the `Inbound` port it
+implements (`deliver`, `announced`, `live_sessions`, and `answer` for an
+operator's lookup or kick from any worker's HTTP API). The worker's tree
+(app/tree.py) builds the broker, then the registry with it, then attaches the
+registry to the broker: this module imports nothing of app/broker.
 
 Takeover across workers and hosts: a new session binds its device on this
 worker's queue, then announces itself, so every other worker holding that
@@ -24,17 +27,15 @@ import os
 import random
 import socket
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from app import metrics
-from app.broker import Broker
 from app.sessions.limits import TokenBucket
 from app.sessions.watchdog import Watchdog
 
 if TYPE_CHECKING:
-    from app.broker.messages import Command
     from app.config import Config
+    from app.sessions.ports import Command, Outbound
     from app.sessions.session import Session
 
 log = logging.getLogger("warren.registry")
@@ -50,15 +51,13 @@ MOVED_MEMORY = 4096
 
 
 class Registry:
-    """The worker's sessions by device id; the `Host` every session of this worker sees."""
+    """The worker's sessions by device id: the `Host` every session of this worker sees, and the
+    `Inbound` its broker delivers to."""
 
-    def __init__(self, config: Config, broker_factory: Callable[..., Any] = Broker, node_offset: int = 0) -> None:
+    def __init__(self, config: Config, broker: Outbound) -> None:
         self.config = config
         self.sessions: dict[str, Session] = {}
-        self.broker = broker_factory(
-            config.amqp_url, deliver=self.deliver, takeover=self.takeover, live_sessions=self.live_sessions,
-            max_command_bytes=config.max_frame_bytes, confirm_timeout=config.confirm_timeout,
-            amqp_heartbeat=config.amqp_heartbeat, node_offset=node_offset, answer=self.answer)
+        self.broker = broker
         self.watchdog = Watchdog(min(config.hello_timeout, 2 * config.heartbeat))
         self.hellos = TokenBucket(config.hello_rate, max(1, int(config.hello_rate)))
         self.shutting_down = False
@@ -121,7 +120,7 @@ class Registry:
         """(device, hello time, session id) of every session, for the broker to announce again."""
         return [(s.device, s.started, s.id) for s in self.sessions.values()]
 
-    # -- from RabbitMQ ------------------------------------------------------------
+    # -- from RabbitMQ (the `Inbound` port) -----------------------------------------------
     def deliver(self, command: Command) -> None:
         """A command from our queue: to its device's session, or `offline`/`expired` to its sender."""
         if command.deadline <= time.monotonic():
@@ -156,8 +155,9 @@ class Registry:
             self._moved = {d: until for d, until in self._moved.items() if until > now}
         self._moved[device] = now + MOVED_GRACE
 
-    def takeover(self, device: str, started: float, session_id: str) -> None:
-        """Another session of `device` exists somewhere (or our own notice came back)."""
+    def announced(self, device: str, started: float, session_id: str) -> None:
+        """A takeover notice: another session of `device` exists somewhere (or our own notice came back,
+        which proves our bind)."""
         session = self.sessions.get(device)
         if session is None:
             return
@@ -172,7 +172,7 @@ class Registry:
 
     # -- operators (PROTOCOL.md section 6): asked through RabbitMQ by any worker's HTTP API ---------
     def answer(self, device: str, question: str) -> dict[str, Any] | None:
-        """The broker's `answer` callback. Only a worker whose queue binds `device` is asked; one that
+        """`Inbound.answer`. Only a worker whose queue binds `device` is asked; one that
         holds no session of it now (it just ended, the unbind is on its way) says so with `online`
         false, and the asking side waits a moment for the worker that may hold the newer session."""
         if question not in ("info", "kick"):

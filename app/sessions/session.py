@@ -40,8 +40,7 @@ from app.sessions.limits import TokenBucket
 from app.sessions.ports import COMMANDS_MAY_FLOW
 
 if TYPE_CHECKING:
-    from app.broker.messages import Command
-    from app.sessions.ports import Backend, Frame, FrameConnection, Host
+    from app.sessions.ports import Backend, Command, Frame, FrameConnection, Host
 
 log = logging.getLogger("warren.session")
 

@@ -12,6 +12,7 @@ from gevent.queue import Queue
 from app import auth
 from app.config import Config
 from app.protocol import ProtocolError
+from app.sessions.registry import Registry
 
 SECRET = b"unit-secret"
 CONFIG = Config(device_secrets=(SECRET,), heartbeat=30.0, hello_timeout=10.0, route_wait=2.0,
@@ -70,10 +71,11 @@ class FakeConn:
 
 
 class FakeBroker:
-    """Records what the registry and sessions ask of RabbitMQ; `echo` plays our own takeover notice."""
+    """Records what the registry and sessions ask of RabbitMQ (its `Outbound`); `echo` plays our own
+    takeover notice back to the attached `Inbound`."""
 
-    def __init__(self, url: str, *, deliver: Any, takeover: Any, live_sessions: Any, **_settings: Any) -> None:
-        self.takeover = takeover
+    def __init__(self) -> None:
+        self.inbound: Any = None
         self.accepting = True
         self.backlog = 0
         self.echo = True
@@ -84,6 +86,9 @@ class FakeBroker:
         self.replies: list[tuple[str, bool, Any, Any]] = []
         self.links = ()
 
+    def attach(self, inbound: Any) -> None:
+        self.inbound = inbound
+
     def bind(self, device: str) -> None:
         self.bound.append(device)
 
@@ -93,7 +98,7 @@ class FakeBroker:
     def announce(self, device: str, started: float, session_id: str) -> None:
         self.announced.append((device, started, session_id))
         if self.echo:  # the notice comes back through our own queue, a moment later
-            gevent.spawn(self.takeover, device, started, session_id)
+            gevent.spawn(self.inbound.announced, device, started, session_id)
 
     def publish_presence(self, device: str, session: str, what: str, data: dict) -> None:
         self.presence.append((device, what, data))
@@ -103,6 +108,14 @@ class FakeBroker:
 
     def reply(self, command: Command, ok: bool, data: Any = None, error: str | None = None) -> None:
         self.replies.append((command.id, ok, data, error))
+
+
+def make_registry(config: Config = CONFIG) -> Registry:
+    """A registry on a FakeBroker, built as the worker's tree builds the real pair (app/tree.py)."""
+    broker = FakeBroker()
+    registry = Registry(config, broker)
+    broker.attach(registry)
+    return registry
 
 
 def hello(device: str = "lock-1") -> dict[str, Any]:

@@ -146,9 +146,10 @@ def memory_broker() -> Any:
     def answer(device: str, kind: str) -> dict[str, Any] | None:
         return {"device": device, "online": True, "asked": kind} if device in seen["takeovers"][0] else None
 
-    broker = Broker("memory://", deliver=seen["commands"].append,
-                    takeover=lambda *notice: seen["takeovers"].append(notice),
-                    live_sessions=list, max_command_bytes=200, answer=answer)
+    broker = Broker("memory://", max_command_bytes=200)
+    broker.attach(types.SimpleNamespace(deliver=seen["commands"].append,  # an `Inbound` of callables
+                                        announced=lambda *notice: seen["takeovers"].append(notice),
+                                        live_sessions=list, answer=answer))
     runners = [gevent.spawn(each.run) for each in broker.links]
     wait_for(lambda: broker.ready)
     yield broker, seen
@@ -206,8 +207,9 @@ def test_real_rabbitmq_confirms_routes_and_survives_a_cut_connection() -> None:
         if (dev, session_id) == (device, session):
             routed.set()
 
-    broker = Broker(RABBITMQ, deliver=commands.append, takeover=takeover, max_command_bytes=1000,
-                    live_sessions=lambda: [(device, 1.0, session)])
+    broker = Broker(RABBITMQ, max_command_bytes=1000)
+    broker.attach(types.SimpleNamespace(deliver=commands.append, announced=takeover,
+                                        live_sessions=lambda: [(device, 1.0, session)], answer=lambda *_: None))
     runners = [gevent.spawn(each.run) for each in broker.links]
     try:
         wait_for(lambda: broker.ready, timeout=10)

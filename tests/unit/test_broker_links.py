@@ -229,8 +229,9 @@ def consumer(live: list[tuple[str, float, str]] | None = None, url: str = "amqp:
     def fail(*_args: Any) -> None:
         raise AssertionError("no delivery expected")
 
-    made = CommandConsumer(url, max_command_bytes=1000, deliver=fail, refuse=fail, takeover=takeover or fail,
-                           reply_received=fail, asked=fail, live_sessions=lambda: list(live or []))
+    made = CommandConsumer(url, max_command_bytes=1000, refuse=fail, reply_received=fail, asked=fail)
+    made.attach(types.SimpleNamespace(deliver=fail, announced=takeover or fail,  # an `Inbound` of callables
+                                      live_sessions=lambda: list(live or []), answer=fail))
     made.connected = True
     return made
 

@@ -66,6 +66,17 @@ def test_no_import_cycle_between_modules_of_app() -> None:
     assert cycles(graph) == []
 
 
+def test_sessions_import_nothing_of_the_broker() -> None:
+    """The broker calls the sessions side through `Inbound` and hands it a `Command`, both declared in
+    app/sessions/ports.py; sessions reach RabbitMQ only through ports. Type-only imports count: a
+    session that names a broker type still cannot be read, or faked, without the broker."""
+    known = modules()
+    found = {name: sorted(target for target in imports(path, known)
+                          if target == "app.broker" or target.startswith("app.broker."))
+             for name, path in known.items() if name == "app.sessions" or name.startswith("app.sessions.")}
+    assert {name: targets for name, targets in found.items() if targets} == {}
+
+
 def test_the_cycle_finder_finds_a_cycle() -> None:
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
 

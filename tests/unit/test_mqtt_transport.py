@@ -13,7 +13,7 @@ from typing import Any
 import gevent
 import orjson
 import pytest
-from fakes import CONFIG, SECRET, Command, FakeBroker, wait_for
+from fakes import CONFIG, SECRET, Command, make_registry, wait_for
 from gevent.queue import Queue
 from prometheus_client import REGISTRY
 
@@ -73,7 +73,7 @@ CONNACK, PUBLISH, PUBACK, SUBACK, UNSUBACK, PINGRESP = 2, 3, 4, 9, 11, 13
 
 @pytest.fixture
 def registry() -> Registry:
-    return Registry(CONFIG, broker_factory=FakeBroker)
+    return make_registry()
 
 
 def open_session(registry: Registry, connect: bytes) -> tuple[FakeStream, Session, gevent.Greenlet]:
@@ -111,7 +111,7 @@ def test_refused_connects_get_their_connack_code_and_close(registry: Registry, p
 
 
 def test_overloaded_is_connack_3() -> None:
-    registry = Registry(CONFIG.__class__(**{**CONFIG.__dict__, "max_connections": 0}), broker_factory=FakeBroker)
+    registry = make_registry(CONFIG.__class__(**{**CONFIG.__dict__, "max_connections": 0}))
     stream, _, _ = open_session(registry, client.connect("lock-1", TOKEN))
     assert connack_code(stream) == 0x03
 
@@ -231,7 +231,7 @@ def test_will_fires_on_a_drop_but_not_after_disconnect(registry: Registry) -> No
 
 def test_replaced_by_another_transport_closes_the_mqtt_connection(registry: Registry) -> None:
     stream, session, runner = open_session(registry, client.connect("lock-1", TOKEN))
-    registry.takeover("lock-1", session.started + 1, "f" * 16)
+    registry.announced("lock-1", session.started + 1, "f" * 16)
     runner.join(1)
     assert stream.closed and registry.broker.presence[-1] == ("lock-1", "closed", {"reason": "replaced"})
 

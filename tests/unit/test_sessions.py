@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import gevent
 import pytest
-from fakes import CONFIG, Command, FakeBroker, FakeConn, hello, wait_for
+from fakes import CONFIG, Command, FakeConn, hello, make_registry, wait_for
 from prometheus_client import REGISTRY
 
 from app.protocol import ProtocolError
@@ -22,7 +22,7 @@ from app.sessions.session import Session, State
 
 @pytest.fixture
 def registry() -> Registry:
-    return Registry(CONFIG, broker_factory=FakeBroker)
+    return make_registry()
 
 
 def start(registry: Registry, device: str = "lock-1") -> tuple[Session, FakeConn, gevent.Greenlet]:
@@ -50,7 +50,7 @@ def test_no_route_proof_means_the_welcome_waits_route_wait(registry: Registry) -
     conn.push(hello())
     gevent.sleep(0.2)
     assert session.state == State.ROUTING and conn.sent == []
-    registry.takeover("lock-1", session.started, session.id)  # the proof arrives
+    registry.announced("lock-1", session.started, session.id)  # the proof arrives
     wait_for(lambda: conn.types() == ["welcome"])
 
 
@@ -181,7 +181,7 @@ def test_commands_wait_while_the_transport_holds_them_then_flow_in_order(registr
 def test_held_commands_are_bounded_like_pending_and_dropped_ones_are_never_written() -> None:
     """A device that never subscribes (MQTT) cannot grow its session: what is held stays within
     MAX_PENDING_COMMANDS, and a command pushed out of `pending` (counted `dropped`) is not written later."""
-    registry = Registry(replace(CONFIG, max_pending_commands=3), broker_factory=FakeBroker)
+    registry = make_registry(replace(CONFIG, max_pending_commands=3))
     conn = FakeConn()
     conn.commands_flow = False
     session = Session(conn, registry, registry.broker)
@@ -199,7 +199,7 @@ def test_held_commands_are_bounded_like_pending_and_dropped_ones_are_never_writt
 
 
 def test_a_ping_over_the_limit_is_answered_once_with_rate_limited() -> None:
-    registry = Registry(replace(CONFIG, event_rate=0.001, event_burst=1), broker_factory=FakeBroker)
+    registry = make_registry(replace(CONFIG, event_rate=0.001, event_burst=1))
     _, conn, _ = start(registry)
     conn.push({"type": "ping", "id": "p-1"})
     conn.push({"type": "ping", "id": "p-2"})
@@ -212,10 +212,10 @@ def test_a_ping_over_the_limit_is_answered_once_with_rate_limited() -> None:
 
 def test_newer_session_replaces_older_and_older_notice_is_answered(registry: Registry) -> None:
     session, conn, _ = start(registry)
-    registry.takeover("lock-1", session.started - 10, "0" * 16)  # an older session elsewhere
+    registry.announced("lock-1", session.started - 10, "0" * 16)  # an older session elsewhere
     assert registry.broker.announced[-1] == ("lock-1", session.started, session.id)
     assert not conn.finished
-    registry.takeover("lock-1", session.started + 10, "f" * 16)  # a newer one elsewhere
+    registry.announced("lock-1", session.started + 10, "f" * 16)  # a newer one elsewhere
     assert conn.sent[-1]["code"] == "replaced" and conn.finished
 
 
@@ -274,14 +274,14 @@ def test_bad_frames_keep_the_session_and_too_large_closes_it(registry: Registry)
 
 
 def test_full_worker_answers_overloaded() -> None:
-    registry = Registry(replace(CONFIG, max_connections=1), broker_factory=FakeBroker)
+    registry = make_registry(replace(CONFIG, max_connections=1))
     start(registry, "lock-1")
     _, conn, _ = start(registry, "lock-2")
     assert conn.sent[-1]["code"] == "overloaded" and "retry_after" in conn.sent[-1]
 
 
 def test_rate_limited_events_are_nacked() -> None:
-    registry = Registry(replace(CONFIG, event_rate=0.001, event_burst=1), broker_factory=FakeBroker)
+    registry = make_registry(replace(CONFIG, event_rate=0.001, event_burst=1))
     _, conn, _ = start(registry)
     conn.push({"type": "event", "id": "e-1", "name": "a"})
     conn.push({"type": "event", "id": "e-2", "name": "a"})
@@ -331,7 +331,7 @@ def test_invalid_will_is_unauthorized(registry: Registry) -> None:
 
 
 def test_backpressure_waits_instead_of_refusing() -> None:
-    registry = Registry(replace(CONFIG, event_rate=50.0, event_burst=1), broker_factory=FakeBroker)
+    registry = make_registry(replace(CONFIG, event_rate=50.0, event_burst=1))
     _, conn, _ = start(registry)
     conn.backpressure = True
     for n in range(3):
@@ -349,7 +349,7 @@ def test_a_closing_protocol_error_from_the_transport_ends_the_session(registry: 
 
 def test_a_stale_binding_stays_silent_about_a_device_that_moved_away(registry: Registry) -> None:
     session, _conn, runner = start(registry)
-    registry.takeover("lock-1", session.started + 10, "f" * 16)  # a newer session elsewhere
+    registry.announced("lock-1", session.started + 10, "f" * 16)  # a newer session elsewhere
     runner.join(1)
     registry.deliver(Command("lock-1", "c-9"))  # also delivered to the new holder, which answers
     assert registry.broker.replies == []
