@@ -249,8 +249,6 @@ def test_sigterm_while_confirms_hang_still_answers_every_event(tmp_path, rabbit_
     told shutting_down, never cut without a word."""
     import signal
 
-    from test_faults_helpers import read_until_closed
-
     gateway = launch(tmp_path, workers=1, GRACEFUL_TIMEOUT="5")
     device = unique("fxt")
     witness = DurableQueue(f"{device}.#")
