@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from app.config import Config
     from app.sessions.ports import Backend, Host
     from app.tls.contexts import TlsContexts
+    from app.transports.websocket import Handshake
 
 
 @dataclass(frozen=True)
@@ -73,17 +74,17 @@ class DeviceHandlers:
             self._mqtt_stream(accepted)
 
     # -- WebSocket upgrades on PORT and HTTPS_PORT (the socket is already a TLS one on HTTPS) ----
-    def websocket(self, sock: Any, address: Any, environ: dict[str, Any]) -> None:
-        accepted = self._upgraded(sock, address, environ)
+    def websocket(self, sock: Any, address: Any, handshake: Handshake, tls: bool) -> None:
+        accepted = self._upgraded(sock, address, tls)
         config = self.config
-        connection = JsonWebSocketConnection(accepted.sock, accepted.peer, environ, config.max_frame_bytes,
+        connection = JsonWebSocketConnection(accepted.sock, accepted.peer, handshake, config.max_frame_bytes,
                                               config.send_buffer_bytes, transport="wss" if accepted.tls else "ws",
                                               direct_writes=not accepted.tls, certificate_names=accepted.names)
         Session(connection, self.host, self.backend, accepted.deadline).run()
 
-    def mqtt_websocket(self, sock: Any, address: Any, environ: dict[str, Any]) -> None:
-        accepted = self._upgraded(sock, address, environ)
-        stream = MqttWebSocketStream(accepted.sock, environ, self.config.send_buffer_bytes,
+    def mqtt_websocket(self, sock: Any, address: Any, handshake: Handshake, tls: bool) -> None:
+        accepted = self._upgraded(sock, address, tls)
+        stream = MqttWebSocketStream(accepted.sock, handshake, self.config.send_buffer_bytes,
                                      direct_writes=not accepted.tls)
         self._mqtt(stream, accepted, "mqtt-wss" if accepted.tls else "mqtt-ws")
 
@@ -109,9 +110,8 @@ class DeviceHandlers:
     def _plain(self, sock: Any, address: Any) -> Accepted:
         return Accepted(sock, peer_name(address), time.monotonic() + self.config.hello_timeout, False, ())
 
-    def _upgraded(self, sock: Any, address: Any, environ: dict[str, Any]) -> Accepted:
+    def _upgraded(self, sock: Any, address: Any, tls: bool) -> Accepted:
         """An upgraded HTTP connection; HELLO_TIMEOUT counts from the upgrade (PROTOCOL.md section 2)."""
-        tls = environ.get("wsgi.url_scheme") == "https"
         names = certificate_names(sock.getpeercert()) if tls else ()
         return Accepted(sock, peer_name(address), time.monotonic() + self.config.hello_timeout, tls, names)
 

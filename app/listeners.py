@@ -16,6 +16,7 @@ them and pauses accepting when the worker is full. The connection handlers
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import gevent
@@ -23,7 +24,7 @@ from gevent.server import StreamServer
 from gunicorn.workers.ggevent import PyWSGIHandler, PyWSGIServer
 
 from app.handlers import DeviceHandlers
-from app.transports.websocket import HandshakeError
+from app.transports.websocket import Handshake, HandshakeError, handshake
 
 if TYPE_CHECKING:
     from gevent.baseserver import BaseServer
@@ -31,12 +32,21 @@ if TYPE_CHECKING:
     from app.config import Config
     from app.tls.contexts import TlsSettings
 
-# The WebSocket paths of the HTTP ports, and the handler of each.
-UPGRADES = {"/ws": DeviceHandlers.websocket, "/mqtt": DeviceHandlers.mqtt_websocket}
+# The WebSocket paths of the HTTP ports: the session each upgrade runs, and the subprotocol it needs.
+UPGRADES = {"/ws": (DeviceHandlers.websocket, None), "/mqtt": (DeviceHandlers.mqtt_websocket, "mqtt")}
 
 
 class WebSocketHandler(PyWSGIHandler):
-    """gunicorn's pywsgi handler, except that `GET /ws` and `GET /mqtt` upgrades become device sessions."""
+    """gunicorn's pywsgi handler, except that `GET /ws` and `GET /mqtt` upgrades are detached from it.
+
+    An accepted upgrade leaves the request loop with its socket and a small `Handshake`:
+    the session then runs after this handler is gone (`HttpServer.handle`), so nothing of
+    the WSGI request (this handler, its environ, its buffered reader) lives as long as the
+    device. Held for a session's life, they made a WebSocket session cost twice a TCP one.
+    """
+
+    # Set when the request was an accepted upgrade: (the session to run, its handshake).
+    upgraded: tuple[Callable[..., None], Handshake] | None = None
 
     # A request's head (request line and headers) must arrive within HELLO_TIMEOUT, as a
     # device's hello must: otherwise a slow-loris on the HTTP port holds a connection (and a
@@ -58,17 +68,35 @@ class WebSocketHandler(PyWSGIHandler):
         if upgrade is None or "HTTP_UPGRADE" not in self.environ:
             super().run_application()
             return
-        self.close_connection = True
-        self.status = "101 Switching Protocols"
+        session, subprotocol = upgrade
         try:
-            upgrade(self.server.warren_devices, self.socket, self.client_address, self.environ)
+            accepted = handshake(self.environ, subprotocol)
         except HandshakeError as exc:
             self.start_response("400 Bad Request", [("Content-Type", "text/plain")])
             self.write(f"{exc}\n".encode())
+            self.close_connection = True
+            return
+        self.status = "101 Switching Protocols"  # for the access log; the session writes the reply
+        self.close_connection = True
+        self.upgraded = (session, accepted)
+        self.socket = None  # pywsgi's request loop ends without closing it: the session takes it
 
 
-class HttpsServer(PyWSGIServer):
-    """HTTPS_PORT: the TLS handshake (under HELLO_TIMEOUT, through the worker's gate), then plain pywsgi.
+class HttpServer(PyWSGIServer):
+    """PORT: pywsgi for the HTTP API; an accepted WebSocket upgrade then runs its session on the bare socket."""
+
+    def handle(self, sock: Any, address: Any) -> None:
+        handler = self.handler_class(sock, address, self)
+        handler.handle()
+        upgraded, tls = handler.upgraded, self.environ.get("wsgi.url_scheme") == "https"
+        del handler  # before the session, which may last for days
+        if upgraded is not None:
+            session, accepted = upgraded
+            session(self.warren_devices, sock, address, accepted, tls)
+
+
+class HttpsServer(HttpServer):
+    """HTTPS_PORT: the TLS handshake (under HELLO_TIMEOUT, through the worker's gate), then as PORT.
 
     Not gevent's `ssl_args`: that handshake has no deadline, so a client that connects and
     sends nothing would hold its connection forever."""
@@ -97,7 +125,7 @@ def build_servers(sockets: list[Any], config: Config, tls: TlsSettings | None, d
         if handle is not None:
             server: BaseServer = StreamServer(sock, handle=handle)
         else:
-            server_class = HttpsServer if port == https_port else PyWSGIServer
+            server_class = HttpsServer if port == https_port else HttpServer
             scheme = "https" if port == https_port else "http"
             server = server_class(sock, application=wsgi, log=gunicorn_log, handler_class=WebSocketHandler,
                                   environ={"SERVER_SOFTWARE": "warren", "wsgi.url_scheme": scheme})

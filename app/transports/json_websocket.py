@@ -6,7 +6,6 @@ The upgrade and the close handshake are websocket.py's; wsproto does the framing
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -17,7 +16,7 @@ from wsproto.events import BytesMessage, CloseConnection, Message, Ping, TextMes
 from app.protocol import ProtocolError, decode
 from app.transports.sender import Sender
 from app.transports.sockets import read
-from app.transports.websocket import close_politely, upgrade
+from app.transports.websocket import Handshake, close_politely, upgrade
 
 OPEN, REMOTE_CLOSING, CLOSED = ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING, ConnectionState.CLOSED
 
@@ -31,7 +30,7 @@ class JsonWebSocketConnection:
     backpressure = False  # over the rate limit, frames are refused with `rate_limited`
     commands_flow = True  # from the welcome on (the session holds commands until then)
 
-    def __init__(self, sock: socket.socket, peer: str, environ: Mapping[str, str],
+    def __init__(self, sock: socket.socket, peer: str, accepted: Handshake,
                  max_frame_bytes: int, send_limit: int, transport: str = "ws", direct_writes: bool = True,
                  certificate_names: tuple[str, ...] = ()) -> None:
         self._sock = sock
@@ -42,7 +41,7 @@ class JsonWebSocketConnection:
         self._partial_binary = False
         self.peer = peer
         self.certificate_names = certificate_names  # a verified TLS client certificate's device names
-        self._ws = upgrade(environ, self._sender)
+        self._ws = upgrade(accepted, self._sender)
 
     def receive(self) -> dict[str, Any] | None:
         """The next complete text message, decoded; None once closed."""

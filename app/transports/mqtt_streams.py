@@ -8,8 +8,6 @@ and does not care which carries them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 from gevent import socket
 from wsproto.connection import ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
@@ -17,7 +15,7 @@ from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 from app.protocol import ProtocolError
 from app.transports.sender import Sender
 from app.transports.sockets import read
-from app.transports.websocket import MAY_SEND_CLOSE, close_politely, upgrade
+from app.transports.websocket import MAY_SEND_CLOSE, Handshake, close_politely, upgrade
 
 ENDED = (ConnectionState.CLOSED, ConnectionState.LOCAL_CLOSING)
 
@@ -51,13 +49,13 @@ class MqttWebSocketStream:
 
     __slots__ = ("_failure", "_sender", "_sock", "_ws")
 
-    def __init__(self, sock: socket.socket, environ: Mapping[str, str], send_limit: int,
+    def __init__(self, sock: socket.socket, accepted: Handshake, send_limit: int,
                  direct_writes: bool = True) -> None:
         self._sock = sock
         self._sender = Sender(sock, send_limit, direct=direct_writes)
         # wsproto hands over each frame's data as it arrives (never a whole message buffered), and
         # the MQTT decoder bounds packets: a huge message costs no more than its packets may.
-        self._ws = upgrade(environ, self._sender, subprotocol="mqtt")
+        self._ws = upgrade(accepted, self._sender)
         self._failure: ProtocolError | None = None  # frames wsproto could not parse, raised once what came before is read
 
     def recv(self) -> bytes | None:

@@ -10,6 +10,7 @@ nothing else is needed for gevent.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import CloseConnection
@@ -25,8 +26,19 @@ class HandshakeError(ValueError):
     """The request is not a WebSocket upgrade we can accept; answer it with HTTP 400."""
 
 
-def accept_token(environ: Mapping[str, str]) -> bytes:
-    """Check the upgrade request's headers and return its Sec-WebSocket-Accept value."""
+@dataclass(frozen=True, slots=True)
+class Handshake:
+    """What survives an accepted upgrade request: its Sec-WebSocket-Accept value and the subprotocol
+    chosen, a few dozen bytes instead of the WSGI environ, the request's handler and their buffers."""
+
+    accept: bytes
+    subprotocol: str | None = None
+
+
+def handshake(environ: Mapping[str, str], subprotocol: str | None = None) -> Handshake:
+    """Check an upgrade request's headers (RFC 6455 section 4.2.1); raise HandshakeError saying what is wrong.
+
+    With `subprotocol`, the request must offer it (MQTT 3.1.1 section 6 asks for `mqtt`)."""
     if environ.get("REQUEST_METHOD") != "GET":
         raise HandshakeError("a WebSocket upgrade must be a GET")
     if "websocket" not in environ.get("HTTP_UPGRADE", "").lower():
@@ -36,23 +48,24 @@ def accept_token(environ: Mapping[str, str]) -> bytes:
     key = environ.get("HTTP_SEC_WEBSOCKET_KEY", "").strip()
     if not key:
         raise HandshakeError("missing Sec-WebSocket-Key")
-    return generate_accept_token(key.encode("ascii", "replace"))
-
-
-def upgrade(environ: Mapping[str, str], sender: Sender, subprotocol: str | None = None) -> Connection:
-    """Accept the upgrade request: write the 101 reply through `sender`, return wsproto's side of the connection.
-
-    With `subprotocol`, the request must offer it (MQTT 3.1.1 section 6 asks for `mqtt`) and the
-    reply names it. Raises HandshakeError, having written nothing, for a request we cannot accept."""
-    named = b""
     if subprotocol is not None:
         offered = [item.strip() for item in environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL", "").split(",")]
         if subprotocol not in offered:
             raise HandshakeError(f"this WebSocket upgrade must offer the subprotocol {subprotocol!r}")
-        named = b"Sec-WebSocket-Protocol: " + subprotocol.encode("ascii") + b"\r\n"
-    token = accept_token(environ)
-    sender.send(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                + named + b"Sec-WebSocket-Accept: " + token + b"\r\n\r\n")
+    return Handshake(generate_accept_token(key.encode("ascii", "replace")), subprotocol)
+
+
+def switching_protocols(accepted: Handshake) -> bytes:
+    """The 101 reply that completes the upgrade."""
+    named = b"" if accepted.subprotocol is None else \
+        b"Sec-WebSocket-Protocol: " + accepted.subprotocol.encode("ascii") + b"\r\n"
+    return (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            + named + b"Sec-WebSocket-Accept: " + accepted.accept + b"\r\n\r\n")
+
+
+def upgrade(accepted: Handshake, sender: Sender) -> Connection:
+    """Complete the upgrade: write the 101 reply through `sender`, return wsproto's side of the connection."""
+    sender.send(switching_protocols(accepted))
     return Connection(ConnectionType.SERVER)
 
 

@@ -26,7 +26,7 @@ from app.protocol import ERROR_CODES, ProtocolError
 from app.transports.json_lines import JsonLinesConnection
 from app.transports.json_websocket import JsonWebSocketConnection
 from app.transports.sender import Sender
-from app.transports.websocket import HandshakeError, accept_token
+from app.transports.websocket import HandshakeError, handshake, switching_protocols
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 IO = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -366,15 +366,23 @@ UPGRADE = {"REQUEST_METHOD": "GET", "HTTP_UPGRADE": "websocket", "HTTP_CONNECTIO
 def test_ws_handshake_checks(change: dict, ok: bool) -> None:
     environ = {**UPGRADE, **change}
     if ok:
-        assert accept_token(environ) == b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="  # RFC 6455 section 1.3
+        assert handshake(environ).accept == b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="  # RFC 6455 section 1.3
     else:
         with pytest.raises(HandshakeError):
-            accept_token(environ)
+            handshake(environ)
+
+
+def test_ws_handshake_with_a_subprotocol_must_be_offered_it_and_names_it() -> None:
+    with pytest.raises(HandshakeError, match="subprotocol 'mqtt'"):
+        handshake(UPGRADE, "mqtt")
+    accepted = handshake({**UPGRADE, "HTTP_SEC_WEBSOCKET_PROTOCOL": "foo, mqtt"}, "mqtt")
+    assert b"\r\nSec-WebSocket-Protocol: mqtt\r\n" in switching_protocols(accepted)
+    assert b"Sec-WebSocket-Protocol" not in switching_protocols(handshake(UPGRADE))
 
 
 def _ws_pair(max_frame: int = MAX_FRAME) -> tuple[JsonWebSocketConnection, gsocket.socket, Connection]:
     server, client = gsocket.socketpair()
-    conn = JsonWebSocketConnection(server, "test", UPGRADE, max_frame, 1 << 20)
+    conn = JsonWebSocketConnection(server, "test", handshake(UPGRADE), max_frame, 1 << 20)
     server.settimeout(10)
     client.settimeout(10)
     head = b""
