@@ -18,6 +18,7 @@ import websocket
 
 from app.auth import mint
 from bench.stampede import mqtt_codec
+from support.browser import CHROMEDRIVER, CHROMIUM, webdriver
 from support.devices import uid
 from support.gateways import SECRET, Gateway
 from support.waiting import WAIT
@@ -102,3 +103,28 @@ def test_a_refused_handshake_is_a_400_saying_why(gateway: Gateway, request_bytes
             answer += chunk
         assert answer.startswith(b"HTTP/1.1 400"), answer
         assert message in answer, answer
+
+
+# Opens a WebSocket as a page would, says hello, pings, and hands back what came back.
+BROWSER_SESSION = """
+const [url, hello, done] = arguments;
+const seen = [];
+const ws = new WebSocket(url);
+ws.onopen = () => ws.send(hello);
+ws.onmessage = (event) => {
+  seen.push(JSON.parse(event.data));
+  if (seen.length === 1) ws.send('{"type":"ping"}'); else { ws.close(); done(seen); }
+};
+ws.onerror = () => done(["error", ...seen]);
+"""
+
+
+@pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None, reason="needs Chromium: run .ci/ensure-chromium first")
+def test_a_browser_holds_a_json_session_on_ws(gateway: Gateway, tmp_path) -> None:
+    device = uid("chromium")
+    hello = orjson.dumps({"type": "hello", "device": device, "token": mint(SECRET.encode(), device)}).decode()
+    with webdriver(tmp_path) as browser:
+        browser.open(f"{gateway.http}/healthz")
+        seen = browser.run_async(BROWSER_SESSION, f"ws://127.0.0.1:{gateway.port}/ws", hello)
+    assert [frame["type"] for frame in seen] == ["welcome", "pong"], seen
+    assert seen[0]["device"] == device
