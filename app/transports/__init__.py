@@ -11,7 +11,9 @@ Reading order:
   sockets.py         `read` and `abort`: the two socket calls every transport shares
   sender.py          `Sender`, the bounded non-blocking outgoing buffer every transport writes through
   json_lines.py      JSON lines over a stream socket, plain or TLS (presence `tcp`, `tls`)
-  websocket.py       the WebSocket upgrade (the 101 reply) and the polite close, shared by both below
+  ws_frames.py       RFC 6455 frames, sans-I/O: a strict reader of client frames and the server's frame builders
+  websocket.py       the handshake, then one upgraded connection: data messages up, pings and the close
+                     handshake answered without waking the session; shared by both below
   json_websocket.py  JSON over WebSocket, one text message per frame (`ws`, `wss`)
   mqtt_streams.py    MQTT's byte stream over a socket or over a WebSocket's binary messages
   mqtt.py            MQTT packets as session frames (`mqtt`, `mqtts`, `mqtt-ws`, `mqtt-wss`)

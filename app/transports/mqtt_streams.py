@@ -9,15 +9,14 @@ and does not care which carries them.
 from __future__ import annotations
 
 from gevent import socket
-from wsproto.connection import ConnectionState
-from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 
 from app.protocol import ProtocolError
+from app.transports import ws_frames
 from app.transports.sender import Sender
 from app.transports.sockets import read
-from app.transports.websocket import MAY_SEND_CLOSE, Handshake, close_politely, upgrade
+from app.transports.websocket import Handshake, WebSocket
 
-ENDED = (ConnectionState.CLOSED, ConnectionState.LOCAL_CLOSING)
+NO_LIMIT = 1 << 62  # binary messages are MQTT's byte stream: its decoder bounds what is kept
 
 
 class MqttSocketStream:
@@ -45,56 +44,35 @@ class MqttSocketStream:
 
 
 class MqttWebSocketStream:
-    """MQTT bytes as the binary messages of an upgraded WebSocket (`mqtt-ws`, `mqtt-wss`); wsproto does the framing."""
+    """MQTT bytes as the binary messages of an upgraded WebSocket (`mqtt-ws`, `mqtt-wss`); websocket.py does the rest."""
 
-    __slots__ = ("_failure", "_sender", "_sock", "_ws")
+    __slots__ = ("_ws",)
 
     def __init__(self, sock: socket.socket, accepted: Handshake, send_limit: int,
                  direct_writes: bool = True) -> None:
-        self._sock = sock
-        self._sender = Sender(sock, send_limit, direct=direct_writes)
-        # wsproto hands over each frame's data as it arrives (never a whole message buffered), and
-        # the MQTT decoder bounds packets: a huge message costs no more than its packets may.
-        self._ws = upgrade(accepted, self._sender)
-        self._failure: ProtocolError | None = None  # frames wsproto could not parse, raised once what came before is read
+        # Binary messages are handed up piece by piece as they arrive (never a whole message
+        # buffered), and the MQTT decoder bounds packets: a huge message costs no more than its
+        # packets may, so the WebSocket layer sets no message limit of its own.
+        self._ws = WebSocket(sock, Sender(sock, send_limit, direct=direct_writes), accepted, NO_LIMIT,
+                             stream_binary=True)
 
     def recv(self) -> bytes | None:
         """The bytes of the next binary message part(s); None once closed."""
-        while True:
-            data = b"".join(self._drain_events())
-            if data:
-                return data
-            if self._failure is not None:
-                raise self._failure
-            if self._ws.state in ENDED:
-                return None
-            self._ws.receive_data(read(self._sock) or None)
-
-    def _drain_events(self) -> list[bytes]:
-        parts: list[bytes] = []
-        for event in self._ws.events():
-            if isinstance(event, CloseConnection):
-                if self._ws.state is ConnectionState.OPEN:  # not the peer's close: wsproto failed to parse its frames
-                    self._failure = ProtocolError("bad_frame", f"WebSocket: {event.reason}", close=True)
-                if self._ws.state in MAY_SEND_CLOSE:
-                    self._sender.send(self._ws.send(event.response()))
-                break
-            if isinstance(event, Ping):
-                self._sender.send(self._ws.send(event.response()))
-            elif isinstance(event, TextMessage):
-                raise ProtocolError("bad_frame", "MQTT over WebSocket travels in binary messages", close=True)
-            elif isinstance(event, BytesMessage):
-                parts.append(bytes(event.data))
-        return parts
+        try:
+            messages = self._ws.receive()
+        except ws_frames.ProtocolError as exc:
+            raise ProtocolError("bad_frame", f"WebSocket: {exc.message}", close=True) from None
+        if messages is None:
+            return None
+        if any(type(message) is ws_frames.Text for message in messages):
+            raise ProtocolError("bad_frame", "MQTT over WebSocket travels in binary messages", close=True)
+        return b"".join(message.payload for message in messages)
 
     def send(self, data: bytes) -> None:
-        if self._ws.state is ConnectionState.OPEN:
-            self._sender.send(self._ws.send(BytesMessage(data=data)))
+        self._ws.send(ws_frames.binary(data))
 
     def finish(self) -> None:
-        close_politely(self._ws, self._sender)
-        self._sender.finish()
+        self._ws.finish()
 
     def close(self) -> None:
-        close_politely(self._ws, self._sender)
-        self._sender.close()  # the socket itself belongs to the HTTP server, which closes it
+        self._ws.close()

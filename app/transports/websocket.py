@@ -1,25 +1,29 @@
-"""The WebSocket upgrade and the polite close, for both WebSocket transports (JSON and MQTT).
+"""WebSocket for both WebSocket transports (JSON on /ws, MQTT on /mqtt): the handshake, then the frames.
 
-The upgrade handshake is answered here (RFC 6455 section 4.2.2) because the HTTP
-request was already parsed by gunicorn's server; wsproto, a sans-I/O library,
-then handles frames, masking, fragmentation, ping/pong and the close handshake.
-It never touches the socket, so the connection's own greenlet drives it and
-nothing else is needed for gevent.
+The HTTP request is parsed by gunicorn's pywsgi server, which hands an accepted
+upgrade over as a `Handshake` and lets go of the connection (app/listeners.py);
+from then on a `WebSocket` owns the bare socket: it writes the 101 reply, reads
+frames through ws_frames.py (sans-I/O, strict, fuzzed against wsproto), answers
+pings and the close handshake itself, and hands only data messages up. Nothing of
+the HTTP request lives on, and the session is not woken for a control frame.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from wsproto.connection import Connection, ConnectionState, ConnectionType
-from wsproto.events import CloseConnection
-from wsproto.utilities import generate_accept_token
+from gevent import socket
 
+from app.transports import ws_frames
 from app.transports.sender import Sender
+from app.transports.sockets import read
 
-# The states in which our close frame may still be sent (wsproto refuses it in the others).
-MAY_SEND_CLOSE = (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING)
+GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 section 1.3
+
+Message = ws_frames.Text | ws_frames.Binary
 
 
 class HandshakeError(ValueError):
@@ -52,7 +56,8 @@ def handshake(environ: Mapping[str, str], subprotocol: str | None = None) -> Han
         offered = [item.strip() for item in environ.get("HTTP_SEC_WEBSOCKET_PROTOCOL", "").split(",")]
         if subprotocol not in offered:
             raise HandshakeError(f"this WebSocket upgrade must offer the subprotocol {subprotocol!r}")
-    return Handshake(generate_accept_token(key.encode("ascii", "replace")), subprotocol)
+    accept = base64.b64encode(hashlib.sha1(key.encode("ascii", "replace") + GUID).digest())
+    return Handshake(accept, subprotocol)
 
 
 def switching_protocols(accepted: Handshake) -> bytes:
@@ -63,13 +68,79 @@ def switching_protocols(accepted: Handshake) -> bytes:
             + named + b"Sec-WebSocket-Accept: " + accepted.accept + b"\r\n\r\n")
 
 
-def upgrade(accepted: Handshake, sender: Sender) -> Connection:
-    """Complete the upgrade: write the 101 reply through `sender`, return wsproto's side of the connection."""
-    sender.send(switching_protocols(accepted))
-    return Connection(ConnectionType.SERVER)
+class WebSocket:
+    """One upgraded connection: data messages up, control frames answered here, one close frame at most.
 
+    `stream_binary`: hand binary messages up piece by piece as they arrive (MQTT's byte stream)."""
 
-def close_politely(ws: Connection, sender: Sender) -> None:
-    """Queue our close frame (1000, normal closure) unless one was sent already or the connection is gone."""
-    if ws.state in MAY_SEND_CLOSE:
-        sender.send(ws.send(CloseConnection(code=1000)))
+    __slots__ = ("_failure", "_raised", "_reader", "_said_goodbye", "_sock", "sender")
+
+    def __init__(self, sock: socket.socket, sender: Sender, accepted: Handshake, max_message_bytes: int,
+                 stream_binary: bool = False) -> None:
+        self._sock = sock
+        self.sender = sender
+        self._reader = ws_frames.Reader(max_message_bytes, stream_binary)
+        self._failure: ws_frames.ProtocolError | None = None  # raised once the messages before it are read
+        self._raised = False
+        self._said_goodbye = False  # our close frame is out: nothing more may be sent
+        sender.send(switching_protocols(accepted))
+
+    def receive(self) -> list[Message] | None:
+        """The next data messages, reading as needed; None once the connection is closed.
+
+        A frame that breaks RFC 6455 (or the size limit) raises ws_frames.ProtocolError, once the
+        messages that came before it have been returned; its close code goes out with our close
+        frame when the connection ends, after whatever the session still says (its error frame)."""
+        while True:
+            if self._failure is not None and not self._raised:
+                self._raised = True
+                raise self._failure
+            if self._reader.state == ws_frames.CLOSED:
+                return None
+            data = read(self._sock)
+            if not data:
+                return None
+            try:
+                events = self._reader.feed(data)
+            except ws_frames.ProtocolError as exc:
+                events, self._failure = exc.events, exc
+            messages = self._messages(events)
+            if messages:
+                return messages
+
+    def _messages(self, events: list[ws_frames.Event]) -> list[Message]:
+        messages: list[Message] = []
+        for event in events:
+            kind = type(event)
+            if kind is ws_frames.Text or kind is ws_frames.Binary:
+                messages.append(event)
+            elif kind is ws_frames.Ping:
+                if not self._said_goodbye:
+                    self.sender.send(ws_frames.pong(event.payload))
+            elif kind is ws_frames.Close:
+                self._goodbye(event.reply())
+        return messages
+
+    def send(self, frame: bytes) -> None:
+        """One frame built by ws_frames (text, binary); dropped once our close frame went out."""
+        if not self._said_goodbye:
+            self.sender.send(frame)
+
+    def _goodbye(self, close_frame: bytes) -> None:
+        if not self._said_goodbye:
+            self._said_goodbye = True
+            self.sender.send(close_frame)
+
+    def finish(self) -> None:
+        """Send our close frame and cut the connection once that is written; never blocks."""
+        self._goodbye(self._close_frame())
+        self.sender.finish()
+
+    def close(self) -> None:
+        """Send our close frame, flush briefly, cut; the socket itself belongs to the HTTP server, which closes it."""
+        self._goodbye(self._close_frame())
+        self.sender.close()
+
+    def _close_frame(self) -> bytes:
+        """1000, normal closure, unless the client broke the protocol: then the code that says how."""
+        return self._failure.close_frame() if self._failure is not None else ws_frames.close(1000)

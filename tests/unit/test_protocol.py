@@ -417,6 +417,9 @@ def test_ws_messages_reassemble_whatever_the_fragmentation_and_chunking(messages
                 continue
             if kind == "binary":
                 data += ws.send(BytesMessage(data=text.encode(), message_finished=True))
+                if len(text.encode()) > MAX_FRAME:  # refused at its header, before it is buffered
+                    expected.append("frame_too_large")
+                    break
                 expected.append("bad_frame")
                 continue
             for fragment in _text_fragments(text, pieces):
@@ -444,8 +447,8 @@ def test_ws_messages_reassemble_whatever_the_fragmentation_and_chunking(messages
         writer.kill()
         assert got == expected
         # Every ping before the end was answered with a pong carrying its payload.
-        conn._sender.flush(5)
-        conn._sock.shutdown(gsocket.SHUT_WR)
+        conn._ws.sender.flush(5)
+        conn._ws._sock.shutdown(gsocket.SHUT_WR)
         answers = b""
         while chunk := client.recv(65536):
             answers += chunk
@@ -472,10 +475,15 @@ def test_ws_text_is_counted_in_utf8_bytes() -> None:
 
 
 def test_ws_garbage_and_close_end_the_stream_quietly() -> None:
+    """Bytes that are no WebSocket frame end the stream with a close frame saying why (1002,
+    protocol error; RFC 6455 7.4.1), and no frame of ours; a peer that just goes away ends it too."""
     conn, client, _ws = _ws_pair()
     try:
         client.sendall(b"\xff\x00garbage that is no websocket frame")
         assert conn.receive_payload() is None
+        conn.close()
+        closing = client.recv(4)
+        assert closing[0] == 0x88 and closing[2:4] == (1002).to_bytes(2, "big"), closing
     finally:
         conn.close()
         client.close()
