@@ -20,17 +20,22 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import gevent
+from gevent import socket
 from gevent.server import StreamServer
 from gunicorn.workers.ggevent import PyWSGIHandler, PyWSGIServer
 
 from app.handlers import DeviceHandlers
-from app.transports.websocket import Handshake, HandshakeError, handshake
+from app.transports.websocket import Handshake, HandshakeError, handshake, upgrade_request
 
 if TYPE_CHECKING:
     from gevent.baseserver import BaseServer
 
     from app.config import Config
     from app.tls.contexts import TlsSettings
+
+MAX_UPGRADE_HEAD = 8192  # a bigger upgrade request head goes through pywsgi
+Upgraded = tuple[Callable[..., None], Handshake]  # an accepted upgrade: the session to run, its handshake
+SILENT: Any = object()  # a connection that sent nothing within HELLO_TIMEOUT
 
 # The WebSocket paths of the HTTP ports: the session each upgrade runs, and the subprotocol it needs.
 UPGRADES = {"/ws": (DeviceHandlers.websocket, None), "/mqtt": (DeviceHandlers.mqtt_websocket, "mqtt")}
@@ -45,8 +50,7 @@ class WebSocketHandler(PyWSGIHandler):
     device. Held for a session's life, they made a WebSocket session cost twice a TCP one.
     """
 
-    # Set when the request was an accepted upgrade: (the session to run, its handshake).
-    upgraded: tuple[Callable[..., None], Handshake] | None = None
+    upgraded: Upgraded | None = None  # set when the request was an accepted upgrade
 
     # A request's head (request line and headers) must arrive within HELLO_TIMEOUT, as a
     # device's hello must: otherwise a slow-loris on the HTTP port holds a connection (and a
@@ -83,20 +87,51 @@ class WebSocketHandler(PyWSGIHandler):
 
 
 class HttpServer(PyWSGIServer):
-    """PORT: pywsgi for the HTTP API; an accepted WebSocket upgrade then runs its session on the bare socket."""
+    """PORT: pywsgi for the HTTP API; a WebSocket upgrade runs its session on the bare socket.
+
+    An upgrade that opens its connection is read here, from a peek at the socket, without pywsgi
+    at all; one that follows API requests on a keep-alive connection (or arrives in pieces, or is
+    refused) goes through pywsgi and `WebSocketHandler`, which detaches it. Either way the
+    session runs on the bare socket with nothing of the HTTP request left."""
 
     def handle(self, sock: Any, address: Any) -> None:
-        handler = self.handler_class(sock, address, self)
-        handler.handle()
-        upgraded, tls = handler.upgraded, self.environ.get("wsgi.url_scheme") == "https"
-        del handler  # before the session, which may last for days
+        upgraded = self._upgrade_at_once(sock)
+        if upgraded is SILENT:
+            return  # nothing within HELLO_TIMEOUT: the slow-loris guard, as pywsgi's would be
+        if upgraded is None:
+            handler = self.handler_class(sock, address, self)
+            handler.handle()
+            upgraded = handler.upgraded
+            del handler  # before the session, which may last for days
         if upgraded is not None:
             session, accepted = upgraded
-            session(self.warren_devices, sock, address, accepted, tls)
+            session(self.warren_devices, sock, address, accepted, self.environ.get("wsgi.url_scheme") == "https")
+
+    def _upgrade_at_once(self, sock: Any) -> Upgraded | None:
+        """The connection's first request, if it is a whole, acceptable WebSocket upgrade: read and taken
+        off the socket; else None, with the socket untouched for pywsgi."""
+        head = None
+        with gevent.Timeout(self.warren_devices.config.hello_timeout, False):  # the request line's own deadline
+            head = sock.recv(MAX_UPGRADE_HEAD, socket.MSG_PEEK)
+        if head is None:
+            return SILENT
+        end = head.find(b"\r\n\r\n")
+        request = upgrade_request(head[:end]) if end > 0 else None
+        upgrade = UPGRADES.get(request[0]) if request is not None else None
+        if upgrade is None:
+            return None
+        session, subprotocol = upgrade
+        try:
+            accepted = handshake(request[1], subprotocol)
+        except HandshakeError:
+            return None  # pywsgi reads it again and answers 400 with the reason
+        sock.recv(end + 4)  # the head, which the peek left in the kernel's buffer
+        return session, accepted
 
 
 class HttpsServer(HttpServer):
-    """HTTPS_PORT: the TLS handshake (under HELLO_TIMEOUT, through the worker's gate), then as PORT.
+    """HTTPS_PORT: the TLS handshake (under HELLO_TIMEOUT, through the worker's gate), then as PORT,
+    with every upgrade through pywsgi (a TLS socket cannot be peeked at).
 
     Not gevent's `ssl_args`: that handshake has no deadline, so a client that connects and
     sends nothing would hold its connection forever."""
@@ -105,6 +140,9 @@ class HttpsServer(HttpServer):
         accepted = self.warren_devices.https_handshake(sock, address)
         if accepted is not None:
             super().handle(accepted.sock, address)
+
+    def _upgrade_at_once(self, sock: Any) -> Upgraded | None:
+        return None
 
 
 def build_servers(sockets: list[Any], config: Config, tls: TlsSettings | None, devices: DeviceHandlers, wsgi: Any,

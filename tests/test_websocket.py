@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import os
 import socket
+import time
 
 import orjson
 import pytest
@@ -82,10 +83,26 @@ def test_an_api_request_before_an_upgrade_on_one_keep_alive_connection(gateway: 
         assert _read_head(sock).startswith(b"HTTP/1.1 101 Switching Protocols")
         device = uid("keep")
         hello = orjson.dumps({"type": "hello", "device": device, "token": mint(SECRET.encode(), device)})
-        mask = os.urandom(4)
-        sock.sendall(bytes((0x81, 0x80 | len(hello))) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(hello)))
+        sock.sendall(_masked_text(hello))
         frame = sock.recv(4096)
         assert frame[0] == 0x81 and orjson.loads(frame[2:2 + frame[1]])["type"] == "welcome", frame
+
+
+def test_an_upgrade_head_that_arrives_in_pieces_goes_through_pywsgi_and_works(gateway: Gateway) -> None:
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=WAIT) as sock:
+        head = _upgrade_request()
+        sock.sendall(head[:20])
+        time.sleep(0.2)  # the gateway's peek sees a part: it leaves the request to pywsgi
+        sock.sendall(head[20:])
+        assert _read_head(sock).startswith(b"HTTP/1.1 101 Switching Protocols")
+        sock.sendall(_masked_text(b'{"type":"ping"}'))  # before a hello: not a valid hello, so unauthorized
+        frame = sock.recv(4096)
+        assert frame[0] == 0x81 and orjson.loads(frame[2:2 + frame[1]])["code"] == "unauthorized", frame
+
+
+def _masked_text(payload: bytes) -> bytes:
+    mask = os.urandom(4)
+    return bytes((0x81, 0x80 | len(payload))) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
 @pytest.mark.parametrize(("request_bytes", "message"), [

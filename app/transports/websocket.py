@@ -60,6 +60,31 @@ def handshake(environ: Mapping[str, str], subprotocol: str | None = None) -> Han
     return Handshake(accept, subprotocol)
 
 
+def upgrade_request(head: bytes) -> tuple[str, dict[str, str]] | None:
+    """(path, environ-style headers) of a request head (the bytes before its blank line) that asks
+    for a WebSocket upgrade and is plain enough to read here; None for anything else.
+
+    Why not pywsgi for these: its request parsing (the email package's header parser, the
+    environ, the handler) cost a WebSocket session about twice a TCP session's set-up. A
+    request this does not recognise (another method or path, no Upgrade header, obsolete
+    header folding) goes to pywsgi unchanged, which also answers the bad ones with a 400."""
+    lines = head.split(b"\r\n")
+    parts = lines[0].split(b" ")
+    if len(parts) != 3 or parts[0] != b"GET" or not parts[2].startswith(b"HTTP/1."):
+        return None
+    headers = {"REQUEST_METHOD": "GET"}
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or not name or name[-1:].isspace() or line[:1] in (b" ", b"\t"):
+            return None
+        key = "HTTP_" + name.decode("latin-1").upper().replace("-", "_")
+        text = value.strip().decode("latin-1")
+        headers[key] = f"{headers[key]},{text}" if key in headers else text
+    if "HTTP_UPGRADE" not in headers:
+        return None
+    return parts[1].split(b"?", 1)[0].decode("latin-1"), headers
+
+
 def switching_protocols(accepted: Handshake) -> bytes:
     """The 101 reply that completes the upgrade."""
     named = b"" if accepted.subprotocol is None else \

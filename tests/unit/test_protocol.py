@@ -26,7 +26,7 @@ from app.protocol import ERROR_CODES, ProtocolError
 from app.transports.json_lines import JsonLinesConnection
 from app.transports.json_websocket import JsonWebSocketConnection
 from app.transports.sender import Sender
-from app.transports.websocket import HandshakeError, handshake, switching_protocols
+from app.transports.websocket import HandshakeError, handshake, switching_protocols, upgrade_request
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 IO = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -378,6 +378,27 @@ def test_ws_handshake_with_a_subprotocol_must_be_offered_it_and_names_it() -> No
     accepted = handshake({**UPGRADE, "HTTP_SEC_WEBSOCKET_PROTOCOL": "foo, mqtt"}, "mqtt")
     assert b"\r\nSec-WebSocket-Protocol: mqtt\r\n" in switching_protocols(accepted)
     assert b"Sec-WebSocket-Protocol" not in switching_protocols(handshake(UPGRADE))
+
+
+def test_an_upgrade_request_head_is_read_without_pywsgi_when_it_is_plain() -> None:
+    head = (b"GET /mqtt?client=1 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+            b"Sec-WebSocket-Protocol: foo\r\nsec-websocket-protocol: mqtt")
+    path, headers = upgrade_request(head)
+    assert path == "/mqtt" and headers["HTTP_SEC_WEBSOCKET_PROTOCOL"] == "foo,mqtt"
+    assert handshake(headers, "mqtt").accept == b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+
+
+@pytest.mark.parametrize("head", [
+    b"POST /ws HTTP/1.1\r\nUpgrade: websocket",  # not a GET
+    b"GET /ws HTTP/1.1\r\nHost: x",  # no Upgrade header: pywsgi answers it
+    b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\n folded: value",  # obsolete folding
+    b"GET /ws HTTP/1.1\r\nUpgrade : websocket",  # whitespace before the colon (RFC 9112 5.1)
+    b"GET /ws HTTP/1.1\r\nno colon here",
+    b"GET /ws\r\nUpgrade: websocket",  # HTTP/0.9 style
+])
+def test_anything_else_is_left_to_pywsgi(head: bytes) -> None:
+    assert upgrade_request(head) is None
 
 
 def _ws_pair(max_frame: int = MAX_FRAME) -> tuple[JsonWebSocketConnection, gsocket.socket, Connection]:
