@@ -64,9 +64,10 @@ class MqttWebSocketStream:
             raise ProtocolError("bad_frame", f"WebSocket: {exc.message}", close=True) from None
         if messages is None:
             return None
-        if any(type(message) is ws_frames.Text for message in messages):
-            raise ProtocolError("bad_frame", "MQTT over WebSocket travels in binary messages", close=True)
-        return b"".join(message.payload for message in messages)
+        for message in messages:
+            if type(message) is ws_frames.Text:
+                raise ProtocolError("bad_frame", "MQTT over WebSocket travels in binary messages", close=True)
+        return messages[0].payload if len(messages) == 1 else b"".join([message.payload for message in messages])
 
     def send(self, data: bytes) -> None:
         self._ws.send(ws_frames.binary(data))
