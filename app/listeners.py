@@ -51,15 +51,17 @@ class WebSocketHandler(PyWSGIHandler):
     """
 
     upgraded: Upgraded | None = None  # set when the request was an accepted upgrade
+    first_deadline: float | None = None  # the connection's first request head is due by then (from the accept)
 
     # A request's head (request line and headers) must arrive within HELLO_TIMEOUT, as a
     # device's hello must: otherwise a slow-loris on the HTTP port holds a connection (and a
     # place under the accept cap) forever. pywsgi closes on the request line's timeout and
     # answers 400 on the headers'. An idle keep-alive connection is closed after it too.
     def read_requestline(self) -> Any:
-        limit = self.server.warren_devices.config.hello_timeout
-        self._head_deadline = time.monotonic() + limit
-        with gevent.Timeout(limit, TimeoutError("no request line in time")):
+        now = time.monotonic()
+        self._head_deadline = self.first_deadline or now + self.server.warren_devices.config.hello_timeout
+        self.first_deadline = None  # a keep-alive connection's next request gets a whole HELLO_TIMEOUT
+        with gevent.Timeout(max(0.001, self._head_deadline - now), TimeoutError("no request line in time")):
             return super().read_requestline()
 
     def read_request(self, requestline: Any) -> Any:
@@ -95,11 +97,13 @@ class HttpServer(PyWSGIServer):
     session runs on the bare socket with nothing of the HTTP request left."""
 
     def handle(self, sock: Any, address: Any) -> None:
-        upgraded = self._upgrade_at_once(sock)
+        deadline = time.monotonic() + self.warren_devices.config.hello_timeout
+        upgraded = self._upgrade_at_once(sock, deadline)
         if upgraded is SILENT:
             return  # nothing within HELLO_TIMEOUT: the slow-loris guard, as pywsgi's would be
         if upgraded is None:
             handler = self.handler_class(sock, address, self)
+            handler.first_deadline = deadline  # the peek took part of it: the head is due from the accept
             handler.handle()
             upgraded = handler.upgraded
             del handler  # before the session, which may last for days
@@ -107,11 +111,11 @@ class HttpServer(PyWSGIServer):
             session, accepted = upgraded
             session(self.warren_devices, sock, address, accepted, self.environ.get("wsgi.url_scheme") == "https")
 
-    def _upgrade_at_once(self, sock: Any) -> Upgraded | None:
+    def _upgrade_at_once(self, sock: Any, deadline: float) -> Upgraded | None:
         """The connection's first request, if it is a whole, acceptable WebSocket upgrade: read and taken
         off the socket; else None, with the socket untouched for pywsgi."""
         head = None
-        with gevent.Timeout(self.warren_devices.config.hello_timeout, False):  # the request line's own deadline
+        with gevent.Timeout(deadline - time.monotonic(), False):
             head = sock.recv(MAX_UPGRADE_HEAD, socket.MSG_PEEK)
         if head is None:
             return SILENT
@@ -141,7 +145,7 @@ class HttpsServer(HttpServer):
         if accepted is not None:
             super().handle(accepted.sock, address)
 
-    def _upgrade_at_once(self, sock: Any) -> Upgraded | None:
+    def _upgrade_at_once(self, sock: Any, deadline: float) -> Upgraded | None:
         return None
 
 
