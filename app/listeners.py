@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 MAX_UPGRADE_HEAD = 8192  # a bigger upgrade request head goes through pywsgi
 Upgraded = tuple[Callable[..., None], Handshake]  # an accepted upgrade: the session to run, its handshake
-SILENT: Any = object()  # a connection that sent nothing within HELLO_TIMEOUT
+SILENT: Any = object()  # a connection that sent nothing within HELLO_TIMEOUT, or was reset first
 
 # The WebSocket paths of the HTTP ports: the session each upgrade runs, and the subprotocol it needs.
 UPGRADES = {"/ws": (DeviceHandlers.websocket, None), "/mqtt": (DeviceHandlers.mqtt_websocket, "mqtt")}
@@ -115,8 +115,11 @@ class HttpServer(PyWSGIServer):
         """The connection's first request, if it is a whole, acceptable WebSocket upgrade: read and taken
         off the socket; else None, with the socket untouched for pywsgi."""
         head = None
-        with gevent.Timeout(deadline - time.monotonic(), False):
-            head = sock.recv(MAX_UPGRADE_HEAD, socket.MSG_PEEK)
+        try:
+            with gevent.Timeout(deadline - time.monotonic(), False):
+                head = sock.recv(MAX_UPGRADE_HEAD, socket.MSG_PEEK)
+        except OSError:  # reset before a byte came: nothing to serve, nothing to report
+            return SILENT
         if head is None:
             return SILENT
         end = head.find(b"\r\n\r\n")
