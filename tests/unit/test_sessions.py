@@ -109,12 +109,7 @@ def test_commands_for_nobody_or_expired_are_answered(registry: Registry) -> None
 
 
 def test_a_command_during_routing_is_held_until_the_welcome(registry: Registry) -> None:
-    registry.broker.echo = False
-    conn = FakeConn()
-    session = Session(conn, registry, registry.broker)
-    gevent.spawn(session.run)
-    conn.push(hello())
-    wait_for(lambda: session.state == State.ROUTING)
+    _session, conn = routing(registry)
     registry.deliver(Command("lock-1", "c-4"))  # a delivery proves the route too
     wait_for(lambda: conn.types() == ["welcome", "command"])
 
