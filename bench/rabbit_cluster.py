@@ -86,8 +86,8 @@ class Node:
 def free_port() -> int:
     """A port the kernel has no use for now, for a node to bind within seconds (its AMQP or distribution port).
 
-    Asked of the kernel rather than picked like conftest's ports, so that this module stands alone:
-    the stampede benchmark boots its cluster with it too (bench/stampede/brokers.py)."""
+    Asked of the kernel (bench/ports.py picks below the ephemeral range, for servers that may wait
+    longer before they bind): the stampede benchmark boots its cluster with it too (bench/stampede/brokers.py)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

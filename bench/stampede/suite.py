@@ -26,7 +26,6 @@ import argparse
 import copy
 import math
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -40,6 +39,7 @@ import gevent
 import trustme
 import urllib3
 
+from bench.ports import free_port
 from bench.stampede import report
 from bench.stampede.brokers import Broker, brokers
 from bench.stampede.measure import ServerRun, assemble, machine, measure_server, publish
@@ -94,19 +94,6 @@ def known_transports(names: str) -> list[str]:
     if unknown or len(set(chosen)) != len(chosen):
         raise argparse.ArgumentTypeError(f"--transport takes distinct names among {', '.join(TRANSPORTS)}")
     return chosen
-
-
-def free_port() -> int:
-    """A free port below the kernel's ephemeral range, which the load processes fill with client sockets."""
-    while True:
-        port = random.randrange(20000, 32000)
-        with socket.socket() as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
 
 
 def ensure_unused(ports: dict[str, int]) -> None:

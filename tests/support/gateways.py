@@ -9,9 +9,7 @@ settings) and `start_guarded` (OPS_TOKENS set) are it with presets.
 from __future__ import annotations
 
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +20,7 @@ from pathlib import Path
 import psutil
 import requests
 
+from bench.ports import free_port  # the tests take it from here
 from support.waiting import WAIT, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,19 +29,6 @@ SECRET = "test-secret"
 API_TOKEN = "test-api-token"
 OPS_TOKENS = ("test-ops-token", "test-ops-token-next")  # two: a rotation in progress
 FUZZ_TOKEN = "test-fuzz-token"  # in API_TOKENS and OPS_TOKENS: one header opens every door to schemathesis
-
-
-def free_port() -> int:
-    """A port below the kernel's ephemeral range, which load tools may fill with client sockets."""
-    while True:
-        port = random.randrange(20000, 32000)
-        with socket.socket() as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind(("0.0.0.0", port))
-            except OSError:
-                continue
-            return port
 
 
 @dataclass
