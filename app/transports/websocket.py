@@ -1,8 +1,9 @@
 """WebSocket for both WebSocket transports (JSON on /ws, MQTT on /mqtt): the handshake, then the frames.
 
-The HTTP request is parsed by gunicorn's pywsgi server, which hands an accepted
-upgrade over as a `Handshake` and lets go of the connection (app/listeners.py);
-from then on a `WebSocket` owns the bare socket: it writes the 101 reply, reads
+An upgrade request that opens its connection is read here (`upgrade_request`, from a
+peek at the socket); any other is parsed by gunicorn's pywsgi server. Either way an
+accepted upgrade is a `Handshake` and the connection leaves the HTTP server
+(app/listeners.py); from then on a `WebSocket` owns the bare socket: it writes the 101 reply, reads
 frames through ws_frames.py (sans-I/O, strict, fuzzed against wsproto), answers
 pings and the close handshake itself, and hands only data messages up. Nothing of
 the HTTP request lives on, and the session is not woken for a control frame.
