@@ -55,7 +55,7 @@ class Config:
     confirm_timeout: float = 10.0  # a publisher confirm overdue this long: the link is presumed dead
     amqp_heartbeat: int = 20  # AMQP heartbeat with RabbitMQ, seconds (0 turns it off)
     max_pending_commands: int = 64  # commands awaiting a device's reply, per session
-    route_wait: float = 5.0  # how long a hello waits for its commands to route here before the welcome
+    route_wait: float = 10.0  # how long a hello waits for its route before it is refused `overloaded`
     log_format: str = "text"
     log_level: str = "INFO"
     environment: str = "production"

@@ -41,13 +41,13 @@ class WorkerTree:
     """Everything one worker runs: the registry and its broker, the listeners, the supervisors."""
 
     def __init__(self, config: Config, sockets: list[Any], wsgi: Any, gunicorn_log: Any, age: int,
-                 tls: tuple[TlsSettings, TlsContexts] | None = None) -> None:
+                 tls: tuple[TlsSettings, TlsContexts] | None = None, workers: int = 1) -> None:
         self.config = config
         # `age` numbers workers 1, 2, 3... (a replacement gets the next): it spreads them over the
-        # nodes of a RabbitMQ cluster listed in AMQP_URL.
+        # nodes of a RabbitMQ cluster listed in AMQP_URL, and the routing partitions over the workers.
         self.broker = Broker(config.amqp_url, max_command_bytes=config.max_frame_bytes,
                              confirm_timeout=config.confirm_timeout, amqp_heartbeat=config.amqp_heartbeat,
-                             node_offset=age)
+                             node_offset=age, workers=workers)
         # The registry calls the broker (its `Outbound`); the broker calls the registry (its `Inbound`),
         # attached once the registry is whole and before `start` runs the links.
         self.registry = Registry(config, self.broker)

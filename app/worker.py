@@ -41,7 +41,7 @@ class WarrenWorker(GeventWorker):
         # After the fork and after monkey patching, so that sentry-sdk's transport
         # thread and sockets are gevent-cooperative and belong to this worker.
         sentry.init_sentry(self.config)
-        tree = WorkerTree(self.config, self.sockets, self.wsgi, self.log, self.age, self.tls)
+        tree = WorkerTree(self.config, self.sockets, self.wsgi, self.log, self.age, self.tls, self.cfg.workers)
         tree.start()
         gc_policy = GcPolicy()
         while self.alive:

@@ -6,7 +6,9 @@
     ├── wires.py      RabbitMQ (a py-amqp socket) or kombu's memory://: all that differs between them
     ├── frames.py     the AMQP frames of the hot path, packed and unpacked directly
     ├── publisher.py  events, presence, replies and commands, with publisher confirms
-    ├── consumer.py   this worker's command queue: bindings, takeover notices, deliveries
+    ├── consumer.py   this worker's own queue: claims and releases out; commands, notices, answers in
+    ├── partitions.py the routing partitions this worker owns: their directory carried out on RabbitMQ
+    ├── directory.py  the partition owner's rules (who holds each device, who wins a race): no I/O
     ├── rpc.py        the HTTP API's requests (commands, operators' questions) and their answers
     └── messages.py   what travels: kinds of message, deliveries parsed into Commands, the bodies (no I/O)
 
@@ -18,8 +20,8 @@ package imports app.sessions.ports, never the other way round.
 
 Two links, because RabbitMQ blocks any connection that publishes during a memory or
 disk alarm: events then fail at once on the publisher's, while the consumer's keeps
-delivering commands to devices already bound (consumer.py says what an alarm does
-to it, since takeover notices are published there).
+delivering commands to devices already routed (it publishes too, claims and
+forwards, so under an alarm new sessions wait for their route until it clears).
 """
 
 from __future__ import annotations
@@ -62,21 +64,19 @@ class Broker:
     Built first, then given the sessions side with `attach` before its links run (the worker's tree
     does both, app/tree.py): the registry needs a broker to be built, and the broker must not call
     into a half-built registry. The attached `Inbound` is called in the consumer's reader greenlet
-    and must not block: `deliver` (a command for one of our devices), `announced` (a takeover
-    notice: device, hello time, session id of a session somewhere, ours included), `live_sessions`
-    (for the announcements after a reconnect) and `answer` (an operator's `ask` about one of our
-    devices: a dict, `online` false when this worker binds the device but holds no session of it
-    now, or None to stay silent).
+    and must not block: `deliver` (a command for one of our devices), `routed` and `replaced` (a
+    partition owner's word on one of our sessions), `live_sessions` (to claim again after a
+    reconnect) and `answer` (an operator's `ask` about one of our devices).
     """
 
     def __init__(self, url: str, *, max_command_bytes: int, confirm_timeout: float = CONFIRM_TIMEOUT,
-                 amqp_heartbeat: int = 20, node_offset: int = 0) -> None:
+                 amqp_heartbeat: int = 20, node_offset: int = 0, workers: int = 1) -> None:
         self._publisher = Publisher(url, heartbeat=amqp_heartbeat, node_offset=node_offset,
                                     confirm_timeout=confirm_timeout)
         self._rpc = RpcClient(self._publisher, reply_to=lambda: self._consumer.queue_name)
         self._consumer = CommandConsumer(url, max_command_bytes=max_command_bytes, refuse=self._refuse,
                                          reply_received=self._rpc.reply_received, asked=self._asked,
-                                         heartbeat=amqp_heartbeat, node_offset=node_offset)
+                                         heartbeat=amqp_heartbeat, node_offset=node_offset, slots=workers)
         self._inbound: Inbound | None = None
         self._ids = MessageIds()
         self.links: tuple[Link, ...] = (self._publisher, self._consumer)
@@ -91,6 +91,11 @@ class Broker:
     def ready(self) -> bool:
         """Both links connected, neither blocked: events are taken and commands route here."""
         return self._publisher.accepting and self._consumer.ready
+
+    @property
+    def routing(self) -> bool:
+        """Sessions can be routed now: the consumer's link is up and RabbitMQ reads from it."""
+        return self._consumer.ready
 
     @property
     def accepting(self) -> bool:
@@ -121,16 +126,13 @@ class Broker:
             self._publisher.publish(REPLY, command.reply_to, reply_body(command.device, command.id, ok, data, error),
                                     (command.correlation_id,))
 
-    def bind(self, device: str) -> None:
-        """Route `device`'s commands to this worker (refcounted with `unbind`)."""
-        self._consumer.bind(device)
+    def claim(self, device: str, started: float, session_id: str) -> None:
+        """Route `device`'s commands to this session; its partition's owner answers `Inbound.routed`."""
+        self._consumer.claim(device, started, session_id)
 
-    def unbind(self, device: str) -> None:
-        self._consumer.unbind(device)
-
-    def announce(self, device: str, started: float, session_id: str) -> None:
-        """Publish a takeover notice after this device's bind; ours coming back proves the bind."""
-        self._consumer.announce(device, started, session_id)
+    def release(self, device: str, session_id: str) -> None:
+        """This session of `device` ended (a release of a session already replaced changes nothing)."""
+        self._consumer.release(device, session_id)
 
     def give_up(self, reason: str) -> int:
         """Answer every publish awaiting a confirm with `reason` now; returns how many."""

@@ -4,8 +4,8 @@ py-amqp builds each frame through a generic argument serializer, a Message objec
 and a lock, writes each with its own `sendall`, and reads each with three `recv`s
 (header, payload, frame end). At thousands of publishes and deliveries a second
 that was most of a worker's broker time. Here the few frames the hot path uses
-(basic.publish with its content, queue.bind/unbind; basic.deliver, basic.return,
-basic.ack/nack, queue.bind-ok/unbind-ok, channel.close) are packed and unpacked
+(basic.publish with its content, basic.ack of a delivery; basic.deliver, basic.return,
+basic.ack/nack, channel.close) are packed and unpacked
 directly, and message properties that repeat are serialized once (`Properties`). A
 basic.return's method is never decoded: the message id in its header says which
 publish it was. Everything else (the handshake, declares, heartbeats, connection.close)
@@ -44,10 +44,6 @@ BASIC_RETURN = _sig(60, 50)
 BASIC_DELIVER = _sig(60, 60)
 BASIC_ACK = _sig(60, 80)
 BASIC_NACK = _sig(60, 120)
-QUEUE_BIND = _sig(50, 20)
-QUEUE_BIND_OK = _sig(50, 21)
-QUEUE_UNBIND = _sig(50, 50)
-QUEUE_UNBIND_OK = _sig(50, 51)
 CHANNEL_CLOSE = _sig(20, 40)
 
 
@@ -141,18 +137,6 @@ def encode_publish(out: bytearray, channel: int, frame_max: int, kind: PublishKi
         out += _END
 
 
-def encode_bind(out: bytearray, channel: int, queue: str, exchange: str, routing_key: str) -> None:
-    """Append a queue.bind that RabbitMQ answers with queue.bind-ok (no-wait off)."""
-    _encode_method(out, channel, QUEUE_BIND + b"\x00\x00" + shortstr(queue) + shortstr(exchange)
-                   + shortstr(routing_key) + b"\x00" + _EMPTY_TABLE)
-
-
-def encode_unbind(out: bytearray, channel: int, queue: str, exchange: str, routing_key: str) -> None:
-    """Append a queue.unbind (always answered with queue.unbind-ok: the method has no no-wait)."""
-    _encode_method(out, channel, QUEUE_UNBIND + b"\x00\x00" + shortstr(queue) + shortstr(exchange)
-                   + shortstr(routing_key) + _EMPTY_TABLE)
-
-
 def _encode_method(out: bytearray, channel: int, payload: bytes) -> None:
     out += _FRAME_HEAD.pack(METHOD, channel, len(payload))
     out += payload
@@ -164,6 +148,16 @@ def encode_ack(tag: int, multiple: bool) -> bytes:
     return BASIC_ACK + _TAG_AND_BITS.pack(tag, multiple)
 
 
+def encode_basic_ack(out: bytearray, channel: int, tag: int) -> None:
+    """Append our basic.ack of one delivery (a partition's message, done with)."""
+    _encode_method(out, channel, encode_ack(tag, multiple=False))
+
+
+def encode_properties(properties: Mapping[str, Any]) -> bytes:
+    """Any basic properties (py-amqp's names), serialized by py-amqp: for a message passed on as it came."""
+    return Message(**properties)._serialize_properties()
+
+
 # -- inbound -------------------------------------------------------------------------------
 def decode_ack(payload: bytes) -> tuple[int, bool]:
     """basic.ack or basic.nack: (delivery tag, multiple)."""
@@ -171,13 +165,22 @@ def decode_ack(payload: bytes) -> tuple[int, bool]:
     return tag, bool(bits & 1)
 
 
-def decode_deliver(payload: bytes) -> tuple[str, str]:
-    """basic.deliver: (exchange, routing key); the consumer tag, delivery tag and redelivered
-    flag are skipped (one consumer, no acks)."""
-    offset = 4 + 1 + payload[4] + 9
+def decode_deliver(payload: bytes) -> tuple[str, int, bool, str, str]:
+    """basic.deliver: (consumer tag, delivery tag, redelivered, exchange, routing key)."""
+    consumer_tag, offset = _read_shortstr(payload, 4)
+    tag, bits = _TAG_AND_BITS.unpack_from(payload, offset)
+    exchange, offset = _read_shortstr(payload, offset + 9)
+    routing_key, _ = _read_shortstr(payload, offset)
+    return consumer_tag, tag, bool(bits & 1), exchange, routing_key
+
+
+def decode_return(payload: bytes) -> tuple[int, str, str]:
+    """basic.return: (reply code, exchange, routing key)."""
+    code = struct.unpack_from(">H", payload, 4)[0]
+    _text, offset = _read_shortstr(payload, 6)
     exchange, offset = _read_shortstr(payload, offset)
     routing_key, _ = _read_shortstr(payload, offset)
-    return exchange, routing_key
+    return code, exchange, routing_key
 
 
 def decode_close(payload: bytes) -> tuple[int, str]:

@@ -2,8 +2,8 @@
 
 The kinds of message this worker publishes (exchange, mandatory, properties), the
 commands it takes from its queue (app/sessions/ports.py's `Command`: the sessions
-side owns what it accepts), the refusals it answers instead, the takeover notices
-its sessions exchange, and every body as bytes.
+side owns what it accepts), the refusals it answers instead, the claims, releases
+and notices of the routing (partitions.py), and every body as bytes.
 """
 
 from __future__ import annotations
@@ -25,8 +25,26 @@ COMMANDS_EXCHANGE = "devices.commands"
 EXCHANGES = (Exchange(EVENTS_EXCHANGE, type="topic", durable=True),
              Exchange(COMMANDS_EXCHANGE, type="direct", durable=True))
 """What both links declare on connecting (kombu's declarations: no I/O until bound to a channel)."""
-TAKEOVER_TYPE = "warren.takeover"
+ROUTES_EXCHANGE = "warren.routes"
+"""x-consistent-hash (the plugin that ships with RabbitMQ): device id -> one of the PARTITIONS queues.
+`devices.commands` passes what no binding takes (every command) on to it: its alternate exchange."""
+PARTITIONS = 16
+"""Fixed for a deployment: every worker must hash a device to the same partition."""
+PARTITION_WEIGHT = "20"  # points on the hash ring per partition: 1 each spreads devices unevenly
+PARTITION_ARGUMENTS = {"x-queue-type": "quorum", "x-single-active-consumer": True,
+                       "x-queue-leader-locator": "balanced"}
+
 ASK_TYPE = "warren.ask"
+FORWARD_TYPE = "warren.command"  # a command passed on by its partition's owner to its holder
+CLAIM_TYPE = "warren.claim"
+RELEASE_TYPE = "warren.release"
+ROUTED_TYPE = "warren.routed"
+REPLACED_TYPE = "warren.replaced"
+PING_TYPE = "warren.ping"  # is this holder's queue still there? (returned if not)
+PROBE_TYPE = "warren.probe"  # start-up's check of the alternate exchange; its owner drops it
+DEVICE_HEADER = "x-warren-device"  # on a forward: the device (its routing key is now the holder's queue)
+TAG_HEADER = "x-warren-tag"  # on a forward: the partition delivery it came from, for a return
+AGAIN_HEADER = "x-warren-again"  # on a forward: taken from a redelivery, so maybe passed on before
 DEFAULT_COMMAND_TTL = 60.0  # seconds a command without `expiration` may wait for its device
 
 _JSON = {"content_type": "application/json", "content_encoding": "utf-8"}
@@ -46,9 +64,18 @@ COMMAND = PublishKind(COMMANDS_EXCHANGE, mandatory=True, message_id_at=3, proper
 ASK = PublishKind(COMMANDS_EXCHANGE, mandatory=True, message_id_at=3, properties=Properties(
     _JSON, ("correlation_id", "reply_to", "expiration", "message_id", "type")))
 """An operator's question (`info`, `kick`) to whichever worker holds a device; returned when none does."""
-TAKEOVER = PublishKind(COMMANDS_EXCHANGE, mandatory=False,
-                       properties=Properties({"content_type": "application/json", "type": TAKEOVER_TYPE}))
-"""A takeover notice: to every worker whose queue binds the device, ours included."""
+CLAIM = PublishKind(ROUTES_EXCHANGE, mandatory=False, properties=Properties({**_JSON, "type": CLAIM_TYPE}))
+"""A holder's claim of a device for one of its sessions, to the device's partition."""
+RELEASE = PublishKind(ROUTES_EXCHANGE, mandatory=False, properties=Properties({**_JSON, "type": RELEASE_TYPE}))
+"""A holder's word that a session ended, to the device's partition."""
+CLAIM_COPY = PublishKind("", mandatory=False, properties=Properties({**_JSON, "type": CLAIM_TYPE}))
+"""A claim an owner publishes again to its own partition queue (before RabbitMQ's consumer timeout)."""
+ROUTED_NOTICE = PublishKind("", mandatory=True, message_id_at=0,
+                     properties=Properties({**_JSON, "type": ROUTED_TYPE}, ("app_id",)))
+REPLACED_NOTICE = PublishKind("", mandatory=True, message_id_at=0,
+                       properties=Properties({**_JSON, "type": REPLACED_TYPE}, ("app_id",)))
+PING = PublishKind("", mandatory=True, message_id_at=0, properties=Properties({"type": PING_TYPE}, ("app_id",)))
+"""An owner's notices to a holder's queue, by name: mandatory, so that a queue gone says so (a return)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,20 +129,44 @@ def deadline(properties: Mapping[str, Any], *, monotonic: float, wall: float) ->
     return monotonic + ttl - waited
 
 
-def encode_takeover(device: str, session_id: str, started: float) -> bytes:
-    return orjson.dumps({"device": device, "session": session_id, "started": started})
+def partition_queue(partition: int) -> str:
+    return f"{ROUTES_EXCHANGE}.{partition}"
 
 
-def decode_takeover(body: bytes) -> tuple[str, float, str] | None:
-    """(device, started, session id), or None for a notice that is not ours to read."""
+def claim_body(device: str, session_id: str, started: float, holder: str, fresh: bool) -> bytes:
+    return orjson.dumps({"device": device, "session": session_id, "started": started, "holder": holder,
+                         "fresh": fresh})
+
+
+def decode_claim(body: bytes) -> tuple[str, str, float, str, bool] | None:
+    """(device, session id, started, holder queue, fresh), or None for a claim that is not ours to read."""
     try:
-        notice = orjson.loads(body)
-        device, started, session_id = notice["device"], notice["started"], notice["session"]
+        claim = orjson.loads(body)
+        device, session_id, started = claim["device"], claim["session"], claim["started"]
+        holder, fresh = claim["holder"], claim["fresh"]
     except (orjson.JSONDecodeError, TypeError, KeyError):
         return None
-    if not (isinstance(device, str) and isinstance(session_id, str) and isinstance(started, (int, float))):
+    if not (isinstance(device, str) and isinstance(session_id, str) and isinstance(holder, str)
+            and isinstance(started, (int, float)) and isinstance(fresh, bool)):
         return None
-    return device, float(started), session_id
+    return device, session_id, float(started), holder, fresh
+
+
+def notice_body(device: str, session_id: str) -> bytes:
+    """A release, or an owner's `routed` / `replaced`."""
+    return orjson.dumps({"device": device, "session": session_id})
+
+
+def decode_notice(body: bytes) -> tuple[str, str] | None:
+    """(device, session id), or None."""
+    try:
+        notice = orjson.loads(body)
+        device, session_id = notice["device"], notice["session"]
+    except (orjson.JSONDecodeError, TypeError, KeyError):
+        return None
+    if not (isinstance(device, str) and isinstance(session_id, str)):
+        return None
+    return device, session_id
 
 
 def event_body(device: str, session: str, event_id: str, name: str, data: Any, ts_ms: int) -> bytes:

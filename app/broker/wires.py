@@ -5,11 +5,11 @@ each time it connects, and from then on only calls the wire: publisher.py, consu
 and link.py hold no transport branches. What differs lives here:
 
     what                 AmqpWire (RabbitMQ)                     MemoryWire (`make run` with no AMQP_URL)
-    publishes, binds     encoded by frames.py, one send a pass   kombu's channel methods, one call each
+    publishes, acks      encoded by frames.py, one send a pass   kombu's channel methods, one call each
     confirms, returns    RabbitMQ's, read by the reader          emulated at `flush`, routing decided as
                                                                  RabbitMQ would (unrouted: not stored)
-    bind-ok, unbind-ok   answered (`acknowledges_binds`)         binds take effect at once
-    bind lanes           several channels                        the one channel
+    partitions           quorum queues behind x-consistent-hash  one queue behind a fanout exchange
+    alternate exchange   a policy, checked by a probe            emulated (`alternate`)
     deliveries           taken off the socket by the reader      kombu's consumer callback
     heartbeats, alarms   py-amqp's, connection.blocked           none
 
@@ -25,17 +25,26 @@ from collections.abc import Callable
 from typing import Any, ClassVar, NoReturn, Protocol
 
 import amqp.exceptions
+from amqp.basic_message import Message
 from amqp.method_framing import frame_writer
 from gevent.lock import Semaphore
 from kombu import Connection
 
 from app.broker import frames
-from app.broker.frames import PublishKind
+from app.broker.frames import Properties, PublishKind
+
+_FORWARD = PublishKind("", mandatory=True, message_id_at=0, properties=Properties({}, ("message_id",)))
+"""Only its method matters: a forward's properties are the message's own (`forward`)."""
 
 MethodHandler = Callable[[bytes], None]
 ContentHandler = Callable[[bytes, dict[str, Any], bytes], None]
-OnMessage = Callable[[str, str, dict[str, Any], bytes], None]
-"""A delivery from a queue we consume: (exchange, routing key, properties, body)."""
+OnMessage = Callable[[int, bool, str, str, dict[str, Any], bytes], None]
+"""A delivery from a queue we consume: (delivery tag, redelivered, exchange, routing key, properties, body)."""
+HASH_EXCHANGE_PLUGIN = "rabbitmq_consistent_hash_exchange"
+
+
+class MissingFeature(RuntimeError):
+    """RabbitMQ lacks a plugin or a policy the routing needs; the message says what to enable."""
 
 
 class Endpoint(Protocol):
@@ -58,7 +67,7 @@ class AmqpWire:
     the lock that every send of this socket takes.
     """
 
-    acknowledges_binds: ClassVar[bool] = True  # queue.bind-ok / queue.unbind-ok come back through the reader
+    hash_exchange_type: ClassVar[str] = "x-consistent-hash"
 
     def __init__(self, connection: Connection, channel: Any, link: Endpoint) -> None:
         self.connection, self.channel = connection, channel
@@ -68,7 +77,9 @@ class AmqpWire:
         self.collecting = False  # set by the writer for the length of a pass (which never yields)
         self.out = bytearray()
         self._methods = link.methods
-        self._contents = dict(link.contents)  # `consume` adds basic.deliver's
+        self._contents = dict(link.contents)
+        self._contents[frames.BASIC_DELIVER] = self._delivered
+        self._consumers: dict[str, OnMessage] = {}  # consumer tag (the queue's name) -> its callback
         self._sock = self.amqp.transport.sock
         self._lock = Semaphore()
         self._target = self.out
@@ -87,25 +98,42 @@ class AmqpWire:
         """Have RabbitMQ confirm every publish of the link's channel (basic.ack / basic.nack)."""
         self.channel.confirm_select()
 
-    def consume(self, queue: str, on_message: OnMessage) -> None:
-        """Deliver `queue`'s messages to `on_message`, on a channel of their own.
+    def channel_for(self, *, acks: bool) -> Any:
+        """A new channel for consuming: with `acks`, in confirm mode with no prefetch limit (a partition
+        owner holds every claim of its devices unacked, and confirms what it passes on)."""
+        channel = self.connection.channel()
+        if acks:
+            channel.basic_qos(0, 0, False)
+            channel.confirm_select()
+        return channel
 
-        The reader takes each basic.deliver off the socket itself: one call here, as the link's
-        own handler was before. py-amqp gets `on_message` too, for a delivery that came while
-        the setup still read through it (none should: the queue is new and not yet bound).
-        """
-        decode = frames.decode_deliver
+    def consume(self, channel: Any, queue: str, on_message: OnMessage, *, acks: bool = False,
+                nowait: bool = False) -> None:
+        """Deliver `queue`'s messages to `on_message`; the reader takes each basic.deliver off the socket
+        itself. py-amqp gets `on_message` too, for a delivery that comes while the setup still reads
+        through it. `nowait` (from the writer, once the reader runs): no consume-ok to wait for."""
+        self._consumers[queue] = on_message
+        channel.basic_consume(queue, no_ack=not acks, callback=_message_callback(on_message), consumer_tag=queue,
+                              nowait=nowait)
 
-        def delivered(method: bytes, properties: dict[str, Any], body: bytes) -> None:
-            on_message(*decode(method), properties, body)
-
-        self._contents[frames.BASIC_DELIVER] = delivered
-        self.connection.channel().basic_consume(queue, no_ack=True, callback=_message_callback(on_message),
-                                                consumer_tag=queue)
-
-    def lanes(self, count: int) -> tuple[int, ...]:
-        """`count` channels for binds: the link's own and `count - 1` new ones."""
-        return (self.channel_id, *(self.connection.channel().channel_id for _ in range(count - 1)))
+    def check_alternate(self, exchange: str, alternate: str, probe: Any) -> None:
+        """Raise MissingFeature unless a mandatory publish to `exchange` that no binding takes reaches
+        `alternate` (RabbitMQ's alternate exchange, set by a policy). `probe` is (routing key, properties)."""
+        routing_key, properties = probe
+        returned: list[Any] = []
+        channel = self.connection.channel()
+        try:
+            channel.confirm_select()
+            channel.events["basic_return"].add(lambda *args: returned.append(args))
+            channel.basic_publish(Message(b"", **properties), exchange=exchange, routing_key=routing_key,
+                                  mandatory=True)
+        finally:
+            channel.close()
+        if returned:
+            raise MissingFeature(
+                f"RabbitMQ does not pass {exchange}'s unbound commands on to {alternate}: set the policy "
+                f"(README, 'RabbitMQ'): rabbitmqctl set_policy warren-routes '^{exchange.replace('.', chr(92) + '.')}$' "
+                f"'{{\"alternate-exchange\":\"{alternate}\"}}' --apply-to exchanges")
 
     # -- writing (the writer greenlet, except `_write_frame`) ------------------------------
     # `channel` 0 (the connection's own, never ours) means the link's channel.
@@ -114,11 +142,13 @@ class AmqpWire:
         frames.encode_publish(self.out, channel or self.channel_id, self.frame_max, kind, routing_key,
                               kind.properties.encode(values), body)
 
-    def bind(self, queue: str, exchange: str, routing_key: str, channel: int = 0) -> None:
-        frames.encode_bind(self.out, channel or self.channel_id, queue, exchange, routing_key)
+    def forward(self, routing_key: str, properties: dict[str, Any], body: bytes, channel: int) -> None:
+        """Pass a message on as it came (its properties encoded anew), mandatory, to the queue `routing_key`."""
+        frames.encode_publish(self.out, channel, self.frame_max, _FORWARD, routing_key,
+                              frames.encode_properties(properties), body)
 
-    def unbind(self, queue: str, exchange: str, routing_key: str, channel: int = 0) -> None:
-        frames.encode_unbind(self.out, channel or self.channel_id, queue, exchange, routing_key)
+    def ack(self, tag: int, channel: int) -> None:
+        frames.encode_basic_ack(self.out, channel, tag)
 
     def heartbeat(self) -> None:
         """Send a heartbeat when due; raises when RabbitMQ's have stopped coming."""
@@ -160,6 +190,12 @@ class AmqpWire:
         self.amqp.bytes_sent += 1  # py-amqp's heartbeat logic counts traffic, not bytes
 
     # -- reading (the reader greenlet) -------------------------------------------------------
+    def _delivered(self, method: bytes, properties: dict[str, Any], body: bytes) -> None:
+        consumer_tag, tag, redelivered, exchange, routing_key = frames.decode_deliver(method)
+        on_message = self._consumers.get(consumer_tag)
+        if on_message is not None:  # else a consumer of an earlier connection
+            on_message(tag, redelivered, exchange, routing_key, properties, body)
+
     def read_forever(self) -> NoReturn:
         """Dispatch every frame of our channels: to the link's `methods` (by signature) and `contents` (a
         method with its content); the rest, and channel 0's, to py-amqp (connection.close, blocked, basic.cancel...)."""
@@ -216,7 +252,7 @@ class MemoryWire:
     where `done` used to be called directly).
     """
 
-    acknowledges_binds: ClassVar[bool] = False
+    hash_exchange_type: ClassVar[str] = "fanout"  # kombu has no x-consistent-hash: one partition takes all
     collecting = False  # a pass buffers nothing here
     peer = "the in-process broker"
 
@@ -226,41 +262,54 @@ class MemoryWire:
         self._confirming = False
         self._tag = 0  # publishes since confirm_select, numbered as RabbitMQ numbers them
         self._acked = 0  # the last tag answered
-        self._returned: list[tuple[dict[str, Any], bytes]] = []  # this pass's unrouted mandatory publishes
+        self._returned: list[tuple[bytes, dict[str, Any], bytes]] = []  # this pass's unrouted mandatory publishes
+        self._alternates: dict[str, str] = {}  # exchange -> its alternate (RabbitMQ's is a policy)
+        self._acking: Any = None  # the channel whose deliveries we ack
 
     # -- the link's setup ------------------------------------------------------------------------
     def confirm_select(self) -> None:
         self._confirming = True
 
-    def consume(self, queue: str, on_message: OnMessage) -> None:
-        """Deliver `queue`'s messages to `on_message` (kombu calls back from `drain_events`, in the reader)."""
-        self.connection.channel().basic_consume(queue, no_ack=True, callback=_message_callback(on_message),
-                                                consumer_tag=queue)
+    def channel_for(self, *, acks: bool) -> Any:
+        channel = self.connection.channel()
+        if acks:
+            self._acking = channel
+        return channel
 
-    def lanes(self, count: int) -> tuple[int, ...]:
-        """One channel in-process: binds take effect at once, in order."""
-        return (0,)
+    def consume(self, channel: Any, queue: str, on_message: OnMessage, *, acks: bool = False,
+                nowait: bool = False) -> None:
+        """Deliver `queue`'s messages to `on_message` (kombu calls back from `drain_events`, in the reader)."""
+        channel.basic_consume(queue, no_ack=not acks, callback=_message_callback(on_message), consumer_tag=queue)
+
+    def check_alternate(self, exchange: str, alternate: str, probe: Any) -> None:
+        """In-process there is no policy to check: the alternate is emulated from now on."""
+        self._alternates[exchange] = alternate
 
     # -- writing (the writer greenlet) -------------------------------------------------------------
     # `channel` is accepted for AmqpWire's sake and has no meaning here.
     def publish(self, kind: PublishKind, routing_key: str, body: bytes, values: tuple[Any, ...],
                 channel: int = 0) -> None:
-        properties = kind.properties.as_dict(values)
-        if self._routes(kind.exchange, routing_key):
+        self._publish(kind.exchange, kind.mandatory, routing_key, kind.properties.as_dict(values), body)
+
+    def forward(self, routing_key: str, properties: dict[str, Any], body: bytes, channel: int) -> None:
+        self._publish("", True, routing_key, dict(properties), body)
+
+    def ack(self, tag: int, channel: int) -> None:
+        self._acking.basic_ack(tag)
+
+    def _publish(self, exchange: str, mandatory: bool, routing_key: str, properties: dict[str, Any],
+                 body: bytes) -> None:
+        if not self._routes(exchange, routing_key) and exchange in self._alternates:
+            exchange = self._alternates[exchange]
+        if self._routes(exchange, routing_key):
             message = self.channel.prepare_message(body, content_type=properties.pop("content_type", None),
                                                    content_encoding=properties.pop("content_encoding", None),
                                                    properties=properties)
-            self.channel.basic_publish(message, exchange=kind.exchange, routing_key=routing_key)
-        elif kind.mandatory:
-            self._returned.append((properties, body))
+            self.channel.basic_publish(message, exchange=exchange, routing_key=routing_key)
+        elif mandatory:
+            self._returned.append((_return_method(exchange, routing_key), properties, body))
         if self._confirming:
             self._tag += 1
-
-    def bind(self, queue: str, exchange: str, routing_key: str, channel: int = 0) -> None:
-        self.channel.queue_bind(queue, exchange, routing_key=routing_key)
-
-    def unbind(self, queue: str, exchange: str, routing_key: str, channel: int = 0) -> None:
-        self.channel.queue_unbind(queue, exchange, routing_key=routing_key)
 
     def heartbeat(self) -> None:
         """Nothing to keep alive in-process."""
@@ -270,8 +319,8 @@ class MemoryWire:
         returned, self._returned = self._returned, []
         on_return = self._link.contents.get(frames.BASIC_RETURN)
         if on_return is not None:
-            for properties, body in returned:  # the method bare: its reply code and text are read by nobody
-                on_return(frames.BASIC_RETURN, properties, body)
+            for method, properties, body in returned:
+                on_return(method, properties, body)
         if self._tag > self._acked:
             self._acked = self._tag
             self._link.methods[frames.BASIC_ACK](frames.encode_ack(self._tag, multiple=True))
@@ -279,7 +328,7 @@ class MemoryWire:
     def _routes(self, exchange: str, routing_key: str) -> bool:
         """Whether a message to `exchange` with `routing_key` reaches some queue now."""
         if not exchange:
-            return True
+            return self.channel._has_queue(routing_key)  # the default exchange: to the queue of that name
         table = self.channel.get_table(exchange)
         return bool(self.channel.typeof(exchange).lookup(table, exchange, routing_key, None))
 
@@ -296,9 +345,16 @@ def _message_callback(on_message: OnMessage) -> Callable[[Any], None]:
     """A basic_consume callback (a kombu or py-amqp message, alike in what is read here) for `on_message`."""
     def delivered(message: Any) -> None:
         info = message.delivery_info
-        on_message(info.get("exchange", ""), info.get("routing_key", ""), message.properties, message.body)
+        on_message(message.delivery_tag, bool(info.get("redelivered")), info.get("exchange", ""),
+                   info.get("routing_key", ""), message.properties, message.body)
 
     return delivered
+
+
+def _return_method(exchange: str, routing_key: str) -> bytes:
+    """A basic.return's method payload as RabbitMQ writes it (NO_ROUTE), for frames.decode_return."""
+    return (frames.BASIC_RETURN + b"\x01\x38" + frames.shortstr("NO_ROUTE") + frames.shortstr(exchange)
+            + frames.shortstr(routing_key))
 
 
 def wire_for(url: str) -> type[Wire]:

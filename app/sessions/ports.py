@@ -93,20 +93,23 @@ class Backend(Protocol):
 
 
 class Outbound(Backend, Protocol):
-    """What the registry needs of RabbitMQ besides a session's `Backend`: routes, takeover notices,
-    presence, and how far behind the publisher is (admission says `overloaded` past a backlog)."""
+    """What the registry needs of RabbitMQ besides a session's `Backend`: routes, presence, and how far
+    behind the publisher is (admission says `overloaded` past a backlog)."""
 
     @property
     def backlog(self) -> int: ...
 
-    def bind(self, device: str) -> None:
-        """Route `device`'s commands to this worker (refcounted with `unbind`)."""
+    @property
+    def routing(self) -> bool:
+        """Whether a claim can be made now (else the session is claimed once RabbitMQ is back)."""
 
-    def unbind(self, device: str) -> None: ...
+    def claim(self, device: str, started: float, session_id: str) -> None:
+        """Route `device`'s commands to this session, anywhere in the deployment. The answer comes
+        back through `Inbound.routed` (the proof that commands now reach it) or `Inbound.replaced`."""
 
-    def announce(self, device: str, started: float, session_id: str) -> None:
-        """Tell every worker holding `device` (this one too) that this session exists, after its bind.
-        Our own notice comes back through `Inbound.announced`: the proof that the bind is in effect."""
+    def release(self, device: str, session_id: str) -> None:
+        """This session ended: its device's commands are answered `offline` from now on, unless a
+        newer session claimed it."""
 
     def publish_presence(self, device: str, session: str, what: str, data: Any) -> None: ...
 
@@ -117,18 +120,22 @@ class Inbound(Protocol):
     Every method is called in the consumer's reader greenlet and must not block: a slow
     one holds up every delivery behind it."""
 
-    def deliver(self, command: Command) -> None:
-        """A command from our queue, for one of our devices (or one that just left)."""
+    def deliver(self, command: Command, again: bool = False) -> None:
+        """A command for one of our devices (or one that just left), passed on by its partition's owner.
+        `again`: the owner took it from a redelivery (it failed over), so this may be a second copy:
+        the registry drops a command id it has taken."""
 
-    def announced(self, device: str, started: float, session_id: str) -> None:
-        """A takeover notice: a session of `device` (hello time `started`) exists somewhere. Ours too:
-        our own notice coming back proves that the bind written before it is in effect."""
+    def routed(self, device: str, session_id: str) -> None:
+        """That session's claim stands: commands for `device` now reach it and no older session."""
+
+    def replaced(self, device: str, session_id: str) -> None:
+        """A newer session of `device` claimed it somewhere: that session of ours ends `replaced`."""
 
     def live_sessions(self) -> Iterable[tuple[str, float, str]]:
-        """(device, hello time, session id) of every session, to announce again after a reconnect."""
+        """(device, hello time, session id) of every session, to claim again after a reconnect."""
 
     def answer(self, device: str, question: str) -> dict[str, Any] | None:
-        """An operator's question (`info`, `kick`) about a device our queue binds: a dict to send back
+        """An operator's question (`info`, `kick`) about a device routed here: a dict to send back
         (`online` false when no session of it lives here now), or None to stay silent."""
 
 
@@ -144,6 +151,9 @@ class Host(Protocol):
     def watch(self, session: Any) -> None: ...
 
     def forget(self, session: Any) -> None: ...
+
+    @property
+    def routing(self) -> bool: ...
 
     def open(self, session: Any) -> None: ...
 

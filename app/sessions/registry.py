@@ -5,19 +5,19 @@ admission control (who may start a session now), and the glue between the
 broker's deliveries and the sessions: commands, takeovers, presence. Sessions
 call it through the `Host` port; it calls RabbitMQ through the `Outbound` port
 it is built with, and the broker calls it back through the `Inbound` port it
-implements (`deliver`, `announced`, `live_sessions`, and `answer` for an
+implements (`deliver`, `routed`, `replaced`, `live_sessions`, and `answer` for an
 operator's lookup or kick from any worker's HTTP API). The worker's tree
 (app/tree.py) builds the broker, then the registry with it, then attaches the
 registry to the broker: this module imports nothing of app/broker.
 
-Takeover across workers and hosts: a new session binds its device on this
-worker's queue, then announces itself, so every other worker holding that
-device hears of it. Each session is ordered by (hello time, session id). On
-hearing of another session of its device, a session ends with `replaced` if the
-other is newer, and announces itself again if it is the newer one, so that
-whichever way two hellos race, exactly one session survives. After RabbitMQ
-comes back, every worker announces all its sessions again, so that two sessions
-of one device started during an outage find each other.
+Takeover across workers and hosts: a new session claims its device, and the
+device's partition owner (app/broker/partitions.py, the one place that decides
+between racing hellos) answers `routed` to it and `replaced` to the holder of any
+older session, so that whichever way two hellos race, exactly one session
+survives. After RabbitMQ comes back, every worker claims all its sessions again,
+so that two sessions of one device started during an outage find each other.
+An owner that fails over may pass a command on twice: the registry remembers the
+ids of the last commands it took and drops a second copy (at most once).
 """
 
 from __future__ import annotations
@@ -43,11 +43,9 @@ log = logging.getLogger("warren.registry")
 # Publishes queued or awaiting confirms past which new hellos are told `overloaded`:
 # a broker that cannot keep up must not be handed a stampede's presence events too.
 MAX_BROKER_BACKLOG = 20000
-# After a device moved to a newer session on another worker, how long our binding (until its
-# unbind takes effect) leaves that device's commands to the new holder; and how many such devices
-# are remembered before the expired ones are swept out.
-MOVED_GRACE = 10.0
-MOVED_MEMORY = 4096
+# Command ids remembered, so that a command an owner passes on twice (it died before its ack) reaches
+# the device once: an owner's failover redelivers within seconds, far fewer commands than this.
+TAKEN_MEMORY = 65536
 
 
 class Registry:
@@ -62,7 +60,7 @@ class Registry:
         self.hellos = TokenBucket(config.hello_rate, max(1, int(config.hello_rate)))
         self.shutting_down = False
         self.drain_window = 10.0
-        self._moved: dict[str, float] = {}  # device -> until when a newer session elsewhere answers for it
+        self._taken: dict[tuple[str, str], None] = {}  # (device, id) of the last commands delivered, oldest first
 
     # -- admission --------------------------------------------------------------
     def admit(self) -> tuple[str, float] | None:
@@ -79,6 +77,11 @@ class Registry:
         """A jittered wait, so that devices told to go away do not come back together."""
         return random.uniform(1.0, self.drain_window)
 
+    @property
+    def routing(self) -> bool:
+        """Whether a new session can be routed now (else it is welcomed, and claimed once RabbitMQ is back)."""
+        return self.broker.routing
+
     # -- deadlines (the watchdog sweeps every connection that is a session, hello included) ---------
     def watch(self, session: Session) -> None:
         self.watchdog.watch(session)
@@ -92,8 +95,7 @@ class Registry:
         if older is not None:
             older.end("replaced")
         self.sessions[session.device] = session
-        self.broker.bind(session.device)
-        self.broker.announce(session.device, session.started, session.id)
+        self.broker.claim(session.device, session.started, session.id)
         transport = session.conn.transport
         metrics.SESSIONS.labels(transport=transport).inc()
         metrics.SESSIONS_OPENED.labels(transport=transport).inc()
@@ -108,7 +110,7 @@ class Registry:
     def close(self, session: Session, reason: str) -> None:
         if self.sessions.get(session.device) is session:
             del self.sessions[session.device]
-        self.broker.unbind(session.device)
+        self.broker.release(session.device, session.id)
         metrics.SESSIONS.labels(transport=session.conn.transport).dec()
         metrics.SESSIONS_CLOSED.labels(reason=reason).inc()
         metrics.SESSIONS_BY_WORKER.set(len(self.sessions))
@@ -117,12 +119,20 @@ class Registry:
                                           "reason": reason, "transport": session.conn.transport})
 
     def live_sessions(self) -> list[tuple[str, float, str]]:
-        """(device, hello time, session id) of every session, for the broker to announce again."""
+        """(device, hello time, session id) of every session, for the broker to claim again."""
         return [(s.device, s.started, s.id) for s in self.sessions.values()]
 
     # -- from RabbitMQ (the `Inbound` port) -----------------------------------------------
-    def deliver(self, command: Command) -> None:
-        """A command from our queue: to its device's session, or `offline`/`expired` to its sender."""
+    def deliver(self, command: Command, again: bool = False) -> None:
+        """A command passed on to us: to its device's session, or `offline`/`expired` to its sender.
+        `again`: its owner took it from a redelivery, so it may have passed it on to us already."""
+        taken, key = self._taken, (command.device, command.id)
+        if again and key in taken:
+            metrics.COMMANDS.labels(outcome="duplicate").inc()
+            return
+        taken[key] = None
+        if len(taken) > TAKEN_MEMORY:
+            del taken[next(iter(taken))]
         if command.deadline <= time.monotonic():
             metrics.COMMANDS.labels(outcome="expired").inc()
             self.broker.reply(command, ok=False, error="expired")
@@ -130,51 +140,25 @@ class Registry:
         session = self.sessions.get(command.device)
         if session is not None and session.deliver(command):
             return
-        if self._moved_away(command.device):
-            # Our binding for it is still in effect, but a newer session holds the device
-            # elsewhere and RabbitMQ delivered this command there too: answering `offline` here
-            # would race the device's own reply to the sender.
-            metrics.COMMANDS.labels(outcome="moved").inc()
-            return
         metrics.COMMANDS_OFFLINE.inc()
         self.broker.reply(command, ok=False, error="offline")
 
-    def _moved_away(self, device: str) -> bool:
-        until = self._moved.get(device)
-        if until is None:
-            return False
-        if until > time.monotonic():
-            return True
-        del self._moved[device]
-        return False
-
-    def _remember_moved(self, device: str) -> None:
-        """`device` now lives elsewhere; for MOVED_GRACE seconds our stale binding stays silent about it."""
-        now = time.monotonic()
-        if len(self._moved) >= MOVED_MEMORY:
-            self._moved = {d: until for d, until in self._moved.items() if until > now}
-        self._moved[device] = now + MOVED_GRACE
-
-    def announced(self, device: str, started: float, session_id: str) -> None:
-        """A takeover notice: another session of `device` exists somewhere (or our own notice came back,
-        which proves our bind)."""
+    def routed(self, device: str, session_id: str) -> None:
+        """The owner says this session's claim stands: it may be welcomed."""
         session = self.sessions.get(device)
-        if session is None:
-            return
-        if session.id == session_id:  # our own notice: the bind before it is in effect
+        if session is not None and session.id == session_id:
             session.route_confirmed()
-            return
-        if (session.started, session.id) < (started, session_id):
+
+    def replaced(self, device: str, session_id: str) -> None:
+        """The owner says a newer session of `device` claimed it: ours ends, if it is still the one."""
+        session = self.sessions.get(device)
+        if session is not None and session.id == session_id:
             session.end("replaced")
-            self._remember_moved(device)
-        else:
-            self.broker.announce(device, session.started, session.id)
 
     # -- operators (PROTOCOL.md section 6): asked through RabbitMQ by any worker's HTTP API ---------
     def answer(self, device: str, question: str) -> dict[str, Any] | None:
-        """`Inbound.answer`. Only a worker whose queue binds `device` is asked; one that
-        holds no session of it now (it just ended, the unbind is on its way) says so with `online`
-        false, and the asking side waits a moment for the worker that may hold the newer session."""
+        """`Inbound.answer`. Only the worker the device's owner routes it to is asked; one that holds
+        no session of it now (it just ended, its release on the way) says so with `online` false."""
         if question not in ("info", "kick"):
             return None
         answer = self.info(device) if question == "info" else self.kick(device)

@@ -13,7 +13,7 @@ answer to "where is this session", and `close_code` is set exactly when it is
 CLOSING:
 
     GREETING  connected, waiting for the hello (the watchdog enforces HELLO_TIMEOUT)
-    ROUTING   registered; waiting until RabbitMQ routes this device's commands here
+    ROUTING   registered; waiting until its partition's owner routes this device's commands here
     OPEN      welcomed; frames flow (the watchdog enforces 2 x heartbeat of silence)
     CLOSING   ending with `close_code`; nothing more is delivered
 
@@ -154,14 +154,17 @@ class Session:
         self.bucket = TokenBucket(config.event_rate, config.event_burst)
         self.state, self.routed = State.ROUTING, Event()
         self.host.open(self)
-        # Welcome only once RabbitMQ routes this device's commands here: a backend that sends a
-        # command as soon as the device is welcomed (or on `session.connected`) must not get
-        # `offline`. The registry calls `route_confirmed` when the proof arrives.
-        if self.backend.accepting:
-            self.routed.wait(config.route_wait)
+        # Welcome only once this device's partition owner says its commands come here (the registry
+        # calls `route_confirmed`): a backend that sends a command as soon as the device is welcomed
+        # (or on `session.connected`) must reach this session, not `offline` nor an older one. With
+        # RabbitMQ away there is no owner to ask: welcome now, the claim follows when it is back.
+        # No answer within ROUTE_WAIT (a partition whose queue lost its majority): no welcome.
+        if self.host.routing and not self.routed.wait(config.route_wait):
+            metrics.HELLO_FAILURES.labels(code="overloaded").inc()
+            self.end("overloaded", "this device's commands cannot be routed yet", self.host.retry_after())
         self.routed = None
         self.host.welcomed(self)
-        if self.state is State.CLOSING:  # replaced while waiting: _serve ends at once
+        if self.state is State.CLOSING:  # replaced (or refused) while waiting: _serve ends at once
             self._answer_held_offline()
             return True
         self.state = State.OPEN

@@ -1,0 +1,157 @@
+"""Where each device of a partition lives, and who wins when two hellos race: the partition owner's rules.
+
+Sans-I/O: messages in (claims, releases, commands, a holder's queue gone), actions
+out (acks, notices, forwards). app/broker/partitions.py reads a partition queue into
+it and carries its actions out; nothing here does I/O, so the unit tier drives it
+directly and a hypothesis model checks it (tests/unit/test_routing_model.py).
+
+A partition is a quorum queue consumed by one worker at a time (single active
+consumer). Every message for the partition's devices passes through it in one
+order: the claims and releases that holders publish as sessions start and end,
+and the commands backends publish (through `devices.commands`' alternate
+exchange). The entry of a device is the claim that made it, held unacknowledged:
+the directory is the set of unacked claims, so when the owner dies RabbitMQ hands
+all of them, in their order and ahead of anything newer, to the next owner, which
+rebuilds the same directory before it reads a single later command. Nothing is
+written to RabbitMQ's metadata store for it.
+
+Which claim wins. A `fresh` claim (a new session's) always wins: the last to reach
+the owner is the session whose hello arrived last, and the older holder is told
+`Replaced`. A claim that is not fresh is a holder re-stating a live session after
+its own connection to RabbitMQ came back (its queue, and the name we forward to,
+changed): it takes an empty or its own entry; against another session the newer
+hello time wins, so two sessions started during an outage resolve to one.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class Entry:
+    """A device's live session, as its current claim says."""
+
+    session: str
+    started: float  # the hello's wall-clock time, seconds
+    holder: str  # the holder's queue: forwards go there by name
+    tag: int  # the claim's delivery tag, unacked while the entry stands
+    partition: int
+    since: float  # when that claim was delivered (monotonic), for `due_refresh`
+
+
+# Actions, as tuples headed by their kind (the owner's hot path builds thousands a second).
+ACK = "ack"  # (ACK, tag): the message is done with
+ROUTED = "routed"  # (ROUTED, holder, device, session): the claim stands; the session may be welcomed
+REPLACED = "replaced"  # (REPLACED, holder, device, session): that session lost its device; end it
+FORWARD = "forward"  # (FORWARD, tag, holder): send the command to the holder; ack it once confirmed
+OFFLINE = "offline"  # (OFFLINE, tag): answer the command `offline`; ack it once that is sent
+REFRESH = "refresh"  # (REFRESH, tag, partition, device, entry): publish the claim again, ack `tag` once confirmed
+
+Action = tuple
+
+
+class Directory:
+    """The devices of the partitions this worker owns: device -> Entry, and holder -> devices."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, Entry] = {}
+        self._by_holder: dict[str, set[str]] = {}
+        self._ages: deque[tuple[float, str, int]] = deque()  # (since, device, tag) in delivery order
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def holder_of(self, device: str) -> str | None:
+        entry = self.entries.get(device)
+        return None if entry is None else entry.holder
+
+    # -- messages in -----------------------------------------------------------------------
+    def claim(self, tag: int, device: str, session: str, started: float, holder: str, *, fresh: bool,
+              partition: int, now: float) -> list[Action]:
+        """A holder says `session` of `device` lives in its queue `holder`."""
+        current = self.entries.get(device)
+        if current is not None and current.session != session and not fresh \
+                and (current.started, current.session) > (started, session):
+            return [(ACK, tag), (REPLACED, holder, device, session)]  # a re-stated older session lost
+        actions: list[Action] = []
+        if current is not None:
+            self._remove(device, current)
+            actions.append((ACK, current.tag))
+            if current.session != session:
+                actions.append((REPLACED, current.holder, device, current.session))
+        self._put(device, Entry(session, started, holder, tag, partition, now))
+        actions.append((ROUTED, holder, device, session))
+        return actions
+
+    def release(self, tag: int, device: str, session: str) -> list[Action]:
+        """A holder says `session` of `device` ended; a release of any other session changes nothing."""
+        current = self.entries.get(device)
+        if current is None or current.session != session:
+            return [(ACK, tag)]
+        self._remove(device, current)
+        return [(ACK, current.tag), (ACK, tag)]
+
+    def command(self, tag: int, device: str) -> Action:
+        """A command (or an operator's question) for `device`: to its holder, or answered offline."""
+        current = self.entries.get(device)
+        if current is None:
+            return (OFFLINE, tag)
+        return (FORWARD, tag, current.holder)
+
+    def holder_gone(self, holder: str) -> list[Action]:
+        """RabbitMQ returned something sent to `holder`: its queue is gone, and with it every session
+        it held (a holder that reconnects re-claims its live ones under its new queue's name)."""
+        devices = self._by_holder.pop(holder, set())
+        actions: list[Action] = []
+        for device in devices:
+            entry = self.entries.pop(device)
+            actions.append((ACK, entry.tag))
+        return actions
+
+    def refreshed(self, tag: int, device: str, session: str, *, now: float) -> list[Action]:
+        """A claim this owner published again (`due_refresh`) came back: it keeps the entry from now on;
+        the earlier claim is acked by whoever confirmed the copy. A stale copy is just acked."""
+        current = self.entries.get(device)
+        if current is None or current.session != session:
+            return [(ACK, tag)]
+        current.tag, current.since = tag, now
+        self._ages.append((now, device, tag))
+        return []
+
+    # -- time -------------------------------------------------------------------------------
+    def due_refresh(self, older_than: float, limit: int) -> list[Action]:
+        """Entries whose claim was delivered before `older_than`: publish each again, so that no
+        delivery stays unacked past RabbitMQ's consumer timeout (which would close our channel)."""
+        actions: list[Action] = []
+        ages = self._ages
+        while ages and ages[0][0] < older_than and len(actions) < limit:
+            _since, device, tag = ages.popleft()
+            entry = self.entries.get(device)
+            if entry is not None and entry.tag == tag:
+                actions.append((REFRESH, tag, entry.partition, device, entry))
+        return actions
+
+    def reset(self) -> None:
+        """Our connection is gone and every unacked claim with it: the next owner has them now."""
+        self.entries.clear()
+        self._by_holder.clear()
+        self._ages.clear()
+
+    # -- the two indexes ------------------------------------------------------------------------
+    def _put(self, device: str, entry: Entry) -> None:
+        self.entries[device] = entry
+        self._by_holder.setdefault(entry.holder, set()).add(device)
+        ages = self._ages
+        ages.append((entry.since, device, entry.tag))
+        if len(ages) > 2 * len(self.entries) + 1024:  # replaced claims' ages pile up in a stampede: compact
+            self._ages = deque(sorted((e.since, d, e.tag) for d, e in self.entries.items()))
+
+    def _remove(self, device: str, entry: Entry) -> None:
+        del self.entries[device]
+        devices = self._by_holder.get(entry.holder)
+        if devices is not None:
+            devices.discard(device)
+            if not devices:
+                del self._by_holder[entry.holder]

@@ -1,0 +1,303 @@
+"""A worker as the owner of routing partitions: the directory of their devices, carried out on RabbitMQ.
+
+How a command finds its device (PROTOCOL.md section 5), with nothing per device in
+RabbitMQ's metadata store:
+
+    backend --devices.commands--> (no binding: its alternate exchange, a policy)
+        --warren.routes (x-consistent-hash on the device id)--> warren.routes.<p>, one of PARTITIONS
+        quorum queues, each consumed by one worker at a time (single active consumer): its owner
+        --by name, default exchange--> the holder's own queue --> the session --> the device
+
+A holder publishes a claim to the device's partition when a session starts and a
+release when it ends (consumer.py); the owner decides (directory.py), tells the
+holder `routed` (the session may be welcomed) and an older holder `replaced`, and
+passes each command on to the holder, or answers `offline` itself. A claim stays
+unacked while its session lives, so the partition queue holds the directory: when
+an owner dies RabbitMQ redelivers every live claim, in order and ahead of anything
+newer, to the next subscriber, which rebuilds the directory before it reads a
+later command. Every worker subscribes to every partition (at once to its share,
+after STANDBY_DELAY to the rest, so that owners spread over the workers).
+
+What the owner publishes goes on a channel in confirm mode, and what it took from
+a partition is acked only once that is confirmed: an owner that dies in between
+leaves the message to the next one (a forward may then reach its holder twice: the
+holder drops a command id it has already taken). A forward or a notice RabbitMQ
+returns means the holder's queue is gone, and every session it held with it: the
+owner drops them all and answers the command `offline`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import amqp.exceptions
+import orjson
+from kombu import Exchange, Queue
+
+from app import metrics
+from app.broker import frames
+from app.broker.directory import ACK, FORWARD, OFFLINE, REFRESH, REPLACED, ROUTED, Action, Directory
+from app.broker.messages import (
+    AGAIN_HEADER,
+    ASK_TYPE,
+    CLAIM_COPY,
+    CLAIM_TYPE,
+    COMMANDS_EXCHANGE,
+    DEVICE_HEADER,
+    FORWARD_TYPE,
+    PARTITION_ARGUMENTS,
+    PARTITION_WEIGHT,
+    PARTITIONS,
+    PING,
+    PROBE_TYPE,
+    RELEASE_TYPE,
+    REPLACED_NOTICE,
+    REPLY,
+    ROUTED_NOTICE,
+    ROUTES_EXCHANGE,
+    TAG_HEADER,
+    claim_body,
+    decode_claim,
+    decode_notice,
+    notice_body,
+    partition_queue,
+    reply_body,
+)
+from app.broker.wires import HASH_EXCHANGE_PLUGIN, MissingFeature, Wire
+
+log = logging.getLogger("warren.routing")
+
+STANDBY_DELAY = 2.0  # seconds after connecting before a worker subscribes to the partitions it does not prefer
+CLAIM_REFRESH = 600.0  # a claim older than this is published again: RabbitMQ's consumer timeout is 30 min by default
+REFRESH_BATCH = 1000  # claims published again per tick, at most
+PROBE_KEY = "warren.probe"  # no device id has a dot: no session can hold it
+
+
+class PartitionOwner:
+    """The partitions this worker consumes, their directory, and what it publishes and acks for them.
+
+    Its handlers run in the link's reader (deliveries, confirms, returns) and queue what is to
+    be written; `write` runs in the link's writer. `wake` asks the link for a writer pass.
+    """
+
+    def __init__(self, slot: int, slots: int, wake: Callable[[], None]) -> None:
+        self.directory = Directory()
+        self._preferred = [p for p in range(PARTITIONS) if p % max(1, slots) == slot % max(1, slots)]
+        self._wake = wake
+        self._wire: Wire | None = None  # this connection's, from `setup` until `on_lost`
+        self._channel: Any = None
+        self._channel_id = 0
+        self._todo: deque[tuple[Any, ...]] = deque()
+        self._seq = 0  # publishes on our channel since confirm_select, numbered as RabbitMQ numbers them
+        self._after: dict[int, int] = {}  # publish seq -> the delivery tag to ack once it is confirmed
+        self._answering: set[int] = set()  # delivery tags whose forward came back: acked after their `offline`
+        self._unsubscribed: list[int] = []
+        self._standby_at = 0.0
+
+    @property
+    def subscribed(self) -> int:
+        return PARTITIONS - len(self._unsubscribed) if self._channel is not None else 0
+
+    # -- the link's setup ------------------------------------------------------------------------
+    def setup(self, wire: Wire, now: float) -> None:
+        """Declare the routes (idempotent: a fixed handful, whatever the number of devices), check the
+        alternate exchange, open our channel; the subscriptions follow in the writer."""
+        channel = wire.channel
+        try:
+            Exchange(ROUTES_EXCHANGE, type=wire.hash_exchange_type, durable=True)(channel).declare()
+        except amqp.exceptions.AMQPError as exc:
+            if "exchange type" in str(exc):
+                raise MissingFeature(f"RabbitMQ lacks the {HASH_EXCHANGE_PLUGIN} plugin (it ships with RabbitMQ): "
+                                     f"rabbitmq-plugins enable {HASH_EXCHANGE_PLUGIN}") from exc
+            raise
+        partitions = PARTITIONS if wire.hash_exchange_type != "fanout" else 1
+        for partition in range(partitions):
+            queue = Queue(partition_queue(partition), durable=True, auto_delete=False,
+                          queue_arguments=PARTITION_ARGUMENTS)(channel)
+            queue.declare()
+            channel.queue_bind(partition_queue(partition), ROUTES_EXCHANGE, routing_key=PARTITION_WEIGHT)
+        wire.check_alternate(COMMANDS_EXCHANGE, ROUTES_EXCHANGE, (PROBE_KEY, {"type": PROBE_TYPE}))
+        self._wire = wire
+        self._channel = wire.channel_for(acks=True)
+        self._channel_id = getattr(self._channel, "channel_id", 0)
+        self._seq = 0
+        preferred = [p for p in self._preferred if p < partitions] or list(range(partitions))
+        self._unsubscribed = preferred + [p for p in range(partitions) if p not in preferred]
+        self._standby_at = now + STANDBY_DELAY
+        self._subscribe(len(preferred))
+
+    def on_lost(self) -> None:
+        """Our connection is gone, and every delivery we held unacked went back to its partition."""
+        self.directory.reset()
+        self._todo.clear()
+        self._after.clear()
+        self._answering.clear()
+        self._wire = self._channel = None
+
+    # -- the writer ----------------------------------------------------------------------------------
+    def write(self, wire: Wire, budget: int) -> bool:
+        """Carry out up to `budget` queued actions; True when more wait."""
+        todo, channel = self._todo, self._channel_id
+        for _ in range(budget):
+            if not todo:
+                return False
+            item = todo.popleft()
+            what = item[0]
+            if what is ACK:
+                wire.ack(item[1], channel)
+            elif what is FORWARD:
+                _, holder, properties, body, tag = item
+                self._published(tag)
+                wire.forward(holder, properties, body, channel)
+            else:  # a publish: (kind, routing key, body, values, tag to ack once confirmed)
+                _, kind, routing_key, body, values, tag = item
+                self._published(tag)
+                wire.publish(kind, routing_key, body, values, channel)
+        return bool(todo)
+
+    def tick(self, now: float) -> None:
+        """In the writer, about once a second: the standby subscriptions when due, and old claims."""
+        if self._unsubscribed and now >= self._standby_at:
+            self._subscribe(len(self._unsubscribed))
+        due = self.directory.due_refresh(now - CLAIM_REFRESH, REFRESH_BATCH)
+        holders = set()
+        for _, tag, partition, device, entry in due:
+            holders.add(entry.holder)
+            body = claim_body(device, entry.session, entry.started, entry.holder, False)
+            self._todo.append(("publish", CLAIM_COPY, partition_queue(partition), body, (), tag))
+        for holder in holders:  # a holder that died idle is found out here: its pings come back
+            self._todo.append(("publish", PING, holder, b"", (holder,), 0))
+        if due:
+            self._wake()
+
+    def _subscribe(self, count: int) -> None:
+        wire = self._wire
+        if wire is None:
+            return
+        for partition in self._unsubscribed[:count]:
+            wire.consume(self._channel, partition_queue(partition),
+                         lambda *delivery, p=partition: self.delivered(p, *delivery), acks=True, nowait=True)
+        del self._unsubscribed[:count]
+
+    def _published(self, tag: int) -> None:
+        self._seq += 1
+        self._after[self._seq] = tag
+
+    # -- the reader ---------------------------------------------------------------------------------
+    def delivered(self, partition: int, tag: int, redelivered: bool, exchange: str, routing_key: str,
+                  properties: dict[str, Any], body: bytes) -> None:
+        """One message of a partition we own: a claim, a release, a command, or our own probe or copy."""
+        kind = properties.get("type")
+        now = time.monotonic()
+        if kind == CLAIM_TYPE:
+            claim = decode_claim(body)
+            if claim is None:
+                actions: list[Action] = [(ACK, tag)]
+            elif not exchange:  # our own copy (`tick`), not a holder's claim
+                actions = self.directory.refreshed(tag, claim[0], claim[1], now=now)
+            else:
+                device, session, started, holder, fresh = claim
+                actions = self.directory.claim(tag, device, session, started, holder, fresh=fresh,
+                                               partition=partition, now=now)
+        elif kind == RELEASE_TYPE:
+            notice = decode_notice(body)
+            actions = [(ACK, tag)] if notice is None else self.directory.release(tag, *notice)
+        elif kind != PROBE_TYPE and exchange:  # a command or an operator's question (through the alternate)
+            action = self.directory.command(tag, routing_key)
+            if action[0] is FORWARD:
+                self._forward(tag, action[2], routing_key, properties, body, redelivered)
+                return
+            actions = [action]
+        else:
+            actions = [(ACK, tag)]  # a probe, or nothing of ours
+        self._carry_out(actions, properties, routing_key)
+
+    def _carry_out(self, actions: list[Action], properties: dict[str, Any], device: str) -> None:
+        todo = self._todo
+        for action in actions:
+            what = action[0]
+            if what is ACK:
+                todo.append(action)
+            elif what is ROUTED:
+                _, holder, device_id, session = action
+                todo.append(("publish", ROUTED_NOTICE, holder, notice_body(device_id, session), (device_id,), 0))
+            elif what is REPLACED:
+                _, holder, device_id, session = action
+                todo.append(("publish", REPLACED_NOTICE, holder, notice_body(device_id, session), (device_id,), 0))
+            elif what is OFFLINE:
+                self._answer_offline(action[1], device, properties)
+            elif what is REFRESH:  # pragma: no cover - produced by `due_refresh` only, in `tick`
+                raise AssertionError("refresh actions are the tick's")
+        self._wake()
+
+    def _forward(self, tag: int, holder: str, device: str, properties: dict[str, Any], body: bytes,
+                 redelivered: bool) -> None:
+        properties = dict(properties)
+        headers = {**(properties.get("application_headers") or {}), DEVICE_HEADER: device, TAG_HEADER: tag}
+        if redelivered:
+            headers[AGAIN_HEADER] = True
+        properties["application_headers"] = headers
+        if properties.get("type") != ASK_TYPE:
+            properties["type"] = FORWARD_TYPE
+        if not properties.get("message_id"):  # the command id the device sees, fixed before it travels on
+            properties["message_id"] = uuid.uuid4().hex
+        self._todo.append((FORWARD, holder, properties, body, tag))
+        self._wake()
+
+    def _answer_offline(self, tag: int, device: str, properties: dict[str, Any]) -> None:
+        """No session of `device` anywhere: its sender hears so now, and the command is acked after."""
+        reply_to = properties.get("reply_to")
+        if not reply_to:
+            self._todo.append((ACK, tag))
+            return
+        command_id = str(properties.get("message_id") or "")
+        correlation_id = str(properties.get("correlation_id") or command_id)
+        if properties.get("type") == ASK_TYPE:
+            body = orjson.dumps({"device": device, "online": False})
+        else:
+            metrics.COMMANDS_OFFLINE.inc()
+            body = reply_body(device, command_id, False, None, "offline")
+        self._todo.append(("publish", REPLY, reply_to, body, (correlation_id,), tag))
+
+    def confirmed(self, payload: bytes) -> None:
+        """basic.ack (or nack) of our publishes: ack what each of them was carrying out."""
+        seq, multiple = frames.decode_ack(payload)
+        after, answering, todo = self._after, self._answering, self._todo
+        if multiple:
+            done = []
+            for s in after:  # in publish order: stop at the first one not covered
+                if s > seq:
+                    break
+                done.append(s)
+        else:
+            done = [seq] if seq in after else []
+        if payload[:4] == frames.BASIC_NACK:
+            log.warning("RabbitMQ refused %d of the routing's publishes (an internal error of the queue)", len(done))
+        for s in done:
+            tag = after.pop(s)
+            if tag in answering:
+                answering.discard(tag)  # came back: the `offline` answer acks it
+            elif tag:
+                todo.append((ACK, tag))
+        if todo:
+            self._wake()
+
+    def returned(self, method: bytes, properties: dict[str, Any], _body: bytes) -> None:
+        """RabbitMQ returned a forward or a notice: its holder's queue is gone, and every session in it."""
+        _code, _exchange, holder = frames.decode_return(method)
+        actions = self.directory.holder_gone(holder)
+        if actions:
+            log.info("holder %s is gone: %d sessions dropped from the directory", holder, len(actions))
+        headers = properties.get("application_headers") or {}
+        tag, device = headers.get(TAG_HEADER), headers.get(DEVICE_HEADER)
+        if isinstance(tag, int) and isinstance(device, str):
+            self._answering.add(tag)
+            self._answer_offline(tag, device, properties)
+        self._carry_out(actions, properties, "")
+
+
