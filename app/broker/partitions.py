@@ -250,19 +250,21 @@ class PartitionOwner:
         self._wake()
 
     def _answer_offline(self, tag: int, device: str, properties: dict[str, Any]) -> None:
-        """No session of `device` anywhere: its sender hears so now, and the command is acked after."""
+        """No session of `device` anywhere: its sender hears so now. The command is acked right behind
+        the answer, on the same channel, so RabbitMQ takes both or (the connection cut between two
+        frames) leaves the command to the next owner with its answer sent: no window of seconds
+        between an answer and its ack in which a failover could answer twice."""
         reply_to = properties.get("reply_to")
-        if not reply_to:
-            self._todo.append((ACK, tag))
-            return
-        command_id = str(properties.get("message_id") or "")
-        correlation_id = str(properties.get("correlation_id") or command_id)
-        if properties.get("type") == ASK_TYPE:
-            body = orjson.dumps({"device": device, "online": False})
-        else:
-            metrics.COMMANDS_OFFLINE.inc()
-            body = reply_body(device, command_id, False, None, "offline")
-        self._todo.append(("publish", REPLY, reply_to, body, (correlation_id,), tag))
+        if reply_to:
+            command_id = str(properties.get("message_id") or "")
+            correlation_id = str(properties.get("correlation_id") or command_id)
+            if properties.get("type") == ASK_TYPE:
+                body = orjson.dumps({"device": device, "online": False})
+            else:
+                metrics.COMMANDS_OFFLINE.inc()
+                body = reply_body(device, command_id, False, None, "offline")
+            self._todo.append(("publish", REPLY, reply_to, body, (correlation_id,), 0))
+        self._todo.append((ACK, tag))
 
     def confirmed(self, payload: bytes) -> None:
         """basic.ack (or nack) of our publishes: ack what each of them was carrying out."""
@@ -281,7 +283,7 @@ class PartitionOwner:
         for s in done:
             tag = after.pop(s)
             if tag in answering:
-                answering.discard(tag)  # came back: the `offline` answer acks it
+                answering.discard(tag)  # came back, and acked behind its `offline` answer
             elif tag:
                 todo.append((ACK, tag))
         if todo:
@@ -295,7 +297,10 @@ class PartitionOwner:
             log.info("holder %s is gone: %d sessions dropped from the directory", holder, len(actions))
         headers = properties.get("application_headers") or {}
         tag, device = headers.get(TAG_HEADER), headers.get(DEVICE_HEADER)
-        if isinstance(tag, int) and isinstance(device, str):
+        # A forward taken from a redelivery may have reached the device through the owner before us
+        # (whose holder has died since): answering `offline` could make a second answer. It stays
+        # unanswered (the sender's wait expires), and is acked when its confirm comes.
+        if isinstance(tag, int) and isinstance(device, str) and headers.get(AGAIN_HEADER) is not True:
             self._answering.add(tag)
             self._answer_offline(tag, device, properties)
         self._carry_out(actions, properties, "")

@@ -1,0 +1,133 @@
+"""The partition owner's rules (app/broker/directory.py), one message at a time."""
+
+from __future__ import annotations
+
+from app.broker.directory import ACK, FORWARD, OFFLINE, REFRESH, REPLACED, ROUTED, Directory
+
+
+def claim(directory: Directory, tag: int, device: str, session: str, holder: str, *, started: float = 0.0,
+          fresh: bool = True, now: float = 0.0) -> list[tuple]:
+    return directory.claim(tag, device, session, started, holder, fresh=fresh, partition=3, now=now)
+
+
+def test_a_first_claim_is_routed_and_kept_unacked() -> None:
+    directory = Directory()
+    assert claim(directory, 1, "lock-1", "s1", "q-a") == [(ROUTED, "q-a", "lock-1", "s1")]
+    assert directory.holder_of("lock-1") == "q-a" and len(directory) == 1
+    assert directory.command(2, "lock-1") == (FORWARD, 2, "q-a")
+
+
+def test_a_command_for_a_device_nobody_claimed_is_answered_offline() -> None:
+    assert Directory().command(7, "lock-9") == (OFFLINE, 7)
+
+
+def test_a_fresh_claim_replaces_the_older_session_whatever_its_hello_time() -> None:
+    directory = Directory()
+    claim(directory, 1, "lock-1", "s1", "q-a", started=200.0)
+    # The later claim at the owner is the later hello, even if its host's clock is behind.
+    actions = claim(directory, 2, "lock-1", "s2", "q-b", started=100.0)
+    assert actions == [(ACK, 1), (REPLACED, "q-a", "lock-1", "s1"), (ROUTED, "q-b", "lock-1", "s2")]
+    assert directory.command(3, "lock-1") == (FORWARD, 3, "q-b")
+
+
+def test_a_restated_older_session_loses_to_the_one_started_meanwhile() -> None:
+    directory = Directory()
+    claim(directory, 1, "lock-1", "s2", "q-b", started=200.0)
+    actions = claim(directory, 2, "lock-1", "s1", "q-a2", started=100.0, fresh=False)
+    assert actions == [(ACK, 2), (REPLACED, "q-a2", "lock-1", "s1")]
+    assert directory.holder_of("lock-1") == "q-b"
+
+
+def test_a_restated_newer_session_wins() -> None:
+    directory = Directory()
+    claim(directory, 1, "lock-1", "s1", "q-a", started=100.0)
+    actions = claim(directory, 2, "lock-1", "s2", "q-b2", started=200.0, fresh=False)
+    assert actions == [(ACK, 1), (REPLACED, "q-a", "lock-1", "s1"), (ROUTED, "q-b2", "lock-1", "s2")]
+
+
+def test_a_holder_restating_its_own_session_moves_it_to_its_new_queue() -> None:
+    directory = Directory()
+    claim(directory, 1, "lock-1", "s1", "q-a", started=100.0)
+    actions = claim(directory, 5, "lock-1", "s1", "q-a-new", started=100.0, fresh=False)
+    assert actions == [(ACK, 1), (ROUTED, "q-a-new", "lock-1", "s1")]
+    assert directory.command(6, "lock-1") == (FORWARD, 6, "q-a-new")
+
+
+def test_a_release_of_the_current_session_acks_its_claim() -> None:
+    directory = Directory()
+    claim(directory, 1, "lock-1", "s1", "q-a")
+    assert directory.release(2, "lock-1", "s1") == [(ACK, 1), (ACK, 2)]
+    assert directory.command(3, "lock-1") == (OFFLINE, 3)
+
+
+def test_a_release_of_a_replaced_session_changes_nothing() -> None:
+    directory = Directory()
+    claim(directory, 1, "lock-1", "s1", "q-a")
+    claim(directory, 2, "lock-1", "s2", "q-b")
+    assert directory.release(3, "lock-1", "s1") == [(ACK, 3)]
+    assert directory.holder_of("lock-1") == "q-b"
+
+
+def test_a_holder_gone_takes_all_its_sessions_and_only_its_own() -> None:
+    directory = Directory()
+    claim(directory, 1, "lock-1", "s1", "q-a")
+    claim(directory, 2, "lock-2", "s2", "q-a")
+    claim(directory, 3, "lock-3", "s3", "q-b")
+    assert sorted(directory.holder_gone("q-a")) == [(ACK, 1), (ACK, 2)]
+    assert directory.command(4, "lock-1") == (OFFLINE, 4)
+    assert directory.command(5, "lock-3") == (FORWARD, 5, "q-b")
+    assert directory.holder_gone("q-a") == []
+
+
+def test_a_holder_gone_after_its_device_moved_keeps_the_new_session() -> None:
+    directory = Directory()
+    claim(directory, 1, "lock-1", "s1", "q-a")
+    claim(directory, 2, "lock-1", "s2", "q-b")
+    assert directory.holder_gone("q-a") == []
+    assert directory.holder_of("lock-1") == "q-b"
+
+
+def test_old_claims_are_due_for_refresh_and_the_copy_takes_over() -> None:
+    directory = Directory()
+    claim(directory, 1, "lock-1", "s1", "q-a", now=10.0)
+    claim(directory, 2, "lock-2", "s2", "q-a", now=50.0)
+    due = directory.due_refresh(older_than=20.0, limit=10)
+    assert [(kind, tag, partition, device) for kind, tag, partition, device, _ in due] == [(REFRESH, 1, 3, "lock-1")]
+    assert directory.due_refresh(older_than=20.0, limit=10) == []  # asked once per delivery
+    assert directory.refreshed(9, "lock-1", "s1", now=60.0) == []
+    assert directory.release(10, "lock-1", "s1") == [(ACK, 9), (ACK, 10)]  # the copy is the entry now
+
+
+def test_a_copy_of_a_claim_replaced_meanwhile_is_just_acked() -> None:
+    directory = Directory()
+    claim(directory, 1, "lock-1", "s1", "q-a")
+    claim(directory, 2, "lock-1", "s2", "q-b")
+    assert directory.refreshed(3, "lock-1", "s1", now=1.0) == [(ACK, 3)]
+
+
+def test_refresh_skips_replaced_claims_and_respects_the_limit() -> None:
+    directory = Directory()
+    for tag in range(1, 6):
+        claim(directory, tag, f"lock-{tag}", "s", "q-a", now=float(tag))
+    claim(directory, 6, "lock-1", "s-new", "q-b", now=100.0)
+    due = directory.due_refresh(older_than=50.0, limit=2)
+    assert [action[1] for action in due] == [2, 3]
+    assert [action[1] for action in directory.due_refresh(older_than=50.0, limit=10)] == [4, 5]
+
+
+def test_the_age_list_stays_bounded_through_a_stampede_of_replacements() -> None:
+    directory = Directory()
+    for tag in range(1, 20001):
+        claim(directory, tag, f"lock-{tag % 10}", f"s{tag}", "q-a", now=float(tag))
+    assert len(directory) == 10
+    assert len(directory._ages) <= 2 * 10 + 1024 + 1
+    due = directory.due_refresh(older_than=1e9, limit=100)
+    assert sorted(action[1] for action in due) == list(range(19991, 20001))
+
+
+def test_reset_forgets_everything() -> None:
+    directory = Directory()
+    claim(directory, 1, "lock-1", "s1", "q-a")
+    directory.reset()
+    assert len(directory) == 0 and directory.command(2, "lock-1") == (OFFLINE, 2)
+    assert directory.due_refresh(older_than=1e9, limit=10) == []
