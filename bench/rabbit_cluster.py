@@ -119,7 +119,8 @@ class RabbitCluster:
         # enabled plugins with their HTTP listeners) applies to these nodes.
         (base / "rabbitmq.conf").write_text("log.console = true\nlog.file = false\n")
         (base / "rabbitmq-env.conf").write_text("")
-        (base / "enabled_plugins").write_text("[].\n")
+        # The routing's exchange type (app/broker/partitions.py); it ships with RabbitMQ.
+        (base / "enabled_plugins").write_text("[rabbitmq_consistent_hash_exchange].\n")
         return Node(f"{short_name}@localhost", free_port(), free_port(), base)
 
     # -- the whole cluster ---------------------------------------------------------------
@@ -135,6 +136,7 @@ class RabbitCluster:
             first, *others = self.nodes
             for node in others:  # one at a time: each join changes the cluster's membership
                 self._join(node, first)
+            self.ctl(first, *ROUTES_POLICY)  # cluster-wide, like every policy
         except BaseException:
             self.close()
             raise
@@ -269,6 +271,12 @@ class RabbitCluster:
         for directory, _, files in os.walk(path):
             for name in [directory, *(os.path.join(directory, f) for f in files)]:
                 os.chown(name, self.user.pw_uid, self.user.pw_gid)
+
+
+ROUTES_POLICY = ("set_policy", "warren-routes", r"^devices\.commands$", '{"alternate-exchange":"warren.routes"}',
+                 "--apply-to", "exchanges")
+"""What the README asks of every RabbitMQ Warren uses: devices.commands passes what no binding takes (every
+command) on to the routing's hash exchange."""
 
 
 def parse_json_listing(out: str) -> list[dict]:
