@@ -71,16 +71,19 @@ class FakeConn:
 
 
 class FakeBroker:
-    """Records what the registry and sessions ask of RabbitMQ (its `Outbound`); `echo` plays our own
-    takeover notice back to the attached `Inbound`."""
+    """Records what the registry and sessions ask of RabbitMQ (its `Outbound`), and plays the partition
+    owner's answers back to the attached `Inbound`: `route` and `replace` by hand, and, while `answers`
+    is true, `routed` for every claim a moment after it is made (as the owner does once it took it)."""
 
     def __init__(self) -> None:
         self.inbound: Any = None
         self.accepting = True
+        self.routing = True  # the consumer's link is up: a hello waits for its route
         self.backlog = 0
-        self.echo = True
-        self.bound: list[str] = []
-        self.announced: list[tuple[str, float, str]] = []
+        self.answers = True
+        self.claims: list[tuple[str, float, str]] = []
+        self.releases: list[tuple[str, str]] = []
+        self.claimed: dict[str, str] = {}  # device -> the session whose claim stands, as the owner would see it
         self.presence: list[tuple[str, str, dict]] = []
         self.events: list[tuple[str, str, Any]] = []
         self.replies: list[tuple[str, bool, Any, Any]] = []
@@ -89,16 +92,24 @@ class FakeBroker:
     def attach(self, inbound: Any) -> None:
         self.inbound = inbound
 
-    def bind(self, device: str) -> None:
-        self.bound.append(device)
+    def claim(self, device: str, started: float, session_id: str) -> None:
+        self.claims.append((device, started, session_id))
+        self.claimed[device] = session_id
+        if self.answers:  # the owner's answer comes back through our own queue, a moment later
+            gevent.spawn(self.inbound.routed, device, session_id)
 
-    def unbind(self, device: str) -> None:
-        self.bound.remove(device)
+    def release(self, device: str, session_id: str) -> None:
+        self.releases.append((device, session_id))
+        if self.claimed.get(device) == session_id:  # a release of a session already replaced changes nothing
+            del self.claimed[device]
 
-    def announce(self, device: str, started: float, session_id: str) -> None:
-        self.announced.append((device, started, session_id))
-        if self.echo:  # the notice comes back through our own queue, a moment later
-            gevent.spawn(self.inbound.announced, device, started, session_id)
+    def route(self, device: str, session_id: str) -> None:
+        """The owner's `routed`: that session's claim stands."""
+        self.inbound.routed(device, session_id)
+
+    def replace(self, device: str, session_id: str) -> None:
+        """The owner's `replaced`: a newer session of `device` claimed it somewhere else."""
+        self.inbound.replaced(device, session_id)
 
     def publish_presence(self, device: str, session: str, what: str, data: dict) -> None:
         self.presence.append((device, what, data))

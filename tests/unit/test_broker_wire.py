@@ -16,15 +16,17 @@ from amqp import spec
 from amqp.method_framing import frame_writer
 from amqp.serialization import dumps, loads
 
-from app.broker import frames
+from app.broker import frames, wires
 from app.broker.messages import (
     COMMAND,
     EVENT,
     REPLY,
     Command,
     Refusal,
-    decode_takeover,
-    encode_takeover,
+    claim_body,
+    decode_claim,
+    decode_notice,
+    notice_body,
     parse_command,
 )
 from app.broker.wires import AmqpWire
@@ -91,19 +93,71 @@ def test_fixed_properties_are_serialized_as_py_amqp_does() -> None:
         frames.shortstr("x" * 256)
 
 
-def test_bind_and_unbind_are_py_amqp_bytes() -> None:
-    for encode, sig, argsig, args in [
-        (frames.encode_bind, spec.Queue.Bind, "BsssbF", (0, "q", "devices.commands", "lock-1", False, {})),
-        (frames.encode_unbind, spec.Queue.Unbind, "BsssF", (0, "q", "devices.commands", "lock-1", {})),
-    ]:
-        out = bytearray()
-        encode(out, 1, "q", "devices.commands", "lock-1")
-        assert bytes(out) == py_amqp_frames((1, 1, sig, dumps(argsig, args), None))
+def test_our_basic_ack_of_a_delivery_is_py_amqp_bytes() -> None:
+    for channel, tag in [(1, 1), (7, 2**40), (65535, 2**64 - 1)]:
+        out = bytearray(b"before")
+        frames.encode_basic_ack(out, channel, tag)
+        assert bytes(out) == b"before" + py_amqp_frames((1, channel, spec.Basic.Ack, dumps("Lb", (tag, False)), None))
+
+
+def test_basic_deliver_decodes_all_five_fields() -> None:
+    for args in [("warren.commands.h.1.ab", 7, True, "", "warren.commands.h.1.ab"),  # a forward, by name
+                 ("warren.routes.3", 2**40, False, "warren.routes", "lock-1"),  # a claim, through the hash
+                 ("q", 1, False, "devices.commands", "é" * 100)]:
+        [(kind, channel, payload)] = read_all(py_amqp_frames((1, 5, spec.Basic.Deliver, dumps("sLbss", args), None)),
+                                              step=7)
+        assert (kind, channel, payload[:4]) == (1, 5, frames.BASIC_DELIVER)
+        assert frames.decode_deliver(payload) == args
+
+
+def test_basic_return_decodes_and_memory_writes_it_as_rabbitmq_does() -> None:
+    for args in [(312, "NO_ROUTE", "", "warren.commands.h.1.ab"), (313, "NO_CONSUMERS", "devices.commands", "d")]:
+        payload = method(spec.Basic.Return, "Bsss", args)
+        assert payload[:4] == frames.BASIC_RETURN
+        assert frames.decode_return(payload) == (args[0], args[2], args[3])
+    # MemoryWire's emulated return of a mandatory publish no queue took (memory://'s `make run`)
+    assert wires._return_method("", "gone.q") == method(spec.Basic.Return, "Bsss", (312, "NO_ROUTE", "", "gone.q"))
+
+
+def header_payload(encoded_properties: bytes, body_size: int) -> bytes:
+    """A content header frame's payload: class, weight, body size, then the properties."""
+    return struct.pack(">HHQ", 60, 0, body_size) + encoded_properties
+
+
+def test_any_properties_round_trip_through_the_header_decoder() -> None:
+    """A forward carries a command's own properties on, with our headers added: every type a table holds."""
+    properties = {"content_type": "application/json", "delivery_mode": 2, "type": "warren.command",
+                  "message_id": "c-1", "reply_to": "api.q", "correlation_id": "k-1", "expiration": "5000",
+                  "timestamp": 1700000000,
+                  "application_headers": {"x-warren-device": "lock-1", "x-warren-tag": 2**40, "x-small": 7,
+                                          "x-negative": -3, "x-warren-again": True, "x-no": False}}
+    encoded = frames.encode_properties(properties)
+    assert encoded == amqp.Message(**properties)._serialize_properties()
+    size, decoded = frames.decode_header(header_payload(encoded, 42))
+    assert (size, decoded) == (42, properties)
+    headers = decoded["application_headers"]
+    assert headers["x-warren-again"] is True and headers["x-no"] is False  # bools stay bools, not 1 and 0
+    message = amqp.Message()  # py-amqp's own parser reads the same
+    message.inbound_header(header_payload(encoded, 0))
+    assert message.properties == properties
+    assert frames.decode_header(header_payload(frames.encode_properties({}), 0)) == (0, {})
+
+
+def test_a_forward_is_a_mandatory_publish_to_the_default_exchange_with_the_messages_properties() -> None:
+    ours, _theirs = socket.socketpair()
+    wire = amqp_wire(fake_amqp(ours))
+    properties = {"type": "warren.command", "message_id": "c-1",
+                  "application_headers": {"x-warren-device": "lock-1", "x-warren-again": True}}
+    wire.forward("warren.commands.h.1.ab", properties, b'{"name":"unlock"}', channel=3)
+    (kind, channel, args), (_, _, header), (_, _, body) = read_all(bytes(wire.out), step=100)
+    assert (kind, channel, struct.unpack_from(">HH", args)) == (1, 3, spec.Basic.Publish)
+    assert loads("Bssbb", args, 4)[0] == [0, "", "warren.commands.h.1.ab", True, False]
+    assert frames.decode_header(header) == (len(body), properties) and body == b'{"name":"unlock"}'
+    wire.ack(99, channel=3)
+    assert bytes(wire.out).endswith(py_amqp_frames((1, 3, spec.Basic.Ack, dumps("Lb", (99, False)), None)))
 
 
 def test_inbound_methods_decode() -> None:
-    deliver = method(spec.Basic.Deliver, "sLbss", ("ctag", 7, True, "devices.commands", "lock-1"))
-    assert frames.decode_deliver(deliver) == ("devices.commands", "lock-1")
     assert frames.decode_ack(method(spec.Basic.Ack, "Lb", (2**40, True))) == (2**40, True)
     assert frames.decode_ack(method(spec.Basic.Nack, "Lb", (3, False))) == (3, False)
     assert frames.encode_ack(2**40, multiple=True) == method(spec.Basic.Ack, "Lb", (2**40, True))  # memory://'s
@@ -154,10 +208,18 @@ def test_command_deadline_from_expiration_and_timestamp(properties: dict, deadli
     assert parse(b'{"name":"x"}', **properties).deadline == deadline
 
 
-def test_takeover_notice_round_trip_and_junk() -> None:
-    assert decode_takeover(encode_takeover("lock-1", "s-1", 12.5)) == ("lock-1", 12.5, "s-1")
-    for junk in [b"junk", b"[]", b'{"device":"d"}', b'{"device":1,"started":1,"session":"s"}']:
-        assert decode_takeover(junk) is None
+def test_claims_and_notices_round_trip_and_junk_is_none() -> None:
+    assert decode_claim(claim_body("lock-1", "s-1", 12.5, "warren.commands.h", True)) == (
+        "lock-1", "s-1", 12.5, "warren.commands.h", True)
+    assert decode_claim(b'{"device":"d","session":"s","started":3,"holder":"h","fresh":false}') == (
+        "d", "s", 3.0, "h", False)
+    for junk in [b"junk", b"[]", b'{"device":"d"}', b'{"device":1,"session":"s","started":1,"holder":"h","fresh":true}',
+                 b'{"device":"d","session":"s","started":"1","holder":"h","fresh":true}',
+                 b'{"device":"d","session":"s","started":1,"holder":"h","fresh":1}']:
+        assert decode_claim(junk) is None
+    assert decode_notice(notice_body("lock-1", "s-1")) == ("lock-1", "s-1")
+    for junk in [b"junk", b"[]", b'{"device":"d"}', b'{"device":"d","session":2}']:
+        assert decode_notice(junk) is None
 
 
 # -- the batching frame writer over a real socket --------------------------------------------------------
@@ -167,11 +229,11 @@ def fake_amqp(sock: socket.socket) -> Any:
                                  heartbeat_tick=lambda: None)
 
 
-def amqp_wire(connection: Any) -> AmqpWire:
-    """An AmqpWire on a fake py-amqp connection, for a link that handles no frames of its own."""
+def amqp_wire(connection: Any, contents: dict | None = None) -> AmqpWire:
+    """An AmqpWire on a fake py-amqp connection, for a link that handles no frames of its own but `contents`."""
     kombu = types.SimpleNamespace(connection=connection,
                                   channel=lambda: types.SimpleNamespace(basic_consume=lambda *_a, **_k: None))
-    link = types.SimpleNamespace(methods={}, contents={}, on_blocked=None, on_unblocked=None)
+    link = types.SimpleNamespace(methods={}, contents=contents or {}, on_blocked=None, on_unblocked=None)
     return AmqpWire(kombu, types.SimpleNamespace(channel_id=1), link)  # type: ignore[arg-type]
 
 
@@ -225,18 +287,28 @@ def test_the_reader_dispatches_deliveries_and_hands_py_amqp_the_rest() -> None:
     connection = fake_amqp(ours)
     to_py_amqp: list[tuple] = []
     connection.on_inbound_frame = to_py_amqp.append
-    wire = amqp_wire(connection)
+    returned: list[tuple] = []
+    wire = amqp_wire(connection, {frames.BASIC_RETURN: lambda *content: returned.append(content)})
     delivered: list[tuple] = []
-    wire.consume("q", lambda *message: delivered.append(message))
+    consumed: list[tuple] = []
+    channel = types.SimpleNamespace(basic_consume=lambda *args, **kwargs: consumed.append((args, kwargs)))
+    wire.consume(channel, "q", lambda *message: delivered.append(message))
+    assert consumed[0][0] == ("q",) and consumed[0][1]["consumer_tag"] == "q" and consumed[0][1]["no_ack"]
     message = amqp.Message(b"a" * 5000, message_id="m-1", type="t")
+    back = amqp.Message(b"{}", message_id="m-2")
+    return_method = dumps("Bsss", (312, "NO_ROUTE", "", "gone.q"))
     theirs.sendall(py_amqp_frames(
-        (1, 1, spec.Basic.Deliver, dumps("sLbss", ("c", 1, False, "devices.commands", "lock-1")), message),
+        (1, 1, spec.Basic.Deliver, dumps("sLbss", ("q", 1, False, "devices.commands", "lock-1")), message),
+        (1, 1, spec.Basic.Deliver, dumps("sLbss", ("old.q", 2, False, "", "old.q")), message),  # an earlier queue's
+        (1, 2, spec.Basic.Return, return_method, back),
         (8, 0, None, None, None),
         (1, 0, spec.Connection.Blocked, dumps("s", ("low memory",)), None),
         (1, 1, spec.Channel.Close, dumps("BsBB", (406, "PRECONDITION_FAILED", 60, 40)), None),
     ))
     with pytest.raises(amqp.exceptions.ChannelError, match="PRECONDITION_FAILED"):
         wire.read_forever()
-    assert delivered == [("devices.commands", "lock-1", {"message_id": "m-1", "type": "t"}, b"a" * 5000)]
+    assert delivered == [(1, False, "devices.commands", "lock-1", {"message_id": "m-1", "type": "t"}, b"a" * 5000)]
+    assert returned == [(method(spec.Basic.Return, "Bsss", (312, "NO_ROUTE", "", "gone.q")), {"message_id": "m-2"},
+                         b"{}")]
     assert [(t, c, p[:4]) for t, c, p in to_py_amqp] == [(1, 0, method(spec.Connection.Blocked))]
-    assert connection.bytes_recv == 7  # every frame, heartbeats too, is traffic to py-amqp's heartbeat check
+    assert connection.bytes_recv == 14  # every frame, heartbeats too, is traffic to py-amqp's heartbeat check

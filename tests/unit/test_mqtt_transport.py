@@ -231,7 +231,7 @@ def test_will_fires_on_a_drop_but_not_after_disconnect(registry: Registry) -> No
 
 def test_replaced_by_another_transport_closes_the_mqtt_connection(registry: Registry) -> None:
     stream, session, runner = open_session(registry, client.connect("lock-1", TOKEN))
-    registry.announced("lock-1", session.started + 1, "f" * 16)
+    registry.broker.replace("lock-1", session.id)  # a newer session claimed the device elsewhere
     runner.join(1)
     assert stream.closed and registry.broker.presence[-1] == ("lock-1", "closed", {"reason": "replaced"})
 

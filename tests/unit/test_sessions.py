@@ -38,20 +38,50 @@ def test_welcome_waits_for_the_route_then_presence_follows(registry: Registry) -
     session, conn, _ = start(registry)
     assert conn.sent[0]["type"] == "welcome" and conn.sent[0]["heartbeat"] == 30
     assert session.state == State.OPEN
-    assert registry.broker.bound == ["lock-1"]
+    assert registry.broker.claims == [("lock-1", session.started, session.id)]
     assert registry.broker.presence == [("lock-1", "connected", {"transport": "tcp"})]
 
 
-def test_no_route_proof_means_the_welcome_waits_route_wait(registry: Registry) -> None:
-    registry.broker.echo = False
+def test_the_welcome_waits_for_the_owners_routed_answer(registry: Registry) -> None:
+    session, conn = routing(registry)
+    gevent.sleep(0.2)
+    assert session.state == State.ROUTING and conn.sent == [] and registry.broker.presence == []
+    registry.broker.route("lock-1", session.id)  # the owner says the claim stands
+    wait_for(lambda: conn.types() == ["welcome"])
+    assert session.state == State.OPEN
+
+
+def hello_failures(code: str) -> float:
+    return REGISTRY.get_sample_value("warren_hello_failures_total", {"code": code}) or 0.0
+
+
+def test_no_routed_answer_within_route_wait_refuses_the_hello_overloaded() -> None:
+    registry = make_registry(replace(CONFIG, route_wait=0.3))
+    before = hello_failures("overloaded")
+    session, conn = routing(registry)
+    gevent.sleep(0.15)
+    assert conn.sent == [] and session.state == State.ROUTING  # still within ROUTE_WAIT
+    wait_for(lambda: conn.sent)
+    assert conn.types() == ["error"] and conn.sent[0]["code"] == "overloaded"
+    assert conn.sent[0]["retry_after"] > 0 and conn.finished
+    assert hello_failures("overloaded") == before + 1
+    wait_for(lambda: conn.closed)  # the session's greenlet ended: it left the registry before
+    assert registry.sessions == {} and registry.broker.releases == [("lock-1", session.id)]
+    assert registry.broker.claimed == {}
+
+
+def test_with_rabbitmq_away_the_hello_is_welcomed_at_once(registry: Registry) -> None:
+    """No consumer link, no owner to ask: welcomed now (the claim follows once RabbitMQ is back)."""
+    registry.broker.routing = False
+    registry.broker.answers = False
     conn = FakeConn()
     session = Session(conn, registry, registry.broker)
     gevent.spawn(session.run)
+    started = time.monotonic()
     conn.push(hello())
-    gevent.sleep(0.2)
-    assert session.state == State.ROUTING and conn.sent == []
-    registry.announced("lock-1", session.started, session.id)  # the proof arrives
-    wait_for(lambda: conn.types() == ["welcome"])
+    wait_for(lambda: conn.types() == ["welcome"], timeout=CONFIG.route_wait / 2)
+    assert time.monotonic() - started < CONFIG.route_wait / 2 and session.state == State.OPEN
+    assert registry.live_sessions() == [("lock-1", session.started, session.id)]
 
 
 def test_ping_pong_and_close_cleans_the_registry(registry: Registry) -> None:
@@ -60,7 +90,8 @@ def test_ping_pong_and_close_cleans_the_registry(registry: Registry) -> None:
     wait_for(lambda: conn.types()[-1:] == ["pong"])
     conn.push(None)  # the peer went away
     runner.join(1)
-    assert registry.sessions == {} and registry.broker.bound == [] and len(registry.watchdog) == 0
+    assert registry.sessions == {} and registry.broker.claimed == {} and len(registry.watchdog) == 0
+    assert registry.broker.releases == [("lock-1", _session.id)]
     assert registry.broker.presence[-1] == ("lock-1", "closed", {"reason": "closed"})
     assert conn.closed
 
@@ -119,8 +150,8 @@ def expired_commands() -> float:
 
 
 def routing(registry: Registry) -> tuple[Session, FakeConn]:
-    """A session registered and waiting for its route proof (the broker does not echo it)."""
-    registry.broker.echo = False
+    """A session registered and waiting for its route (the owner does not answer its claim)."""
+    registry.broker.answers = False
     conn = FakeConn()
     session = Session(conn, registry, registry.broker)
     gevent.spawn(session.run)
@@ -205,13 +236,27 @@ def test_a_ping_over_the_limit_is_answered_once_with_rate_limited() -> None:
     assert [(frame["code"], frame["id"]) for frame in conn.sent[2:]] == [("rate_limited", "p-2"), ("rate_limited", "p-3")]
 
 
-def test_newer_session_replaces_older_and_older_notice_is_answered(registry: Registry) -> None:
-    session, conn, _ = start(registry)
-    registry.announced("lock-1", session.started - 10, "0" * 16)  # an older session elsewhere
-    assert registry.broker.announced[-1] == ("lock-1", session.started, session.id)
-    assert not conn.finished
-    registry.announced("lock-1", session.started + 10, "f" * 16)  # a newer one elsewhere
+def test_the_owners_replaced_ends_the_current_session(registry: Registry) -> None:
+    session, conn, runner = start(registry)
+    registry.broker.replace("lock-1", session.id)  # a newer session claimed the device elsewhere
     assert conn.sent[-1]["code"] == "replaced" and conn.finished
+    runner.join(1)
+    assert registry.sessions == {} and registry.broker.presence[-1] == ("lock-1", "closed", {"reason": "replaced"})
+
+
+def test_routed_or_replaced_for_another_session_id_changes_nothing(registry: Registry) -> None:
+    """Notices about a session that is not the current one (an older one here, already gone) are stale."""
+    waiting, conn = routing(registry)
+    registry.broker.route("lock-1", "0" * 16)
+    registry.broker.replace("lock-1", "0" * 16)
+    gevent.sleep(0.05)
+    assert waiting.state == State.ROUTING and conn.sent == [] and not conn.finished
+    registry.broker.route("lock-1", waiting.id)
+    wait_for(lambda: conn.types() == ["welcome"])
+    registry.broker.replace("lock-1", "f" * 16)
+    registry.broker.route("lock-1", "f" * 16)
+    registry.broker.replace("nobody", waiting.id)  # another device's notice, with our session's id
+    assert conn.types() == ["welcome"] and not conn.finished and registry.sessions["lock-1"] is waiting
 
 
 def test_second_local_hello_replaces_the_first(registry: Registry) -> None:
@@ -342,14 +387,56 @@ def test_a_closing_protocol_error_from_the_transport_ends_the_session(registry: 
     assert runner.dead and conn.sent[-1]["code"] == "bad_frame"
 
 
-def test_a_stale_binding_stays_silent_about_a_device_that_moved_away(registry: Registry) -> None:
-    session, _conn, runner = start(registry)
-    registry.announced("lock-1", session.started + 10, "f" * 16)  # a newer session elsewhere
+def test_a_command_forwarded_after_the_session_was_replaced_is_answered_offline(registry: Registry) -> None:
+    """The owner forwards to the holder it knows: one that reaches us after our session ended (it was
+    on its way before the newer claim) has no session here, and only we can answer it."""
+    session, conn, runner = start(registry)
+    registry.broker.replace("lock-1", session.id)
     runner.join(1)
-    registry.deliver(Command("lock-1", "c-9"))  # also delivered to the new holder, which answers
-    assert registry.broker.replies == []
-    registry.deliver(Command("lock-2", "c-10"))  # nobody anywhere: offline, as before
-    assert registry.broker.replies == [("c-10", False, None, "offline")]
+    registry.deliver(Command("lock-1", "c-9"))
+    assert registry.broker.replies == [("c-9", False, None, "offline")] and "command" not in conn.types()
+
+
+def duplicates() -> float:
+    return REGISTRY.get_sample_value("warren_commands_total", {"outcome": "duplicate"}) or 0.0
+
+
+def test_a_second_copy_from_an_owners_failover_is_dropped(registry: Registry) -> None:
+    _, conn, _ = start(registry)
+    before = duplicates()
+    registry.deliver(Command("lock-1", "c-1"))
+    registry.deliver(Command("lock-1", "c-1"), again=True)  # the next owner passed it on again
+    assert [frame.get("id") for frame in conn.sent[1:]] == ["c-1"] and duplicates() == before + 1
+    registry.deliver(Command("lock-1", "c-2"), again=True)  # redelivered, but never taken here: delivered
+    assert [frame.get("id") for frame in conn.sent[1:]] == ["c-1", "c-2"] and duplicates() == before + 1
+    registry.deliver(Command("lock-2", "c-1"), again=True)  # the same id for another device is another command
+    assert registry.broker.replies == [("c-1", False, None, "offline")]
+
+
+def test_a_command_id_sent_again_by_its_backend_is_delivered_again(registry: Registry) -> None:
+    """Only `again` (a redelivery inside RabbitMQ) marks a copy: a backend may send an id twice."""
+    _, conn, _ = start(registry)
+    before = duplicates()
+    registry.deliver(Command("lock-1", "c-1"))
+    registry.deliver(Command("lock-1", "c-1"))
+    assert [frame.get("id") for frame in conn.sent[1:]] == ["c-1", "c-1"] and duplicates() == before
+
+
+def test_a_duplicate_of_an_offline_answer_is_not_answered_twice(registry: Registry) -> None:
+    registry.deliver(Command("gone", "c-7"))
+    registry.deliver(Command("gone", "c-7"), again=True)
+    assert registry.broker.replies == [("c-7", False, None, "offline")]
+
+
+def test_routing_and_live_sessions_are_what_the_broker_needs(registry: Registry) -> None:
+    assert registry.routing
+    registry.broker.routing = False
+    assert not registry.routing
+    registry.broker.routing = True
+    session, _, _ = start(registry)
+    other, _, _ = start(registry, "lock-2")
+    assert sorted(registry.live_sessions()) == sorted([("lock-1", session.started, session.id),
+                                                       ("lock-2", other.started, other.id)])
 
 
 def test_a_certificate_names_the_device_and_stands_in_for_the_token(registry: Registry) -> None:
