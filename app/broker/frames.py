@@ -6,9 +6,10 @@ and a lock, writes each with its own `sendall`, and reads each with three `recv`
 that was most of a worker's broker time. Here the few frames the hot path uses
 (basic.publish with its content, basic.ack of a delivery; basic.deliver, basic.return,
 basic.ack/nack, channel.close) are packed and unpacked
-directly, and message properties that repeat are serialized once (`Properties`). A
-basic.return's method is never decoded: the message id in its header says which
-publish it was. Everything else (the handshake, declares, heartbeats, connection.close)
+directly, and message properties that repeat are serialized once (`Properties`). The
+publisher never decodes a basic.return's method (the message id in its header says which
+publish it was); a partition owner reads its routing key (the holder's queue that is gone).
+Everything else (the handshake, declares, heartbeats, connection.close)
 stays py-amqp's; tests/unit/test_broker_wire.py checks the encodings here against py-amqp's.
 """
 

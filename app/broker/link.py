@@ -158,7 +158,7 @@ class Link:
         reader.rawlink(self._reader_ended)
         ticker = gevent.get_hub().loop.timer(TICK, TICK)
         ticker.start(self._tick)
-        self._wakeup.set()  # a first pass for what `setup` queued (the consumer's re-binds)
+        self._wakeup.set()  # a first pass for what `setup` queued (the consumer's re-claims)
         try:
             self._write_forever(wire, reader)
         finally:
@@ -226,7 +226,7 @@ class Link:
     def setup(self, wire: Wire) -> None:
         """Declare and subscribe after each connect (synchronous: before the reader and writer start).
 
-        `wire.channel` is the one the writer writes on; the wire opens any others (`consume`, `lanes`)."""
+        `wire.channel` is the one the writer writes on; the wire opens any others (`channel_for`)."""
 
     def write(self, wire: Wire) -> bool:
         """Write what is due (at most WRITE_BATCH items); True when more is waiting."""

@@ -43,8 +43,9 @@ OnMessage = Callable[[int, bool, str, str, dict[str, Any], bytes], None]
 HASH_EXCHANGE_PLUGIN = "rabbitmq_consistent_hash_exchange"
 
 
-class MissingFeature(RuntimeError):
-    """RabbitMQ lacks a plugin or a policy the routing needs; the message says what to enable."""
+class MissingFeature(ConnectionError):
+    """RabbitMQ lacks a plugin or a policy the routing needs; the message says what to enable. A connection
+    error to the link: it logs the message and tries again with backoff until the operator enables it."""
 
 
 class Endpoint(Protocol):
@@ -253,6 +254,8 @@ class MemoryWire:
     """
 
     hash_exchange_type: ClassVar[str] = "fanout"  # kombu has no x-consistent-hash: one partition takes all
+    alternates: ClassVar[dict[str, str]] = {}
+    """exchange -> its alternate, for every wire of the process: RabbitMQ's is a policy, the broker's own."""
     collecting = False  # a pass buffers nothing here
     peer = "the in-process broker"
 
@@ -263,7 +266,6 @@ class MemoryWire:
         self._tag = 0  # publishes since confirm_select, numbered as RabbitMQ numbers them
         self._acked = 0  # the last tag answered
         self._returned: list[tuple[bytes, dict[str, Any], bytes]] = []  # this pass's unrouted mandatory publishes
-        self._alternates: dict[str, str] = {}  # exchange -> its alternate (RabbitMQ's is a policy)
         self._acking: Any = None  # the channel whose deliveries we ack
 
     # -- the link's setup ------------------------------------------------------------------------
@@ -283,7 +285,7 @@ class MemoryWire:
 
     def check_alternate(self, exchange: str, alternate: str, probe: Any) -> None:
         """In-process there is no policy to check: the alternate is emulated from now on."""
-        self._alternates[exchange] = alternate
+        MemoryWire.alternates[exchange] = alternate
 
     # -- writing (the writer greenlet) -------------------------------------------------------------
     # `channel` is accepted for AmqpWire's sake and has no meaning here.
@@ -299,8 +301,8 @@ class MemoryWire:
 
     def _publish(self, exchange: str, mandatory: bool, routing_key: str, properties: dict[str, Any],
                  body: bytes) -> None:
-        if not self._routes(exchange, routing_key) and exchange in self._alternates:
-            exchange = self._alternates[exchange]
+        if not self._routes(exchange, routing_key) and exchange in self.alternates:
+            exchange = self.alternates[exchange]
         if self._routes(exchange, routing_key):
             message = self.channel.prepare_message(body, content_type=properties.pop("content_type", None),
                                                    content_encoding=properties.pop("content_encoding", None),

@@ -104,7 +104,7 @@ class Registry:
                                           "transport": transport, "peer": session.conn.peer})
 
     def welcomed(self, session: Session) -> None:
-        """The session's commands are routed here (or we stopped waiting): tell the backends."""
+        """The session's commands are routed here (or RabbitMQ is away and it is claimed later): tell the backends."""
         self.broker.publish_presence(session.device, session.id, "connected", {"transport": session.conn.transport})
 
     def close(self, session: Session, reason: str) -> None:
@@ -114,7 +114,8 @@ class Registry:
         metrics.SESSIONS.labels(transport=session.conn.transport).dec()
         metrics.SESSIONS_CLOSED.labels(reason=reason).inc()
         metrics.SESSIONS_BY_WORKER.set(len(self.sessions))
-        self.broker.publish_presence(session.device, session.id, "closed", {"reason": reason})
+        if session.welcomed:  # a hello refused while routing was never announced either
+            self.broker.publish_presence(session.device, session.id, "closed", {"reason": reason})
         log.info("session closed", extra={"device": session.device, "session": session.id,
                                           "reason": reason, "transport": session.conn.transport})
 
@@ -130,6 +131,7 @@ class Registry:
         if again and key in taken:
             metrics.COMMANDS.labels(outcome="duplicate").inc()
             return
+        taken.pop(key, None)  # to the end: the memory forgets the least recently delivered first
         taken[key] = None
         if len(taken) > TAKEN_MEMORY:
             del taken[next(iter(taken))]

@@ -63,7 +63,8 @@ class Session:
     """The protocol state of one device connection."""
 
     __slots__ = ("__weakref__", "backend", "bucket", "clean", "close_code", "conn", "deadline", "device", "draining",
-                 "held", "host", "id", "idle_limit", "in_flight", "pending", "routed", "started", "state", "will")
+                 "held", "host", "id", "idle_limit", "in_flight", "pending", "routed", "started", "state", "welcomed",
+                 "will")
 
     def __init__(self, conn: FrameConnection, host: Host, backend: Backend, hello_deadline: float | None = None) -> None:
         self.conn = conn
@@ -79,6 +80,7 @@ class Session:
         self.pending: dict[str, tuple[Command, float]] = {}  # in delivery order
         self.bucket: TokenBucket | None = None
         self.routed: Event | None = None  # the route wait's wake-up, only while ROUTING (not a state of its own)
+        self.welcomed = False  # `session.connected` went out: `session.closed` follows at the end
         self.held: list[Command] | None = None  # delivered, not yet written (None, not [], when none: memory)
         self.will: tuple[str, Any] | None = None  # (event name, data) published if the session ends uncleanly
         self.clean = False  # the device said goodbye (`bye`, MQTT DISCONNECT): no will
@@ -162,9 +164,12 @@ class Session:
         if self.host.routing and not self.routed.wait(config.route_wait):
             metrics.HELLO_FAILURES.labels(code="overloaded").inc()
             self.end("overloaded", "this device's commands cannot be routed yet", self.host.retry_after())
+            self.routed = None
+            return False  # never welcomed: no presence events
         self.routed = None
+        self.welcomed = True
         self.host.welcomed(self)
-        if self.state is State.CLOSING:  # replaced (or refused) while waiting: _serve ends at once
+        if self.state is State.CLOSING:  # replaced while waiting: _serve ends at once
             self._answer_held_offline()
             return True
         self.state = State.OPEN

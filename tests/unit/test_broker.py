@@ -194,10 +194,6 @@ def test_in_process_broker_decides_claims_in_its_partition_owner(memory_broker: 
     assert seen["commands"] == [] and len(seen["routed"]) == 2
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "app bug: MemoryWire emulates the alternate exchange per wire (check_alternate runs on the consumer's "
-    "wire only), so the publisher's wire returns every command and question to devices.commands as "
-    "unroutable: on memory:// the HTTP API hears `offline` for a routed device"))
 def test_in_process_broker_carries_commands_and_questions_to_the_holder(memory_broker: Any) -> None:
     broker, seen = memory_broker
     device, stranger = f"mem-{uuid.uuid4().hex[:8]}", f"mem-{uuid.uuid4().hex[:8]}"

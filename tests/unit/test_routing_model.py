@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
 from app.broker.directory import ACK, FORWARD, OFFLINE, REPLACED, ROUTED, Directory
 
@@ -283,5 +283,6 @@ class RoutingModel(RuleBasedStateMachine):
         raise AssertionError("the model did not settle")
 
 
-RoutingModel.TestCase.settings = settings(max_examples=1000, stateful_step_count=30, deadline=None)
-TestRouting = RoutingModel.TestCase
+def test_the_routing_keeps_section_2_4_through_failovers() -> None:
+    run_state_machine_as_test(RoutingModel, settings=settings(max_examples=1000, stateful_step_count=30,
+                                                              deadline=None))
