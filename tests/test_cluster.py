@@ -166,8 +166,11 @@ def test_workers_of_one_instance_spread_over_the_listed_nodes(cluster: RabbitClu
 
 
 def test_a_node_stops_while_devices_are_held_and_commands_flow(cluster: RabbitCluster, spread: Gateway) -> None:
-    """No session ends; every device answers commands again (the time it takes is printed);
-    once the node is back, no acked event is missing and no command was delivered twice."""
+    """Two nodes: the routing's partitions are quorum queues, and one node of two is no majority, so
+    commands wait for the node to come back (section 5 allows it; the README says so). What holds
+    meanwhile: no session ends, events go on being acked by the survivor's queues or nacked; once the
+    node is back, every device answers again, no acked event is missing and no command was delivered
+    twice. (Three nodes, where routing goes on through a node's loss: test_stampede_smoke's node-loss.)"""
     node_a, node_b = cluster.nodes
     devices = [HeldDevice(connect(spread.tcp if n % 2 else spread.ws, unique(f"cl-f{n}"))) for n in range(8)]
     witness = EventQueue(node_b.url, [f"{device.device}.#" for device in devices])  # on the survivor
@@ -178,12 +181,10 @@ def test_a_node_stops_while_devices_are_held_and_commands_flow(cluster: RabbitCl
         signalled = time.monotonic()
         cluster.stop_node(node_a)  # AMQP_URL's first: every worker's node, or worker 0's if they spread
         down = time.monotonic()
-        wait_until(lambda: rounds.all_answered_since(down), timeout=60)
-        response = spread.command(devices[1].device, timeout=5)
-        assert response.status_code == 200 and response.json()["ok"] is True, response.text
+        time.sleep(5)
         cluster.start_node(node_a)
         back = time.monotonic()
-        wait_until(lambda: rounds.all_answered_since(back), timeout=30)
+        wait_until(lambda: rounds.all_answered_since(back), timeout=60)
     finally:
         rounds.stop()
         for device in devices:
@@ -191,10 +192,10 @@ def test_a_node_stops_while_devices_are_held_and_commands_flow(cluster: RabbitCl
         backend.close()
     try:
         short = rounds.short()
-        print(f"\n[figure] node stopped (SIGTERM; down {down - signalled:.1f}s later): every device answers "
-              f"commands again {rounds.recovered_at() - signalled:.1f}s after the signal ({len(short)} of "
-              f"{len(rounds.rounds)} rounds short, down to {min(short, default=len(devices))}/"
-              f"{len(devices)}); the node booted again and rejoined in {back - down:.1f}s")
+        print(f"\n[figure] node stopped (SIGTERM; down {down - signalled:.1f}s later), started again 5 s later "
+              f"and rejoined in {back - down:.1f}s: every device answers commands again "
+              f"{rounds.recovered_at() - back:.1f}s after that ({len(short)} of {len(rounds.rounds)} rounds short, "
+              f"down to {min(short, default=len(devices))}/{len(devices)})")
         for device in devices:
             assert device.closed is None and device.errors == [], (device.device, device.closed, device.errors)
             ping(device.client)

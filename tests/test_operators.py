@@ -208,17 +208,6 @@ def test_a_worker_between_sessions_makes_it_offline_soon_not_a_timeout(guarded: 
         assert asked == ["info"]
 
 
-def test_a_worker_between_sessions_does_not_hide_the_holder(guarded: Gateway) -> None:
-    """A takeover: the older session's worker still binds the device, the newer one's holds it."""
-    device = a_device()
-    with DeviceClient(guarded.tcp) as client, stand_in_worker(device, {"device": device, "online": False}) as asked:
-        welcome = client.hello(device, SECRET)
-        for _ in range(5):
-            answer = requests.get(f"{guarded.http}/devices/{device}", headers=API, timeout=10)
-            assert answer.status_code == 200 and answer.json()["session"] == welcome["session"]
-        assert asked == ["info"] * 5  # the stand-in was asked, and said "not here", every time
-
-
 def test_a_bound_worker_that_never_answers_is_a_timeout_not_offline(guarded: Gateway) -> None:
     device = a_device()
     with stand_in_worker(device, None) as asked:

@@ -93,11 +93,15 @@ class Directory:
         self._remove(device, current)
         return [(ACK, current.tag), (ACK, tag)]
 
-    def command(self, tag: int, device: str) -> Action:
-        """A command (or an operator's question) for `device`: to its holder, or answered offline."""
+    def command(self, tag: int, device: str, redelivered: bool = False) -> Action:
+        """A command (or an operator's question) for `device`: to its holder, or answered offline.
+
+        A `redelivered` one with no holder is dropped unanswered: the owner before us may have passed
+        it on (to a session that has ended since) or answered it, and a second answer is worse than
+        none (section 2.4: at most one answer; none means it expires unanswered)."""
         current = self.entries.get(device)
         if current is None:
-            return (OFFLINE, tag)
+            return (ACK, tag) if redelivered else (OFFLINE, tag)
         return (FORWARD, tag, current.holder)
 
     def holder_gone(self, holder: str) -> list[Action]:

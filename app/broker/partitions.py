@@ -208,7 +208,7 @@ class PartitionOwner:
             notice = decode_notice(body)
             actions = [(ACK, tag)] if notice is None else self.directory.release(tag, *notice)
         elif kind != PROBE_TYPE and exchange:  # a command or an operator's question (through the alternate)
-            action = self.directory.command(tag, routing_key)
+            action = self.directory.command(tag, routing_key, redelivered)
             if action[0] is FORWARD:
                 self._forward(tag, action[2], routing_key, properties, body, redelivered)
                 return

@@ -3,9 +3,11 @@
 This is the backend's role played inside the gateway (any worker serves the HTTP
 API for any device, PROTOCOL.md section 6), kept apart from the device side. A
 request goes out mandatory with `reply_to` this worker's own queue; the answer
-comes back there (the consumer hands it here by correlation id). A request no
-worker holds is returned by RabbitMQ at once. Two kinds: a command for the device
-itself, and an operator's question (`ask`: `info`, `kick`) for the worker holding it.
+comes back there (the consumer hands it here by correlation id). The device's
+partition owner passes it on to the one worker holding the device, or answers
+itself that none does (`offline`; `online` false). Two kinds: a command for the
+device itself, and an operator's question (`ask`: `info`, `kick`) for the worker
+holding it.
 """
 
 from __future__ import annotations
@@ -27,10 +29,6 @@ log = logging.getLogger("warren.broker")
 # A command nobody answered resolves this long after its timeout, so that the caller's own wait
 # ends first (its 504 is worded for that); either way the waiting entry is never left behind.
 ABANDON_GRACE = 1.0
-# How long an operator's question waits, after a worker said it binds the device but holds no
-# session of it, for another worker to answer with the session: RabbitMQ hands the question to
-# every bound queue at once, so a live holder answers within milliseconds of the other.
-NOT_HERE_GRACE = 0.5
 
 
 class RpcClient:
@@ -40,7 +38,6 @@ class RpcClient:
         self._publisher = publisher
         self._reply_to = reply_to
         self._waiting: dict[str, AsyncResult] = {}
-        self._asking: dict[str, str] = {}  # request id -> device, for operators' questions in flight
 
     def send_command(self, device: str, name: str, data: Any, timeout: float) -> AsyncResult:
         """Publish a command; the result gets the device's reply as {"ok", "data", "error"}.
@@ -64,8 +61,6 @@ class RpcClient:
         """Ask the worker holding `device`; the result gets its answer (a dict with `online` true),
         or {"device", "online": False} when none holds it, or {"error": "timeout" / "broker_unavailable"}."""
         request_id, result = self._open(timeout, {"error": "timeout"})
-        self._asking[request_id] = device
-        result.rawlink(lambda _result: self._asking.pop(request_id, None))
 
         def published(outcome: str | None) -> None:
             if outcome == "unroutable":
@@ -87,10 +82,6 @@ class RpcClient:
         if reply is None:
             log.warning("ignoring a reply that is not a JSON object (correlation_id=%s)", correlation_id)
             return
-        device = self._asking.get(correlation_id or "")
-        if device is not None and reply.get("online") is not True:
-            _not_here(waiting, device)
-            return
         waiting.set(reply)
 
     def _open(self, abandon_after: float, abandoned: dict[str, Any]) -> tuple[str, AsyncResult]:
@@ -106,15 +97,6 @@ class RpcClient:
 
         result.rawlink(settled)
         return request_id, result
-
-
-def _not_here(result: AsyncResult, device: str) -> None:
-    """A worker binds the device but holds no session of it (one just ended, its unbind on the way;
-    or a worker too old to know the question): offline, unless in a takeover another worker holds
-    the newer session and answers within NOT_HERE_GRACE."""
-    timer = gevent.get_hub().loop.timer(NOT_HERE_GRACE)
-    timer.start(_settle, result, {"device": device, "online": False})
-    result.rawlink(lambda _result: timer.close())
 
 
 def _expiration(timeout: float) -> str:

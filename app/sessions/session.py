@@ -156,17 +156,15 @@ class Session:
         self.bucket = TokenBucket(config.event_rate, config.event_burst)
         self.state, self.routed = State.ROUTING, Event()
         self.host.open(self)
-        # Welcome only once this device's partition owner says its commands come here (the registry
-        # calls `route_confirmed`): a backend that sends a command as soon as the device is welcomed
-        # (or on `session.connected`) must reach this session, not `offline` nor an older one. With
-        # RabbitMQ away there is no owner to ask: welcome now, the claim follows when it is back.
-        # No answer within ROUTE_WAIT (a partition whose queue lost its majority): no welcome.
-        if self.host.routing and not self.routed.wait(config.route_wait):
+        # Welcome once the device's partition owner says its commands come here (`route_confirmed`), so
+        # that a command sent on the welcome or on `session.connected` reaches this session and no older
+        # one. No owner to ask (RabbitMQ away or blocking us): welcome now, claimed when it is back.
+        routed = self._routed_within(config.route_wait)
+        self.routed = None
+        if not routed:  # no answer within ROUTE_WAIT (a partition queue without its majority): no welcome
             metrics.HELLO_FAILURES.labels(code="overloaded").inc()
             self.end("overloaded", "this device's commands cannot be routed yet", self.host.retry_after())
-            self.routed = None
-            return False  # never welcomed: no presence events
-        self.routed = None
+            return False  # never welcomed: no presence events either
         self.welcomed = True
         self.host.welcomed(self)
         if self.state is State.CLOSING:  # replaced while waiting: _serve ends at once
@@ -178,6 +176,17 @@ class Session:
         self.conn.send({"type": "welcome", "device": device, "session": self.id,
                         "heartbeat": _seconds(config.heartbeat)})
         self._write_held()
+        return True
+
+    def _routed_within(self, seconds: float) -> bool:
+        """True once the owner's word came, or once routing stopped being possible; False after `seconds`."""
+        deadline, routed = time.monotonic() + seconds, self.routed
+        while self.host.routing:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            if routed.wait(min(1.0, remaining)):
+                return True
         return True
 
     def route_confirmed(self) -> None:

@@ -263,7 +263,7 @@ def span(share: tuple[int, int]) -> tuple[int, int]:
     return first, first + count
 
 
-RECOVERY_TARGET = 5.0  # seconds after a node's loss by which commands must flow for every device (issue 13)
+RECOVERY_TARGET = 3.0  # seconds after a node's loss by which commands must flow for every device (issue 19; 5 in issue 13)
 SWEEP_SECONDS = 10.0  # the sweep sends one command to every device, spread over this long
 
 

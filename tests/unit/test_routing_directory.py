@@ -21,6 +21,14 @@ def test_a_command_for_a_device_nobody_claimed_is_answered_offline() -> None:
     assert Directory().command(7, "lock-9") == (OFFLINE, 7)
 
 
+def test_a_redelivered_command_for_a_device_nobody_claims_is_dropped_not_answered_again() -> None:
+    """The owner before may have passed it on, or answered it: a second answer is worse than none."""
+    directory = Directory()
+    assert directory.command(7, "lock-9", redelivered=True) == (ACK, 7)
+    claim(directory, 8, "lock-9", "s1", "q-a")
+    assert directory.command(9, "lock-9", redelivered=True) == (FORWARD, 9, "q-a")
+
+
 def test_a_fresh_claim_replaces_the_older_session_whatever_its_hello_time() -> None:
     directory = Directory()
     claim(directory, 1, "lock-1", "s1", "q-a", started=200.0)

@@ -176,7 +176,9 @@ class RoutingModel(RuleBasedStateMachine):
         elif message.kind == "release":
             actions = self.directory.release(tag, message.device, message.session)
         else:
-            actions = [self.directory.command(tag, message.device)]
+            actions = [self.directory.command(tag, message.device, message.redelivered)]
+            if actions[0] == (ACK, tag):
+                self.may_go_unanswered.add(message.command)  # redelivered with no holder: dropped
         self._carry_out(actions, message)
 
     def _carry_out(self, actions: list[tuple], message: Message) -> None:
