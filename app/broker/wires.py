@@ -124,10 +124,10 @@ class AmqpWire:
         returned: list[Any] = []
         channel = self.connection.channel()
         try:
-            channel.confirm_select()
             channel.events["basic_return"].add(lambda *args: returned.append(args))
-            channel.basic_publish(Message(b"", **properties), exchange=exchange, routing_key=routing_key,
-                                  mandatory=True)
+            # Confirmed: RabbitMQ sends a return before the ack, so once this returns we know.
+            channel.basic_publish_confirm(Message(b"", **properties), exchange=exchange, routing_key=routing_key,
+                                          mandatory=True, confirm_timeout=10)
         finally:
             channel.close()
         if returned:
