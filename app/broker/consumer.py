@@ -75,6 +75,7 @@ class CommandConsumer(Link):
         worker prefers the partitions of its `node_offset` among `slots` (its instance's workers)."""
         super().__init__(url, heartbeat=heartbeat, node_offset=node_offset)
         self.queue_name = _command_queue_name()
+        self.epoch = 0  # connections so far: claims say which one named our queue (directory.py)
         self.owner = PartitionOwner(node_offset, slots, self.wake)
         self._max_command_bytes = max_command_bytes
         self._inbound: Inbound | None = None
@@ -109,6 +110,7 @@ class CommandConsumer(Link):
     def setup(self, wire: Wire) -> None:
         if self._inbound is None:
             raise RuntimeError("the command consumer runs with no Inbound attached: nobody would take commands")
+        self.epoch += 1
         for exchange in EXCHANGES:
             exchange(wire.channel).declare()
         Queue(self.queue_name, exclusive=True, auto_delete=True, durable=False)(wire.channel).declare()
@@ -121,11 +123,11 @@ class CommandConsumer(Link):
             log.info("consumer: claiming %d live sessions again under queue %s", len(self._todo), self.queue_name)
 
     def write(self, wire: Wire) -> bool:
-        todo, holder = self._todo, self.queue_name
+        todo, holder, epoch = self._todo, self.queue_name, self.epoch
         for _ in range(min(len(todo), WRITE_BATCH)):
             operation, device, session_id, started, fresh = todo.popleft()
             if operation is _CLAIM:
-                wire.publish(CLAIM, device, claim_body(device, session_id, started, holder, fresh), ())
+                wire.publish(CLAIM, device, claim_body(device, session_id, started, holder, fresh, epoch), ())
             else:
                 wire.publish(RELEASE, device, notice_body(device, session_id), ())
         return self.owner.write(wire, WRITE_BATCH) or bool(todo)

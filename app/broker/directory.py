@@ -19,8 +19,11 @@ Which claim wins. A `fresh` claim (a new session's) always wins: the last to rea
 the owner is the session whose hello arrived last, and the older holder is told
 `Replaced`. A claim that is not fresh is a holder re-stating a live session after
 its own connection to RabbitMQ came back (its queue, and the name we forward to,
-changed): it takes an empty or its own entry; against another session the newer
-hello time wins, so two sessions started during an outage resolve to one.
+changed), or one the owner took from a redelivery (its place in the order is
+no longer news): it takes an empty or its own entry; against another session the
+newer hello time wins, so two sessions started during an outage resolve to one.
+Of two claims of one session, the one from the holder's later connection
+(`epoch`) stands, whichever reaches the owner first.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class Entry:
     session: str
     started: float  # the hello's wall-clock time, seconds
     holder: str  # the holder's queue: forwards go there by name
+    epoch: int  # the holder's connection count when it claimed: a later one names its queue of now
     tag: int  # the claim's delivery tag, unacked while the entry stands
     partition: int
     since: float  # when that claim was delivered (monotonic), for `due_refresh`
@@ -69,9 +73,11 @@ class Directory:
 
     # -- messages in -----------------------------------------------------------------------
     def claim(self, tag: int, device: str, session: str, started: float, holder: str, *, fresh: bool,
-              partition: int, now: float) -> list[Action]:
-        """A holder says `session` of `device` lives in its queue `holder`."""
+              partition: int, now: float, epoch: int = 0) -> list[Action]:
+        """A holder says `session` of `device` lives in its queue `holder` (as of its connection `epoch`)."""
         current = self.entries.get(device)
+        if current is not None and current.session == session and epoch < current.epoch:
+            return [(ACK, tag)]  # an older statement of the entry's own session (a redelivery): stale
         if current is not None and current.session != session and not fresh \
                 and (current.started, current.session) > (started, session):
             return [(ACK, tag), (REPLACED, holder, device, session)]  # a re-stated older session lost
@@ -81,7 +87,7 @@ class Directory:
             actions.append((ACK, current.tag))
             if current.session != session:
                 actions.append((REPLACED, current.holder, device, current.session))
-        self._put(device, Entry(session, started, holder, tag, partition, now))
+        self._put(device, Entry(session, started, holder, epoch, tag, partition, now))
         actions.append((ROUTED, holder, device, session))
         return actions
 

@@ -133,23 +133,25 @@ def partition_queue(partition: int) -> str:
     return f"{ROUTES_EXCHANGE}.{partition}"
 
 
-def claim_body(device: str, session_id: str, started: float, holder: str, fresh: bool) -> bytes:
+def claim_body(device: str, session_id: str, started: float, holder: str, fresh: bool, epoch: int) -> bytes:
+    """`epoch` counts the holder's connections to RabbitMQ: of two claims of one session, the later
+    connection's names the holder's queue of now."""
     return orjson.dumps({"device": device, "session": session_id, "started": started, "holder": holder,
-                         "fresh": fresh})
+                         "fresh": fresh, "epoch": epoch})
 
 
-def decode_claim(body: bytes) -> tuple[str, str, float, str, bool] | None:
-    """(device, session id, started, holder queue, fresh), or None for a claim that is not ours to read."""
+def decode_claim(body: bytes) -> tuple[str, str, float, str, bool, int] | None:
+    """(device, session id, started, holder queue, fresh, epoch), or None for a claim that is not ours to read."""
     try:
         claim = orjson.loads(body)
         device, session_id, started = claim["device"], claim["session"], claim["started"]
-        holder, fresh = claim["holder"], claim["fresh"]
+        holder, fresh, epoch = claim["holder"], claim["fresh"], claim["epoch"]
     except (orjson.JSONDecodeError, TypeError, KeyError):
         return None
     if not (isinstance(device, str) and isinstance(session_id, str) and isinstance(holder, str)
-            and isinstance(started, (int, float)) and isinstance(fresh, bool)):
+            and isinstance(started, (int, float)) and isinstance(fresh, bool) and type(epoch) is int):
         return None
-    return device, session_id, float(started), holder, fresh
+    return device, session_id, float(started), holder, fresh, epoch
 
 
 def notice_body(device: str, session_id: str) -> bytes:

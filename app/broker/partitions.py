@@ -168,7 +168,7 @@ class PartitionOwner:
         holders = set()
         for _, tag, partition, device, entry in due:
             holders.add(entry.holder)
-            body = claim_body(device, entry.session, entry.started, entry.holder, False)
+            body = claim_body(device, entry.session, entry.started, entry.holder, False, entry.epoch)
             self._todo.append(("publish", CLAIM_COPY, partition_queue(partition), body, (), tag))
         for holder in holders:  # a holder that died idle is found out here: its pings come back
             self._todo.append(("publish", PING, holder, b"", (holder,), 0))
@@ -201,9 +201,10 @@ class PartitionOwner:
             elif not exchange:  # our own copy (`tick`), not a holder's claim
                 actions = self.directory.refreshed(tag, claim[0], claim[1], now=now)
             else:
-                device, session, started, holder, fresh = claim
-                actions = self.directory.claim(tag, device, session, started, holder, fresh=fresh,
-                                               partition=partition, now=now)
+                device, session, started, holder, fresh, epoch = claim
+                # Redelivered, its place in the order is no news: weighed by hello time, not arrival.
+                actions = self.directory.claim(tag, device, session, started, holder, fresh=fresh and not redelivered,
+                                               partition=partition, now=now, epoch=epoch)
         elif kind == RELEASE_TYPE:
             notice = decode_notice(body)
             actions = [(ACK, tag)] if notice is None else self.directory.release(tag, *notice)

@@ -1,26 +1,22 @@
 """One device's session, from hello to close (PROTOCOL.md sections 2-4).
 
-A session runs in its connection's greenlet and sees only its ports
-(app/sessions/ports.py): a `FrameConnection` that hands it decoded frames, the
-`Backend` that publishes to RabbitMQ, and the `Host` (the worker's registry and
-watchdog). It knows nothing of sockets, TCP, WebSocket or MQTT. Whatever a
-device sends, the worst outcome is the end of this one session: a
-`ProtocolError` becomes an error frame; anything else is a bug that the
-connection supervisor logs and reports.
+A session runs in its connection's greenlet and sees only its ports (app/sessions/ports.py):
+a `FrameConnection` of decoded frames, the `Backend` that publishes to RabbitMQ, and the
+`Host` (registry and watchdog); no sockets, TCP, WebSocket or MQTT. Whatever a device
+sends, the worst outcome is the end of this one session: a `ProtocolError` becomes an
+error frame; anything else is a bug that the connection supervisor logs and reports.
 
-The states, in order (a session only moves forward); `state` is the one
-answer to "where is this session", and `close_code` is set exactly when it is
-CLOSING:
+The states, in order (a session only moves forward); `state` is the one answer to "where is
+this session", and `close_code` is set exactly when it is CLOSING:
 
     GREETING  connected, waiting for the hello (the watchdog enforces HELLO_TIMEOUT)
     ROUTING   registered; waiting until its partition's owner routes this device's commands here
     OPEN      welcomed; frames flow (the watchdog enforces 2 x heartbeat of silence)
     CLOSING   ending with `close_code`; nothing more is delivered
 
-Commands are held in one place, `held`, until they may flow: through ROUTING,
-and while the transport says they may not (an MQTT device that has not
-subscribed to commands/# yet). `_write_held` writes them in order once they
-may, and is the one place a held command's deadline is checked.
+Commands are held in one place, `held`, until they may flow: through ROUTING, and while the
+transport says they may not (an MQTT device that has not subscribed to commands/# yet).
+`_write_held` writes them in order once they may: the one place a held command's deadline is checked.
 """
 
 from __future__ import annotations
@@ -181,12 +177,9 @@ class Session:
     def _routed_within(self, seconds: float) -> bool:
         """True once the owner's word came, or once routing stopped being possible; False after `seconds`."""
         deadline, routed = time.monotonic() + seconds, self.routed
-        while self.host.routing:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+        while self.host.routing and not routed.wait(min(1.0, max(0.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
                 return False
-            if routed.wait(min(1.0, remaining)):
-                return True
         return True
 
     def route_confirmed(self) -> None:

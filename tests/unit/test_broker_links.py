@@ -291,9 +291,10 @@ def test_claims_and_releases_go_in_order_to_their_devices_partition() -> None:
     assert link_._wakeup.is_set()
     assert link_.write(wire) is False
     assert wire.ops() == [(CLAIM, "a"), (RELEASE, "b"), (CLAIM, "b")]  # the hash exchange keys on the device
-    assert decode_claim(wire.calls[0][3]) == ("a", "s-a", 1.5, link_.queue_name, True)  # a new session: fresh
+    # A new session: fresh, stated as of this connection (its epoch).
+    assert decode_claim(wire.calls[0][3]) == ("a", "s-a", 1.5, link_.queue_name, True, link_.epoch)
     assert decode_notice(wire.calls[1][3]) == ("b", "s-b")
-    assert decode_claim(wire.calls[2][3]) == ("b", "s-b2", 2.0, link_.queue_name, True)
+    assert decode_claim(wire.calls[2][3]) == ("b", "s-b2", 2.0, link_.queue_name, True, link_.epoch)
     assert set(wire.channels) == {0}  # on the link's own channel, not the partitions'
 
 
@@ -327,6 +328,7 @@ def test_a_connect_claims_every_live_session_again_not_fresh() -> None:
     heard = Heard([("a", 1.0, "s-a"), ("b", 2.0, "s-b")])
     link_, _ = consumer(heard)
     link_.claim("stale", 1.0, "s-x")  # queued before the loss: gone with it
+    epoch = link_.epoch
     link_.connected = False
     link_.on_lost()
     memory = Connection("memory://")
@@ -336,8 +338,9 @@ def test_a_connect_claims_every_live_session_again_not_fresh() -> None:
     link_.write(wire)
     assert wire.ops() == [(CLAIM, "a"), (CLAIM, "b")]
     # Re-statements under the new queue's name, weighed by hello time against a session started meanwhile.
-    assert [decode_claim(call[3]) for call in wire.calls] == [("a", "s-a", 1.0, link_.queue_name, False),
-                                                              ("b", "s-b", 2.0, link_.queue_name, False)]
+    # ... from a later connection than any claim before, whichever reaches the owner first.
+    assert [decode_claim(call[3]) for call in wire.calls] == [("a", "s-a", 1.0, link_.queue_name, False, epoch + 1),
+                                                              ("b", "s-b", 2.0, link_.queue_name, False, epoch + 1)]
 
 
 def test_the_consumer_will_not_run_without_an_inbound() -> None:

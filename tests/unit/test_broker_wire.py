@@ -209,13 +209,16 @@ def test_command_deadline_from_expiration_and_timestamp(properties: dict, deadli
 
 
 def test_claims_and_notices_round_trip_and_junk_is_none() -> None:
-    assert decode_claim(claim_body("lock-1", "s-1", 12.5, "warren.commands.h", True)) == (
-        "lock-1", "s-1", 12.5, "warren.commands.h", True)
-    assert decode_claim(b'{"device":"d","session":"s","started":3,"holder":"h","fresh":false}') == (
-        "d", "s", 3.0, "h", False)
-    for junk in [b"junk", b"[]", b'{"device":"d"}', b'{"device":1,"session":"s","started":1,"holder":"h","fresh":true}',
-                 b'{"device":"d","session":"s","started":"1","holder":"h","fresh":true}',
-                 b'{"device":"d","session":"s","started":1,"holder":"h","fresh":1}']:
+    assert decode_claim(claim_body("lock-1", "s-1", 12.5, "warren.commands.h", True, 4)) == (
+        "lock-1", "s-1", 12.5, "warren.commands.h", True, 4)
+    assert decode_claim(b'{"device":"d","session":"s","started":3,"holder":"h","fresh":false,"epoch":1}') == (
+        "d", "s", 3.0, "h", False, 1)
+    for junk in [b"junk", b"[]", b'{"device":"d"}',
+                 b'{"device":1,"session":"s","started":1,"holder":"h","fresh":true,"epoch":1}',
+                 b'{"device":"d","session":"s","started":"1","holder":"h","fresh":true,"epoch":1}',
+                 b'{"device":"d","session":"s","started":1,"holder":"h","fresh":1,"epoch":1}',
+                 b'{"device":"d","session":"s","started":1,"holder":"h","fresh":true,"epoch":true}',
+                 b'{"device":"d","session":"s","started":1,"holder":"h","fresh":true}']:
         assert decode_claim(junk) is None
     assert decode_notice(notice_body("lock-1", "s-1")) == ("lock-1", "s-1")
     for junk in [b"junk", b"[]", b'{"device":"d"}', b'{"device":"d","session":2}']:

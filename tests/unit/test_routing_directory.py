@@ -6,8 +6,8 @@ from app.broker.directory import ACK, FORWARD, OFFLINE, REFRESH, REPLACED, ROUTE
 
 
 def claim(directory: Directory, tag: int, device: str, session: str, holder: str, *, started: float = 0.0,
-          fresh: bool = True, now: float = 0.0) -> list[tuple]:
-    return directory.claim(tag, device, session, started, holder, fresh=fresh, partition=3, now=now)
+          fresh: bool = True, now: float = 0.0, epoch: int = 1) -> list[tuple]:
+    return directory.claim(tag, device, session, started, holder, fresh=fresh, partition=3, now=now, epoch=epoch)
 
 
 def test_a_first_claim_is_routed_and_kept_unacked() -> None:
@@ -59,6 +59,15 @@ def test_a_holder_restating_its_own_session_moves_it_to_its_new_queue() -> None:
     actions = claim(directory, 5, "lock-1", "s1", "q-a-new", started=100.0, fresh=False)
     assert actions == [(ACK, 1), (ROUTED, "q-a-new", "lock-1", "s1")]
     assert directory.command(6, "lock-1") == (FORWARD, 6, "q-a-new")
+
+
+def test_of_two_claims_of_one_session_the_later_connections_stands_whichever_comes_first() -> None:
+    """A holder reconnected (epoch 2) and re-stated its session before the owner got its first claim back
+    from a redelivery (epoch 1): the stale one must not point the device at the dead queue."""
+    directory = Directory()
+    claim(directory, 1, "lock-1", "s1", "q-a-new", started=100.0, fresh=False, epoch=2)
+    assert claim(directory, 2, "lock-1", "s1", "q-a-old", started=100.0, epoch=1) == [(ACK, 2)]
+    assert directory.holder_of("lock-1") == "q-a-new"
 
 
 def test_a_release_of_the_current_session_acks_its_claim() -> None:
