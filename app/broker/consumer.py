@@ -123,14 +123,20 @@ class CommandConsumer(Link):
             log.info("consumer: claiming %d live sessions again under queue %s", len(self._todo), self.queue_name)
 
     def write(self, wire: Wire) -> bool:
-        todo, holder, epoch = self._todo, self.queue_name, self.epoch
+        todo, holder, epoch, owner = self._todo, self.queue_name, self.epoch, self.owner
         for _ in range(min(len(todo), WRITE_BATCH)):
-            operation, device, session_id, started, fresh = todo.popleft()
+            item = todo.popleft()
+            operation, device, session_id, started, _fresh = item
+            # On the partitions' confirmed channel: one RabbitMQ refuses (a partition queue changing
+            # leader as a node goes) is made again, a claim as a re-statement (not fresh).
             if operation is _CLAIM:
-                wire.publish(CLAIM, device, claim_body(device, session_id, started, holder, fresh, epoch), ())
+                body = claim_body(device, session_id, started, holder, item[4], epoch)
+                again = (_CLAIM, device, session_id, started, False)
+                owner.publish_confirmed(wire, CLAIM, device, body, lambda again=again: self._queue_write(again))
             else:
-                wire.publish(RELEASE, device, notice_body(device, session_id), ())
-        return self.owner.write(wire, WRITE_BATCH) or bool(todo)
+                owner.publish_confirmed(wire, RELEASE, device, notice_body(device, session_id),
+                                        lambda item=item: self._queue_write(item))
+        return owner.write(wire, WRITE_BATCH) or bool(todo)
 
     def tick(self, now: float) -> None:
         self.owner.tick(now)

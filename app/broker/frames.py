@@ -45,6 +45,7 @@ BASIC_RETURN = _sig(60, 50)
 BASIC_DELIVER = _sig(60, 60)
 BASIC_ACK = _sig(60, 80)
 BASIC_NACK = _sig(60, 120)
+BASIC_REJECT = _sig(60, 90)
 CHANNEL_CLOSE = _sig(20, 40)
 
 
@@ -152,6 +153,11 @@ def encode_ack(tag: int, multiple: bool) -> bytes:
 def encode_basic_ack(out: bytearray, channel: int, tag: int) -> None:
     """Append our basic.ack of one delivery (a partition's message, done with)."""
     _encode_method(out, channel, encode_ack(tag, multiple=False))
+
+
+def encode_basic_reject(out: bytearray, channel: int, tag: int) -> None:
+    """Append our basic.reject of one delivery, requeued: its queue hands it out again."""
+    _encode_method(out, channel, BASIC_REJECT + _TAG_AND_BITS.pack(tag, True))
 
 
 def encode_properties(properties: Mapping[str, Any]) -> bytes:

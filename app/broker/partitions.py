@@ -42,6 +42,7 @@ from kombu import Exchange, Queue
 from app import metrics
 from app.broker import frames
 from app.broker.directory import ACK, FORWARD, OFFLINE, REFRESH, REPLACED, ROUTED, Action, Directory
+from app.broker.frames import PublishKind
 from app.broker.messages import (
     AGAIN_HEADER,
     ASK_TYPE,
@@ -76,6 +77,7 @@ STANDBY_DELAY = 2.0  # seconds after connecting before a worker subscribes to th
 CLAIM_REFRESH = 600.0  # a claim older than this is published again: RabbitMQ's consumer timeout is 30 min by default
 REFRESH_BATCH = 1000  # claims published again per tick, at most
 PROBE_KEY = "warren.probe"  # no device id has a dot: no session can hold it
+REJECT = "reject"  # (REJECT, tag): back to its partition queue, to be taken again
 
 
 class PartitionOwner:
@@ -94,7 +96,8 @@ class PartitionOwner:
         self._channel_id = 0
         self._todo: deque[tuple[Any, ...]] = deque()
         self._seq = 0  # publishes on our channel since confirm_select, numbered as RabbitMQ numbers them
-        self._after: dict[int, int] = {}  # publish seq -> the delivery tag to ack once it is confirmed
+        # publish seq -> (the delivery tag to ack once it is confirmed, or 0; what to do if it is refused)
+        self._after: dict[int, tuple[int, Callable[[], None] | None]] = {}
         self._answering: set[int] = set()  # delivery tags whose forward came back: acked after their `offline`
         self._unsubscribed: list[int] = []
         self._standby_at = 0.0
@@ -150,9 +153,13 @@ class PartitionOwner:
             what = item[0]
             if what is ACK:
                 wire.ack(item[1], channel)
+            elif what is REJECT:
+                wire.reject(item[1], channel)
             elif what is FORWARD:
                 _, holder, properties, body, tag = item
-                self._published(tag)
+                # Refused (its queue's node going down with it): back to the partition, to be passed on
+                # to wherever the device is by then.
+                self._published(tag, lambda tag=tag: self._todo.append((REJECT, tag)))
                 wire.forward(holder, properties, body, channel)
             else:  # a publish: (kind, routing key, body, values, tag to ack once confirmed)
                 _, kind, routing_key, body, values, tag = item
@@ -184,9 +191,16 @@ class PartitionOwner:
                          lambda *delivery, p=partition: self.delivered(p, *delivery), acks=True, nowait=True)
         del self._unsubscribed[:count]
 
-    def _published(self, tag: int) -> None:
+    def publish_confirmed(self, wire: Wire, kind: PublishKind, routing_key: str, body: bytes,
+                          refused: Callable[[], None]) -> None:
+        """Publish on our channel (the writer's, in the link's pass): for the holder's claims and releases,
+        which RabbitMQ may refuse while their partition queue changes leader; `refused` then makes it again."""
+        self._published(0, refused)
+        wire.publish(kind, routing_key, body, (), self._channel_id)
+
+    def _published(self, tag: int, refused: Callable[[], None] | None = None) -> None:
         self._seq += 1
-        self._after[self._seq] = tag
+        self._after[self._seq] = (tag, refused)
 
     # -- the reader ---------------------------------------------------------------------------------
     def delivered(self, partition: int, tag: int, redelivered: bool, exchange: str, routing_key: str,
@@ -280,9 +294,16 @@ class PartitionOwner:
         else:
             done = [seq] if seq in after else []
         if payload[:4] == frames.BASIC_NACK:
-            log.warning("RabbitMQ refused %d of the routing's publishes (an internal error of the queue)", len(done))
+            log.warning("RabbitMQ refused %d of the routing's publishes (a queue between leaders, or on a node "
+                        "going down): made again", len(done))
+            for s in done:
+                _tag, refused = after.pop(s)
+                if refused is not None:
+                    refused()
+            self._wake()
+            return
         for s in done:
-            tag = after.pop(s)
+            tag, _refused = after.pop(s)
             if tag in answering:
                 answering.discard(tag)  # came back, and acked behind its `offline` answer
             elif tag:

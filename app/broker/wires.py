@@ -157,6 +157,9 @@ class AmqpWire:
     def ack(self, tag: int, channel: int) -> None:
         frames.encode_basic_ack(self.out, channel, tag)
 
+    def reject(self, tag: int, channel: int) -> None:
+        frames.encode_basic_reject(self.out, channel, tag)
+
     def heartbeat(self) -> None:
         """Send a heartbeat when due; raises when RabbitMQ's have stopped coming."""
         self.amqp.heartbeat_tick()
@@ -280,8 +283,8 @@ class MemoryWire:
 
     def channel_for(self, *, acks: bool) -> Any:
         channel = self.connection.channel()
-        if acks:
-            self._acking = channel
+        if acks:  # this wire's publishes are then the confirmed channel's (the link publishes nothing else)
+            self._acking, self._confirming = channel, True
         return channel
 
     def consume(self, channel: Any, queue: str, on_message: OnMessage, *, acks: bool = False,
@@ -304,6 +307,9 @@ class MemoryWire:
 
     def ack(self, tag: int, channel: int) -> None:
         self._acking.basic_ack(tag)
+
+    def reject(self, tag: int, channel: int) -> None:
+        self._acking.basic_reject(tag, requeue=True)
 
     def _publish(self, exchange: str, mandatory: bool, routing_key: str, properties: dict[str, Any],
                  body: bytes) -> None:

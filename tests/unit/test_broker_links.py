@@ -77,6 +77,10 @@ class RecordingWire:
         self.calls.append(("ack", tag))
         self.channels.append(channel)
 
+    def reject(self, tag: int, channel: int) -> None:
+        self.calls.append(("reject", tag))
+        self.channels.append(channel)
+
     def ops(self) -> list[tuple[Any, str]]:
         """(kind, routing key) of each publish."""
         return [(c[1], c[2]) for c in self.calls if c[0] == "publish"]
@@ -295,7 +299,34 @@ def test_claims_and_releases_go_in_order_to_their_devices_partition() -> None:
     assert decode_claim(wire.calls[0][3]) == ("a", "s-a", 1.5, link_.queue_name, True, link_.epoch)
     assert decode_notice(wire.calls[1][3]) == ("b", "s-b")
     assert decode_claim(wire.calls[2][3]) == ("b", "s-b2", 2.0, link_.queue_name, True, link_.epoch)
-    assert set(wire.channels) == {0}  # on the link's own channel, not the partitions'
+    assert set(wire.channels) == {link_.owner._channel_id}  # on the partitions' channel, in confirm mode
+
+
+def test_a_claim_rabbitmq_refuses_is_made_again_as_a_restatement_and_a_release_as_it_was() -> None:
+    """A partition queue changing leader (its node going down) may nack what it was sent meanwhile."""
+    link_, wire = consumer()[0], RecordingWire()
+    link_.claim("a", 1.5, "s-a")
+    link_.release("b", "s-b")
+    link_.claim("c", 2.5, "s-c")
+    link_.write(wire)
+    link_.methods[frames.BASIC_ACK](ack(1))  # the first claim is in
+    link_.methods[frames.BASIC_NACK](ack(3, multiple=True, sig=spec.Basic.Nack))  # the other two are not
+    link_.write(wire)
+    again = wire.calls[3:]
+    assert [(c[1], c[2]) for c in again] == [(RELEASE, "b"), (CLAIM, "c")]
+    assert decode_notice(again[0][3]) == ("b", "s-b")
+    assert decode_claim(again[1][3]) == ("c", "s-c", 2.5, link_.queue_name, False, link_.epoch)  # not fresh now
+
+
+def test_a_forward_rabbitmq_refuses_goes_back_to_its_partition_to_be_passed_on_again() -> None:
+    link_, wire = consumer()[0], RecordingWire()
+    link_.owner.directory.claim(3, "lock-1", "s-1", 1.0, "holder.q", fresh=True, partition=0, now=0.0)
+    link_.owner.delivered(0, 9, False, "devices.commands", "lock-1", {"message_id": "c-1"}, b'{"name":"x"}')
+    link_.write(wire)
+    assert wire.calls[0][0] == "forward"
+    link_.methods[frames.BASIC_NACK](ack(1, sig=spec.Basic.Nack))
+    link_.write(wire)
+    assert wire.calls[1:] == [("reject", 9)]  # requeued, not acked: the next take sees where the device is then
 
 
 def test_nothing_is_queued_while_disconnected_and_a_loss_drops_what_was() -> None:

@@ -100,6 +100,13 @@ def test_our_basic_ack_of_a_delivery_is_py_amqp_bytes() -> None:
         assert bytes(out) == b"before" + py_amqp_frames((1, channel, spec.Basic.Ack, dumps("Lb", (tag, False)), None))
 
 
+def test_our_basic_reject_requeues_and_is_py_amqp_bytes() -> None:
+    for channel, tag in [(1, 1), (65535, 2**64 - 1)]:
+        out = bytearray()
+        frames.encode_basic_reject(out, channel, tag)
+        assert bytes(out) == py_amqp_frames((1, channel, spec.Basic.Reject, dumps("Lb", (tag, True)), None))
+
+
 def test_basic_deliver_decodes_all_five_fields() -> None:
     for args in [("warren.commands.h.1.ab", 7, True, "", "warren.commands.h.1.ab"),  # a forward, by name
                  ("warren.routes.3", 2**40, False, "warren.routes", "lock-1"),  # a claim, through the hash
