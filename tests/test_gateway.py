@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import shutil
 import socket
-import subprocess
 import time
 import uuid
 from typing import Any
@@ -45,7 +44,7 @@ from support.devices import (
     uid,
 )
 from support.gateways import AMQP_URL, API_TOKEN, SECRET, Gateway, metric_value, metrics_text, sessions, start_gateway
-from support.rabbitmq import AMQP_HOST, PRIVATE_VHOST, EventTap, publish_command, routed
+from support.rabbitmq import PRIVATE_VHOST, EventTap, private_vhost, publish_command, routed
 from support.waiting import WAIT, wait_until
 
 MAX_FRAME_BYTES = 65536
@@ -335,13 +334,9 @@ def test_many_events_each_acked_exactly_once(gateway: Gateway, transport: str) -
 @pytest.fixture(scope="module")
 def private(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A gateway on a RabbitMQ vhost of its own: no catch-all ('#') queue of another tool routes its events."""
-    ctl = shutil.which("rabbitmqctl")
-    if ctl is None:
+    if shutil.which("rabbitmqctl") is None:
         pytest.skip("rabbitmqctl is needed to make a private vhost (the shared one may route every key)")
-    for args in (["add_vhost", PRIVATE_VHOST], ["set_permissions", "-p", PRIVATE_VHOST, "guest", ".*", ".*", ".*"]):
-        subprocess.run([ctl, *args], capture_output=True, timeout=60, check=False)  # may exist already
-    instance = start_gateway(tmp_path_factory.mktemp("private"), workers=1,
-                             AMQP_URL=AMQP_URL.split("@", 1)[0] + "@" + AMQP_HOST + "/" + PRIVATE_VHOST)
+    instance = start_gateway(tmp_path_factory.mktemp("private"), workers=1, AMQP_URL=private_vhost(PRIVATE_VHOST))
     yield instance
     instance.stop()
 

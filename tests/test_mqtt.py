@@ -11,7 +11,6 @@ long something took, only that it happens within a generous timeout.
 from __future__ import annotations
 
 import shutil
-import subprocess
 import uuid
 from typing import Any
 
@@ -23,7 +22,7 @@ from clients.backend import BackendClient
 from support.devices import in_background, uid
 from support.gateways import AMQP_URL, Gateway, counted, sessions, start_gateway
 from support.mqtt_devices import CONNACK, PINGRESP, MqttDevice, RawMqtt, build, mqtt_device, token
-from support.rabbitmq import AMQP_HOST, PRIVATE_VHOST, EventTap, routed
+from support.rabbitmq import PRIVATE_VHOST, EventTap, private_vhost, routed
 from support.waiting import WAIT, wait_until
 
 
@@ -37,13 +36,10 @@ def backend() -> Any:
 def lone(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """One worker that takes one session (MAX_CONNECTIONS=1) and 5 events a second (a burst of 3), on a RabbitMQ
     vhost of its own so that no catch-all queue of another tool routes its events."""
-    ctl = shutil.which("rabbitmqctl")
-    if ctl is None:
+    if shutil.which("rabbitmqctl") is None:
         pytest.skip("rabbitmqctl is needed to make a private vhost (the shared one may route every key)")
-    for args in (["add_vhost", PRIVATE_VHOST], ["set_permissions", "-p", PRIVATE_VHOST, "guest", ".*", ".*", ".*"]):
-        subprocess.run([ctl, *args], capture_output=True, timeout=60, check=False)  # may exist already
     instance = start_gateway(tmp_path_factory.mktemp("lone"), workers=1, MAX_CONNECTIONS="1", EVENT_RATE="5",
-                             EVENT_BURST="3", AMQP_URL=AMQP_URL.split("@", 1)[0] + "@" + AMQP_HOST + "/" + PRIVATE_VHOST)
+                             EVENT_BURST="3", AMQP_URL=private_vhost(PRIVATE_VHOST))
     yield instance
     instance.stop()
 

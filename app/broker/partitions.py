@@ -98,13 +98,9 @@ class PartitionOwner:
         self._seq = 0  # publishes on our channel since confirm_select, numbered as RabbitMQ numbers them
         # publish seq -> (the delivery tag to ack once it is confirmed, or 0; what to do if it is refused)
         self._after: dict[int, tuple[int, Callable[[], None] | None]] = {}
-        self._answering: set[int] = set()  # delivery tags whose forward came back: acked after their `offline`
+        self._answering: set[int] = set()  # delivery tags whose forward came back: acked behind their `offline`
         self._unsubscribed: list[int] = []
         self._standby_at = 0.0
-
-    @property
-    def subscribed(self) -> int:
-        return PARTITIONS - len(self._unsubscribed) if self._channel is not None else 0
 
     # -- the link's setup ------------------------------------------------------------------------
     def setup(self, wire: Wire, now: float) -> None:

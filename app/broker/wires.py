@@ -128,11 +128,11 @@ class AmqpWire:
             channel.events["basic_return"].add(lambda *args: returned.append(args))
             # RabbitMQ returns an unroutable message as it routes it, before its ack; a routed one is
             # acked once its partition queue has it, which a queue without its majority (a cluster
-            # missing nodes) never does: no return within PROBE_WAIT is as good as an ack.
+            # missing nodes) never does, or nacked: no return within PROBE_WAIT is as good as an ack.
             try:
                 channel.basic_publish_confirm(Message(b"", **properties), exchange=exchange,
                                               routing_key=routing_key, mandatory=True, confirm_timeout=PROBE_WAIT)
-            except TimeoutError:
+            except (TimeoutError, amqp.exceptions.MessageNacked):
                 pass
         finally:
             channel.close()

@@ -15,13 +15,14 @@ keeps its connection, and what is measured is the gateway's recovery.
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
-from bench.rabbit_cluster import RabbitCluster, amqp_url, running_cluster
+from bench.rabbit_cluster import ClusterError, RabbitCluster, amqp_url, parse_json_listing, running_cluster
 
 CLUSTER_SIZES = {"cluster": 2, "cluster3": 3}
 BROKERS = ("single", *CLUSTER_SIZES)
@@ -51,6 +52,24 @@ class Broker:
         """SIGKILL the second node (a crash: no goodbye to clients); the wall-clock time it died."""
         self.cluster.kill_node(self.cluster.nodes[1])
         return time.time()
+
+    def metadata(self) -> dict[str, int] | None:
+        """RabbitMQ's queues, bindings and exchanges in the default vhost: what PROTOCOL.md section 5 says a
+        session's start must not add to (issue 19). None when rabbitmqctl cannot tell."""
+        counts = {}
+        for what in ("queues", "bindings", "exchanges"):
+            args = (f"list_{what}", "--formatter", "json", "source_name" if what == "bindings" else "name")
+            try:
+                if self.cluster is None:
+                    out = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=60,
+                                         check=True).stdout
+                else:
+                    node = next(node for node in self.cluster.nodes if node.running)
+                    out = self.cluster.ctl(node, *args)
+                counts[what] = len(parse_json_listing(out))
+            except (OSError, subprocess.SubprocessError, ClusterError, StopIteration):
+                return None
+        return counts
 
     def restore_node(self) -> float:
         """Boot the lost node again from its data (it rejoins by itself); seconds until it accepts AMQP."""

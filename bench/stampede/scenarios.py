@@ -48,12 +48,14 @@ def handshakes(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any] 
 def ramp(run: Run, options: argparse.Namespace) -> dict[str, Any]:
     """Connect every device as fast as the bounded in-flight connects allow, then hold a moment."""
     devices = run.plan.devices
+    objects_idle = run.broker.metadata() if run.broker is not None else None
     before = run.mark("before_connect", pss=True)
     run.fleet.tell({"op": "connect", "jitter": 0.0})
     all_up = run.wait_until_up(devices, options.ramp_timeout)
     connected = run.mark("connected")
     gevent.sleep(options.settle)
     held = run.mark("held", pss=True)
+    objects_held = run.broker.metadata() if run.broker is not None else None
     seconds = max(run.fleet.last_welcome() - before["wall"], 1e-3)
     established = connected["established"] - before["established"]
     return {
@@ -73,6 +75,8 @@ def ramp(run: Run, options: argparse.Namespace) -> dict[str, Any]:
         "rabbit_rss_mb_idle": before.get("rabbit_rss_mb"),
         "rabbit_rss_mb_held": held.get("rabbit_rss_mb"),
         "rabbit_kib_per_session": cost(before, held, held["up"], "rabbit_rss_mb", KIB_PER_MIB),
+        # RabbitMQ's metadata (queues, bindings, exchanges) with none held and with every device held.
+        "rabbit_objects_idle": objects_idle, "rabbit_objects_held": objects_held,
     }
 
 

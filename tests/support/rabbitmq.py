@@ -18,6 +18,7 @@ import psutil
 import pytest
 from kombu import Connection
 
+from bench.rabbit_cluster import ROUTES_POLICY
 from clients.backend import EVENTS, BackendClient
 from support.fault_devices import unique
 from support.gateways import AMQP_URL
@@ -254,3 +255,12 @@ class Blackhole:
         self.closed = True
         self.heal()
         self.listener.close()
+
+
+def private_vhost(name: str) -> str:
+    """A vhost of the tests' own, set up as the README asks of any Warren deployment (the routing's
+    policy); returns the AMQP URL of it. Idempotent: the vhost may exist from an earlier run."""
+    for args in (("add_vhost", name), ("set_permissions", "-p", name, "guest", ".*", ".*", ".*"),
+                 (*ROUTES_POLICY[:1], "-p", name, *ROUTES_POLICY[1:])):
+        rabbitmqctl(*args, check=False)
+    return AMQP_URL.split("@", 1)[0] + "@" + AMQP_HOST + "/" + name
