@@ -296,8 +296,8 @@ def test_events_are_acked_again_once_a_quorum_queue_has_its_majority_back(
         assert acked(events_until_acked(client, "before"))
         cluster.stop_node(node_b)
         cluster.kill_node(third_node)  # the leader's node, and the instance's
-        def on_node_a() -> bool:  # both links failed over to the one member left
-            return len(instance_ports(gateway, node_a)) >= 2 and all_ready(gateway, 1)
+        def on_node_a() -> bool:  # the publisher failed over to the one member left (the consumer's
+            return len(instance_ports(gateway, node_a)) >= 1  # routing partitions wait for a majority too)
 
         wait_until(on_node_a, timeout=30)
         assert send_event(client, "during")["type"] == "nack"
@@ -311,4 +311,5 @@ def test_events_are_acked_again_once_a_quorum_queue_has_its_majority_back(
         print(f"\n[figure] quorum queue's majority back: events acked again {time.monotonic() - back:.1f}s later "
               f"(nacked meanwhile: {dict(nacked)})")
         assert acked(after), f"a majority again, but events still nacked: {after[-3:]}"
+        wait_until(lambda: all_ready(gateway, 1), timeout=60)  # and the routing is back
         assert set(acked(after)) <= queue.ids()

@@ -41,6 +41,7 @@ log = logging.getLogger("warren.broker")
 
 BACKOFF_FIRST, BACKOFF_MAX = 0.2, 10.0
 CONNECT_TIMEOUT = 5.0
+SETUP_TIMEOUT = 15.0
 WRITE_BATCH = 1000  # items one writer pass takes before it lets the sessions run
 TICK = 1.0  # seconds between the writer's periodic work (confirm timeouts, heartbeats)
 
@@ -50,6 +51,10 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (OSError, socket.timeout, E
 
 class StuckChannel(ConnectionError):
     """The node works but our channel is stuck in a bad state: reconnect to the same node."""
+
+
+class StuckSetup(ConnectionError):
+    """RabbitMQ took the connection but does not answer the setup's declares: try again later."""
 
 
 def backoff_delays(first: float = BACKOFF_FIRST, maximum: float = BACKOFF_MAX) -> Iterator[float]:
@@ -141,7 +146,10 @@ class Link:
         try:
             self.blocked = False
             wire = wire_for(url)(connection, connection.channel(), self)
-            self.setup(wire)
+            # Bounded: a declare RabbitMQ cannot answer (a quorum queue without its majority) would hold
+            # the link here for good, neither connected nor retrying.
+            with gevent.Timeout(SETUP_TIMEOUT, StuckSetup(f"no answer to the setup within {SETUP_TIMEOUT:g}s")):
+                self.setup(wire)
         except BaseException:
             # Connected, but the setup failed (a declare refused, the broker closing as it starts):
             # drop this connection, or each retry leaves one open at RabbitMQ until its heartbeat timeout.
