@@ -56,6 +56,9 @@ class Config:
     amqp_heartbeat: int = 20  # AMQP heartbeat with RabbitMQ, seconds (0 turns it off)
     max_pending_commands: int = 64  # commands awaiting a device's reply, per session
     route_wait: float = 10.0  # how long a hello waits for its route before it is refused `overloaded`
+    # The routing partitions' queue type: quorum survives a node's loss (three nodes or more); classic
+    # is a single node's choice, with no replication to wait for on every command (README, "RabbitMQ").
+    route_queues: str = "quorum"
     log_format: str = "text"
     log_level: str = "INFO"
     environment: str = "production"
@@ -171,6 +174,7 @@ def load(env: Mapping[str, str] | None = None) -> Config:
         amqp_heartbeat=_int(env, "AMQP_HEARTBEAT", DEFAULTS.amqp_heartbeat),
         max_pending_commands=_int(env, "MAX_PENDING_COMMANDS", DEFAULTS.max_pending_commands, minimum=1),
         route_wait=_positive(env, "ROUTE_WAIT", DEFAULTS.route_wait),
+        route_queues=_choice(env, "ROUTE_QUEUES", DEFAULTS.route_queues, {"quorum", "classic"}),
         log_format=_choice(env, "LOG_FORMAT", DEFAULTS.log_format, {"text", "json"}),
         log_level=_choice(env, "LOG_LEVEL", DEFAULTS.log_level, {"DEBUG", "INFO", "WARNING", "ERROR"}),
         environment=env.get("SENTRY_ENVIRONMENT", "").strip() or DEFAULTS.environment,

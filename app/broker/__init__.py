@@ -70,13 +70,15 @@ class Broker:
     """
 
     def __init__(self, url: str, *, max_command_bytes: int, confirm_timeout: float = CONFIRM_TIMEOUT,
-                 amqp_heartbeat: int = 20, node_offset: int = 0, workers: int = 1) -> None:
+                 amqp_heartbeat: int = 20, node_offset: int = 0, workers: int = 1,
+                 route_queues: str = "quorum") -> None:
         self._publisher = Publisher(url, heartbeat=amqp_heartbeat, node_offset=node_offset,
                                     confirm_timeout=confirm_timeout)
         self._rpc = RpcClient(self._publisher, reply_to=lambda: self._consumer.queue_name)
         self._consumer = CommandConsumer(url, max_command_bytes=max_command_bytes, refuse=self._refuse,
                                          reply_received=self._rpc.reply_received, asked=self._asked,
-                                         heartbeat=amqp_heartbeat, node_offset=node_offset, slots=workers)
+                                         heartbeat=amqp_heartbeat, node_offset=node_offset, slots=workers,
+                                         queue_type=route_queues)
         self._inbound: Inbound | None = None
         self._ids = MessageIds()
         self.links: tuple[Link, ...] = (self._publisher, self._consumer)

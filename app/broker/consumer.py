@@ -69,18 +69,19 @@ class CommandConsumer(Link):
     def __init__(self, url: str, *, max_command_bytes: int, refuse: Callable[[Refusal], None],
                  reply_received: Callable[[str | None, bytes], None],
                  asked: Callable[[str, str, str | None, str | None], None],
-                 heartbeat: int = 20, node_offset: int = 0, slots: int = 1) -> None:
+                 heartbeat: int = 20, node_offset: int = 0, slots: int = 1, queue_type: str = "quorum") -> None:
         """`refuse`, `reply_received` and `asked` are the facade's own (they publish or resolve what the
         consumer read); the sessions side is reached through the `Inbound` given to `attach`. This
         worker prefers the partitions of its `node_offset` among `slots` (its instance's workers)."""
         super().__init__(url, heartbeat=heartbeat, node_offset=node_offset)
         self.queue_name = _command_queue_name()
         self.epoch = 0  # connections so far: claims say which one named our queue (directory.py)
-        self.owner = PartitionOwner(node_offset, slots, self.wake)
+        self.owner = PartitionOwner(node_offset, slots, self.wake, queue_type)
         self._max_command_bytes = max_command_bytes
         self._inbound: Inbound | None = None
         self._refuse, self._reply_received, self._asked = refuse, reply_received, asked
         self._todo: deque[tuple[str, str, str, float, bool]] = deque()  # claims and releases, in order
+        self._refused: list[tuple[str, str, str, float, bool]] = []  # to make again at the next tick
         self.methods = {frames.BASIC_ACK: self.owner.confirmed, frames.BASIC_NACK: self.owner.confirmed}
         self.contents = {frames.BASIC_RETURN: self.owner.returned}
 
@@ -128,23 +129,30 @@ class CommandConsumer(Link):
             item = todo.popleft()
             operation, device, session_id, started, _fresh = item
             # On the partitions' confirmed channel: one RabbitMQ refuses (a partition queue changing
-            # leader as a node goes) is made again, a claim as a re-statement (not fresh).
+            # leader as a node goes) is made again at the next tick (not at once: the queue may refuse
+            # for seconds), a claim as a re-statement (not fresh).
             if operation is _CLAIM:
                 body = claim_body(device, session_id, started, holder, item[4], epoch)
                 again = (_CLAIM, device, session_id, started, False)
-                owner.publish_confirmed(wire, CLAIM, device, body, lambda again=again: self._queue_write(again))
+                owner.publish_confirmed(wire, CLAIM, device, body, lambda again=again: self._refused.append(again))
             else:
                 owner.publish_confirmed(wire, RELEASE, device, notice_body(device, session_id),
-                                        lambda item=item: self._queue_write(item))
+                                        lambda item=item: self._refused.append(item))
         return owner.write(wire, WRITE_BATCH) or bool(todo)
 
     def tick(self, now: float) -> None:
         self.owner.tick(now)
+        if self._refused:
+            log.info("consumer: %d claims and releases refused by RabbitMQ: made again", len(self._refused))
+            self._todo.extend(self._refused)
+            self._refused.clear()
+            self.wake()
 
     def on_lost(self) -> None:
         # Our exclusive queue died with the connection; a fresh name avoids racing its deletion.
         self.queue_name = _command_queue_name()
         self._todo.clear()
+        self._refused.clear()
         self.owner.on_lost()
 
     def _dispatch(self, _tag: int, _redelivered: bool, exchange: str, routing_key: str,

@@ -31,8 +31,13 @@ ROUTES_EXCHANGE = "warren.routes"
 PARTITIONS = 16
 """Fixed for a deployment: every worker must hash a device to the same partition."""
 PARTITION_WEIGHT = "20"  # points on the hash ring per partition: 1 each spreads devices unevenly
-PARTITION_ARGUMENTS = {"x-queue-type": "quorum", "x-single-active-consumer": True,
-                       "x-queue-leader-locator": "balanced"}
+PARTITION_ARGUMENTS = {
+    # Replicated: the directory survives a node's loss. Each command waits for a majority's write.
+    "quorum": {"x-queue-type": "quorum", "x-single-active-consumer": True, "x-queue-leader-locator": "balanced"},
+    # One node's: no replication (a node's loss stops its partitions until it is back), no fsync to wait for.
+    "classic": {"x-queue-type": "classic", "x-single-active-consumer": True},
+}
+"""By ROUTE_QUEUES: the same for every worker of a deployment (RabbitMQ refuses a declare that differs)."""
 
 ASK_TYPE = "warren.ask"
 FORWARD_TYPE = "warren.command"  # a command passed on by its partition's owner to its holder

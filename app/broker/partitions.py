@@ -87,8 +87,9 @@ class PartitionOwner:
     be written; `write` runs in the link's writer. `wake` asks the link for a writer pass.
     """
 
-    def __init__(self, slot: int, slots: int, wake: Callable[[], None]) -> None:
+    def __init__(self, slot: int, slots: int, wake: Callable[[], None], queue_type: str = "quorum") -> None:
         self.directory = Directory()
+        self._queue_arguments = PARTITION_ARGUMENTS[queue_type]
         self._preferred = [p for p in range(PARTITIONS) if p % max(1, slots) == slot % max(1, slots)]
         self._wake = wake
         self._wire: Wire | None = None  # this connection's, from `setup` until `on_lost`
@@ -99,6 +100,7 @@ class PartitionOwner:
         # publish seq -> (the delivery tag to ack once it is confirmed, or 0; what to do if it is refused)
         self._after: dict[int, tuple[int, Callable[[], None] | None]] = {}
         self._answering: set[int] = set()  # delivery tags whose forward came back: acked behind their `offline`
+        self._rejects: list[int] = []  # delivery tags of refused forwards, requeued at the next tick
         self._unsubscribed: list[int] = []
         self._standby_at = 0.0
 
@@ -117,8 +119,14 @@ class PartitionOwner:
         partitions = PARTITIONS if wire.hash_exchange_type != "fanout" else 1
         for partition in range(partitions):
             queue = Queue(partition_queue(partition), durable=True, auto_delete=False,
-                          queue_arguments=PARTITION_ARGUMENTS)(channel)
-            queue.declare()
+                          queue_arguments=self._queue_arguments)(channel)
+            try:
+                queue.declare()
+            except amqp.exceptions.PreconditionFailed as exc:
+                raise MissingFeature(
+                    f"the routing partitions exist with other arguments than ROUTE_QUEUES={self._queue_arguments['x-queue-type']} "
+                    f"asks ({exc}): set ROUTE_QUEUES as the rest of the deployment has it, or, with every worker "
+                    f"stopped, delete the queues warren.routes.0-{partitions - 1} (rabbitmqctl delete_queue)") from exc
             channel.queue_bind(partition_queue(partition), ROUTES_EXCHANGE, routing_key=PARTITION_WEIGHT)
         wire.check_alternate(COMMANDS_EXCHANGE, ROUTES_EXCHANGE, (PROBE_KEY, {"type": PROBE_TYPE}))
         self._wire = wire
@@ -136,6 +144,7 @@ class PartitionOwner:
         self._todo.clear()
         self._after.clear()
         self._answering.clear()
+        self._rejects.clear()
         self._wire = self._channel = None
 
     # -- the writer ----------------------------------------------------------------------------------
@@ -153,9 +162,9 @@ class PartitionOwner:
                 wire.reject(item[1], channel)
             elif what is FORWARD:
                 _, holder, properties, body, tag = item
-                # Refused (its queue's node going down with it): back to the partition, to be passed on
-                # to wherever the device is by then.
-                self._published(tag, lambda tag=tag: self._todo.append((REJECT, tag)))
+                # Refused (its queue's node going down with it): back to the partition at the next tick,
+                # to be passed on to wherever the device is by then.
+                self._published(tag, lambda tag=tag: self._rejects.append(tag))
                 wire.forward(holder, properties, body, channel)
             else:  # a publish: (kind, routing key, body, values, tag to ack once confirmed)
                 _, kind, routing_key, body, values, tag = item
@@ -167,6 +176,10 @@ class PartitionOwner:
         """In the writer, about once a second: the standby subscriptions when due, and old claims."""
         if self._unsubscribed and now >= self._standby_at:
             self._subscribe(len(self._unsubscribed))
+        if self._rejects:
+            self._todo.extend((REJECT, tag) for tag in self._rejects)
+            self._rejects.clear()
+            self._wake()
         due = self.directory.due_refresh(now - CLAIM_REFRESH, REFRESH_BATCH)
         holders = set()
         for _, tag, partition, device, entry in due:

@@ -312,6 +312,9 @@ def test_a_claim_rabbitmq_refuses_is_made_again_as_a_restatement_and_a_release_a
     link_.methods[frames.BASIC_ACK](ack(1))  # the first claim is in
     link_.methods[frames.BASIC_NACK](ack(3, multiple=True, sig=spec.Basic.Nack))  # the other two are not
     link_.write(wire)
+    assert len(wire.calls) == 3  # not at once: the queue may refuse for seconds (a leader election)
+    link_.tick(time.monotonic())
+    link_.write(wire)
     again = wire.calls[3:]
     assert [(c[1], c[2]) for c in again] == [(RELEASE, "b"), (CLAIM, "c")]
     assert decode_notice(again[0][3]) == ("b", "s-b")
@@ -320,11 +323,14 @@ def test_a_claim_rabbitmq_refuses_is_made_again_as_a_restatement_and_a_release_a
 
 def test_a_forward_rabbitmq_refuses_goes_back_to_its_partition_to_be_passed_on_again() -> None:
     link_, wire = consumer()[0], RecordingWire()
-    link_.owner.directory.claim(3, "lock-1", "s-1", 1.0, "holder.q", fresh=True, partition=0, now=0.0)
+    link_.owner.directory.claim(3, "lock-1", "s-1", 1.0, "holder.q", fresh=True, partition=0, now=time.monotonic())
     link_.owner.delivered(0, 9, False, "devices.commands", "lock-1", {"message_id": "c-1"}, b'{"name":"x"}')
     link_.write(wire)
     assert wire.calls[0][0] == "forward"
     link_.methods[frames.BASIC_NACK](ack(1, sig=spec.Basic.Nack))
+    link_.write(wire)
+    assert wire.calls[1:] == []  # not at once: its queue may refuse for seconds
+    link_.tick(time.monotonic())
     link_.write(wire)
     assert wire.calls[1:] == [("reject", 9)]  # requeued, not acked: the next take sees where the device is then
 
