@@ -76,7 +76,7 @@ class CommandConsumer(Link):
         super().__init__(url, heartbeat=heartbeat, node_offset=node_offset)
         self.queue_name = _command_queue_name()
         self.epoch = 0  # connections so far: claims say which one named our queue (directory.py)
-        self.owner = PartitionOwner(node_offset, slots, self.wake, queue_type)
+        self.owner = PartitionOwner(node_offset, slots, self.wake, queue_type, here=self._take_here)
         self._max_command_bytes = max_command_bytes
         self._inbound: Inbound | None = None
         self._refuse, self._reply_received, self._asked = refuse, reply_received, asked
@@ -160,17 +160,11 @@ class CommandConsumer(Link):
         """One delivery from our queue: a command or question passed on by its owner, a notice, or an
         answer to our API."""
         kind, inbound = properties.get("type"), self._inbound  # attached: `setup` made sure of it
-        if kind == FORWARD_TYPE:
+        if kind == FORWARD_TYPE or kind == ASK_TYPE:
             headers = properties.get("application_headers") or {}
             device = headers.get(DEVICE_HEADER)
-            if not isinstance(device, str):
-                return
-            command = parse_command(device, properties, body, self._max_command_bytes,
-                                    monotonic=time.monotonic(), wall=time.time())
-            if isinstance(command, Refusal):
-                self._refuse(command)
-            else:
-                inbound.deliver(command, headers.get(AGAIN_HEADER) is True)
+            if isinstance(device, str):
+                self._take(kind == ASK_TYPE, device, properties, body, headers.get(AGAIN_HEADER) is True)
         elif kind == ROUTED_TYPE or kind == REPLACED_TYPE:
             notice = decode_notice(body)
             if notice is None:
@@ -179,13 +173,30 @@ class CommandConsumer(Link):
                 inbound.routed(*notice)
             else:
                 inbound.replaced(*notice)
-        elif kind == ASK_TYPE:
-            question = decode_ask(body)
-            device = (properties.get("application_headers") or {}).get(DEVICE_HEADER)
-            if question is not None and isinstance(device, str):
-                self._asked(device, question, properties.get("reply_to"), properties.get("correlation_id"))
         elif not exchange and kind is None:
             self._reply_received(properties.get("correlation_id"), body)
+
+    def _take(self, ask: bool, device: str, properties: dict[str, Any], body: bytes, again: bool) -> None:
+        """A command (or an operator's question) for one of our devices, from its owner."""
+        if ask:
+            question = decode_ask(body)
+            if question is not None:
+                self._asked(device, question, properties.get("reply_to"), properties.get("correlation_id"))
+            return
+        command = parse_command(device, properties, body, self._max_command_bytes,
+                                monotonic=time.monotonic(), wall=time.time())
+        if isinstance(command, Refusal):
+            self._refuse(command)
+        else:
+            self._inbound.deliver(command, again)
+
+    def _take_here(self, holder: str, device: str, properties: dict[str, Any], body: bytes, again: bool) -> bool:
+        """The owner's forward, taken in-process when the holder is this worker (no second trip
+        through RabbitMQ); False when it is another's."""
+        if holder != self.queue_name:
+            return False
+        self._take(properties.get("type") == ASK_TYPE, device, properties, body, again)
+        return True
 
 
 def _command_queue_name() -> str:

@@ -78,6 +78,7 @@ CLAIM_REFRESH = 600.0  # a claim older than this is published again: RabbitMQ's 
 REFRESH_BATCH = 1000  # claims published again per tick, at most
 PROBE_KEY = "warren.probe"  # no device id has a dot: no session can hold it
 REJECT = "reject"  # (REJECT, tag): back to its partition queue, to be taken again
+Here = Callable[[str, str, dict[str, Any], bytes, bool], bool]
 
 
 class PartitionOwner:
@@ -87,8 +88,13 @@ class PartitionOwner:
     be written; `write` runs in the link's writer. `wake` asks the link for a writer pass.
     """
 
-    def __init__(self, slot: int, slots: int, wake: Callable[[], None], queue_type: str = "quorum") -> None:
+    def __init__(self, slot: int, slots: int, wake: Callable[[], None], queue_type: str = "quorum",
+                 here: Here | None = None) -> None:
+        """`here(holder, device, properties, body, again)` takes a forward in-process when `holder` is
+        this worker's own queue (True), so that a device held by its partition's owner costs no
+        second trip through RabbitMQ."""
         self.directory = Directory()
+        self._here = here
         self._queue_arguments = PARTITION_ARGUMENTS[queue_type]
         self._preferred = [p for p in range(PARTITIONS) if p % max(1, slots) == slot % max(1, slots)]
         self._wake = wake
@@ -261,6 +267,12 @@ class PartitionOwner:
 
     def _forward(self, tag: int, holder: str, device: str, properties: dict[str, Any], body: bytes,
                  redelivered: bool) -> None:
+        if self._here is not None and self._here(holder, device, properties, body, redelivered):
+            # Taken here: if this process dies before the ack, the next owner's forward to our queue
+            # comes back (again, so unanswered) rather than reaching the device twice.
+            self._todo.append((ACK, tag))
+            self._wake()
+            return
         properties = dict(properties)
         headers = {**(properties.get("application_headers") or {}), DEVICE_HEADER: device, TAG_HEADER: tag}
         if redelivered:

@@ -528,3 +528,23 @@ def test_claiming_again_after_a_reconnect_lets_sessions_run_between_batches(monk
         assert any(len(live) < n < 2 * len(live) for n in seen)  # sessions ran midway through
     finally:
         gevent.killall([runner, watcher])
+
+
+def test_a_device_held_by_its_partitions_owner_gets_its_commands_in_process() -> None:
+    """No second trip through RabbitMQ when the owner holds the device itself: the command reaches the
+    sessions side at once and is acked; an operator's question too; another holder's still travel."""
+    link_, heard = consumer()
+    wire = RecordingWire()
+    now = time.monotonic()
+    link_.owner.directory.claim(3, "lock-1", "s-1", 1.0, link_.queue_name, fresh=True, partition=0, now=now)
+    link_.owner.directory.claim(4, "lock-2", "s-2", 1.0, "other.q", fresh=True, partition=0, now=now)
+    link_.owner.delivered(0, 9, True, "devices.commands", "lock-1", {"message_id": "c-1"}, b'{"name":"unlock"}')
+    link_.owner.delivered(0, 10, False, "devices.commands", "lock-1",
+                          {"type": "warren.ask", "reply_to": "api.q", "correlation_id": "k"}, b'{"kind":"info"}')
+    link_.owner.delivered(0, 11, False, "devices.commands", "lock-2", {"message_id": "c-2"}, b'{"name":"lock"}')
+    [(what, command, again)] = [call for call in heard.calls if call[0] == "deliver"]
+    assert (what, command.device, command.id, command.name, again) == ("deliver", "lock-1", "c-1", "unlock", True)
+    assert ("asked", "lock-1", "info", "api.q", "k") in heard.calls
+    link_.write(wire)
+    assert [call for call in wire.calls if call[0] == "ack"] == [("ack", 9), ("ack", 10)]
+    assert [call[1] for call in wire.calls if call[0] == "forward"] == ["other.q"]
