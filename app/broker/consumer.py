@@ -127,12 +127,12 @@ class CommandConsumer(Link):
         todo, holder, epoch, owner = self._todo, self.queue_name, self.epoch, self.owner
         for _ in range(min(len(todo), WRITE_BATCH)):
             item = todo.popleft()
-            operation, device, session_id, started, _fresh = item
+            operation, device, session_id, started, fresh = item
             # On the partitions' confirmed channel: one RabbitMQ refuses (a partition queue changing
             # leader as a node goes) is made again at the next tick (not at once: the queue may refuse
             # for seconds), a claim as a re-statement (not fresh).
             if operation is _CLAIM:
-                body = claim_body(device, session_id, started, holder, item[4], epoch)
+                body = claim_body(device, session_id, started, holder, fresh, epoch)
                 again = (_CLAIM, device, session_id, started, False)
                 owner.publish_confirmed(wire, CLAIM, device, body, lambda again=again: self._refused.append(again))
             else:
