@@ -6,8 +6,10 @@ test_cluster.py.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import gevent
@@ -47,14 +49,27 @@ def check_section_2_4(swarm: Swarm, backend: CommandingBackend, may_expire: floa
     assert not late, f"{len(late)} commands reached an older session after a newer one's welcome: {late[:3]}"
 
 
+@contextlib.contextmanager
+def fleet(tmp_path: Path, prefix: str, count: int, presence: bool = True,
+          **env: str) -> Iterator[tuple[Gateway, list[str], Swarm, CommandingBackend]]:
+    """A 2-worker gateway, `count` device ids, the swarm that will hold them and a backend commanding them
+    (one command to each new session of theirs when `presence`); all stopped at the end."""
+    gateway = start_gateway(tmp_path, workers=2, **env)
+    devices = [f"{prefix}-{os.getpid()}-{i}" for i in range(count)]
+    swarm = Swarm(gateway.device_port)
+    backend = CommandingBackend(set(devices) if presence else set())
+    try:
+        yield gateway, devices, swarm, backend
+    finally:
+        backend.close()
+        swarm.close()
+        gateway.stop()
+
+
 def test_a_mass_reconnect_with_commands_flowing_answers_every_command_once(tmp_path: Path) -> None:
     """2,000 devices take over their own sessions at once, twice, while commands flow and each new session
     gets a command as soon as its `session.connected` is out (the held-out check of issue 19)."""
-    gateway = start_gateway(tmp_path, workers=2)
-    devices = [f"mass-{os.getpid()}-{i}" for i in range(2000)]
-    swarm = Swarm(gateway.device_port)
-    backend = CommandingBackend(set(devices))
-    try:
+    with fleet(tmp_path, "mass", 2000) as (_gateway, devices, swarm, backend):
         swarm.connect_all(devices)
         backend.flow(devices, rate=300)
         for _round in range(2):
@@ -66,11 +81,6 @@ def test_a_mass_reconnect_with_commands_flowing_answers_every_command_once(tmp_p
         assert len(backend.published) > 4000 + 300
         check_section_2_4(swarm, backend)
         assert swarm.errors["replaced"] >= len(devices), swarm.errors
-    finally:
-        backend.close()
-        swarm.close()
-        gateway.stop()
-
 
 def count_metadata() -> tuple[int, int, int]:
     """RabbitMQ's queues, bindings and exchanges in the default vhost."""
@@ -101,11 +111,7 @@ def test_metadata_does_not_grow_with_devices(tmp_path: Path) -> None:
 def test_an_owner_killed_while_commands_flow_loses_none_of_the_other_workers_commands(tmp_path: Path) -> None:
     """SIGKILL one of two workers: the partitions it owned move to the other (their claims redelivered in
     order), whose devices miss no command; the dead worker's devices come back and answer again."""
-    gateway = start_gateway(tmp_path, workers=2)
-    devices = [f"own-{os.getpid()}-{i}" for i in range(400)]
-    swarm = Swarm(gateway.device_port)
-    backend = CommandingBackend(set())
-    try:
+    with fleet(tmp_path, "own", 400, presence=False) as (gateway, devices, swarm, backend):
         swarm.connect_all(devices)
         victim = gateway.worker_pids()[0]
         held_by_victim = {d for d in devices if info(gateway, d)["worker"] == victim}
@@ -126,21 +132,13 @@ def test_an_owner_killed_while_commands_flow_loses_none_of_the_other_workers_com
             backend.command(device)
         backend.settle(timeout=30)
         check_section_2_4(swarm, backend, may_expire=0.01)
-    finally:
-        backend.close()
-        swarm.close()
-        gateway.stop()
 
 
 def test_a_paused_worker_whose_devices_moved_ends_its_old_sessions_when_it_resumes(tmp_path: Path) -> None:
     """SIGSTOP one worker; its devices connect again and land on the other one (RabbitMQ drops the paused
     worker's connection at its heartbeat timeout and its partitions fail over); SIGCONT: the resumed
     worker's old sessions end `replaced` and no command reaches them."""
-    gateway = start_gateway(tmp_path, workers=2, AMQP_HEARTBEAT="2")
-    devices = [f"stop-{os.getpid()}-{i}" for i in range(200)]
-    swarm = Swarm(gateway.device_port)
-    backend = CommandingBackend(set(devices))
-    try:
+    with fleet(tmp_path, "stop", 200, AMQP_HEARTBEAT="2") as (gateway, devices, swarm, backend):
         swarm.connect_all(devices)
         paused = gateway.worker_pids()[0]
         moved = [d for d in devices if info(gateway, d)["worker"] == paused]
@@ -156,20 +154,12 @@ def test_a_paused_worker_whose_devices_moved_ends_its_old_sessions_when_it_resum
         backend.settle(timeout=30)
         check_section_2_4(swarm, backend)
         assert all(info(gateway, d)["worker"] != paused for d in moved)
-    finally:
-        backend.close()
-        swarm.close()
-        gateway.stop()
 
 
 def test_a_rolling_restart_of_every_worker_answers_no_command_twice(tmp_path: Path) -> None:
     """Each worker in turn told to stop (SIGTERM, as a deploy would) and replaced by gunicorn, while
     devices are held and commands flow; the devices it sends away come back."""
-    gateway = start_gateway(tmp_path, workers=2, GRACEFUL_TIMEOUT="6")
-    devices = [f"roll-{os.getpid()}-{i}" for i in range(300)]
-    swarm = Swarm(gateway.device_port)
-    backend = CommandingBackend(set(devices))
-    try:
+    with fleet(tmp_path, "roll", 300, GRACEFUL_TIMEOUT="6") as (gateway, devices, swarm, backend):
         swarm.connect_all(devices)
         backend.flow(devices, rate=100)
         for pid in gateway.worker_pids():
@@ -182,10 +172,6 @@ def test_a_rolling_restart_of_every_worker_answers_no_command_twice(tmp_path: Pa
         backend.settle(timeout=30)
         check_section_2_4(swarm, backend, may_expire=0.01)
         assert swarm.errors["shutting_down"] > 0
-    finally:
-        backend.close()
-        swarm.close()
-        gateway.stop()
 
 
 def test_start_up_names_the_missing_alternate_exchange_policy(tmp_path: Path) -> None:
