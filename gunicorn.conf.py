@@ -95,10 +95,13 @@ def on_starting(server):
     if _config.in_process_broker:
         server.log.warning(
             "WARNING: no AMQP_URL, CLOUDAMQP_URL or RABBITMQ_URL is set: running ONE worker on "
-            "kombu's in-process broker. Events go nowhere durable and other processes cannot "
-            "send commands. Set AMQP_URL=amqp://guest:guest@127.0.0.1:5672// for RabbitMQ.")
+            "kombu's in-process broker. Events go nowhere durable, bans are kept in memory only "
+            "(lost when it stops), and other processes cannot send commands. Set AMQP_URL=amqp://guest:guest@127.0.0.1:5672// for RabbitMQ.")
     if not _config.device_secrets:
         server.log.warning("WARNING: DEVICE_SECRETS is not set: every device hello will be refused.")
+    if _config.flap_max:
+        server.log.info(f"flapping detection: more than {_config.flap_max} sessions of a device within "
+                        f"{_config.flap_window:g}s bans it for {_config.flap_ban:g}s (FLAP_MAX=0 turns it off)")
     if not _config.api_tokens:
         server.log.warning("WARNING: API_TOKENS is not set: the command API answers 401 to everyone.")
     if not _config.ops_tokens:

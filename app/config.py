@@ -7,6 +7,7 @@ value, before any worker forks: a typo must not become a half-working gateway.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -46,6 +47,9 @@ class Config:
     hello_timeout: float = 10.0
     max_frame_bytes: int = 65536
     sentry_dsn: str | None = None
+    flap_max: int = 30  # sessions a device may start within flap_window (0: no flapping detection)
+    flap_window: float = 60.0
+    flap_ban: float = 120.0
     # Extensions beyond PROTOCOL.md section 7 (README: "Configuration").
     event_rate: float = 50.0
     event_burst: int = 100
@@ -59,6 +63,8 @@ class Config:
     # The routing partitions' queue type: quorum survives a node's loss (three nodes or more); classic
     # is a single node's choice, with no replication to wait for on every command (README, "RabbitMQ").
     route_queues: str = "quorum"
+    # The stream that holds the deployment's bans: one name per deployment sharing a RabbitMQ vhost.
+    bans_stream: str = "warren.bans"
     log_format: str = "text"
     log_level: str = "INFO"
     environment: str = "production"
@@ -146,6 +152,13 @@ def _choice(env: Mapping[str, str], name: str, default: str, choices: set[str]) 
     return raw
 
 
+def _queue_name(env: Mapping[str, str], name: str, default: str) -> str:
+    raw = env.get(name, "").strip() or default
+    if not re.fullmatch(r"[A-Za-z0-9._:-]{1,200}", raw) or raw.startswith("amq."):
+        raise ConfigError(name, raw, "must be a RabbitMQ queue name: 1-200 of A-Z a-z 0-9 . _ : -, not amq.*")
+    return raw
+
+
 def load(env: Mapping[str, str] | None = None) -> Config:
     """Read the configuration; raise ConfigError naming the first bad variable."""
     env = os.environ if env is None else env
@@ -165,6 +178,9 @@ def load(env: Mapping[str, str] | None = None) -> Config:
         hello_timeout=_positive(env, "HELLO_TIMEOUT", DEFAULTS.hello_timeout),
         max_frame_bytes=_int(env, "MAX_FRAME_BYTES", DEFAULTS.max_frame_bytes, minimum=64),
         sentry_dsn=env.get("SENTRY_DSN", "").strip() or None,
+        flap_max=_int(env, "FLAP_MAX", DEFAULTS.flap_max),
+        flap_window=_positive(env, "FLAP_WINDOW", DEFAULTS.flap_window),
+        flap_ban=_positive(env, "FLAP_BAN", DEFAULTS.flap_ban),
         event_rate=_positive(env, "EVENT_RATE", DEFAULTS.event_rate, "frames a second"),
         event_burst=_int(env, "EVENT_BURST", DEFAULTS.event_burst, minimum=1),
         hello_rate=_positive(env, "HELLO_RATE", DEFAULTS.hello_rate, "hellos a second"),
@@ -175,6 +191,7 @@ def load(env: Mapping[str, str] | None = None) -> Config:
         max_pending_commands=_int(env, "MAX_PENDING_COMMANDS", DEFAULTS.max_pending_commands, minimum=1),
         route_wait=_positive(env, "ROUTE_WAIT", DEFAULTS.route_wait),
         route_queues=_choice(env, "ROUTE_QUEUES", DEFAULTS.route_queues, {"quorum", "classic"}),
+        bans_stream=_queue_name(env, "BANS_STREAM", DEFAULTS.bans_stream),
         log_format=_choice(env, "LOG_FORMAT", DEFAULTS.log_format, {"text", "json"}),
         log_level=_choice(env, "LOG_LEVEL", DEFAULTS.log_level, {"DEBUG", "INFO", "WARNING", "ERROR"}),
         environment=env.get("SENTRY_ENVIRONMENT", "").strip() or DEFAULTS.environment,

@@ -59,6 +59,10 @@ ACCEPT_PAUSED = Gauge("warren_accept_paused",
 WORKERS = Gauge("warren_workers", "Live gunicorn workers.", multiprocess_mode="livesum")
 TLS_HANDSHAKES = Counter("warren_tls_handshakes", "TLS handshakes by outcome: full, resumed, timeout, closed, refused.",
                          ["outcome"])
+BANS_IN_FORCE = Gauge("warren_bans_in_force", "Bans in force (PROTOCOL.md section 6), as the workers read them.",
+                      multiprocess_mode="max")
+BANS_ISSUED = Counter("warren_bans_issued", "Bans issued by this instance, by who decided: operator or flapping.",
+                      ["by"])
 
 # The children the hot paths bump, looked up once: `labels()` takes a lock and a dict lookup per call.
 EVENTS_ACKED = EVENTS.labels(outcome="acked")

@@ -32,7 +32,7 @@ MAX_DATA_DEPTH = 200
 # Error codes of PROTOCOL.md section 4, and whether each one ends the session.
 CLOSING_ERRORS = frozenset({
     "frame_too_large", "unauthorized", "unsupported_version", "hello_timeout",
-    "idle_timeout", "replaced", "overloaded", "shutting_down",
+    "idle_timeout", "replaced", "overloaded", "shutting_down", "kicked", "banned",
 })
 ERROR_CODES = CLOSING_ERRORS | {"bad_frame", "unknown_command", "rate_limited"}
 

@@ -47,7 +47,9 @@ class WorkerTree:
         # nodes of a RabbitMQ cluster listed in AMQP_URL, and the routing partitions over the workers.
         self.broker = Broker(config.amqp_url, max_command_bytes=config.max_frame_bytes,
                              confirm_timeout=config.confirm_timeout, amqp_heartbeat=config.amqp_heartbeat,
-                             node_offset=age, workers=workers, route_queues=config.route_queues)
+                             node_offset=age, workers=workers, route_queues=config.route_queues,
+                             bans_stream=config.bans_stream,
+                             flapping=(config.flap_max, config.flap_window, config.flap_ban))
         # The registry calls the broker (its `Outbound`); the broker calls the registry (its `Inbound`),
         # attached once the registry is whole and before `start` runs the links.
         self.registry = Registry(config, self.broker)

@@ -8,7 +8,8 @@
     ├── publisher.py  events, presence, replies and commands, with publisher confirms
     ├── consumer.py   this worker's own queue: claims and releases out; commands, notices, answers in
     ├── partitions.py the routing partitions this worker owns: their directory carried out on RabbitMQ
-    ├── directory.py  the partition owner's rules (who holds each device, who wins a race): no I/O
+    ├── directory.py  the partition owner's rules (who holds each device, who wins a race, who flaps): no I/O
+    ├── bans.py       the deployment's bans: a stream every worker replays and follows
     ├── rpc.py        the HTTP API's requests (commands, operators' questions) and their answers
     └── messages.py   what travels: kinds of message, deliveries parsed into Commands, the bodies (no I/O)
 
@@ -34,14 +35,18 @@ import orjson
 from gevent.event import AsyncResult
 
 from app import metrics
+from app.broker.bans import ban_now, lift_now
 from app.broker.consumer import CommandConsumer
+from app.broker.directory import Starts
 from app.broker.link import Link
 from app.broker.messages import (
+    BAN,
     EVENT,
     PRESENCE,
     REPLY,
     MessageIds,
     Refusal,
+    ban_body,
     event_body,
     reply_body,
 )
@@ -49,6 +54,7 @@ from app.broker.publisher import CONFIRM_TIMEOUT, Done, Publisher
 from app.broker.rpc import RpcClient
 
 if TYPE_CHECKING:
+    from app.sessions.bans import Ban
     from app.sessions.ports import Command, Inbound
 
 __all__ = ["Broker", "Done"]
@@ -71,14 +77,20 @@ class Broker:
 
     def __init__(self, url: str, *, max_command_bytes: int, confirm_timeout: float = CONFIRM_TIMEOUT,
                  amqp_heartbeat: int = 20, node_offset: int = 0, workers: int = 1,
-                 route_queues: str = "quorum") -> None:
+                 route_queues: str = "quorum", bans_stream: str = "warren.bans",
+                 flapping: tuple[int, float, float] = (0, 60.0, 120.0)) -> None:
+        """`flapping` is (FLAP_MAX, FLAP_WINDOW, FLAP_BAN); FLAP_MAX 0 turns the detection off."""
         self._publisher = Publisher(url, heartbeat=amqp_heartbeat, node_offset=node_offset,
                                     confirm_timeout=confirm_timeout)
         self._rpc = RpcClient(self._publisher, reply_to=lambda: self._consumer.queue_name)
+        flap_max, flap_window, self._flap_ban = flapping
         self._consumer = CommandConsumer(url, max_command_bytes=max_command_bytes, refuse=self._refuse,
                                          reply_received=self._rpc.reply_received, asked=self._asked,
                                          heartbeat=amqp_heartbeat, node_offset=node_offset, slots=workers,
-                                         queue_type=route_queues)
+                                         queue_type=route_queues, bans_stream=bans_stream,
+                                         starts=Starts(flap_max, flap_window) if flap_max > 0 else None,
+                                         flapped=self._ban_flapping)
+        self._bans = self._consumer.bans
         self._inbound: Inbound | None = None
         self._ids = MessageIds()
         self.links: tuple[Link, ...] = (self._publisher, self._consumer)
@@ -139,6 +151,39 @@ class Broker:
     def give_up(self, reason: str) -> int:
         """Answer every publish awaiting a confirm with `reason` now; returns how many."""
         return self._publisher.give_up(reason)
+
+    # -- bans (PROTOCOL.md section 6) --------------------------------------------------------------
+    def banned(self, device: str) -> Ban | None:
+        """The ban in force on `device`, as this worker read the deployment's ban stream."""
+        return self._bans.bans.banned(device)
+
+    def bans(self) -> list[Ban]:
+        """Every ban in force."""
+        return self._bans.bans.in_force()
+
+    def ban(self, device: str, seconds: float | None, reason: str, by: str = "operator") -> AsyncResult:
+        """Ban `device` everywhere; resolves to the Ban once RabbitMQ confirmed it is stored, else to an
+        error string (`broker_unavailable`, `unroutable`: the stream is not there yet)."""
+        record = ban_now(device, seconds, reason, by, after=self._bans.bans.latest(device))
+        return self._store(record)
+
+    def lift(self, device: str) -> AsyncResult | None:
+        """End `device`'s ban everywhere (resolves as `ban` does); None when no ban of it is in force."""
+        current = self.banned(device)
+        return None if current is None else self._store(lift_now(device, current))
+
+    def _store(self, record: Ban) -> AsyncResult:
+        result = AsyncResult()
+        self._publisher.publish(BAN, self._bans.name, ban_body(record), (f"ban/{record.device}/{self._ids.next()}",),
+                                lambda error: result.set(record if error is None else error))
+        return result
+
+    def _ban_flapping(self, device: str) -> None:
+        """A partition we own saw `device` start one session too many: ban it for FLAP_BAN seconds."""
+        log.warning("device %s is flapping (too many sessions within FLAP_WINDOW): banned for %gs",
+                    device, self._flap_ban)
+        metrics.BANS_ISSUED.labels(by="flapping").inc()
+        self._store(ban_now(device, self._flap_ban, "flapping", "flapping", after=self._bans.bans.latest(device)))
 
     # -- the backend side (the HTTP API) --------------------------------------------------------
     def send_command(self, device: str, name: str, data: Any, timeout: float) -> AsyncResult:

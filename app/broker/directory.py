@@ -24,6 +24,12 @@ no longer news): it takes an empty or its own entry; against another session the
 newer hello time wins, so two sessions started during an outage resolve to one.
 Of two claims of one session, the one from the holder's later connection
 (`epoch`) stands, whichever reaches the owner first.
+
+Flapping (PROTOCOL.md section 6) is counted here too, since every session start of a
+device, on whatever worker or host, passes through its owner: a fresh claim that would
+be the device's FLAP_MAX + 1st start within FLAP_WINDOW is refused (`Flapping`: the
+owner bans the device, and the ban, read by every worker, ends its sessions). It costs
+no round trip a hello did not already make.
 """
 
 from __future__ import annotations
@@ -52,14 +58,55 @@ REPLACED = "replaced"  # (REPLACED, holder, device, session): that session lost 
 FORWARD = "forward"  # (FORWARD, tag, holder): send the command to the holder; ack it once confirmed
 OFFLINE = "offline"  # (OFFLINE, tag): answer the command `offline`; ack it once that is sent
 REFRESH = "refresh"  # (REFRESH, tag, partition, device, entry): publish the claim again, ack `tag` once confirmed
+FLAPPING = "flapping"  # (FLAPPING, device): a start too many within the window: ban the device
 
 Action = tuple
+
+
+class Starts:
+    """Each device's session starts within the last `window` seconds (a sliding window), to find one
+    that starts more than `limit` sessions in it. A device's count starts again once it is refused."""
+
+    def __init__(self, limit: int, window: float) -> None:
+        self.limit, self.window = limit, window
+        self._times: dict[str, list[float]] = {}
+        self._order: deque[tuple[float, str]] = deque()  # (start, device) in time order, to forget old ones
+
+    def __len__(self) -> int:
+        return len(self._times)
+
+    def one_too_many(self, device: str, now: float) -> bool:
+        """Count a start of `device` now; True (and nothing counted) when it would be one too many."""
+        self.forget_before(now - self.window)
+        times = self._times.get(device)
+        if times is None:
+            times = self._times[device] = []
+        else:
+            cut = now - self.window
+            while times and times[0] < cut:
+                del times[0]
+        if len(times) >= self.limit:
+            del self._times[device]  # refused: counting starts again (the ban ends it anyway)
+            return True
+        times.append(now)
+        self._order.append((now, device))
+        return False
+
+    def forget_before(self, cut: float) -> None:
+        """Drop the devices with no start since `cut` (the memory follows the devices that flap)."""
+        order, times = self._order, self._times
+        while order and order[0][0] < cut:
+            _, device = order.popleft()
+            mine = times.get(device)
+            if mine is not None and (not mine or mine[-1] < cut):
+                del times[device]
 
 
 class Directory:
     """The devices of the partitions this worker owns: device -> Entry, and holder -> devices."""
 
-    def __init__(self) -> None:
+    def __init__(self, starts: Starts | None = None) -> None:
+        self.starts = starts  # None: flapping detection is off (FLAP_MAX=0)
         self.entries: dict[str, Entry] = {}
         self._by_holder: dict[str, set[str]] = {}
         self._ages: deque[tuple[float, str, int]] = deque()  # (since, device, tag) in delivery order
@@ -81,6 +128,9 @@ class Directory:
         if current is not None and current.session != session and not fresh \
                 and (current.started, current.session) > (started, session):
             return [(ACK, tag), (REPLACED, holder, device, session)]  # a re-stated older session lost
+        if fresh and self.starts is not None and (current is None or current.session != session) \
+                and self.starts.one_too_many(device, now):
+            return [(ACK, tag), (FLAPPING, device)]  # not routed: the ban ends this session and the holder's
         actions: list[Action] = []
         if current is not None:
             self._remove(device, current)

@@ -150,9 +150,10 @@ def encode_ack(tag: int, multiple: bool) -> bytes:
     return BASIC_ACK + _TAG_AND_BITS.pack(tag, multiple)
 
 
-def encode_basic_ack(out: bytearray, channel: int, tag: int) -> None:
-    """Append our basic.ack of one delivery (a partition's message, done with)."""
-    _encode_method(out, channel, encode_ack(tag, multiple=False))
+def encode_basic_ack(out: bytearray, channel: int, tag: int, multiple: bool = False) -> None:
+    """Append our basic.ack of one delivery (a partition's message, done with), or with `multiple` of
+    every delivery up to it (a stream's records, read)."""
+    _encode_method(out, channel, encode_ack(tag, multiple=multiple))
 
 
 def encode_basic_reject(out: bytearray, channel: int, tag: int) -> None:

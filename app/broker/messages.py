@@ -18,6 +18,7 @@ import orjson
 from kombu import Exchange
 
 from app.broker.frames import Properties, PublishKind
+from app.sessions.bans import Ban
 from app.sessions.ports import Command  # the sessions side owns what it accepts; we only build it
 
 EVENTS_EXCHANGE = "devices.events"
@@ -47,6 +48,8 @@ ROUTED_TYPE = "warren.routed"
 REPLACED_TYPE = "warren.replaced"
 PING_TYPE = "warren.ping"  # is this holder's queue still there? (returned if not)
 PROBE_TYPE = "warren.probe"  # start-up's check of the alternate exchange; its owner drops it
+BAN_TYPE = "warren.ban"  # a ban or a lift, in the deployment's ban stream (bans.py)
+MARK_TYPE = "warren.mark"  # a worker's marker in the ban stream: read back, it has replayed what came before
 DEVICE_HEADER = "x-warren-device"  # on a forward: the device (its routing key is now the holder's queue)
 TAG_HEADER = "x-warren-tag"  # on a forward: the partition delivery it came from, for a return
 AGAIN_HEADER = "x-warren-again"  # on a forward: taken from a redelivery, so maybe passed on before
@@ -81,6 +84,14 @@ REPLACED_NOTICE = PublishKind("", mandatory=True, message_id_at=0,
                        properties=Properties({**_JSON, "type": REPLACED_TYPE}, ("app_id",)))
 PING = PublishKind("", mandatory=True, message_id_at=0, properties=Properties({"type": PING_TYPE}, ("app_id",)))
 """An owner's notices to a holder's queue, by name: mandatory, so that a queue gone says so (a return)."""
+BAN = PublishKind("", mandatory=True, message_id_at=0,
+                  properties=Properties({**_JSON, "delivery_mode": _PERSISTENT, "type": BAN_TYPE}, ("app_id",)))
+"""A ban or a lift, to the ban stream by name: persistent, mandatory, confirmed before the API answers."""
+BAN_COPY = PublishKind("", mandatory=False,
+                       properties=Properties({**_JSON, "delivery_mode": _PERSISTENT, "type": BAN_TYPE}))
+"""A ban published again before the stream's retention drops it (bans.py); lost, it is made at the next look."""
+MARK = PublishKind("", mandatory=False, properties=Properties({**_JSON, "type": MARK_TYPE}))
+"""A worker's marker, to the ban stream by name (bans.py): no confirm; a marker lost is waited out."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +185,26 @@ def decode_notice(body: bytes) -> tuple[str, str] | None:
     if not (isinstance(device, str) and isinstance(session_id, str)):
         return None
     return device, session_id
+
+
+def ban_body(ban: Ban) -> bytes:
+    return orjson.dumps({"device": ban.device, "issued": ban.issued, "until": ban.until, "reason": ban.reason,
+                         "by": ban.by, "lifted": ban.lifted})
+
+
+def decode_ban(body: bytes) -> Ban | None:
+    """A record of the ban stream, or None for one that is not ours to read (it is skipped, not fatal:
+    a stream cannot drop a bad record, and every worker replays it at every start)."""
+    try:
+        record = orjson.loads(body)
+        device, issued, until = record["device"], record["issued"], record["until"]
+        reason, by, lifted = record.get("reason", ""), record.get("by", "operator"), record.get("lifted", False)
+    except (orjson.JSONDecodeError, TypeError, KeyError, AttributeError):
+        return None
+    if not (isinstance(device, str) and type(issued) is int and (until is None or type(until) is int)
+            and isinstance(reason, str) and by in ("operator", "flapping") and isinstance(lifted, bool)):
+        return None
+    return Ban(device, issued, until, reason, by, lifted)
 
 
 def event_body(device: str, session: str, event_id: str, name: str, data: Any, ts_ms: int) -> bytes:

@@ -41,7 +41,18 @@ from kombu import Exchange, Queue
 
 from app import metrics
 from app.broker import frames
-from app.broker.directory import ACK, FORWARD, OFFLINE, REFRESH, REPLACED, ROUTED, Action, Directory
+from app.broker.directory import (
+    ACK,
+    FLAPPING,
+    FORWARD,
+    OFFLINE,
+    REFRESH,
+    REPLACED,
+    ROUTED,
+    Action,
+    Directory,
+    Starts,
+)
 from app.broker.frames import PublishKind
 from app.broker.messages import (
     AGAIN_HEADER,
@@ -89,12 +100,15 @@ class PartitionOwner:
     """
 
     def __init__(self, slot: int, slots: int, wake: Callable[[], None], queue_type: str = "quorum",
-                 here: Here | None = None) -> None:
+                 here: Here | None = None, starts: Starts | None = None,
+                 flapped: Callable[[str], None] | None = None) -> None:
         """`here(holder, device, properties, body, again)` takes a forward in-process when `holder` is
         this worker's own queue (True), so that a device held by its partition's owner costs no
-        second trip through RabbitMQ."""
-        self.directory = Directory()
+        second trip through RabbitMQ. `starts` counts sessions started, and `flapped(device)` bans
+        a device that starts too many (flapping detection; None: off)."""
+        self.directory = Directory(starts)
         self._here = here
+        self._flapped = flapped
         self._queue_arguments = PARTITION_ARGUMENTS[queue_type]
         self._preferred = [p for p in range(PARTITIONS) if p % max(1, slots) == slot % max(1, slots)]
         self._wake = wake
@@ -182,6 +196,8 @@ class PartitionOwner:
         """In the writer, about once a second: the standby subscriptions when due, and old claims."""
         if self._unsubscribed and now >= self._standby_at:
             self._subscribe(len(self._unsubscribed))
+        if self.directory.starts is not None:
+            self.directory.starts.forget_before(now - self.directory.starts.window)
         if self._rejects:
             self._todo.extend((REJECT, tag) for tag in self._rejects)
             self._rejects.clear()
@@ -261,6 +277,8 @@ class PartitionOwner:
                 todo.append(("publish", REPLACED_NOTICE, holder, notice_body(device_id, session), (device_id,), 0))
             elif what is OFFLINE:
                 self._answer_offline(action[1], device, properties)
+            elif what is FLAPPING and self._flapped is not None:
+                self._flapped(action[1])
             elif what is REFRESH:  # pragma: no cover - produced by `due_refresh` only, in `tick`
                 raise AssertionError("refresh actions are the tick's")
         self._wake()

@@ -28,7 +28,7 @@ import amqp.exceptions
 from amqp.basic_message import Message
 from amqp.method_framing import frame_writer
 from gevent.lock import Semaphore
-from kombu import Connection
+from kombu import Connection, Queue
 
 from app.broker import frames
 from app.broker.frames import Properties, PublishKind
@@ -42,6 +42,7 @@ OnMessage = Callable[[int, bool, str, str, dict[str, Any], bytes], None]
 """A delivery from a queue we consume: (delivery tag, redelivered, exchange, routing key, properties, body)."""
 HASH_EXCHANGE_PLUGIN = "rabbitmq_consistent_hash_exchange"
 PROBE_WAIT = 2.0  # seconds for the alternate exchange's probe to come back (`check_alternate`)
+STREAM_PREFETCH = 1000  # stream records in flight to a follower (`follow_stream`): acks give credit back
 
 
 class MissingFeature(ConnectionError):
@@ -118,6 +119,17 @@ class AmqpWire:
         channel.basic_consume(queue, no_ack=not acks, callback=_message_callback(on_message), consumer_tag=queue,
                               nowait=nowait)
 
+    def follow_stream(self, name: str, arguments: dict[str, Any], on_message: OnMessage) -> int:
+        """Declare the stream `name` and read it from its first record on a channel of its own (a stream
+        consumer needs a prefetch, and its acks give credit back); returns that channel, to ack on."""
+        channel = self.connection.channel()
+        Queue(name, durable=True, auto_delete=False, queue_arguments=arguments)(channel).declare()
+        channel.basic_qos(0, STREAM_PREFETCH, False)
+        self._consumers[name] = on_message
+        channel.basic_consume(name, callback=_message_callback(on_message), consumer_tag=name,
+                              arguments={"x-stream-offset": "first"})
+        return int(channel.channel_id)
+
     def check_alternate(self, exchange: str, alternate: str, probe: Any) -> None:
         """Raise MissingFeature unless a mandatory publish to `exchange` that no binding takes reaches
         `alternate` (RabbitMQ's alternate exchange, set by a policy). `probe` is (routing key, properties)."""
@@ -154,8 +166,8 @@ class AmqpWire:
         frames.encode_publish(self.out, channel, self.frame_max, _FORWARD, routing_key,
                               frames.encode_properties(properties), body)
 
-    def ack(self, tag: int, channel: int) -> None:
-        frames.encode_basic_ack(self.out, channel, tag)
+    def ack(self, tag: int, channel: int, multiple: bool = False) -> None:
+        frames.encode_basic_ack(self.out, channel, tag, multiple)
 
     def reject(self, tag: int, channel: int) -> None:
         frames.encode_basic_reject(self.out, channel, tag)
@@ -292,6 +304,14 @@ class MemoryWire:
         """Deliver `queue`'s messages to `on_message` (kombu calls back from `drain_events`, in the reader)."""
         channel.basic_consume(queue, no_ack=not acks, callback=_message_callback(on_message), consumer_tag=queue)
 
+    def follow_stream(self, name: str, arguments: dict[str, Any], on_message: OnMessage) -> int:
+        """In-process a plain queue stands in for the stream (one worker, nothing to replay, nothing kept
+        past the process); read without acks: returns 0, no channel to ack on."""
+        channel = self.connection.channel()
+        Queue(name)(channel).declare()
+        channel.basic_consume(name, no_ack=True, callback=_message_callback(on_message), consumer_tag=name)
+        return 0
+
     def check_alternate(self, exchange: str, alternate: str, probe: Any) -> None:
         """In-process there is no policy to check: the alternate is emulated from now on."""
         MemoryWire.alternates[exchange] = alternate
@@ -305,7 +325,7 @@ class MemoryWire:
     def forward(self, routing_key: str, properties: dict[str, Any], body: bytes, channel: int) -> None:
         self._publish("", True, routing_key, dict(properties), body)
 
-    def ack(self, tag: int, channel: int) -> None:
+    def ack(self, tag: int, channel: int, multiple: bool = False) -> None:
         self._acking.basic_ack(tag)
 
     def reject(self, tag: int, channel: int) -> None:

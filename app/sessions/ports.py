@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from app.config import Config
+    from app.sessions.bans import Ban
 
 Frame = dict[str, Any]
 """One decoded frame, as PROTOCOL.md sections 2-4 write it (`{"type": "ping"}`, ...)."""
@@ -113,6 +114,9 @@ class Outbound(Backend, Protocol):
 
     def publish_presence(self, device: str, session: str, what: str, data: Any) -> None: ...
 
+    def banned(self, device: str) -> Ban | None:
+        """The ban in force on `device` across the deployment (PROTOCOL.md section 6), if any."""
+
 
 class Inbound(Protocol):
     """What the broker calls on the sessions side (the registry implements it).
@@ -138,6 +142,10 @@ class Inbound(Protocol):
         """An operator's question (`info`, `kick`) about a device routed here: a dict to send back
         (`online` false when no session of it lives here now), or None to stay silent."""
 
+    def ban_changed(self, ban: Ban) -> None:
+        """The ban stream's latest word on a device (a ban or a lift): a device banned now loses its
+        session here, if it has one."""
+
 
 class Host(Protocol):
     """What a session needs of its worker: configuration, admission, the registry, the watchdog."""
@@ -154,6 +162,8 @@ class Host(Protocol):
 
     @property
     def routing(self) -> bool: ...
+
+    def banned(self, device: str) -> Ban | None: ...
 
     def open(self, session: Any) -> None: ...
 

@@ -30,11 +30,13 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from app import metrics
+from app.sessions.bans import now_ms
 from app.sessions.limits import TokenBucket
 from app.sessions.watchdog import Watchdog
 
 if TYPE_CHECKING:
     from app.config import Config
+    from app.sessions.bans import Ban
     from app.sessions.ports import Command, Outbound
     from app.sessions.session import Session
 
@@ -81,6 +83,10 @@ class Registry:
     def routing(self) -> bool:
         """Whether a new session can be routed now (else it is welcomed, and claimed once RabbitMQ is back)."""
         return self.broker.routing
+
+    def banned(self, device: str) -> Ban | None:
+        """The ban in force on `device`, as this worker read the deployment's bans (a dict lookup)."""
+        return self.broker.banned(device)
 
     # -- deadlines (the watchdog sweeps every connection that is a session, hello included) ---------
     def watch(self, session: Session) -> None:
@@ -156,6 +162,16 @@ class Registry:
         session = self.sessions.get(device)
         if session is not None and session.id == session_id:
             session.end("replaced")
+
+    def ban_changed(self, ban: Ban) -> None:
+        """A ban reached this worker: the device's session here, if any, ends (wherever the ban was
+        issued, and also a session started here while the ban was on its way)."""
+        if not ban.in_force(now_ms()):
+            return
+        session = self.sessions.get(ban.device)
+        if session is not None:
+            log.info("session of a banned device ended", extra={"device": ban.device, "session": session.id})
+            session.end("banned", "this device is banned", ban.retry_after())
 
     # -- operators (PROTOCOL.md section 6): asked through RabbitMQ by any worker's HTTP API ---------
     def answer(self, device: str, question: str) -> dict[str, Any] | None:

@@ -134,6 +134,8 @@ class Session:
         refusal_reason = auth.refusal(self.host.config.device_secrets, self.conn.certificate_names, device, token)
         if refusal_reason is not None:
             return self._refuse("unauthorized", refusal_reason)
+        if (ban := self.host.banned(device)) is not None:  # after the token: nobody else learns of a ban
+            return self._refuse("banned", "this device is banned", ban.retry_after())
         # The hello is in: from here the route wait (ROUTE_WAIT) bounds the wait, not HELLO_TIMEOUT.
         self.deadline = time.monotonic() + self.idle_limit
         refusal = self.host.admit()
@@ -157,9 +159,11 @@ class Session:
         # one. No owner to ask (RabbitMQ away or blocking us): welcome now, claimed when it is back.
         routed = self._routed_within(config.route_wait)
         self.routed = None
-        if not routed:  # no answer within ROUTE_WAIT (a partition queue without its majority): no welcome
-            metrics.HELLO_FAILURES.labels(code="overloaded").inc()
-            self.end("overloaded", "this device's commands cannot be routed yet", self.host.retry_after())
+        ban = self.host.banned(device) if routed else None  # banned while its route was on the way?
+        if not routed or ban is not None:  # not routed: no answer within ROUTE_WAIT (a queue without its majority)
+            code, why = ("banned", "this device is banned") if ban else ("overloaded", "its commands cannot be routed yet")
+            metrics.HELLO_FAILURES.labels(code=code).inc()
+            self.end(code, why, ban.retry_after() if ban else self.host.retry_after())
             return False  # never welcomed: no presence events either
         self.welcomed = True
         self.host.welcomed(self)
@@ -277,10 +281,8 @@ class Session:
         self.deadline = time.monotonic() + self.idle_limit
 
     def _publish_will(self) -> None:
-        """A session that ends without its device's goodbye publishes the device's will, if any.
-
-        Published before the `session.closed` presence event (the registry's, next), on the
-        same channel, so backends see them in that order."""
+        """A session that ends without its device's goodbye publishes the device's will, if any: before
+        the `session.closed` presence event (the registry's, next), on the same channel, in that order."""
         if self.will is None or self.clean:
             return
         name, data = self.will
@@ -314,8 +316,7 @@ class Session:
         return True
 
     def _hold(self, command: Command) -> None:
-        """Keep a command until it may flow; bounded like `pending`, since a device that never
-        subscribes (MQTT) would otherwise let it grow without end."""
+        """Keep a command until it may flow; bounded like `pending` (an MQTT device may never subscribe)."""
         if self.held is None:
             self.held = [command]
         else:
@@ -328,10 +329,9 @@ class Session:
     def _write_held(self) -> None:
         """Write the held commands, in order, if they may flow now: OPEN, and the transport says so.
 
-        The one deadline check of a held command: one held past its deadline is never written; it
-        leaves `pending` counted `expired`, as `_forget_expired` would have counted it. One that
-        left `pending` meanwhile (pushed out by MAX_PENDING_COMMANDS, counted `dropped`) is not
-        written either: its reply would only earn the device an `unknown_command`."""
+        The one deadline check of a held command: one held past its deadline is never written; it leaves
+        `pending` counted `expired`, as `_forget_expired` would have counted it. One that left `pending`
+        meanwhile (pushed out by MAX_PENDING_COMMANDS, counted `dropped`) is not written either."""
         held = self.held
         if held is None or self.state is not State.OPEN or not self.conn.commands_flow:
             return

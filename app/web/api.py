@@ -41,6 +41,11 @@ ASK_TIMEOUT = 5.0
 # return a command nobody holds and for a device to answer, so that a shorter one cannot turn an
 # offline device into a 504, or a command that would have been answered into an expired one.
 MIN_COMMAND_TIMEOUT = 1.0
+MAX_BAN_SECONDS = 315360000  # ten years: `for` beyond it is surely a mistake (omit it for a ban without end)
+MAX_BAN_REASON = 500
+# A ban's 200 waits for RabbitMQ's confirm that the stream stored it; the publisher gives up on a
+# confirm after CONFIRM_TIMEOUT (10 s by default): this only bounds a publisher that is stuck.
+BAN_TIMEOUT = 15.0
 JSON = "application/json"
 API_CHALLENGE = 'Bearer realm="warren"'
 # Basic first: a browser asks for it (the status page), Prometheus sends either.
@@ -96,6 +101,8 @@ ROUTES = (
     Route("/devices/{device}", {"GET": "device_info"}),
     Route("/devices/{device}/commands", {"POST": "command"}),
     Route("/devices/{device}/session", {"DELETE": "kick"}),
+    Route("/devices/{device}/ban", {"PUT": "ban", "DELETE": "lift"}),
+    Route("/bans", {"GET": "bans"}),
 )
 _COMPILED = tuple((route.pattern, route) for route in ROUTES)
 
@@ -179,6 +186,45 @@ class WarrenApp:
         log.warning("operator kicked %s (session %s) from %s", device, answer.get("ended"),
                     environ.get("REMOTE_ADDR"))
         return Answer(200, orjson.dumps({"ended": answer.get("ended")}))
+
+    def ban(self, environ: dict[str, Any], device: str) -> Answer:
+        """Ban a device everywhere (PROTOCOL.md section 6); 200 once the ban stream stored it."""
+        self._authorize_api(environ)
+        _check_device(device)
+        seconds, reason = _ban_body(environ)
+        stored = self._stored(self._ready_broker().ban(device, seconds, reason))
+        metrics.BANS_ISSUED.labels(by="operator").inc()
+        log.warning("operator banned %s %s from %s", device, f"for {seconds:g}s" if seconds else "without end",
+                    environ.get("REMOTE_ADDR"))
+        return Answer(200, orjson.dumps(stored.public()))
+
+    def lift(self, environ: dict[str, Any], device: str) -> Answer:
+        self._authorize_api(environ)
+        _check_device(device)
+        result = self._ready_broker().lift(device)
+        if result is None:
+            raise HttpError(404, "not_banned", f"{device} is not banned")
+        self._stored(result)
+        log.warning("operator lifted the ban of %s from %s", device, environ.get("REMOTE_ADDR"))
+        return Answer(200, orjson.dumps({"device": device, "lifted": True}))
+
+    def bans(self, environ: dict[str, Any]) -> Answer:
+        """Every ban in force, as this worker read them (the same on every worker within a second)."""
+        self._authorize_api(environ)
+        if self.broker is None:
+            raise HttpError(503, "broker_unavailable", "this worker has no broker yet")
+        return Answer(200, orjson.dumps({"bans": [ban.public() for ban in self.broker.bans()]}))
+
+    @staticmethod
+    def _stored(result: Any) -> Any:
+        """The ban or lift once RabbitMQ confirmed it stored; 503 if it did not."""
+        try:
+            stored = result.get(timeout=BAN_TIMEOUT)
+        except gevent.Timeout:
+            stored = "timeout"
+        if isinstance(stored, str):
+            raise HttpError(503, "broker_unavailable", f"RabbitMQ did not store it ({stored})")
+        return stored
 
     def command(self, environ: dict[str, Any], device: str) -> Answer:
         self._authorize_api(environ)
@@ -281,19 +327,7 @@ def _check_device(device: str) -> None:
 
 def _command_body(environ: dict[str, Any]) -> tuple[str, Any, float]:
     """Parse and check `{"name", "data", "timeout"}`; HTTP 400 naming the problem."""
-    try:
-        length = int(environ.get("CONTENT_LENGTH") or 0)
-    except ValueError:
-        raise HttpError(400, "bad_request", "Content-Length is not a number") from None
-    if length > MAX_BODY:
-        raise HttpError(413, "too_large", f"the body is limited to {MAX_BODY} bytes")
-    raw = environ["wsgi.input"].read(length) if length else b""
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise HttpError(400, "bad_request", "the body must be a JSON object") from None
-    if not isinstance(body, dict):
-        raise HttpError(400, "bad_request", "the body must be a JSON object")
+    body = _json_body(environ, required=True)
     name = body.get("name")
     if not isinstance(name, str) or not 1 <= len(name) <= 120:
         raise HttpError(400, "bad_request", "'name' must be a string of 1-120 characters")
@@ -301,6 +335,39 @@ def _command_body(environ: dict[str, Any]) -> tuple[str, Any, float]:
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= MAX_TIMEOUT:
         raise HttpError(400, "bad_request", f"'timeout' must be a number of seconds in (0, {MAX_TIMEOUT:g}]")
     return name, body.get("data"), float(timeout)
+
+
+def _ban_body(environ: dict[str, Any]) -> tuple[float | None, str]:
+    """Parse and check `{"for", "reason"}` (both optional, and the body too): (seconds or None, reason)."""
+    body = _json_body(environ, required=False)
+    seconds = body.get("for")
+    if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
+                                or not 0 < seconds <= MAX_BAN_SECONDS):
+        raise HttpError(400, "bad_request", f"'for' must be a number of seconds in (0, {MAX_BAN_SECONDS}]")
+    reason = body.get("reason", "")
+    if not isinstance(reason, str) or len(reason) > MAX_BAN_REASON:
+        raise HttpError(400, "bad_request", f"'reason' must be a string of at most {MAX_BAN_REASON} characters")
+    return (None if seconds is None else float(seconds)), reason
+
+
+def _json_body(environ: dict[str, Any], *, required: bool) -> dict[str, Any]:
+    """The request's JSON object (an empty body is {} unless `required`); HTTP 400/413 naming the problem."""
+    try:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        raise HttpError(400, "bad_request", "Content-Length is not a number") from None
+    if length > MAX_BODY:
+        raise HttpError(413, "too_large", f"the body is limited to {MAX_BODY} bytes")
+    raw = environ["wsgi.input"].read(length) if length else b""
+    if not raw.strip() and not required:
+        return {}
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise HttpError(400, "bad_request", "the body must be a JSON object") from None
+    if not isinstance(body, dict):
+        raise HttpError(400, "bad_request", "the body must be a JSON object")
+    return body
 
 
 _REASONS = {200: "OK", 204: "No Content", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",

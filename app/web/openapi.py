@@ -89,7 +89,7 @@ _STATUS: Schema = {
 SCHEMAS: dict[str, Schema] = {
     "Error": {"type": "object", "required": ["error"], "properties": {
         "error": {"type": "string", "description": "a code: bad_request, unauthorized, offline, timeout, too_large, "
-                                                   "broker_unavailable, not_found, method_not_allowed"},
+                                                   "broker_unavailable, not_banned, not_found, method_not_allowed"},
         "message": {"type": "string", "description": "human text"}}},
     "Health": {"type": "object", "required": ["status"], "additionalProperties": False,
                "properties": {"status": {"const": "ok"}}},
@@ -114,6 +114,20 @@ SCHEMAS: dict[str, Schema] = {
                        "connected_at": {"type": "integer", "description": "the session's hello, ms since the epoch"},
                        "worker": {"type": "integer", "minimum": 1, "description": "pid of the worker holding it"},
                        "host": {"type": "string", "description": "host name of that worker's machine"}}},
+    "BanRequest": {"type": "object", "properties": {
+        "for": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 315360000,
+                "description": "seconds the ban lasts; omitted or null: until lifted"},
+        "reason": {"type": "string", "maxLength": 500, "description": "why, for the operators who read GET /bans"}}},
+    "Ban": {"type": "object", "required": ["device", "until", "reason", "by"], "additionalProperties": False,
+            "properties": {
+                "device": {"type": "string", "pattern": DEVICE_PATTERN},
+                "until": {"type": ["integer", "null"], "description": "when it ends, ms since the epoch; null: never"},
+                "reason": {"type": "string"},
+                "by": {"enum": ["operator", "flapping"], "description": "an operator, or flapping detection"}}},
+    "Bans": {"type": "object", "required": ["bans"], "additionalProperties": False,
+             "properties": {"bans": {"type": "array", "items": _ref("Ban")}}},
+    "Lifted": {"type": "object", "required": ["device", "lifted"], "additionalProperties": False,
+               "properties": {"device": {"type": "string", "pattern": DEVICE_PATTERN}, "lifted": {"const": True}}},
     "Ended": {"type": "object", "required": ["ended"], "additionalProperties": False,
               "properties": {"ended": {"type": "string", "minLength": 1, "description": "the session id ended"}}},
     "Status": _STATUS,
@@ -198,9 +212,33 @@ def _paths(ops_protected: bool) -> Schema:
             "summary": "end the device's session", "tags": ["operators"], "parameters": [_DEVICE],
             "security": [{"apiToken": []}],
             "description": "The session ends with error `kicked` (and its connection closes), wherever it is. "
-                           "The device may connect again: to keep it out, retire its secret.",
+                           "The device may connect again: to keep it out, ban it (PUT /devices/{device}/ban).",
             "responses": {"200": _json(_ref("Ended"), "the session ended"), "400": _BAD_DEVICE, "401": _API_401,
                           "404": _OFFLINE, "503": _UNAVAILABLE, "504": _ASK_TIMEOUT}}},
+        "/devices/{device}/ban": {
+            "put": {
+                "summary": "ban the device everywhere", "tags": ["operators"], "parameters": [_DEVICE],
+                "security": [{"apiToken": []}],
+                "description": "Its live session, wherever it is, ends with `banned`, and its hellos are refused with "
+                               "`banned` on every worker of every instance (within a second) until the ban ends "
+                               "or is lifted. A second PUT replaces the ban. Answered once RabbitMQ stored it.",
+                "requestBody": {"required": False, "content": {"application/json": {"schema": _ref("BanRequest")}}},
+                "responses": {"200": _json(_ref("Ban"), "the ban, stored"),
+                              "400": _error("the body or the device id is not as described", "bad_request"),
+                              "401": _API_401, "413": _error("the body is over 65536 bytes", "too_large"),
+                              "503": _error("RabbitMQ did not store the ban", "broker_unavailable")}},
+            "delete": {
+                "summary": "lift the device's ban", "tags": ["operators"], "parameters": [_DEVICE],
+                "security": [{"apiToken": []}],
+                "description": "The device may start a session anywhere within a second.",
+                "responses": {"200": _json(_ref("Lifted"), "the ban is lifted"), "400": _BAD_DEVICE,
+                              "401": _API_401, "404": _error("no ban of this device is in force", "not_banned"),
+                              "503": _error("RabbitMQ did not store the lift", "broker_unavailable")}}},
+        "/bans": {"get": {
+            "summary": "every ban in force", "tags": ["operators"], "security": [{"apiToken": []}],
+            "description": "Operators' bans and flapping detection's; revoked certificates are not listed.",
+            "responses": {"200": _json(_ref("Bans"), "the bans in force"), "401": _API_401,
+                          "503": _UNAVAILABLE}}},
         "/devices/{device}/commands": {"post": {
             "summary": "send a command and wait for the device's reply", "tags": ["devices"],
             "parameters": [_DEVICE], "security": [{"apiToken": []}],

@@ -12,6 +12,7 @@ from gevent.queue import Queue
 from app import auth
 from app.config import Config
 from app.protocol import ProtocolError
+from app.sessions.bans import Ban, BanList
 from app.sessions.registry import Registry
 
 SECRET = b"unit-secret"
@@ -87,7 +88,16 @@ class FakeBroker:
         self.presence: list[tuple[str, str, dict]] = []
         self.events: list[tuple[str, str, Any]] = []
         self.replies: list[tuple[str, bool, Any, Any]] = []
+        self.bans = BanList()
         self.links = ()
+
+    def banned(self, device: str) -> Any:
+        return self.bans.banned(device)
+
+    def ban(self, ban: Ban) -> None:
+        """A record of the ban stream reaches this worker (as the consumer's reader hands it over)."""
+        if self.bans.apply(ban):
+            self.inbound.ban_changed(ban)
 
     def attach(self, inbound: Any) -> None:
         self.inbound = inbound

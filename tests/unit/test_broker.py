@@ -141,7 +141,7 @@ def test_an_operators_question_resolves_from_the_holder_a_return_or_its_timeout(
 # -- the facade on the in-process broker -----------------------------------------------------------------
 @pytest.fixture
 def memory_broker() -> Any:
-    seen: dict[str, list] = {"commands": [], "routed": [], "replaced": []}
+    seen: dict[str, list] = {"commands": [], "routed": [], "replaced": [], "bans": []}
 
     def answer(device: str, kind: str) -> dict[str, Any] | None:
         return {"device": device, "online": True, "asked": kind} if (device, "s-1") in seen["routed"] else None
@@ -151,7 +151,7 @@ def memory_broker() -> Any:
         deliver=lambda command, again=False: seen["commands"].append((command, again)),
         routed=lambda *notice: seen["routed"].append(notice),
         replaced=lambda *notice: seen["replaced"].append(notice),
-        live_sessions=list, answer=answer))
+        ban_changed=seen["bans"].append, live_sessions=list, answer=answer))
     runners = [gevent.spawn(each.run) for each in broker.links]
     wait_for(lambda: broker.ready)
     yield broker, seen
@@ -242,7 +242,8 @@ def test_real_rabbitmq_confirms_routes_and_survives_a_cut_connection() -> None:
     broker = Broker(RABBITMQ, max_command_bytes=1000)
     broker.attach(types.SimpleNamespace(deliver=lambda command, again=False: commands.append(command),
                                         routed=on_routed, replaced=replaced,
-                                        live_sessions=lambda: [(device, 1.0, session)], answer=lambda *_: None))
+                                        live_sessions=lambda: [(device, 1.0, session)], answer=lambda *_: None,
+                                        ban_changed=lambda _ban: None))
     runners = [gevent.spawn(each.run) for each in broker.links]
     try:
         wait_for(lambda: broker.ready, timeout=10)

@@ -25,10 +25,12 @@ from app.broker.link import WRITE_BATCH
 from app.broker.messages import (
     AGAIN_HEADER,
     ASK_TYPE,
+    BAN_TYPE,
     CLAIM,
     DEVICE_HEADER,
     EVENT,
     FORWARD_TYPE,
+    MARK_TYPE,
     PRESENCE,
     RELEASE,
     REPLACED_TYPE,
@@ -37,12 +39,15 @@ from app.broker.messages import (
     Command,
     Refusal,
     ask_body,
+    ban_body,
+    decode_ban,
     decode_claim,
     decode_notice,
     notice_body,
 )
 from app.broker.publisher import NACK_STREAK, Publisher
 from app.broker.wires import MemoryWire
+from app.sessions.bans import Ban
 
 
 def wait_for(predicate: Any, timeout: float = 3.0) -> None:
@@ -73,9 +78,15 @@ class RecordingWire:
         self.calls.append(("forward", routing_key, properties, body))
         self.channels.append(channel)
 
-    def ack(self, tag: int, channel: int) -> None:
-        self.calls.append(("ack", tag))
+    def ack(self, tag: int, channel: int, multiple: bool = False) -> None:
+        self.calls.append(("ack", tag) if not multiple else ("ack-up-to", tag))
         self.channels.append(channel)
+
+    def follow_stream(self, name: str, arguments: dict, on_message: Any) -> int:
+        self.calls.append(("follow", name, arguments["x-queue-type"]))
+        self.channels.append(0)
+        self.on_stream = on_message
+        return 9
 
     def reject(self, tag: int, channel: int) -> None:
         self.calls.append(("reject", tag))
@@ -265,6 +276,9 @@ class Heard:
     def live_sessions(self) -> list[tuple[str, float, str]]:
         return list(self.live)
 
+    def ban_changed(self, ban: Any) -> None:
+        self.calls.append(("ban", ban))
+
     def answer(self, device: str, question: str) -> None:
         raise AssertionError("the consumer hands questions to the facade (`asked`), not to the Inbound")
 
@@ -284,6 +298,7 @@ def consumer(heard: Heard | None = None, url: str = "amqp://nowhere") -> tuple[C
                            asked=heard.asked)
     made.attach(heard)
     made.connected = True
+    made.bans.loaded = True  # the ban stream replayed (its own tests below start without)
     return made, heard
 
 
@@ -548,3 +563,72 @@ def test_a_device_held_by_its_partitions_owner_gets_its_commands_in_process() ->
     link_.write(wire)
     assert [call for call in wire.calls if call[0] == "ack"] == [("ack", 9), ("ack", 10)]
     assert [call[1] for call in wire.calls if call[0] == "forward"] == ["other.q"]
+
+
+# -- the consumer: the ban stream ---------------------------------------------------------------------------
+def stream_record(wire: RecordingWire, tag: int, ban: Ban) -> None:
+    wire.on_stream(tag, False, "", "warren.bans", {"type": BAN_TYPE}, ban_body(ban))
+
+
+def test_claims_wait_until_the_ban_stream_is_replayed_and_a_ban_read_reaches_the_sessions() -> None:
+    link_, heard = consumer()
+    link_.bans.loaded = False  # a worker that has just started
+    wire = RecordingWire()
+    link_.bans.setup(wire, now=100.0)
+    assert wire.calls == [("follow", "warren.bans", "stream")]
+    link_.claim("a", 1.5, "s-a")
+    link_.write(wire)
+    # The marker went out to the stream, and no claim: nobody is welcomed before the bans are known.
+    assert [kind.properties.fixed["type"] for kind, _ in wire.ops()] == [MARK_TYPE]
+    marker = wire.calls[-1][3]
+    stream_record(wire, 1, Ban("lock-9", issued=5, until=None, reason="stolen"))
+    assert heard.calls == [("ban", Ban("lock-9", issued=5, until=None, reason="stolen"))]
+    assert link_.bans.bans.banned("lock-9") is not None
+    wire.on_stream(2, False, "", "warren.bans", {"type": MARK_TYPE}, marker)
+    assert link_.bans.loaded
+    wire.calls.clear()
+    wire.channels.clear()
+    link_.write(wire)
+    assert wire.ops() == [(CLAIM, "a")]
+    assert ("ack-up-to", 2) in wire.calls  # the stream's records are acked (its credit), together
+    assert wire.channels[wire.calls.index(("ack-up-to", 2))] == 9
+
+
+def test_a_marker_that_never_comes_back_is_waited_out_loudly(caplog: pytest.LogCaptureFixture) -> None:
+    link_, _ = consumer()
+    link_.bans.loaded = False
+    wire = RecordingWire()
+    link_.bans.setup(wire, now=100.0)
+    link_.tick(101.0)
+    assert not link_.bans.loaded
+    link_.tick(100.0 + 5.1)
+    assert link_.bans.loaded
+    assert "did not come back" in caplog.text
+
+
+def test_an_older_copy_of_a_lifted_ban_changes_nothing() -> None:
+    link_, heard = consumer()
+    wire = RecordingWire()
+    link_.bans.setup(wire, now=100.0)
+    stream_record(wire, 1, Ban("lock-9", issued=5, until=None))
+    stream_record(wire, 2, Ban("lock-9", issued=9, lifted=True))
+    stream_record(wire, 3, Ban("lock-9", issued=5, until=None))  # a copy, published before the lift was read
+    assert link_.bans.bans.banned("lock-9") is None
+    assert [call[1].lifted for call in heard.calls] == [False, True]
+
+
+def test_bans_about_to_outlive_the_stream_are_published_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    link_, _ = consumer()
+    wire = RecordingWire()
+    link_.bans.setup(wire, now=0.0)
+    monkeypatch.setattr("app.sessions.bans.time.monotonic", lambda: 0.0)
+    stream_record(wire, 1, Ban("lock-1", issued=5, until=None))
+    stream_record(wire, 2, Ban("lock-2", issued=5, until=6))  # ended long ago: not copied
+    wire.calls.clear()
+    link_.bans.tick(60.0)  # read just now: nothing due
+    link_.bans.write(wire)
+    assert wire.ops() == []
+    link_.bans.tick(60.0 + 6 * 3600 + 3600 + 61)  # past COPY_AGE and any worker's jitter
+    link_.bans.write(wire)
+    assert [(kind.properties.fixed["type"], decode_ban(call[3]).device) for call in wire.calls
+            if call[0] == "publish" for kind in [call[1]]] == [(BAN_TYPE, "lock-1")]

@@ -21,7 +21,9 @@ from gevent.event import AsyncResult
 from hypothesis import HealthCheck, settings
 from schemathesis.specs.openapi.definitions import OPENAPI_31
 
+from app.broker.bans import ban_now, lift_now
 from app.config import Config
+from app.sessions.bans import Ban, BanList
 from app.web import api as web
 from app.web import openapi, status
 
@@ -38,6 +40,25 @@ class HttpSideBroker:
         self.ready = True
         self.silent = False  # a holder that never answers
         self.asked: list[tuple[str, str]] = []
+        self.store_fails = False  # RabbitMQ does not confirm a ban (a stream without its majority)
+        self.stored = BanList()
+
+    def ban(self, device: str, seconds: float | None, reason: str) -> AsyncResult:
+        record = ban_now(device, seconds, reason, "operator", after=self.stored.latest(device))
+        return self._store(record)
+
+    def lift(self, device: str) -> AsyncResult | None:
+        current = self.stored.banned(device)
+        return None if current is None else self._store(lift_now(device, current))
+
+    def bans(self) -> list[Ban]:
+        return self.stored.in_force()
+
+    def _store(self, record: Ban) -> AsyncResult:
+        if self.store_fails:
+            return _resolved("broker_unavailable")
+        self.stored.apply(record)
+        return _resolved(record)
 
     def send_command(self, device: str, name: str, data: Any, timeout: float) -> AsyncResult:
         reply = {"ok": True, "data": {"echo": data}, "error": None} if device == ONLINE else \
@@ -53,7 +74,7 @@ class HttpSideBroker:
         return _resolved(INFO if kind == "info" else {"device": device, "online": True, "ended": INFO["session"]})
 
 
-def _resolved(value: dict[str, Any]) -> AsyncResult:
+def _resolved(value: Any) -> AsyncResult:
     result = AsyncResult()
     result.set(value)
     return result
@@ -138,6 +159,44 @@ def test_lookup_and_kick_answers_fit_and_say_what_the_holder_said():
     code, _, body = call(app, "DELETE", "/devices/lock-gone/session", authorization=f"Bearer {API}")
     assert code == 404 and orjson.loads(body)["error"] == "offline"
     response_schema(document, "/devices/{device}/session", "delete", 404).validate(orjson.loads(body))
+
+
+def test_a_ban_is_answered_once_stored_listed_and_lifted_as_documented():
+    app, broker = make_app()
+    document, auth = openapi.spec(True), f"Bearer {API}"
+    code, _, body = call(app, "PUT", "/devices/lock-7/ban", b'{"for": 60, "reason": "stolen"}', authorization=auth)
+    ban = orjson.loads(body)
+    assert code == 200 and ban["device"] == "lock-7" and ban["reason"] == "stolen" and ban["by"] == "operator"
+    assert broker.stored.banned("lock-7").until == ban["until"]  # stored before the 200
+    response_schema(document, "/devices/{device}/ban", "put", 200).validate(ban)
+    code, _, body = call(app, "PUT", "/devices/lock-8/ban", authorization=auth)  # no body: a ban without end
+    assert code == 200 and orjson.loads(body)["until"] is None
+    code, _, body = call(app, "GET", "/bans", authorization=auth)
+    assert code == 200 and [b["device"] for b in orjson.loads(body)["bans"]] == ["lock-7", "lock-8"]
+    response_schema(document, "/bans", "get", 200).validate(orjson.loads(body))
+    code, _, body = call(app, "DELETE", "/devices/lock-7/ban", authorization=auth)
+    assert code == 200 and orjson.loads(body) == {"device": "lock-7", "lifted": True}
+    code, _, body = call(app, "DELETE", "/devices/lock-7/ban", authorization=auth)
+    assert code == 404 and orjson.loads(body)["error"] == "not_banned"
+    response_schema(document, "/devices/{device}/ban", "delete", 404).validate(orjson.loads(body))
+
+
+@pytest.mark.parametrize("body", [b'{"for": 0}', b'{"for": -5}', b'{"for": 315360001}', b'{"for": "60"}',
+                                  b'{"for": true}', b'{"reason": 7}', b"[1]", b"not json"])
+def test_a_ban_with_a_bad_body_is_400_and_stores_nothing(body):
+    app, broker = make_app()
+    code, _, answer = call(app, "PUT", "/devices/lock-7/ban", body, authorization=f"Bearer {API}")
+    assert code == 400 and orjson.loads(answer)["error"] == "bad_request"
+    assert broker.stored.in_force() == []
+
+
+def test_a_ban_rabbitmq_did_not_store_is_503_and_bans_need_the_api_token():
+    app, broker = make_app()
+    broker.store_fails = True
+    code, _, body = call(app, "PUT", "/devices/lock-7/ban", authorization=f"Bearer {API}")
+    assert code == 503 and orjson.loads(body)["error"] == "broker_unavailable"
+    for method, path in (("PUT", "/devices/lock-7/ban"), ("DELETE", "/devices/lock-7/ban"), ("GET", "/bans")):
+        assert call(app, method, path, authorization=f"Bearer {OPS}")[0] == 401
 
 
 def test_a_holder_that_does_not_answer_is_504_and_a_broker_that_is_down_503():
