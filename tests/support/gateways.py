@@ -8,17 +8,20 @@ settings) and `start_guarded` (OPS_TOKENS set) are it with presets.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 import requests
+from kombu import Connection
 
 from bench.ports import free_port  # the tests take it from here
 from support.waiting import WAIT, wait_until
@@ -82,7 +85,16 @@ class Gateway:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        if self.extra.pop("own_bans_stream", False):
+            delete_stream(self.env["AMQP_URL"], self.env["BANS_STREAM"])
         return self.process.returncode
+
+
+def delete_stream(amqp_url: str, name: str) -> None:
+    """Delete a test deployment's ban stream (streams live on disk until deleted); quietly, since a
+    test may have left RabbitMQ down."""
+    with contextlib.suppress(Exception), Connection(amqp_url.split(";")[0], connect_timeout=3) as connection:
+        connection.default_channel.queue_delete(name)
 
 
 def start_gateway(tmp_path: Path, workers: int = 2, wait: bool = True, **env_overrides: str) -> Gateway:
@@ -99,12 +111,16 @@ def start_gateway(tmp_path: Path, workers: int = 2, wait: bool = True, **env_ove
         "AMQP_URL": AMQP_URL, "DEVICE_SECRETS": SECRET, "API_TOKENS": API_TOKEN,
         "BIND_HOST": "127.0.0.1", "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / f"metrics-{port}"),
     })
+    # Each deployment its own bans, so that a test's bans (schemathesis bans any device) reach no other
+    # test's gateways; deleted when it stops. Tests of bans across instances or restarts name one.
+    own_stream = "BANS_STREAM" not in env_overrides
+    env["BANS_STREAM"] = f"warren.bans.test.{uuid.uuid4().hex[:12]}"
     env.update(env_overrides)
     log_path = tmp_path / f"gunicorn-{port}.log"
     process = subprocess.Popen(
         [str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn.conf.py", "wsgi:app"],
         cwd=ROOT, env=env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
-    gateway = Gateway(process, port, device_port, env, log_path)
+    gateway = Gateway(process, port, device_port, env, log_path, extra={"own_bans_stream": own_stream})
     if wait:
         wait_ready(gateway, workers)
     else:

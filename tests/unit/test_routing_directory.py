@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from app.broker.directory import ACK, FORWARD, OFFLINE, REFRESH, REPLACED, ROUTED, Directory
+from app.broker.directory import ACK, FLAPPING, FORWARD, OFFLINE, REFRESH, REPLACED, ROUTED, Directory, Starts
 
 
 def claim(directory: Directory, tag: int, device: str, session: str, holder: str, *, started: float = 0.0,
@@ -148,3 +148,47 @@ def test_reset_forgets_everything() -> None:
     directory.reset()
     assert len(directory) == 0 and directory.command(2, "lock-1") == (OFFLINE, 2)
     assert directory.due_refresh(older_than=1e9, limit=10) == []
+
+
+# -- flapping (PROTOCOL.md section 6): counted where every start of a device passes -------------------
+def start_and_end(directory: Directory, n: int, device: str = "lock-1", now: float = 0.0, holder: str = "q-a") -> list:
+    actions = claim(directory, 2 * n, device, f"s{n}", holder, now=now)
+    directory.release(2 * n + 1, device, f"s{n}")
+    return actions
+
+
+def test_the_start_past_flap_max_within_the_window_is_refused_and_the_device_banned() -> None:
+    directory = Directory(Starts(limit=3, window=60.0))
+    for n in range(3):  # takeovers from another holder count as starts too
+        assert start_and_end(directory, n, now=float(n), holder=f"q-{n % 2}")[-1][0] == ROUTED
+    assert claim(directory, 100, "lock-1", "s-4", "q-a", now=3.0) == [(ACK, 100), (FLAPPING, "lock-1")]
+    assert directory.holder_of("lock-1") is None  # not routed: its session is never welcomed
+    # Refused, the count starts again (the ban ends it for FLAP_BAN; then it may start afresh).
+    assert claim(directory, 101, "lock-1", "s-5", "q-a", now=4.0)[-1] == (ROUTED, "q-a", "lock-1", "s-5")
+
+
+def test_the_window_slides_and_other_devices_are_counted_apart() -> None:
+    directory = Directory(Starts(limit=2, window=10.0))
+    start_and_end(directory, 0, now=0.0)
+    start_and_end(directory, 1, now=5.0)
+    assert start_and_end(directory, 2, "lock-2", now=6.0)[-1][0] == ROUTED
+    assert start_and_end(directory, 3, now=11.0)[-1][0] == ROUTED  # the start at 0 left the window
+    assert start_and_end(directory, 4, now=12.0) == [(ACK, 8), (FLAPPING, "lock-1")]
+
+
+def test_restatements_and_redeliveries_are_not_starts() -> None:
+    directory = Directory(Starts(limit=1, window=60.0))
+    claim(directory, 1, "lock-1", "s1", "q-a", started=1.0)
+    for tag in range(2, 6):  # the holder reconnects to RabbitMQ and re-states its one live session
+        assert claim(directory, tag, "lock-1", "s1", f"q-a{tag}", started=1.0, fresh=False, epoch=tag)[-1][0] == ROUTED
+    assert len(directory.starts) == 1
+
+
+def test_devices_that_stopped_starting_are_forgotten() -> None:
+    starts = Starts(limit=5, window=10.0)
+    for n in range(100):
+        assert not starts.one_too_many(f"lock-{n}", float(n) / 10)
+    starts.forget_before(5.0)
+    assert len(starts) == 50
+    starts.forget_before(100.0)
+    assert len(starts) == 0

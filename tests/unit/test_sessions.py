@@ -15,6 +15,7 @@ from fakes import CONFIG, Command, FakeConn, hello, make_registry, wait_for
 from prometheus_client import REGISTRY
 
 from app.protocol import ProtocolError
+from app.sessions.bans import Ban, now_ms
 from app.sessions.ports import COMMANDS_MAY_FLOW
 from app.sessions.registry import Registry
 from app.sessions.session import Session, State
@@ -455,3 +456,63 @@ def test_a_certificate_names_the_device_and_stands_in_for_the_token(registry: Re
         assert conn.sent[0].get("code", conn.sent[0]["type"]) == outcome, (names, frame)
         conn.push(None)
         runner.join(1)
+
+
+# -- bans (PROTOCOL.md section 6) ------------------------------------------------------------------------
+def banned_record(device: str = "lock-1", seconds: float | None = 60.0) -> Ban:
+    issued = now_ms()
+    return Ban(device, issued, None if seconds is None else issued + int(seconds * 1000), "stolen")
+
+
+def test_a_banned_hello_is_refused_after_the_token_and_before_capacity_at_no_cost() -> None:
+    registry = make_registry(replace(CONFIG, max_connections=1))
+    start(registry, "lock-0")  # the worker is full: a banned device still hears `banned`, not `overloaded`
+    registry.broker.ban(banned_record("lock-1"))
+    before = hello_failures("banned")
+    _, conn, _ = start(registry, "lock-1")
+    assert conn.types() == ["error"] and conn.sent[0]["code"] == "banned"
+    assert 55 < conn.sent[0]["retry_after"] <= 60 and conn.closed
+    assert hello_failures("banned") == before + 1
+    # No routing write, no presence event, no broker traffic for it.
+    assert [c[0] for c in registry.broker.claims] == ["lock-0"]
+    assert [p[0] for p in registry.broker.presence] == ["lock-0"]
+    # Without its token nobody learns it is banned.
+    conn = FakeConn()
+    runner = gevent.spawn(Session(conn, registry, registry.broker).run)
+    conn.push({**hello("lock-1"), "token": "00"})
+    runner.join(1)
+    assert conn.sent[-1]["code"] == "unauthorized"
+
+
+def test_a_ban_without_end_carries_no_retry_after() -> None:
+    registry = make_registry()
+    registry.broker.ban(banned_record(seconds=None))
+    _, conn, _ = start(registry)
+    assert conn.sent[0]["code"] == "banned" and "retry_after" not in conn.sent[0]
+
+
+def test_a_ban_that_reaches_the_worker_ends_the_devices_session_and_only_it(registry: Registry) -> None:
+    _, conn, runner = start(registry, "lock-1")
+    _, other, _ = start(registry, "lock-2")
+    registry.broker.ban(banned_record("lock-1"))
+    runner.join(1)
+    assert conn.sent[-1]["code"] == "banned" and conn.sent[-1]["retry_after"] > 0
+    assert registry.broker.presence[-1] == ("lock-1", "closed", {"reason": "banned"})
+    assert "lock-2" in registry.sessions and not other.closed
+    # A lift (a later record) lets it back.
+    registry.broker.ban(Ban("lock-1", now_ms() + 1, lifted=True))
+    assert start(registry, "lock-1")[1].types() == ["welcome"]
+
+
+def test_a_ban_read_while_the_hello_waits_for_its_route_refuses_it_without_presence(registry: Registry) -> None:
+    _, conn = routing(registry)
+    registry.broker.ban(banned_record("lock-1"))
+    wait_for(lambda: conn.sent)
+    assert conn.sent[0]["code"] == "banned"
+    wait_for(lambda: conn.closed)
+    assert registry.broker.presence == []  # never welcomed: neither connected nor closed
+
+
+def test_an_expired_ban_refuses_nothing(registry: Registry) -> None:
+    registry.broker.ban(Ban("lock-1", now_ms() - 5000, now_ms() - 1000))
+    assert start(registry)[1].types() == ["welcome"]
