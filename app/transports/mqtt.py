@@ -36,7 +36,7 @@ from app.sessions.ports import COMMANDS_MAY_FLOW
 
 # CONNACK return codes (MQTT 3.1.1 section 3.2.2.3).
 ACCEPTED, BAD_PROTOCOL_LEVEL, BAD_CLIENT_ID, UNAVAILABLE, NOT_AUTHORIZED = 0x00, 0x01, 0x02, 0x03, 0x05
-REFUSALS = {"unsupported_version": BAD_PROTOCOL_LEVEL, "unauthorized": NOT_AUTHORIZED,
+REFUSALS = {"unsupported_version": BAD_PROTOCOL_LEVEL, "unauthorized": NOT_AUTHORIZED, "banned": NOT_AUTHORIZED,
             "overloaded": UNAVAILABLE, "shutting_down": UNAVAILABLE}
 COMMAND_FILTERS = ("commands/#", "commands/+")
 NOT_A_TOPIC_LEVEL = ("/", "+", "#", "\0")
