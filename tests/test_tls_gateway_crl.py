@@ -13,7 +13,7 @@ import re
 import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -67,12 +67,12 @@ class CrlFile:
     serials: set[int] = field(default_factory=set)
     number: int = 0
 
-    def write(self) -> None:
+    def write(self, next_update: timedelta = timedelta(days=7)) -> None:
         ca = self.pki.device_ca
         now = datetime.now(UTC)
         builder = (x509.CertificateRevocationListBuilder()
                    .issuer_name(x509.load_pem_x509_certificate(ca.cert_pem.bytes()).subject)
-                   .last_update(now - timedelta(minutes=1)).next_update(now + timedelta(days=7))
+                   .last_update(now - timedelta(days=30)).next_update(now + next_update)
                    .add_extension(x509.CRLNumber(self.number), critical=False))
         for serial in sorted(self.serials):
             builder = builder.add_revoked_certificate(
@@ -81,13 +81,18 @@ class CrlFile:
         self.path.write_bytes(builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
         self.number += 1
 
-    def revoke(self, gateway: Gateway, *devices: Device, wait: bool = True) -> None:
+    def revoke(self, gateway: Gateway, *devices: Device, wait: bool = True,
+               next_update: timedelta = timedelta(days=7)) -> None:
         """Add `devices` to the CRL; with `wait`, return once every worker has loaded it."""
-        loaded = gateway.log().count("loaded again")
         self.serials.update(device.serial for device in devices)
-        self.write()
-        if wait:
-            wait_until(lambda: gateway.log().count("loaded again") >= loaded + WORKERS, timeout=WAIT)
+        self.rewrite(gateway, lambda: self.write(next_update), "loaded again" if wait else None)
+
+    def rewrite(self, gateway: Gateway, write: Callable[[], object], logged: str | None) -> None:
+        """`write()` the file; with `logged`, return once every worker has logged it (reloaded, or refused)."""
+        before = gateway.log().count(logged) if logged else 0
+        write()
+        if logged:
+            wait_until(lambda: gateway.log().count(logged) >= before + WORKERS, timeout=WAIT)
 
 
 @pytest.fixture(scope="module")
@@ -205,3 +210,28 @@ def test_rewriting_the_crl_ends_exactly_the_revoked_live_sessions_with_banned(cr
         ping_ok(third_client)
     wait_until(lambda: counted(crl_gw, AT_RELOAD) >= ended + 2, timeout=WAIT)
     assert "warren_crl_stale 0.0" in requests.get(f"{crl_gw.http}/metrics", timeout=WAIT).text
+
+
+def test_a_bad_file_after_start_up_keeps_the_crl_in_force_loudly_and_a_stale_one_stays_in_force(
+        crl_gw: Gateway, pki: Pki, crl: CrlFile) -> None:
+    revoked, kept, bystander = certified(pki), certified(pki), certified(pki)
+    crl.revoke(crl_gw, revoked)
+    with welcomed(crl_gw, pki, bystander) as live:
+        for bad in (b"-----BEGIN X509 CRL-----\nnot base64\n-----END X509 CRL-----\n", b""):
+            crl.rewrite(crl_gw, lambda bad=bad: crl.path.write_bytes(bad), "STAYS IN FORCE")
+            assert counted(crl_gw, "warren_crl_file_bad") == 1
+            with TlsDevice(port(crl_gw), revoked.context(pki)) as client:
+                assert client.hello_without_token(revoked.id)["code"] == "banned"
+            welcomed(crl_gw, pki, kept).close()
+        assert "ERROR warren.crl" in crl_gw.log()
+        # A CRL past its next update: enforced, and said (log and metric).
+        crl.revoke(crl_gw, next_update=-timedelta(hours=1))
+        assert counted(crl_gw, "warren_crl_file_bad") == 0
+        wait_until(lambda: counted(crl_gw, "warren_crl_stale") == 1, timeout=WAIT)
+        assert "past its next update" in crl_gw.log()
+        with TlsDevice(port(crl_gw), revoked.context(pki)) as client:
+            assert client.hello_without_token(revoked.id)["code"] == "banned"
+        welcomed(crl_gw, pki, kept).close()
+        crl.revoke(crl_gw)  # fresh again
+        wait_until(lambda: counted(crl_gw, "warren_crl_stale") == 0, timeout=WAIT)
+        ping_ok(live)  # none of it ended a session whose certificate stays good
