@@ -135,9 +135,9 @@ class DeviceHandlers:
         revoked = self.crl.revoked(certificate)
         if revoked:
             metrics.CRL_REFUSALS.labels(at="handshake").inc()
-            log.warning("connection refused: its client certificate is revoked (TLS_CRL_FILE)",
-                        extra={"peer": accepted.peer, "serial": f"{certificate[1]:x}" if certificate else None,
-                               "resumed": bool(getattr(accepted.sock, "session_reused", False))})
+            log.info("connection refused: its client certificate is revoked (TLS_CRL_FILE)",
+                     extra={"peer": accepted.peer, "serial": f"{certificate[1]:x}" if certificate else None,
+                            "resumed": bool(getattr(accepted.sock, "session_reused", False))})
         return Accepted(accepted.sock, accepted.peer, accepted.deadline, accepted.tls, accepted.names,
                         certificate, revoked)
 

@@ -228,8 +228,8 @@ class CrlWatcher:
 
     def check(self) -> bool:
         """Load the file again if it changed, report stale CRLs; True when a new CRL came into force."""
-        now = stamp(self.path)
-        reloaded = now != self._stamp and self._reload(now)
+        current = stamp(self.path)
+        reloaded = current != self._stamp and self._reload(current)
         self._report_stale()
         return reloaded
 
