@@ -142,9 +142,9 @@ class WorkerTree:
 def _crl_watcher(settings: TlsSettings) -> CrlWatcher | None:
     """TLS_CRL_FILE's CRL as the master loaded it, then the file as it is now: a worker forked later (a
     replacement) must not serve with an older CRL than its file, even for the watcher's first interval."""
-    if settings.crl is None or settings.crl_file is None or settings.client_ca_file is None:
+    if settings.crl is None or settings.crl_file is None:
         return None
-    watcher = CrlWatcher(settings.crl_file, settings.client_ca_file, settings.crl)
+    watcher = CrlWatcher(settings.crl_file, settings.crl)
     watcher.check()
     return watcher
 

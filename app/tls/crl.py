@@ -92,10 +92,14 @@ class Revocations:
 
 @dataclass(frozen=True)
 class Loaded:
-    """What `load` read: the revocations and the stamp of the file they came from."""
+    """What `load` read: the revocations, the stamp of the file they came from, and the CAs that verify CRLs.
+
+    The CAs are TLS_CLIENT_CA_FILE as read at start-up, which is what the TLS contexts trust until the next
+    start; a reload verifies the new CRLs against them, not against whatever the CA file holds by then."""
 
     revocations: Revocations
     stamp: Stamp
+    authorities: tuple[x509.Certificate, ...]
 
 
 # -- sans-I/O ---------------------------------------------------------------------------
@@ -166,28 +170,24 @@ def stamp(path: str) -> Stamp:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
-def read(path: str, ca_path: str) -> Revocations:
-    """Both files read and parsed; OSError or CrlError."""
+def read(path: str, authorities: Sequence[x509.Certificate]) -> Revocations:
+    """The file read and parsed; OSError or CrlError."""
     with open(path, "rb") as file:
-        data = file.read()
-    with open(ca_path, "rb") as file:
-        try:
-            authorities = x509.load_pem_x509_certificates(file.read())
-        except ValueError:
-            raise CrlError(f"cannot be checked: TLS_CLIENT_CA_FILE ({ca_path}) holds no PEM certificate") from None
-    return parse(data, authorities)
+        return parse(file.read(), authorities)
 
 
 def load(path: str, ca_path: str) -> Loaded:
-    """At start-up: the CRL file checked, or ConfigError naming TLS_CRL_FILE."""
+    """At start-up: the CRL file checked against TLS_CLIENT_CA_FILE, or ConfigError naming TLS_CRL_FILE."""
     before = stamp(path)
     try:
-        revocations = read(path, ca_path)
+        with open(ca_path, "rb") as file:
+            authorities = tuple(x509.load_pem_x509_certificates(file.read()))
+        revocations = read(path, authorities)
     except OSError as exc:
         raise ConfigError(VARIABLE, path, f"cannot be read ({exc.strerror or exc})") from None
-    except CrlError as exc:
+    except ValueError as exc:  # CrlError, or a CA file that is not PEM (load_tls has refused that already)
         raise ConfigError(VARIABLE, path, str(exc)) from None
-    return Loaded(revocations, before)
+    return Loaded(revocations, before, authorities)
 
 
 # -- one worker's CRL in force ---------------------------------------------------------------
@@ -203,9 +203,10 @@ def _metrics() -> Any:
 class CrlWatcher:
     """The CRL in force in this worker, the sessions that presented a certificate, and the file's watcher."""
 
-    def __init__(self, path: str, ca_path: str, loaded: Loaded, interval: float = WATCH_INTERVAL,
+    def __init__(self, path: str, loaded: Loaded, interval: float = WATCH_INTERVAL,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
-        self.path, self.ca_path, self.interval, self.clock = path, ca_path, interval, clock
+        self.path, self.interval, self.clock = path, interval, clock
+        self.authorities = loaded.authorities
         self.revocations = loaded.revocations
         self._stamp = loaded.stamp  # the version of the file last loaded or last refused
         self._sessions: WeakKeyDictionary[Any, CertificateId] = WeakKeyDictionary()
@@ -235,8 +236,8 @@ class CrlWatcher:
 
     def _reload(self, before: Stamp) -> bool:
         try:
-            revocations = read(self.path, self.ca_path)
-        except (OSError, CrlError) as exc:
+            revocations = read(self.path, self.authorities)
+        except Exception as exc:  # noqa: BLE001 - OSError, CrlError, any other: no file may crash the watcher
             if stamp(self.path) != before:
                 return False  # being written as we read it: read it again next time
             self._stamp = before

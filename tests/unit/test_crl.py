@@ -272,7 +272,7 @@ def watched(tmp_path: Path, cas: Any, devices: dict[str, bytes]) -> tuple[Path, 
     path, ca_path = tmp_path / "crl.pem", tmp_path / "ca.pem"
     path.write_bytes(make_crl(ca, [serial_of(devices["lock-1"])]))
     ca_path.write_bytes(ca.cert_pem.bytes())
-    return path, CrlWatcher(str(path), str(ca_path), crl.load(str(path), str(ca_path)))
+    return path, CrlWatcher(str(path), crl.load(str(path), str(ca_path)))
 
 
 def test_the_watcher_reloads_on_change_and_keeps_the_old_crl_on_a_bad_file(
@@ -432,3 +432,15 @@ def test_a_resumed_session_carries_the_certificate_first_presented(files: dict[s
             assert server.get(timeout=5) == (expected, attempt == 1)
     finally:
         listener.close()
+
+
+def test_a_reload_verifies_against_the_cas_read_at_start_up(watched: tuple[Path, CrlWatcher], cas: Any,
+                                                            devices: dict[str, bytes]) -> None:
+    """The TLS contexts trust TLS_CLIENT_CA_FILE as it was at start-up: so does a reload, whatever the file holds now."""
+    path, watcher = watched
+    ca, other = cas
+    (path.parent / "ca.pem").write_bytes(other.cert_pem.bytes())  # replaced on disk, not yet in force
+    rewrite(path, make_crl(ca, [serial_of(devices["lock-2"])], number=2))
+    assert watcher.check() and watcher.revoked(certificate_id(devices["lock-2"]))
+    rewrite(path, make_crl(other, [1], number=3))
+    assert not watcher.check() and watcher.revoked(certificate_id(devices["lock-2"]))
