@@ -15,6 +15,7 @@ import tempfile
 
 from app.config import ConfigError, load
 from app.tls.contexts import build_contexts, check_gunicorn_ssl, load_tls
+from app.tls.crl import stale_lines
 
 try:
     _config = load()
@@ -92,6 +93,12 @@ def on_starting(server):
         server.log.info(f"TLS on {', '.join(f'{name}={port}' for name, port in _tls.ports.items())}"
                         f"{' with client certificates (mutual TLS)' if _tls.client_ca_file else ''}; "
                         f"certificate valid until {_tls.cert_not_after:%Y-%m-%d}")
+        if _tls.crl is not None:
+            server.log.info(f"TLS_CRL_FILE={_tls.crl_file}: {len(_tls.crl.revocations.revoked)} revoked device "
+                            f"certificates in {len(_tls.crl.revocations.crls)} CRLs, reloaded by every worker "
+                            f"when the file changes")
+            for line in stale_lines(_tls.crl.revocations):
+                server.log.error(line)
     if _config.in_process_broker:
         server.log.warning(
             "WARNING: no AMQP_URL, CLOUDAMQP_URL or RABBITMQ_URL is set: running ONE worker on "

@@ -8,6 +8,13 @@ accept), paced by the worker's `HandshakeGate` so that a stampede of handshakes
 cannot stall the hub; nothing a client sent before its handshake completed can
 reach a session.
 
+With TLS_CRL_FILE, a connection whose client certificate the CRL in force lists never reaches a
+session either (PROTOCOL.md section 6, "Revoked certificates"): the check runs after every handshake,
+resumed ones included (a resumption verifies no certificate, but the ticket's session carries the one
+first presented). A device port reads the hello (CONNECT) and answers `banned` (CONNACK 0x05) before
+it closes; HTTPS_PORT closes at once. Every session that presented a certificate is handed to the
+worker's `CrlWatcher`, which ends it with `banned` if a reload revokes it.
+
     transport   port                        presence name
     JSON lines  DEVICE_PORT / DEVICE_TLS_PORT   tcp / tls
     JSON WS     PORT /ws / HTTPS_PORT /ws       ws / wss
@@ -17,13 +24,18 @@ reach a session.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from app import metrics
+import gevent
+
+from app import metrics, protocol
+from app.protocol import ProtocolError
 from app.sessions.session import Session
 from app.tls.contexts import certificate_names
+from app.tls.crl import REVOKED_MESSAGE, CertificateId, CrlWatcher, certificate_id
 from app.tls.handshake import HandshakeGate, TlsHandshakeError, handshake
 from app.transports.json_lines import JsonLinesConnection
 from app.transports.json_websocket import JsonWebSocketConnection
@@ -36,6 +48,8 @@ if TYPE_CHECKING:
     from app.tls.contexts import TlsContexts
     from app.transports.websocket import Handshake
 
+log = logging.getLogger("warren.handlers")
+
 
 @dataclass(frozen=True)
 class Accepted:
@@ -46,15 +60,17 @@ class Accepted:
     deadline: float  # the end of HELLO_TIMEOUT, counted from the accept
     tls: bool
     names: tuple[str, ...]  # device names of a verified client certificate
+    certificate: CertificateId | None = None  # the client certificate, by issuer and serial (with TLS_CRL_FILE)
+    revoked: bool = False  # the CRL in force lists that certificate
 
 
 class DeviceHandlers:
     """The connection handlers of one worker."""
 
     def __init__(self, config: Config, host: Host, backend: Backend, tls: TlsContexts | None = None,
-                 gate: HandshakeGate | None = None) -> None:
+                 gate: HandshakeGate | None = None, crl: CrlWatcher | None = None) -> None:
         self.config, self.host, self.backend = config, host, backend
-        self.tls, self.gate = tls, gate
+        self.tls, self.gate, self.crl = tls, gate, crl
 
     # -- plain and TLS stream ports ----------------------------------------------------------
     def tcp(self, sock: Any, address: Any) -> None:
@@ -80,7 +96,7 @@ class DeviceHandlers:
         connection = JsonWebSocketConnection(accepted.sock, accepted.peer, handshake, config.max_frame_bytes,
                                               config.send_buffer_bytes, transport="wss" if accepted.tls else "ws",
                                               direct_writes=not accepted.tls, certificate_names=accepted.names)
-        Session(connection, self.host, self.backend, accepted.deadline).run()
+        self._run(connection, accepted)
 
     def mqtt_websocket(self, sock: Any, address: Any, handshake: Handshake, tls: bool) -> None:
         accepted = self._upgraded(sock, address, tls)
@@ -94,8 +110,12 @@ class DeviceHandlers:
         return self._handshake(sock, address, self.tls.device)
 
     def https_handshake(self, sock: Any, address: Any) -> Accepted | None:
-        """HTTPS_PORT: a client certificate is asked for, never required."""
-        return self._handshake(sock, address, self.tls.https)
+        """HTTPS_PORT: a client certificate is asked for, never required; a revoked one closes the connection."""
+        accepted = self._handshake(sock, address, self.tls.https)
+        if accepted is not None and accepted.revoked:
+            accepted.sock.close()
+            return None
+        return accepted
 
     def _handshake(self, sock: Any, address: Any, context: Any) -> Accepted | None:
         deadline = time.monotonic() + self.config.hello_timeout
@@ -105,7 +125,21 @@ class DeviceHandlers:
             metrics.TLS_HANDSHAKES.labels(outcome=exc.reason).inc()
             return None
         metrics.TLS_HANDSHAKES.labels(outcome="resumed" if tls.session_reused else "full").inc()
-        return Accepted(tls, peer_name(address), deadline, True, certificate_names(tls.getpeercert()))
+        return self._checked(Accepted(tls, peer_name(address), deadline, True, certificate_names(tls.getpeercert())))
+
+    def _checked(self, accepted: Accepted) -> Accepted:
+        """With TLS_CRL_FILE: which certificate the connection presented, and whether the CRL in force lists it."""
+        if self.crl is None:
+            return accepted
+        certificate = certificate_id(accepted.sock.getpeercert(binary_form=True))
+        revoked = self.crl.revoked(certificate)
+        if revoked:
+            metrics.CRL_REFUSALS.labels(at="handshake").inc()
+            log.info("connection refused: its client certificate is revoked (TLS_CRL_FILE)",
+                     extra={"peer": accepted.peer, "serial": f"{certificate[1]:x}" if certificate else None,
+                            "resumed": bool(getattr(accepted.sock, "session_reused", False))})
+        return Accepted(accepted.sock, accepted.peer, accepted.deadline, accepted.tls, accepted.names,
+                        certificate, revoked)
 
     def _plain(self, sock: Any, address: Any) -> Accepted:
         return Accepted(sock, peer_name(address), time.monotonic() + self.config.hello_timeout, False, ())
@@ -113,7 +147,8 @@ class DeviceHandlers:
     def _upgraded(self, sock: Any, address: Any, tls: bool) -> Accepted:
         """An upgraded HTTP connection; HELLO_TIMEOUT counts from the upgrade (PROTOCOL.md section 2)."""
         names = certificate_names(sock.getpeercert()) if tls else ()
-        return Accepted(sock, peer_name(address), time.monotonic() + self.config.hello_timeout, tls, names)
+        accepted = Accepted(sock, peer_name(address), time.monotonic() + self.config.hello_timeout, tls, names)
+        return self._checked(accepted) if tls else accepted
 
     # -- sessions ------------------------------------------------------------------------------
     def _json_lines(self, accepted: Accepted) -> None:
@@ -121,7 +156,7 @@ class DeviceHandlers:
         connection = JsonLinesConnection(accepted.sock, accepted.peer, config.max_frame_bytes,
                                          config.send_buffer_bytes, transport="tls" if accepted.tls else "tcp",
                                          direct_writes=not accepted.tls, certificate_names=accepted.names)
-        Session(connection, self.host, self.backend, accepted.deadline).run()
+        self._run(connection, accepted)
 
     def _mqtt_stream(self, accepted: Accepted) -> None:
         stream = MqttSocketStream(accepted.sock, self.config.send_buffer_bytes, direct_writes=not accepted.tls)
@@ -131,7 +166,35 @@ class DeviceHandlers:
         config = self.config
         connection = MqttConnection(stream, accepted.peer, config.max_frame_bytes, config.mqtt_max_keepalive,
                                     transport=transport, certificate_names=accepted.names)
-        Session(connection, self.host, self.backend, accepted.deadline).run()
+        self._run(connection, accepted)
+
+    def _run(self, connection: Any, accepted: Accepted) -> None:
+        if accepted.revoked:
+            refuse_revoked(connection, accepted.deadline)
+            return
+        session = Session(connection, self.host, self.backend, accepted.deadline)
+        if self.crl is not None and accepted.certificate is not None:
+            self.crl.track(session, accepted.certificate)  # before the session runs: no reload can slip between
+        session.run()
+
+
+def refuse_revoked(connection: Any, deadline: float) -> None:
+    """Read the hello (CONNECT) until `deadline`, answer `banned` (MQTT: CONNACK 0x05), close.
+
+    The hello is read first so that the answer comes where a device expects its welcome (an MQTT
+    client reads a CONNACK only after its CONNECT), and so that closing does not reset a connection
+    with the hello unread in it, which could lose the answer."""
+    try:
+        with gevent.Timeout(max(0.0, deadline - time.monotonic()), False):
+            connection.receive()
+    except (ProtocolError, OSError):
+        pass
+    metrics.HELLO_FAILURES.labels(code="banned").inc()
+    metrics.ERRORS_SENT.labels(code="banned").inc()
+    try:
+        connection.send(protocol.error("banned", REVOKED_MESSAGE))
+    finally:
+        connection.close()
 
 
 def peer_name(address: Any) -> str:

@@ -60,9 +60,23 @@ WORKERS = Gauge("warren_workers", "Live gunicorn workers.", multiprocess_mode="l
 TLS_HANDSHAKES = Counter("warren_tls_handshakes", "TLS handshakes by outcome: full, resumed, timeout, closed, refused.",
                          ["outcome"])
 BANS_IN_FORCE = Gauge("warren_bans_in_force", "Bans in force (PROTOCOL.md section 6), as the workers read them.",
-                      multiprocess_mode="max")
+                      multiprocess_mode="livemax")
 BANS_ISSUED = Counter("warren_bans_issued", "Bans issued by this instance, by who decided: operator or flapping.",
                       ["by"])
+# TLS_CRL_FILE (PROTOCOL.md section 6, "Revoked certificates"): every worker holds the same CRL, so the gauges
+# combine by their maximum.
+CRL_STALE = Gauge("warren_crl_stale", "CRLs in force past their next update (still enforced): publish fresh ones.",
+                  multiprocess_mode="livemax")
+CRL_FILE_BAD = Gauge("warren_crl_file_bad",
+                     "Workers whose TLS_CRL_FILE changed but cannot be loaded (the CRL before stays in force).",
+                     multiprocess_mode="livemax")
+CRL_REVOKED = Gauge("warren_crl_revoked_certificates", "Device certificates the CRLs in force revoke.",
+                    multiprocess_mode="livemax")
+CRL_RELOADS = Counter("warren_crl_reloads", "TLS_CRL_FILE loaded again after a change: loaded, failed.",
+                      ["outcome"])
+CRL_REFUSALS = Counter("warren_crl_refusals",
+                       "Revoked client certificates refused: at a connection (handshake) or a live session ended "
+                       "by a reload (reload).", ["at"])
 
 # The children the hot paths bump, looked up once: `labels()` takes a lock and a dict lookup per call.
 EVENTS_ACKED = EVENTS.labels(outcome="acked")

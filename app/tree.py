@@ -3,6 +3,7 @@
     worker (one_for_one)
     ├── broker (rest_for_one): publisher link, consumer link     app/broker/
     ├── watchdog: hello and idle deadlines of every session       app/sessions/watchdog.py
+    ├── crl (with TLS_CRL_FILE): reloads the file when it changes app/tls/crl.py
     └── connections: one temporary greenlet per accepted connection (app/supervision/connections.py)
 
 A crash in a session ends that connection alone (temporary children are never
@@ -29,6 +30,7 @@ from app.listeners import build_servers
 from app.sessions.registry import Registry
 from app.supervision import ChildSpec, ConnectionSupervisor, Supervisor
 from app.tls.contexts import TlsContexts, TlsSettings
+from app.tls.crl import CrlWatcher
 from app.tls.handshake import HandshakeGate
 
 log = logging.getLogger("warren.tree")
@@ -58,7 +60,8 @@ class WorkerTree:
         # One gate per worker paces the TLS handshakes; while too many wait, the TLS listeners stop
         # accepting and the rest of a stampede waits in the kernel's backlog for whichever worker has room.
         self.gate = HandshakeGate(on_room=self._resume_tls) if tls is not None else None
-        devices = DeviceHandlers(config, self.registry, self.broker, tls[1] if tls else None, self.gate)
+        self.crl = _crl_watcher(tls[0]) if tls is not None else None
+        devices = DeviceHandlers(config, self.registry, self.broker, tls[1] if tls else None, self.gate, self.crl)
         # Each server's `spawn` is set by the connection supervisor that adopts it (`add_listener`).
         self.servers, self.tls_servers = build_servers(sockets, config, tls[0] if tls else None, devices, wsgi,
                                                        gunicorn_log)
@@ -78,6 +81,7 @@ class WorkerTree:
             ChildSpec("broker", lambda: Supervisor("broker", "rest_for_one", children=links).start(),
                       type="supervisor", shutdown="infinity"),
             ChildSpec("watchdog", lambda: gevent.spawn(self.registry.watchdog.run), shutdown="brutal_kill"),
+            *([ChildSpec("crl", lambda: gevent.spawn(self.crl.run), shutdown="brutal_kill")] if self.crl else []),
             ChildSpec("connections", self._start_connections, type="supervisor", shutdown="infinity"),
         ]
         root = Supervisor(f"worker-{os.getpid()}", "one_for_one", children=children).start()
@@ -135,6 +139,16 @@ class WorkerTree:
             self.root.stop()
         metrics.WORKERS.set(0)
         sentry.flush()
+
+
+def _crl_watcher(settings: TlsSettings) -> CrlWatcher | None:
+    """TLS_CRL_FILE's CRL as the master loaded it, then the file as it is now: a worker forked later (a
+    replacement) must not serve with an older CRL than its file, even for the watcher's first interval."""
+    if settings.crl is None or settings.crl_file is None:
+        return None
+    watcher = CrlWatcher(settings.crl_file, settings.crl)
+    watcher.check()
+    return watcher
 
 
 def _root_exited(root: Supervisor) -> None:

@@ -8,16 +8,28 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import trustme
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 
 from support.gateways import AMQP_URL, ROOT, SECRET, free_port, start_gateway
 from support.tls_devices import Pki, leaf
 
 GUNICORN = str(Path(sys.executable).parent / "gunicorn")
+
+
+def crl_of(ca: trustme.CA) -> bytes:
+    """An empty CRL of `ca`, signed with its key."""
+    issuer = x509.load_pem_x509_certificate(ca.cert_pem.bytes()).subject
+    now = datetime.now(UTC)
+    builder = (x509.CertificateRevocationListBuilder().issuer_name(issuer).last_update(now)
+               .next_update(now + timedelta(days=7)))
+    key = serialization.load_pem_private_key(ca.private_key_pem.bytes(), password=None)
+    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +39,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
                                   key_file=pki.root / "expired.key"))
     pki.write("other.key", trustme.CA().issue_cert("localhost").private_key_pem.bytes())
     pki.write("leaf-as-ca.pem", pki.device_ca.issue_cert(common_name="lock-0001").cert_chain_pems[0].bytes())
+    pki.write("device.crl", crl_of(pki.device_ca))
+    pki.write("foreign.crl", crl_of(trustme.CA()))
     return pki
 
 
@@ -49,6 +63,10 @@ def tls(pki: Pki, **variables: str) -> dict[str, str]:
     return pki.tls_env(**variables)
 
 
+def mtls(pki: Pki, **variables: str) -> dict[str, str]:
+    return pki.tls_env(TLS_CLIENT_CA_FILE=pki.path("device-ca.pem"), **variables)
+
+
 # case -> (the environment, what the message must say)
 REFUSALS: dict[str, tuple[Callable[[Pki], dict[str, str]], tuple[str, ...]]] = {
     "unreadable TLS_CERT_FILE": (lambda pki: tls(pki, TLS_CERT_FILE=pki.path("no-such.pem")),
@@ -66,6 +84,17 @@ REFUSALS: dict[str, tuple[Callable[[Pki], dict[str, str]], tuple[str, ...]]] = {
     "HTTPS_PORT without TLS": (lambda pki: {"HTTPS_PORT": str(free_port())}, ("HTTPS_PORT=", "TLS_CERT_FILE")),
     "TLS_CLIENT_CA_FILE without TLS": (lambda pki: {"TLS_CLIENT_CA_FILE": pki.path("device-ca.pem")},
                                        ("TLS_CLIENT_CA_FILE=", "TLS_CERT_FILE")),
+    # TLS_CRL_FILE (PROTOCOL.md section 6, "Revoked certificates")
+    "an unreadable TLS_CRL_FILE": (lambda pki: mtls(pki, TLS_CRL_FILE=pki.path("no-such.crl")),
+                                   ("TLS_CRL_FILE=", "cannot be read")),
+    "a TLS_CRL_FILE that is not a CRL": (lambda pki: mtls(pki, TLS_CRL_FILE=pki.path("device-ca.pem")),
+                                         ("TLS_CRL_FILE=", "holds no PEM CRL")),
+    "a CRL of another CA": (lambda pki: mtls(pki, TLS_CRL_FILE=pki.path("foreign.crl")),
+                            ("TLS_CRL_FILE=", "not a CA of TLS_CLIENT_CA_FILE")),
+    "TLS_CRL_FILE without TLS_CLIENT_CA_FILE": (lambda pki: tls(pki, TLS_CRL_FILE=pki.path("device.crl")),
+                                                ("TLS_CRL_FILE=", "needs TLS_CLIENT_CA_FILE")),
+    "TLS_CRL_FILE without TLS": (lambda pki: {"TLS_CRL_FILE": pki.path("device.crl")},
+                                 ("TLS_CRL_FILE=", "TLS_CERT_FILE")),
 }
 
 

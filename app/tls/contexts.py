@@ -4,7 +4,8 @@ Everything a TLS listener needs is decided in the gunicorn master, before the fo
 
 - `load_tls` reads and checks the certificate, the key and the client CA at start-up, so that a
   wrong file stops the gateway with a `ConfigError` naming its variable instead of failing every
-  handshake later (or, worse, serving a certificate that expired last night).
+  handshake later (or, worse, serving a certificate that expired last night). TLS_CRL_FILE is
+  checked here too (app/tls/crl.py); the workers watch it afterwards, never rebuilding a context.
 - `device_context` and `https_context` are built once, in the master. OpenSSL makes a context's
   session-ticket keys when the SSL_CTX is created, so every worker forked from that master
   inherits the same keys: a device that reconnects after a drop resumes its session on whichever
@@ -14,7 +15,7 @@ Everything a TLS listener needs is decided in the gunicorn master, before the fo
   where one is required.
 - `certificate_names` says which device a verified client certificate names.
 
-The handshake itself, which runs in the worker under gevent, is in app/tls_handshake.py.
+The handshake itself, which runs in the worker under gevent, is in app/tls/handshake.py.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from cryptography.hazmat.primitives import serialization
 from gevent import ssl as gevent_ssl
 
 from app.config import ConfigError
+from app.tls import crl as crl_module
 
 DEFAULT_DEVICE_TLS_PORT = 7879
 DEFAULT_MQTT_TLS_PORT = 8883
@@ -54,6 +56,8 @@ class TlsSettings:
     mqtt_tls_port: int | None
     https_port: int | None
     cert_not_after: datetime
+    crl_file: str | None = None  # TLS_CRL_FILE: revoked device certificates (app/tls/crl.py)
+    crl: crl_module.Loaded | None = None  # as the master read it at start-up; each worker watches the file
 
     @property
     def ports(self) -> dict[str, int]:
@@ -80,8 +84,9 @@ def load_tls(env: Mapping[str, str], plain_ports: Mapping[str, int | None] | Non
     """
     cert_file, key_file = _text(env, "TLS_CERT_FILE"), _text(env, "TLS_KEY_FILE")
     client_ca_file = _text(env, "TLS_CLIENT_CA_FILE")
+    crl_file = _text(env, "TLS_CRL_FILE")
     if not cert_file and not key_file:
-        _refuse_without_tls(env, client_ca_file)
+        _refuse_without_tls(env)
         return None
     if not key_file:
         raise ConfigError("TLS_KEY_FILE", "", "is not set, but TLS_CERT_FILE is: set both to turn TLS on, or neither")
@@ -91,12 +96,17 @@ def load_tls(env: Mapping[str, str], plain_ports: Mapping[str, int | None] | Non
     not_after = _check_certificate_and_key(cert_file, key_file, now)
     if client_ca_file:
         _check_client_ca(client_ca_file, now)
+    if crl_file and not client_ca_file:
+        raise ConfigError("TLS_CRL_FILE", crl_file, "needs TLS_CLIENT_CA_FILE (the CA whose certificates it "
+                                                    "revokes): set it too, or unset TLS_CRL_FILE")
     settings = TlsSettings(
         cert_file=cert_file, key_file=key_file, client_ca_file=client_ca_file,
         device_tls_port=_port(env, "DEVICE_TLS_PORT", DEFAULT_DEVICE_TLS_PORT),
         mqtt_tls_port=_port(env, "MQTT_TLS_PORT", DEFAULT_MQTT_TLS_PORT),
         https_port=_port(env, "HTTPS_PORT", None),
         cert_not_after=not_after,
+        crl_file=crl_file,
+        crl=crl_module.load(crl_file, client_ca_file) if crl_file and client_ca_file else None,
     )
     _check_distinct(settings.ports, plain_ports or {})
     return settings
@@ -201,14 +211,12 @@ def _text(env: Mapping[str, str], name: str) -> str | None:
     return env.get(name, "").strip() or None
 
 
-def _refuse_without_tls(env: Mapping[str, str], client_ca_file: str | None) -> None:
+def _refuse_without_tls(env: Mapping[str, str]) -> None:
     needs = "is set but TLS is not configured: set TLS_CERT_FILE and TLS_KEY_FILE too, or unset it"
-    for name in TLS_PORT_VARIABLES:
+    for name in (*TLS_PORT_VARIABLES, "TLS_CLIENT_CA_FILE", "TLS_CRL_FILE"):
         raw = env.get(name, "").strip()
         if raw:
             raise ConfigError(name, raw, needs)
-    if client_ca_file:
-        raise ConfigError("TLS_CLIENT_CA_FILE", client_ca_file, needs)
 
 
 def _port(env: Mapping[str, str], name: str, default: int | None) -> int | None:

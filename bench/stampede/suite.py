@@ -147,7 +147,7 @@ def gateway_env(args: argparse.Namespace, workers: int, transport: str, amqp_url
            "MQTT_PORT": str(args.mqtt_port), "WEB_CONCURRENCY": str(workers), "AMQP_URL": amqp_url,
            "DEVICE_SECRETS": args.secret, "API_TOKENS": args.api_token or "bench-token",
            "MAX_CONNECTIONS": str(SESSIONS_PER_WORKER), "PYTHONPATH": str(args.gateway_dir.resolve())}
-    for variable in ("TLS_CERT_FILE", "TLS_KEY_FILE", "TLS_CLIENT_CA_FILE"):
+    for variable in ("TLS_CERT_FILE", "TLS_KEY_FILE", "TLS_CLIENT_CA_FILE", "TLS_CRL_FILE"):
         env.pop(variable, None)
     if transport in TLS_TRANSPORTS:
         env |= {"TLS_CERT_FILE": args.tls_cert_file, "TLS_KEY_FILE": args.tls_key_file,
