@@ -2,7 +2,8 @@
 
 The first test reads the page as Chromium leaves it after polling; the second
 drives it like an operator (through chromedriver's W3C WebDriver protocol, spoken
-with `requests`): look a device up, kick it, and give the API token when asked.
+with `requests`): look a device up, kick it, give the API token when asked, then ban it,
+see it listed, and lift the ban.
 """
 
 from __future__ import annotations
@@ -112,6 +113,11 @@ def test_status_page_shows_the_gateways_state(tmp_path):
         gateway.stop()
 
 
+def hello_answer(gateway: Any, device: str = "stolen-lock") -> dict:
+    with DeviceClient(gateway.ws) as client:
+        return client.hello(device, SECRET)
+
+
 @needs_chromium
 @pytest.mark.skipif(CHROMEDRIVER is None, reason="needs chromedriver: run .ci/ensure-chromium first")
 def test_an_operator_looks_a_device_up_and_kicks_it_from_the_page(tmp_path):
@@ -143,10 +149,21 @@ def test_an_operator_looks_a_device_up_and_kicks_it_from_the_page(tmp_path):
             browser.click("#kick-button")
             browser.wait_for("kick-state", "kicked")
 
-        frame = device.receive(timeout=5)
-        assert frame["type"] == "error" and frame["code"] == "kicked"
-        with pytest.raises(Closed):
-            device.receive(timeout=5)
+            frame = device.receive(timeout=5)
+            assert frame["type"] == "error" and frame["code"] == "kicked"
+            with pytest.raises(Closed):
+                device.receive(timeout=5)
+
+            # The kick is useless without a ban: ban it from the page, see it listed, lift it.
+            browser.type("#ban-reason", "reported stolen")
+            browser.click("#ban-button")
+            browser.wait_for("ban-state", "banned")
+            wait_until(lambda: hello_answer(gateway).get("code") == "banned")
+            browser.click("#bans-button")
+            browser.wait_for("bans-state", "1")
+            browser.click("#lift-button")
+            browser.wait_for("ban-state", "lifted")
+            wait_until(lambda: hello_answer(gateway)["type"] == "welcome")
     finally:
         device.close()
         gateway.stop()
