@@ -7,14 +7,18 @@ devices without knowing where their connections live:
         reply = backend.command("lock-0001", "unlock", {"for": 5}, timeout=5)
         where = backend.device_info("lock-0001")   # {"online": True, "host", "worker", ...}
         ended = backend.kick("lock-0001")          # the session id ended, or None if offline
+        backend.ban("lock-0001", seconds=3600, reason="stolen")   # refused everywhere for an hour
+        backend.bans(); backend.lift("lock-0001")
         for event in backend.events("lock-0001.#", timeout=10): ...
 
 Commands are published mandatory to `devices.commands` with `reply_to` set to
 RabbitMQ's direct reply-to pseudo-queue, so a device with no session anywhere
 comes back at once as `offline` (PROTOCOL.md section 5). An operator's lookup or
 kick travels the same way, as a message of type `warren.ask`, and the worker
-holding the device answers it. The client is blocking and single-threaded: one
-connection, used by one caller.
+holding the device answers it. Bans go where the gateway keeps them: its
+deployment's ban stream (`BANS_STREAM`), read from the start like a worker reads it
+and written with a publisher confirm. The client is blocking and single-threaded:
+one connection, used by one caller.
 """
 
 from __future__ import annotations
@@ -24,8 +28,13 @@ import uuid
 from collections.abc import Iterator
 from typing import Any, Self
 
+import amqp
 import orjson
 from kombu import Connection, Exchange
+
+from app.broker.bans import STREAM_ARGUMENTS, ban_now, lift_now, mark_body
+from app.broker.messages import BAN_TYPE, MARK_TYPE, ban_body, decode_ban
+from app.sessions.bans import BanList
 
 # The exchanges of PROTOCOL.md section 5, declared by backends as the gateway declares them.
 EVENTS = Exchange("devices.events", type="topic", durable=True)
@@ -36,6 +45,7 @@ ASK_TYPE = "warren.ask"  # an operator's question for the worker holding a devic
 # After a worker said it binds the device but holds no session of it (the device is between
 # sessions), how long to wait for another worker holding a newer session (a takeover) to answer.
 NOT_HERE_GRACE = 0.5
+BANS_STREAM = "warren.bans"  # the gateway's default BANS_STREAM
 
 
 class BackendClient:
@@ -151,6 +161,66 @@ class BackendClient:
                 self._drain(min(deadline, not_here_until or deadline) - now)
         finally:
             del self._answers[question_id]
+
+    # -- bans (PROTOCOL.md section 6) ---------------------------------------------------
+    def bans(self, stream: str = BANS_STREAM, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """Every ban in force, `{"device","until","reason","by"}` each, as the workers read them."""
+        return [ban.public() for ban in self._read_bans(stream, timeout).in_force()]
+
+    def ban(self, device: str, seconds: float | None = None, reason: str = "", stream: str = BANS_STREAM,
+            timeout: float = 10.0) -> dict[str, Any]:
+        """Ban `device` everywhere (its session ends, its hellos are refused) for `seconds` (None: until
+        lifted); returns the ban once RabbitMQ confirmed it is stored."""
+        record = ban_now(device, seconds, reason, "operator", after=self._read_bans(stream, timeout).latest(device))
+        self._store(stream, ban_body(record))
+        return record.public()
+
+    def lift(self, device: str, stream: str = BANS_STREAM, timeout: float = 10.0) -> bool:
+        """End `device`'s ban everywhere; False when no ban of it is in force."""
+        current = self._read_bans(stream, timeout).banned(device)
+        if current is None:
+            return False
+        self._store(stream, ban_body(lift_now(device, current)))
+        return True
+
+    def _read_bans(self, stream: str, timeout: float) -> BanList:
+        """Replay the ban stream from its first record up to a marker of ours (then it is all read)."""
+        bans, mark, seen = BanList(), mark_body(uuid.uuid4().hex), []
+        channel = self.connection.connection.channel()  # py-amqp's: a stream consumer needs arguments and acks
+        try:
+            channel.queue_declare(stream, durable=True, auto_delete=False, arguments=STREAM_ARGUMENTS)
+            channel.basic_qos(0, 1000, False)
+
+            def read(message: amqp.Message) -> None:
+                kind = message.properties.get("type")
+                if kind == BAN_TYPE and (record := decode_ban(message.body)) is not None:
+                    bans.apply(record)
+                elif kind == MARK_TYPE and message.body == mark:
+                    seen.append(True)
+                channel.basic_ack(message.delivery_tag)
+
+            channel.basic_consume(stream, callback=read, arguments={"x-stream-offset": "first"})
+            channel.basic_publish(amqp.Message(mark, type=MARK_TYPE, content_type="application/json"),
+                                  exchange="", routing_key=stream)
+            deadline = time.monotonic() + timeout
+            while not seen:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"the ban stream {stream} was not read to its end within {timeout:g}s")
+                self._drain(deadline - time.monotonic())
+        finally:
+            channel.close()
+        return bans
+
+    def _store(self, stream: str, body: bytes) -> None:
+        """Publish a record to the ban stream and wait for RabbitMQ's confirm (raises if it refuses)."""
+        channel = self.connection.connection.channel()
+        try:
+            channel.confirm_select()
+            channel.basic_publish_confirm(amqp.Message(body, type=BAN_TYPE, content_type="application/json",
+                                                       delivery_mode=2), exchange="", routing_key=stream,
+                                          mandatory=True)
+        finally:
+            channel.close()
 
     def _drain(self, seconds: float) -> None:
         try:

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from clients.backend import BackendClient
 from clients.device import Closed, DeviceClient
 from support.gateways import API_TOKEN, SECRET, Gateway, delete_stream, start_gateway
 from support.mqtt_devices import MqttDevice
@@ -111,6 +112,23 @@ def test_a_timed_ban_ends_by_itself_and_a_lift_lets_the_device_back_at_once(pair
     wait_until(lambda: hello(first, lifted)["type"] == "welcome", timeout=5)
     again = requests.delete(f"{first.http}/devices/{lifted}/ban", headers=API, timeout=20)
     assert again.status_code == 404 and again.json()["error"] == "not_banned"
+
+
+def test_the_backend_client_bans_lists_and_lifts_through_the_stream(pair: list[Gateway],
+                                                                     deployment: dict[str, str]) -> None:
+    device, by_api = a_device(), a_device()
+    assert ban(pair[0], by_api, reason="by the API").status_code == 200
+    with BackendClient(deployment["AMQP_URL"]) as backend, DeviceClient(pair[1].tcp) as client:
+        assert client.hello(device, SECRET)["type"] == "welcome"
+        stored = backend.ban(device, seconds=300, reason="from a backend", stream=deployment["BANS_STREAM"])
+        assert (stored["device"], stored["by"], stored["reason"]) == (device, "operator", "from a backend")
+        assert client.receive(timeout=10)["code"] == "banned"
+        listed = backend.bans(stream=deployment["BANS_STREAM"])
+        assert {b["device"] for b in listed} >= {device, by_api}
+        assert hello(pair[0], device)["code"] == "banned"
+        assert backend.lift(device, stream=deployment["BANS_STREAM"]) is True
+        assert backend.lift(device, stream=deployment["BANS_STREAM"]) is False
+    wait_until(lambda: hello(pair[0], device)["type"] == "welcome", timeout=5)
 
 
 def test_a_device_that_flaps_between_two_instances_is_banned_and_one_that_reconnects_a_few_times_is_not(
