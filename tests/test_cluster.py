@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 
 from app.auth import mint
 from bench.rabbit_cluster import ClusterError, Node, RabbitCluster, amqp_url, running_cluster
@@ -41,7 +42,7 @@ from support.fault_devices import (
     send_event,
     unique,
 )
-from support.gateways import SECRET, Gateway, all_ready, metric, start_gateway
+from support.gateways import API_TOKEN, SECRET, Gateway, all_ready, delete_stream, metric, start_gateway
 from support.waiting import wait_until
 
 pytestmark = pytest.mark.slow
@@ -313,3 +314,63 @@ def test_events_are_acked_again_once_a_quorum_queue_has_its_majority_back(
         assert acked(after), f"a majority again, but events still nacked: {after[-3:]}"
         wait_until(lambda: all_ready(gateway, 1), timeout=60)  # and the routing is back
         assert set(acked(after)) <= queue.ids()
+
+
+# -- bans on a cluster (PROTOCOL.md section 6) --------------------------------------------------
+def put_ban(gateway: Gateway, device: str) -> requests.Response:
+    return requests.put(f"{gateway.http}/devices/{device}/ban", json={"reason": "cluster"},
+                        headers={"Authorization": f"Bearer {API_TOKEN}"}, timeout=30)
+
+
+def hello_answer(gateway: Gateway, device: str) -> dict:
+    with DeviceClient(gateway.tcp) as client:
+        return client.hello(device, SECRET)
+
+
+def test_two_nodes_bans_in_force_stay_enforced_while_a_node_is_down(cluster: RabbitCluster, tmp_path: Path) -> None:
+    """On two nodes the ban stream has no majority while one is down: a new ban may answer 503, but the
+    bans every worker already read stay in force, and a device of them still gets `banned`."""
+    node_a, node_b = cluster.nodes
+    gateway = start_gateway(tmp_path, workers=1, AMQP_URL=amqp_url(node_b, node_a), **FAST)
+    try:
+        device = unique("cl-ban")
+        assert put_ban(gateway, device).status_code == 200
+        wait_until(lambda: hello_answer(gateway, device).get("code") == "banned", timeout=10)
+        cluster.stop_node(node_a)
+        try:
+            assert hello_answer(gateway, device)["code"] == "banned"
+            during = put_ban(gateway, unique("cl-ban-during"))
+            print(f"\n[figure] two nodes, one down: a ban in force still refuses its device; a new ban answers "
+                  f"{during.status_code} {during.json().get('error', '')}")
+            assert during.status_code in (200, 503)
+        finally:
+            cluster.start_node(node_a)
+        assert hello_answer(gateway, device)["code"] == "banned"
+    finally:
+        gateway.stop()
+    assert_no_crash(gateway)
+
+
+def test_three_nodes_bans_survive_a_node_lost_for_good_and_a_restart(cluster: RabbitCluster, third_node: Node,
+                                                                     tmp_path: Path) -> None:
+    """The stream is declared through the third node (its leader there, as RabbitMQ places it), the
+    node is then killed and forgotten, and a new instance on the survivors reads every ban from them."""
+    node_a = cluster.nodes[0]
+    stream = {"BANS_STREAM": f"warren.bans.test.{unique('cl')}"}
+    first = start_gateway(tmp_path, workers=1, AMQP_URL=amqp_url(third_node, node_a), **FAST, **stream)
+    device = unique("cl-ban")
+    try:
+        assert put_ban(first, device).status_code == 200
+    finally:
+        first.stop()
+    cluster.kill_node(third_node)
+    cluster.forget_node(third_node)
+    second = start_gateway(tmp_path, workers=1, AMQP_URL=node_a.url, **FAST, **stream)
+    try:
+        assert hello_answer(second, device)["code"] == "banned"
+        listed = requests.get(f"{second.http}/bans", headers={"Authorization": f"Bearer {API_TOKEN}"}, timeout=10)
+        assert [b["device"] for b in listed.json()["bans"]] == [device]
+    finally:
+        second.stop()
+        delete_stream(node_a.url, stream["BANS_STREAM"])
+    assert_no_crash(second)
