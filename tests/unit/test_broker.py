@@ -194,6 +194,22 @@ def test_in_process_broker_decides_claims_in_its_partition_owner(memory_broker: 
     assert seen["commands"] == [] and len(seen["routed"]) == 2
 
 
+def test_in_process_broker_keeps_bans_in_memory_through_the_same_code(memory_broker: Any) -> None:
+    """`make run`: a plain queue stands in for the stream; a ban is stored (confirmed), read back by the
+    worker, reaches the sessions side, and a lift ends it."""
+    broker, seen = memory_broker
+    device = f"mem-{uuid.uuid4().hex[:8]}"
+    assert broker.lift(device) is None  # nothing to lift
+    stored = broker.ban(device, 60.0, "stolen").get(timeout=2)
+    assert stored.device == device and stored.reason == "stolen" and stored.by == "operator"
+    wait_for(lambda: broker.banned(device) == stored)
+    assert seen["bans"] == [stored] and broker.bans() == [stored]
+    lifted = broker.lift(device).get(timeout=2)
+    assert lifted.lifted and lifted.issued > stored.issued
+    wait_for(lambda: broker.banned(device) is None)
+    assert seen["bans"] == [stored, lifted]
+
+
 def test_in_process_broker_carries_commands_and_questions_to_the_holder(memory_broker: Any) -> None:
     broker, seen = memory_broker
     device, stranger = f"mem-{uuid.uuid4().hex[:8]}", f"mem-{uuid.uuid4().hex[:8]}"
