@@ -68,6 +68,7 @@ class BanStream:
         self._mark: str | None = None  # our marker, until it comes back
         self._load_by = 0.0
         self._copy_at = 0.0
+        self._recount = False  # a record changed what is in force: the gauge is set at the next tick
         self._todo: list[tuple[Any, ...]] = []  # publishes for the writer: (kind, body)
 
     def setup(self, wire: Wire, now: float) -> None:
@@ -106,6 +107,9 @@ class BanStream:
                                      lasting_past=now_ms() + int(COPY_CHECK * 1000))
             self._todo.extend((BAN_COPY, ban_body(ban)) for ban in due)
             self.bans.forget_old()
+            self._recount = True  # and bans that ended meanwhile leave the count
+        if self._recount and self.loaded:  # once a tick, not per record: a replay reads thousands
+            self._recount = False
             metrics.BANS_IN_FORCE.set(len(self.bans.in_force()))
         if self._todo or self._unacked > self._acked:
             self._wake()
@@ -126,6 +130,7 @@ class BanStream:
             if ban is None:
                 log.warning("bans: skipping a record of %s that is not a ban", self.name)
             elif self.bans.apply(ban):
+                self._recount = True
                 self.changed(ban)
 
     def _set_loaded(self) -> None:
