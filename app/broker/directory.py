@@ -49,6 +49,9 @@ class Entry:
     tag: int  # the claim's delivery tag, unacked while the entry stands
     partition: int
     since: float  # when that claim was delivered (monotonic), for `due_refresh`
+    # The session was claimed before the last owner died (its claim, or an earlier one of the same
+    # session, came back redelivered): a command redelivered with it may go to it (`command`).
+    restored: bool = False
 
 
 # Actions, as tuples headed by their kind (the owner's hot path builds thousands a second).
@@ -120,8 +123,9 @@ class Directory:
 
     # -- messages in -----------------------------------------------------------------------
     def claim(self, tag: int, device: str, session: str, started: float, holder: str, *, fresh: bool,
-              partition: int, now: float, epoch: int = 0) -> list[Action]:
-        """A holder says `session` of `device` lives in its queue `holder` (as of its connection `epoch`)."""
+              partition: int, now: float, epoch: int = 0, redelivered: bool = False) -> list[Action]:
+        """A holder says `session` of `device` lives in its queue `holder` (as of its connection `epoch`);
+        `redelivered`: the owner before us had read this claim (it died before acking it)."""
         current = self.entries.get(device)
         if current is not None and current.session == session and epoch < current.epoch:
             return [(ACK, tag)]  # an older statement of the entry's own session (a redelivery): stale
@@ -137,7 +141,8 @@ class Directory:
             actions.append((ACK, current.tag))
             if current.session != session:
                 actions.append((REPLACED, current.holder, device, current.session))
-        self._put(device, Entry(session, started, holder, epoch, tag, partition, now))
+        restored = redelivered or (current is not None and current.session == session and current.restored)
+        self._put(device, Entry(session, started, holder, epoch, tag, partition, now, restored))
         actions.append((ROUTED, holder, device, session))
         return actions
 
@@ -152,12 +157,16 @@ class Directory:
     def command(self, tag: int, device: str, redelivered: bool = False) -> Action:
         """A command (or an operator's question) for `device`: to its holder, or answered offline.
 
-        A `redelivered` one with no holder is dropped unanswered: the owner before us may have passed
-        it on (to a session that has ended since) or answered it, and a second answer is worse than
-        none (section 2.4: at most one answer; none means it expires unanswered)."""
+        A `redelivered` one is dropped unanswered unless its device's session was claimed before the
+        owner before us died: that owner may have passed it on (to a session that has ended since, or
+        been replaced by one whose claim overtook the redelivery) or answered it, and a second answer
+        or a second delivery to the device is worse than none (section 2.4: at most one; none means it
+        expires unanswered). A restored session may get it again: its holder drops a second copy."""
         current = self.entries.get(device)
         if current is None:
             return (ACK, tag) if redelivered else (OFFLINE, tag)
+        if redelivered and not current.restored:
+            return (ACK, tag)
         return (FORWARD, tag, current.holder)
 
     def holder_gone(self, holder: str) -> list[Action]:

@@ -249,7 +249,7 @@ class PartitionOwner:
                 device, session, started, holder, fresh, epoch = claim
                 # Redelivered, its place in the order is no news: weighed by hello time, not arrival.
                 actions = self.directory.claim(tag, device, session, started, holder, fresh=fresh and not redelivered,
-                                               partition=partition, now=now, epoch=epoch)
+                                               partition=partition, now=now, epoch=epoch, redelivered=redelivered)
         elif kind == RELEASE_TYPE:
             notice = decode_notice(body)
             actions = [(ACK, tag)] if notice is None else self.directory.release(tag, *notice)

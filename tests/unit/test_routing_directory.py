@@ -6,8 +6,9 @@ from app.broker.directory import ACK, FLAPPING, FORWARD, OFFLINE, REFRESH, REPLA
 
 
 def claim(directory: Directory, tag: int, device: str, session: str, holder: str, *, started: float = 0.0,
-          fresh: bool = True, now: float = 0.0, epoch: int = 1) -> list[tuple]:
-    return directory.claim(tag, device, session, started, holder, fresh=fresh, partition=3, now=now, epoch=epoch)
+          fresh: bool = True, now: float = 0.0, epoch: int = 1, redelivered: bool = False) -> list[tuple]:
+    return directory.claim(tag, device, session, started, holder, fresh=fresh, partition=3, now=now, epoch=epoch,
+                           redelivered=redelivered)
 
 
 def test_a_first_claim_is_routed_and_kept_unacked() -> None:
@@ -25,8 +26,25 @@ def test_a_redelivered_command_for_a_device_nobody_claims_is_dropped_not_answere
     """The owner before may have passed it on, or answered it: a second answer is worse than none."""
     directory = Directory()
     assert directory.command(7, "lock-9", redelivered=True) == (ACK, 7)
-    claim(directory, 8, "lock-9", "s1", "q-a")
-    assert directory.command(9, "lock-9", redelivered=True) == (FORWARD, 9, "q-a")
+    directory.claim(8, "lock-9", "s1", 0.0, "q-a", fresh=False, partition=3, now=0.0, redelivered=True)
+    assert directory.command(9, "lock-9", redelivered=True) == (FORWARD, 9, "q-a")  # its holder drops a copy
+
+
+def test_a_redelivered_command_overtaken_by_a_newer_claim_is_dropped_not_delivered_twice() -> None:
+    """The owner before passed the command on to s1 on A, and died before its ack; B's claim of s3,
+    never read by that owner, reaches us before the redelivery. Forwarding the command to B would
+    deliver it to the device a second time (A's copy cannot be seen from B): it is dropped, and expires
+    unanswered (section 2.4: at most one; published before s3's welcome, it may have reached s1)."""
+    directory = Directory()
+    claim(directory, 1, "lock-1", "s3", "q-b", started=200.0)
+    assert directory.claim(2, "lock-1", "s1", 100.0, "q-a", fresh=False, partition=3, now=0.0,
+                           redelivered=True) == [(ACK, 2), (REPLACED, "q-a", "lock-1", "s1")]
+    assert directory.command(3, "lock-1", redelivered=True) == (ACK, 3)
+    assert directory.command(4, "lock-1") == (FORWARD, 4, "q-b")  # what follows goes to s3
+    # A holder that reconnects re-states a restored session: redelivered commands still reach it.
+    claim(directory, 5, "lock-2", "s5", "q-a", fresh=False, redelivered=True)
+    claim(directory, 6, "lock-2", "s5", "q-a2", fresh=False, epoch=2)
+    assert directory.command(7, "lock-2", redelivered=True) == (FORWARD, 7, "q-a2")
 
 
 def test_a_fresh_claim_replaces_the_older_session_whatever_its_hello_time() -> None:

@@ -178,13 +178,13 @@ class RoutingModel(RuleBasedStateMachine):
             # As partitions.py does: a redelivered claim is weighed by hello time, not by its arrival.
             actions = self.directory.claim(tag, message.device, message.session, message.started, message.holder,
                                            fresh=message.fresh and not message.redelivered, partition=0, now=0.0,
-                                           epoch=message.epoch)
+                                           epoch=message.epoch, redelivered=message.redelivered)
         elif message.kind == "release":
             actions = self.directory.release(tag, message.device, message.session)
         else:
             actions = [self.directory.command(tag, message.device, message.redelivered)]
-            if actions[0] == (ACK, tag):
-                self.may_go_unanswered.add(message.command)  # redelivered with no holder: dropped
+            if actions[0] == (ACK, tag):  # redelivered, with no holder or one whose claim overtook it: dropped
+                self.may_go_unanswered.add(message.command)
         self._carry_out(actions, message)
 
     def _carry_out(self, actions: list[tuple], message: Message) -> None:
