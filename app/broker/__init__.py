@@ -180,10 +180,17 @@ class Broker:
 
     def _ban_flapping(self, device: str) -> None:
         """A partition we own saw `device` start one session too many: ban it for FLAP_BAN seconds."""
-        log.warning("device %s is flapping (too many sessions within FLAP_WINDOW): banned for %gs",
-                    device, self._flap_ban)
+        stored = self._store(ban_now(device, self._flap_ban, "flapping", "flapping",
+                                     after=self._bans.bans.latest(device)))
+        stored.rawlink(lambda result: self._flapping_banned(device, result.value))
+
+    def _flapping_banned(self, device: str, stored: Ban | str) -> None:
+        if isinstance(stored, str):  # its hello was not routed (it ends `overloaded`); its next start counts again
+            log.error("device %s is flapping, but its ban was not stored (%s)", device, stored)
+            return
         metrics.BANS_ISSUED.labels(by="flapping").inc()
-        self._store(ban_now(device, self._flap_ban, "flapping", "flapping", after=self._bans.bans.latest(device)))
+        log.warning("device %s is flapping (more than FLAP_MAX sessions within FLAP_WINDOW): banned for %gs",
+                    device, self._flap_ban)
 
     # -- the backend side (the HTTP API) --------------------------------------------------------
     def send_command(self, device: str, name: str, data: Any, timeout: float) -> AsyncResult:
