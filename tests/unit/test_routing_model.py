@@ -121,13 +121,16 @@ class RoutingModel(RuleBasedStateMachine):
 
     @rule(behind=st.integers(min_value=0, max_value=3))
     def owner_dies(self, behind: int) -> None:
-        """Its unacked messages go back in their order; confirms it awaited are lost. RabbitMQ puts them
-        ahead of the rest; the model lets up to `behind` newer messages slip ahead of them, so that the
-        rules are checked not to depend on it (a reconnected holder's claims may be newer)."""
-        back = sorted(self.unacked.values(), key=lambda message: message.seq)
+        """Its unacked messages go back; confirms it awaited are lost. RabbitMQ keeps every message it
+        hands out again in the order it was published (with those a dead owner before had left unread)
+        and puts them ahead of the rest; the model lets up to `behind` newer messages, never handed out
+        yet, slip ahead of them, so that the rules are checked not to depend on that."""
+        back = list(self.unacked.values())
         for message in back:
             message.redelivered = True
-        self.ready = self.ready[:behind] + back + self.ready[behind:]
+        again = sorted(back + [m for m in self.ready if m.redelivered], key=lambda message: message.seq)
+        newer = [message for message in self.ready if not message.redelivered]
+        self.ready = newer[:behind] + again + newer[behind:]
         self.unacked.clear()
         self.confirms.clear()
         self.directory.reset()
