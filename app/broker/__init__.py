@@ -23,6 +23,8 @@ Two links, because RabbitMQ blocks any connection that publishes during a memory
 disk alarm: events then fail at once on the publisher's, while the consumer's keeps
 delivering commands to devices already routed (it publishes too, claims and
 forwards, so under an alarm new sessions wait for their route until it clears).
+A third follows the ban stream (bans.py), so that a stream RabbitMQ cannot serve
+never takes the routing down with it.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import orjson
 from gevent.event import AsyncResult
 
 from app import metrics
-from app.broker.bans import ban_now, lift_now
+from app.broker.bans import BanStream, ban_now, lift_now
 from app.broker.consumer import CommandConsumer
 from app.broker.directory import Starts
 from app.broker.link import Link
@@ -84,22 +86,23 @@ class Broker:
                                     confirm_timeout=confirm_timeout)
         self._rpc = RpcClient(self._publisher, reply_to=lambda: self._consumer.queue_name)
         flap_max, flap_window, self._flap_ban = flapping
+        self._bans = BanStream(url, bans_stream, heartbeat=amqp_heartbeat, node_offset=node_offset)
         self._consumer = CommandConsumer(url, max_command_bytes=max_command_bytes, refuse=self._refuse,
                                          reply_received=self._rpc.reply_received, asked=self._asked,
                                          heartbeat=amqp_heartbeat, node_offset=node_offset, slots=workers,
-                                         queue_type=route_queues, bans_stream=bans_stream,
+                                         queue_type=route_queues, bans=self._bans,
                                          starts=Starts(flap_max, flap_window) if flap_max > 0 else None,
                                          flapped=self._ban_flapping)
-        self._bans = self._consumer.bans
         self._inbound: Inbound | None = None
         self._ids = MessageIds()
-        self.links: tuple[Link, ...] = (self._publisher, self._consumer)
+        self.links: tuple[Link, ...] = (self._publisher, self._consumer, self._bans)
         """In start order; each has `.role` and `.run()`, a greenlet body that returns only when killed."""
 
     def attach(self, inbound: Inbound) -> None:
         """The sessions side the consumer delivers to; once, before the links run."""
         self._inbound = inbound
         self._consumer.attach(inbound)
+        self._bans.changed = inbound.ban_changed
 
     @property
     def ready(self) -> bool:

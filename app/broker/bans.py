@@ -16,9 +16,13 @@ rule); a lift is a record too, and beats any copy of the ban it lifted.
 
 Loaded: a worker that has just started knows no bans until it has replayed the stream.
 It publishes a marker and counts the stream as replayed once the marker comes back
-(or after LOAD_WAIT, loudly, when the stream cannot take it: a node down on two). Until
-then the consumer holds its sessions' claims (consumer.py), so no session is welcomed
-before the bans are known.
+(or after LOAD_WAIT, loudly, when the stream cannot take it: a node down on two, or no
+stream to be had). Until then the consumer holds its sessions' claims (consumer.py), so
+no session is welcomed before the bans are known.
+
+A link of its own: a stream RabbitMQ cannot serve (3.10 refuses to create one through
+a node that just joined, closing the whole connection) must not take the routing down
+with it. The bans wait and retry; commands flow.
 
 On the in-process broker (`make run`, one worker), a plain queue stands in for the
 stream: bans live as long as the process, and start-up says so.
@@ -28,11 +32,13 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
 
 from app import metrics
+from app.broker.link import Link
 from app.broker.messages import BAN_COPY, BAN_TYPE, MARK, MARK_TYPE, ban_body, decode_ban
 from app.broker.wires import Wire
 from app.sessions.bans import Ban, BanList, now_ms
@@ -49,18 +55,21 @@ LOAD_WAIT = 5.0  # seconds to wait for our marker before counting the stream as 
 ACK_EVERY = 200  # stream deliveries acked together (a stream consumer's credit comes back with acks)
 
 
-class BanStream:
-    """This worker's replica of the ban stream, on the consumer link's connection.
+class BanStream(Link):
+    """This worker's replica of the ban stream, read and copied forward on a connection of its own.
 
     `changed(ban)` is called in the link's reader for every record that is now its device's
-    latest; `setup`, `write` and `tick` are the link's hooks (the writer's)."""
+    latest; `loaded_now()` once, when the bans are known (or waited for long enough)."""
 
-    def __init__(self, name: str, wake: Callable[[], None]) -> None:
+    role = "bans"
+
+    def __init__(self, url: str, name: str, *, heartbeat: int = 20, node_offset: int = 0) -> None:
+        super().__init__(url, heartbeat=heartbeat, node_offset=node_offset)
         self.name = name
         self.bans = BanList()
         self.loaded = False  # the stream was replayed once (at this process's first connect)
         self.changed: Callable[[Ban], None] = lambda _ban: None
-        self._wake = wake
+        self.loaded_now: Callable[[], None] = lambda: None
         self._jitter = random.uniform(0.0, COPY_JITTER)
         self._channel = 0  # the stream's channel, to ack on (0: nothing to ack, in-process)
         self._unacked = 0  # the last delivery tag read and not yet acked
@@ -71,7 +80,7 @@ class BanStream:
         self._recount = False  # a record changed what is in force: the gauge is set at the next tick
         self._todo: list[tuple[Any, ...]] = []  # publishes for the writer: (kind, body)
 
-    def setup(self, wire: Wire, now: float) -> None:
+    def setup(self, wire: Wire) -> None:
         """Follow the stream from its first record; a marker tells us when the replay has caught up."""
         self._channel = wire.follow_stream(self.name, STREAM_ARGUMENTS, self.delivered)
         self._unacked = self._acked = 0
@@ -79,28 +88,36 @@ class BanStream:
             self._set_loaded()
         elif not self.loaded:
             self._mark = uuid.uuid4().hex
-            self._load_by = now + LOAD_WAIT
             self._todo.append((MARK, mark_body(self._mark)))
-        self._copy_at = now + COPY_CHECK
+        self._copy_at = time.monotonic() + COPY_CHECK
+
+    def wait_for_load(self, now: float) -> None:
+        """The consumer's tick, while it holds claims back: after LOAD_WAIT it stops waiting, loudly
+        (here, not in this link's tick: a link that cannot connect has no tick)."""
+        if self.loaded:
+            return
+        if not self._load_by:
+            self._load_by = now + LOAD_WAIT
+        elif now >= self._load_by:
+            log.error("bans: the stream %s was not read within %.0fs (is a majority of its nodes up?): "
+                      "sessions are welcomed without the bans until it is", self.name, LOAD_WAIT)
+            self._set_loaded()
 
     def on_lost(self) -> None:
         self._todo.clear()
         self._channel = 0
 
     # -- the writer -------------------------------------------------------------------------------
-    def write(self, wire: Wire) -> None:
+    def write(self, wire: Wire) -> bool:
         for kind, body in self._todo:
             wire.publish(kind, self.name, body, ())
         self._todo.clear()
         if self._channel and self._unacked > self._acked:
             wire.ack(self._unacked, self._channel, multiple=True)
             self._acked = self._unacked
+        return False
 
     def tick(self, now: float) -> None:
-        if not self.loaded and now >= self._load_by:
-            log.error("bans: our marker did not come back from the stream %s within %.0fs (is a majority of "
-                      "its nodes up?): going on with the bans read so far", self.name, LOAD_WAIT)
-            self._set_loaded()
         if self._channel and now >= self._copy_at:
             self._copy_at = now + COPY_CHECK
             due = self.bans.due_copy(read_before=now - COPY_AGE - self._jitter,
@@ -112,7 +129,7 @@ class BanStream:
             self._recount = False
             metrics.BANS_IN_FORCE.set(len(self.bans.in_force()))
         if self._todo or self._unacked > self._acked:
-            self._wake()
+            self.wake()
 
     # -- the reader ---------------------------------------------------------------------------------
     def delivered(self, tag: int, _redelivered: bool, _exchange: str, _routing_key: str,
@@ -120,7 +137,7 @@ class BanStream:
         if self._channel:
             self._unacked = tag
             if tag - self._acked >= ACK_EVERY:
-                self._wake()
+                self.wake()
         kind = properties.get("type")
         if kind == MARK_TYPE:
             if self._mark is not None and body == mark_body(self._mark):
@@ -139,7 +156,7 @@ class BanStream:
             self._mark = None
             metrics.BANS_IN_FORCE.set(len(self.bans.in_force()))
             log.info("bans: %d in force, read from the stream %s", len(self.bans.in_force()), self.name)
-            self._wake()
+            self.loaded_now()
 
 
 def mark_body(mark: str) -> bytes:

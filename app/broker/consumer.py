@@ -14,10 +14,10 @@ sent there comes back, and drop its sessions. After a reconnect the queue is new
 `fresh`: a re-statement, which the directory weighs by hello time against a
 session started meanwhile elsewhere).
 
-The same connection carries the partitions this worker owns (`PartitionOwner`) and
-this worker's replica of the ban stream (`BanStream`): one reader and one writer serve
-them all. Until the bans are replayed after the process starts, claims wait: no session
-is welcomed before this worker knows whether its device is banned.
+The same connection carries the partitions this worker owns (`PartitionOwner`): one
+reader and one writer serve both sides. Until this worker's replica of the ban stream
+(`BanStream`, a link of its own) has read the bans after the process starts, claims
+wait: no session is welcomed before this worker knows whether its device is banned.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from typing import TYPE_CHECKING, Any
 from kombu import Queue
 
 from app.broker import frames
-from app.broker.bans import BanStream
 from app.broker.directory import Starts
 from app.broker.link import WRITE_BATCH, Link
 from app.broker.messages import (
@@ -58,6 +57,7 @@ from app.broker.partitions import PartitionOwner
 from app.broker.wires import Wire
 
 if TYPE_CHECKING:
+    from app.broker.bans import BanStream
     from app.sessions.ports import Inbound
 
 log = logging.getLogger("warren.broker")
@@ -74,18 +74,21 @@ class CommandConsumer(Link):
                  reply_received: Callable[[str | None, bytes], None],
                  asked: Callable[[str, str, str | None, str | None], None],
                  heartbeat: int = 20, node_offset: int = 0, slots: int = 1, queue_type: str = "quorum",
-                 bans_stream: str = "warren.bans", starts: Starts | None = None,
+                 bans: BanStream | None = None, starts: Starts | None = None,
                  flapped: Callable[[str], None] | None = None) -> None:
         """`refuse`, `reply_received` and `asked` are the facade's own (they publish or resolve what the
         consumer read); the sessions side is reached through the `Inbound` given to `attach`. This
         worker prefers the partitions of its `node_offset` among `slots` (its instance's workers).
-        `starts` and `flapped` are the flapping detection of the partitions it owns (None: off)."""
+        `starts` and `flapped` are the flapping detection of the partitions it owns (None: off); claims
+        wait until `bans` are read (None: no bans to wait for)."""
         super().__init__(url, heartbeat=heartbeat, node_offset=node_offset)
         self.queue_name = _command_queue_name()
         self.epoch = 0  # connections so far: claims say which one named our queue (directory.py)
         self.owner = PartitionOwner(node_offset, slots, self.wake, queue_type, here=self._take_here,
                                     starts=starts, flapped=flapped)
-        self.bans = BanStream(bans_stream, self.wake)
+        self.bans = bans
+        if bans is not None:
+            bans.loaded_now = self.wake
         self._max_command_bytes = max_command_bytes
         self._inbound: Inbound | None = None
         self._refuse, self._reply_received, self._asked = refuse, reply_received, asked
@@ -97,7 +100,6 @@ class CommandConsumer(Link):
     def attach(self, inbound: Inbound) -> None:
         """Who takes our deliveries and notices; before `run`, since a connect asks it for its sessions."""
         self._inbound = inbound
-        self.bans.changed = inbound.ban_changed
 
     @property
     def ready(self) -> bool:
@@ -128,7 +130,6 @@ class CommandConsumer(Link):
         # Deliveries come on a channel of their own, apart from the partitions' (acked, in confirm mode).
         wire.consume(wire.channel_for(acks=False), self.queue_name, self._dispatch)
         self.owner.setup(wire, time.monotonic())
-        self.bans.setup(wire, time.monotonic())
         self._todo = deque((_CLAIM, device, session_id, started, False)
                            for device, started, session_id in self._inbound.live_sessions())
         if self._todo:
@@ -136,8 +137,7 @@ class CommandConsumer(Link):
 
     def write(self, wire: Wire) -> bool:
         todo, holder, epoch, owner = self._todo, self.queue_name, self.epoch, self.owner
-        self.bans.write(wire)
-        if not self.bans.loaded:  # claims wait until we know which devices are banned (`tick` gives up waiting)
+        if self.bans is not None and not self.bans.loaded:  # claims wait until we know who is banned (`tick`)
             return owner.write(wire, WRITE_BATCH)
         for _ in range(min(len(todo), WRITE_BATCH)):
             item = todo.popleft()
@@ -156,7 +156,8 @@ class CommandConsumer(Link):
 
     def tick(self, now: float) -> None:
         self.owner.tick(now)
-        self.bans.tick(now)
+        if self.bans is not None:
+            self.bans.wait_for_load(now)
         if self._refused:
             log.info("consumer: %d claims and releases refused by RabbitMQ: made again", len(self._refused))
             self._todo.extend(self._refused)
@@ -169,7 +170,6 @@ class CommandConsumer(Link):
         self._todo.clear()
         self._refused.clear()
         self.owner.on_lost()
-        self.bans.on_lost()
 
     def _dispatch(self, _tag: int, _redelivered: bool, exchange: str, routing_key: str,
                   properties: dict[str, Any], body: bytes) -> None:

@@ -20,6 +20,7 @@ from kombu import Connection, Exchange, Queue
 
 from app.broker import frames, link
 from app.broker import publisher as publisher_module
+from app.broker.bans import BanStream
 from app.broker.consumer import CommandConsumer
 from app.broker.link import WRITE_BATCH
 from app.broker.messages import (
@@ -298,7 +299,6 @@ def consumer(heard: Heard | None = None, url: str = "amqp://nowhere") -> tuple[C
                            asked=heard.asked)
     made.attach(heard)
     made.connected = True
-    made.bans.loaded = True  # the ban stream replayed (its own tests below start without)
     return made, heard
 
 
@@ -551,7 +551,9 @@ def test_a_device_held_by_its_partitions_owner_gets_its_commands_in_process() ->
     link_, heard = consumer()
     wire = RecordingWire()
     now = time.monotonic()
-    link_.owner.directory.claim(3, "lock-1", "s-1", 1.0, link_.queue_name, fresh=True, partition=0, now=now)
+    # lock-1 claimed before the last owner died (restored): a command redelivered with it still reaches it.
+    link_.owner.directory.claim(3, "lock-1", "s-1", 1.0, link_.queue_name, fresh=False, partition=0, now=now,
+                                redelivered=True)
     link_.owner.directory.claim(4, "lock-2", "s-2", 1.0, "other.q", fresh=True, partition=0, now=now)
     link_.owner.delivered(0, 9, True, "devices.commands", "lock-1", {"message_id": "c-1"}, b'{"name":"unlock"}')
     link_.owner.delivered(0, 10, False, "devices.commands", "lock-1",
@@ -565,70 +567,83 @@ def test_a_device_held_by_its_partitions_owner_gets_its_commands_in_process() ->
     assert [call[1] for call in wire.calls if call[0] == "forward"] == ["other.q"]
 
 
-# -- the consumer: the ban stream ---------------------------------------------------------------------------
+# -- the ban stream, and the consumer waiting for it --------------------------------------------------------
 def stream_record(wire: RecordingWire, tag: int, ban: Ban) -> None:
     wire.on_stream(tag, False, "", "warren.bans", {"type": BAN_TYPE}, ban_body(ban))
 
 
+def ban_stream() -> tuple[BanStream, list[Ban], RecordingWire]:
+    stream, changed, wire = BanStream("amqp://nowhere", "warren.bans"), [], RecordingWire()
+    stream.changed = changed.append
+    stream.connected = True
+    stream.setup(wire)
+    return stream, changed, wire
+
+
 def test_claims_wait_until_the_ban_stream_is_replayed_and_a_ban_read_reaches_the_sessions() -> None:
-    link_, heard = consumer()
-    link_.bans.loaded = False  # a worker that has just started
-    wire = RecordingWire()
-    link_.bans.setup(wire, now=100.0)
-    assert wire.calls == [("follow", "warren.bans", "stream")]
+    stream, changed, wire = ban_stream()
+    assert wire.calls[0] == ("follow", "warren.bans", "stream")
+    heard = Heard()
+    link_ = CommandConsumer("amqp://nowhere", max_command_bytes=100, refuse=heard.refuse,
+                            reply_received=heard.reply_received, asked=heard.asked, bans=stream)
+    link_.attach(heard)
+    link_.connected = True
     link_.claim("a", 1.5, "s-a")
     link_.write(wire)
-    # The marker went out to the stream, and no claim: nobody is welcomed before the bans are known.
-    assert [kind.properties.fixed["type"] for kind, _ in wire.ops()] == [MARK_TYPE]
+    assert wire.ops() == []  # nobody is welcomed before the bans are known
+    stream.write(wire)
+    assert [kind.properties.fixed["type"] for kind, _ in wire.ops()] == [MARK_TYPE]  # our marker, to the stream
     marker = wire.calls[-1][3]
     stream_record(wire, 1, Ban("lock-9", issued=5, until=None, reason="stolen"))
-    assert heard.calls == [("ban", Ban("lock-9", issued=5, until=None, reason="stolen"))]
-    assert link_.bans.bans.banned("lock-9") is not None
+    assert changed == [Ban("lock-9", issued=5, until=None, reason="stolen")]
+    assert stream.bans.banned("lock-9") is not None
+    link_._wakeup.clear()
     wire.on_stream(2, False, "", "warren.bans", {"type": MARK_TYPE}, marker)
-    assert link_.bans.loaded
+    assert stream.loaded and link_._wakeup.is_set()  # the consumer is woken to send what it held
     wire.calls.clear()
     wire.channels.clear()
     link_.write(wire)
     assert wire.ops() == [(CLAIM, "a")]
+    stream.write(wire)
     assert ("ack-up-to", 2) in wire.calls  # the stream's records are acked (its credit), together
     assert wire.channels[wire.calls.index(("ack-up-to", 2))] == 9
 
 
-def test_a_marker_that_never_comes_back_is_waited_out_loudly(caplog: pytest.LogCaptureFixture) -> None:
-    link_, _ = consumer()
-    link_.bans.loaded = False
-    wire = RecordingWire()
-    link_.bans.setup(wire, now=100.0)
-    link_.tick(101.0)
-    assert not link_.bans.loaded
-    link_.tick(100.0 + 5.1)
-    assert link_.bans.loaded
-    assert "did not come back" in caplog.text
+def test_a_stream_that_cannot_be_read_is_waited_out_loudly_by_the_consumer(caplog: pytest.LogCaptureFixture) -> None:
+    """The ban link may not connect at all (no stream to be had): the consumer's own tick gives up."""
+    stream = BanStream("amqp://nowhere", "warren.bans")
+    heard = Heard()
+    link_ = CommandConsumer("amqp://nowhere", max_command_bytes=100, refuse=heard.refuse,
+                            reply_received=heard.reply_received, asked=heard.asked, bans=stream)
+    link_.tick(100.0)
+    link_.tick(104.0)
+    assert not stream.loaded
+    link_.tick(105.1)
+    assert stream.loaded
+    assert "was not read within" in caplog.text
 
 
 def test_an_older_copy_of_a_lifted_ban_changes_nothing() -> None:
-    link_, heard = consumer()
-    wire = RecordingWire()
-    link_.bans.setup(wire, now=100.0)
+    stream, changed, wire = ban_stream()
     stream_record(wire, 1, Ban("lock-9", issued=5, until=None))
     stream_record(wire, 2, Ban("lock-9", issued=9, lifted=True))
     stream_record(wire, 3, Ban("lock-9", issued=5, until=None))  # a copy, published before the lift was read
-    assert link_.bans.bans.banned("lock-9") is None
-    assert [call[1].lifted for call in heard.calls] == [False, True]
+    assert stream.bans.banned("lock-9") is None
+    assert [ban.lifted for ban in changed] == [False, True]
 
 
 def test_bans_about_to_outlive_the_stream_are_published_again(monkeypatch: pytest.MonkeyPatch) -> None:
-    link_, _ = consumer()
-    wire = RecordingWire()
-    link_.bans.setup(wire, now=0.0)
     monkeypatch.setattr("app.sessions.bans.time.monotonic", lambda: 0.0)
+    monkeypatch.setattr("app.broker.bans.time.monotonic", lambda: 0.0)
+    stream, _, wire = ban_stream()
     stream_record(wire, 1, Ban("lock-1", issued=5, until=None))
     stream_record(wire, 2, Ban("lock-2", issued=5, until=6))  # ended long ago: not copied
+    stream.write(wire)  # the marker
     wire.calls.clear()
-    link_.bans.tick(60.0)  # read just now: nothing due
-    link_.bans.write(wire)
+    stream.tick(60.0)  # read just now: nothing due
+    stream.write(wire)
     assert wire.ops() == []
-    link_.bans.tick(60.0 + 6 * 3600 + 3600 + 61)  # past COPY_AGE and any worker's jitter
-    link_.bans.write(wire)
+    stream.tick(60.0 + 6 * 3600 + 3600 + 61)  # past COPY_AGE and any worker's jitter
+    stream.write(wire)
     assert [(kind.properties.fixed["type"], decode_ban(call[3]).device) for call in wire.calls
             if call[0] == "publish" for kind in [call[1]]] == [(BAN_TYPE, "lock-1")]
