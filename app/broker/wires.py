@@ -101,12 +101,17 @@ class AmqpWire:
         self.channel.confirm_select()
 
     def channel_for(self, *, acks: bool) -> Any:
-        """A new channel for consuming: with `acks`, in confirm mode with no prefetch limit (a partition
-        owner holds every claim of its devices unacked, and confirms what it passes on)."""
+        """A new channel for consuming: with `acks`, with no prefetch limit (a partition owner holds
+        every claim of its devices unacked)."""
         channel = self.connection.channel()
         if acks:
             channel.basic_qos(0, 0, False)
-            channel.confirm_select()
+        return channel
+
+    def confirmed_channel(self) -> Any:
+        """A new channel for publishing in confirm mode (a partition owner's forwards and notices)."""
+        channel = self.connection.channel()
+        channel.confirm_select()
         return channel
 
     def consume(self, channel: Any, queue: str, on_message: OnMessage, *, acks: bool = False,
@@ -275,7 +280,7 @@ class MemoryWire:
         self._tag = 0  # publishes since confirm_select, numbered as RabbitMQ numbers them
         self._acked = 0  # the last tag answered
         self._returned: list[tuple[bytes, dict[str, Any], bytes]] = []  # this pass's unrouted mandatory publishes
-        self._acking: Any = None  # the channel whose deliveries we ack
+        self._acking: dict[int, Any] = {}  # channel id -> a channel whose deliveries we ack
 
     # -- the link's setup ------------------------------------------------------------------------
     def confirm_select(self) -> None:
@@ -283,9 +288,14 @@ class MemoryWire:
 
     def channel_for(self, *, acks: bool) -> Any:
         channel = self.connection.channel()
-        if acks:  # this wire's publishes are then the confirmed channel's (the link publishes nothing else)
-            self._acking, self._confirming = channel, True
+        if acks:
+            self._acking[channel.channel_id] = channel
         return channel
+
+    def confirmed_channel(self) -> Any:
+        """This wire's publishes are then the confirmed channel's (the link publishes on no other)."""
+        self._confirming = True
+        return self.connection.channel()
 
     def consume(self, channel: Any, queue: str, on_message: OnMessage, *, acks: bool = False,
                 nowait: bool = False) -> None:
@@ -297,7 +307,7 @@ class MemoryWire:
         MemoryWire.alternates[exchange] = alternate
 
     # -- writing (the writer greenlet) -------------------------------------------------------------
-    # `channel` is accepted for AmqpWire's sake and has no meaning here.
+    # `channel` says which channel acks and rejects go to; publishes ignore it (there is one broker, no socket).
     def publish(self, kind: PublishKind, routing_key: str, body: bytes, values: tuple[Any, ...],
                 channel: int = 0) -> None:
         self._publish(kind.exchange, kind.mandatory, routing_key, kind.properties.as_dict(values), body)
@@ -306,10 +316,10 @@ class MemoryWire:
         self._publish("", True, routing_key, dict(properties), body)
 
     def ack(self, tag: int, channel: int) -> None:
-        self._acking.basic_ack(tag)
+        self._acking[channel].basic_ack(tag)
 
     def reject(self, tag: int, channel: int) -> None:
-        self._acking.basic_reject(tag, requeue=True)
+        self._acking[channel].basic_reject(tag, requeue=True)
 
     def _publish(self, exchange: str, mandatory: bool, routing_key: str, properties: dict[str, Any],
                  body: bytes) -> None:
