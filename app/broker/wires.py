@@ -42,6 +42,9 @@ OnMessage = Callable[[int, bool, str, str, dict[str, Any], bytes], None]
 """A delivery from a queue we consume: (delivery tag, redelivered, exchange, routing key, properties, body)."""
 HASH_EXCHANGE_PLUGIN = "rabbitmq_consistent_hash_exchange"
 PROBE_WAIT = 2.0  # seconds for the alternate exchange's probe to come back (`check_alternate`)
+# Not 0 ("no limit"): a quorum queue reads 0 as 2,000, and a partition holding 2,000 live claims (32,000 devices
+# over the 16) would then deliver nothing more, neither commands nor claims. 65,535 is the most AMQP can ask.
+PARTITION_PREFETCH = 65535
 
 
 class MissingFeature(ConnectionError):
@@ -101,11 +104,11 @@ class AmqpWire:
         self.channel.confirm_select()
 
     def channel_for(self, *, acks: bool) -> Any:
-        """A new channel for consuming: with `acks`, with no prefetch limit (a partition owner holds
-        every claim of its devices unacked)."""
+        """A new channel for consuming: with `acks`, with AMQP's largest prefetch (a partition owner holds
+        every claim of its partition's devices unacked, and a queue delivers nothing past the prefetch)."""
         channel = self.connection.channel()
         if acks:
-            channel.basic_qos(0, 0, False)
+            channel.basic_qos(0, PARTITION_PREFETCH, False)
         return channel
 
     def confirmed_channel(self) -> Any:
