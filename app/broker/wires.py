@@ -21,7 +21,8 @@ arrived with one `recv` (the codec is frames.py). Sessions never touch a wire.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, NoReturn, Protocol
 
 import amqp.exceptions
@@ -32,6 +33,7 @@ from kombu import Connection
 
 from app.broker import frames
 from app.broker.frames import Properties, PublishKind
+from app.broker.messages import PARTITION_PREFETCH
 
 _FORWARD = PublishKind("", mandatory=True, message_id_at=0, properties=Properties({}, ("message_id",)))
 """Only its method matters: a forward's properties are the message's own (`forward`)."""
@@ -42,9 +44,6 @@ OnMessage = Callable[[int, bool, str, str, dict[str, Any], bytes], None]
 """A delivery from a queue we consume: (delivery tag, redelivered, exchange, routing key, properties, body)."""
 HASH_EXCHANGE_PLUGIN = "rabbitmq_consistent_hash_exchange"
 PROBE_WAIT = 2.0  # seconds for the alternate exchange's probe to come back (`check_alternate`)
-# Not 0 ("no limit"): a quorum queue reads 0 as 2,000, and a partition holding 2,000 live claims (32,000 devices
-# over the 16) would then deliver nothing more, neither commands nor claims. 65,535 is the most AMQP can ask.
-PARTITION_PREFETCH = 65535
 
 
 class MissingFeature(ConnectionError):
@@ -283,7 +282,7 @@ class MemoryWire:
         self._tag = 0  # publishes since confirm_select, numbered as RabbitMQ numbers them
         self._acked = 0  # the last tag answered
         self._returned: list[tuple[bytes, dict[str, Any], bytes]] = []  # this pass's unrouted mandatory publishes
-        self._acking: dict[int, Any] = {}  # channel id -> a channel whose deliveries we ack
+        self._acking: dict[int, tuple[Any, dict[int, Any], Iterator[int]]] = {}  # id -> (channel, tag -> kombu's, tags)
 
     # -- the link's setup ------------------------------------------------------------------------
     def confirm_select(self) -> None:
@@ -292,17 +291,19 @@ class MemoryWire:
     def channel_for(self, *, acks: bool) -> Any:
         channel = self.connection.channel()
         if acks:
-            self._acking[channel.channel_id] = channel
+            self._acking[channel.channel_id] = (channel, {}, itertools.count(1))
         return channel
 
     def confirmed_channel(self) -> Any:
-        """This wire's publishes are then the confirmed channel's (the link publishes on no other)."""
-        self._confirming = True
+        self._confirming = True  # this wire's publishes are then the confirmed channel's (the link has no other)
         return self.connection.channel()
 
     def consume(self, channel: Any, queue: str, on_message: OnMessage, *, acks: bool = False,
                 nowait: bool = False) -> None:
-        """Deliver `queue`'s messages to `on_message` (kombu calls back from `drain_events`, in the reader)."""
+        """`queue`'s messages to `on_message` (from `drain_events`, in the reader); kombu's delivery tags are
+        strings, so acked ones are numbered per channel as RabbitMQ numbers them."""
+        if acks:
+            on_message = _numbered(on_message, *self._acking[channel.channel_id][1:])
         channel.basic_consume(queue, no_ack=not acks, callback=_message_callback(on_message), consumer_tag=queue)
 
     def check_alternate(self, exchange: str, alternate: str, probe: Any) -> None:
@@ -319,10 +320,12 @@ class MemoryWire:
         self._publish("", True, routing_key, dict(properties), body)
 
     def ack(self, tag: int, channel: int) -> None:
-        self._acking[channel].basic_ack(tag)
+        acking, tags, _ = self._acking[channel]
+        acking.basic_ack(tags.pop(tag))
 
     def reject(self, tag: int, channel: int) -> None:
-        self._acking[channel].basic_reject(tag, requeue=True)
+        acking, tags, _ = self._acking[channel]
+        acking.basic_reject(tags.pop(tag), requeue=True)
 
     def _publish(self, exchange: str, mandatory: bool, routing_key: str, properties: dict[str, Any],
                  body: bytes) -> None:
@@ -375,6 +378,14 @@ def _message_callback(on_message: OnMessage) -> Callable[[Any], None]:
         on_message(message.delivery_tag, bool(info.get("redelivered")), info.get("exchange", ""),
                    info.get("routing_key", ""), message.properties, message.body)
 
+    return delivered
+
+
+def _numbered(on_message: OnMessage, tags: dict[int, Any], numbers: Iterator[int]) -> OnMessage:
+    """`on_message` with a channel's deliveries numbered by `numbers`; `tags` maps each number to kombu's tag."""
+    def delivered(tag: Any, *delivery: Any) -> None:
+        tags[number := next(numbers)] = tag
+        on_message(number, *delivery)
     return delivered
 
 

@@ -20,6 +20,7 @@ from app.broker import frames, wires
 from app.broker.messages import (
     COMMAND,
     EVENT,
+    PARTITION_PREFETCH,
     REPLY,
     Command,
     Refusal,
@@ -29,7 +30,7 @@ from app.broker.messages import (
     notice_body,
     parse_command,
 )
-from app.broker.wires import PARTITION_PREFETCH, AmqpWire
+from app.broker.wires import AmqpWire
 
 
 def method(sig: tuple[int, int], argsig: str = "", args: tuple = ()) -> bytes:
