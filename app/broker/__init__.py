@@ -3,7 +3,8 @@
     app/broker/
     ├── __init__.py   Broker, the facade: nothing reaches through it into a link
     ├── link.py       one connection with its reader and writer greenlets; reconnects, fails over
-    ├── wires.py      RabbitMQ (a py-amqp socket) or kombu's memory://: all that differs between them
+    ├── wires.py      RabbitMQ's wire (a py-amqp socket): all that differs from kombu's memory://
+    ├── memory_wire.py  ... and kombu's memory:// (make run's in-process broker)
     ├── frames.py     the AMQP frames of the hot path, packed and unpacked directly
     ├── publisher.py  events, presence, replies and commands, with publisher confirms
     ├── consumer.py   this worker's own queue: claims and releases out; commands, notices, answers in

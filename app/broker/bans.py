@@ -38,9 +38,8 @@ from collections.abc import Callable
 from typing import Any
 
 from app import metrics
-from app.broker.link import Link
+from app.broker.link import Link, Wire
 from app.broker.messages import BAN_COPY, BAN_TYPE, MARK, MARK_TYPE, ban_body, decode_ban
-from app.broker.wires import Wire
 from app.sessions.bans import Ban, BanList, now_ms
 
 log = logging.getLogger("warren.bans")

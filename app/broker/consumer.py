@@ -35,7 +35,7 @@ from kombu import Queue
 
 from app.broker import frames
 from app.broker.directory import Starts
-from app.broker.link import WRITE_BATCH, Link
+from app.broker.link import WRITE_BATCH, Link, Wire
 from app.broker.messages import (
     AGAIN_HEADER,
     ASK_TYPE,
@@ -54,7 +54,6 @@ from app.broker.messages import (
     parse_command,
 )
 from app.broker.partitions import PartitionOwner
-from app.broker.wires import Wire
 
 if TYPE_CHECKING:
     from app.broker.bans import BanStream

@@ -35,7 +35,8 @@ from gevent.event import Event
 from kombu import Connection
 
 from app import metrics
-from app.broker.wires import ContentHandler, MethodHandler, Wire, wire_for
+from app.broker.memory_wire import MemoryWire
+from app.broker.wires import AmqpWire, ContentHandler, MethodHandler
 
 log = logging.getLogger("warren.broker")
 
@@ -44,6 +45,14 @@ CONNECT_TIMEOUT = 5.0
 SETUP_TIMEOUT = 15.0
 WRITE_BATCH = 1000  # items one writer pass takes before it lets the sessions run
 TICK = 1.0  # seconds between the writer's periodic work (confirm timeouts, heartbeats)
+
+Wire = AmqpWire | MemoryWire
+
+
+def wire_for(url: str) -> type[Wire]:
+    """The wire for a node's URL (config.py accepts amqp, amqps, pyamqp and memory)."""
+    return MemoryWire if url.startswith("memory://") else AmqpWire
+
 
 # Why a link went down: errors a network or a broker can cause. Anything else is a bug.
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (OSError, socket.timeout, EOFError, amqp.exceptions.AMQPError)

@@ -39,6 +39,9 @@ PARTITION_ARGUMENTS = {
     "classic": {"x-queue-type": "classic", "x-single-active-consumer": True},
 }
 """By ROUTE_QUEUES: the same for every worker of a deployment (RabbitMQ refuses a declare that differs)."""
+PARTITION_PREFETCH = 65535
+"""The most AMQP can ask. Not 0 ("no limit"): a quorum queue reads 0 as 2,000, and a partition holding 2,000
+live claims (32,000 devices over the 16) would then deliver nothing more, neither commands nor claims."""
 
 ASK_TYPE = "warren.ask"
 FORWARD_TYPE = "warren.command"  # a command passed on by its partition's owner to its holder

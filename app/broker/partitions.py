@@ -24,6 +24,17 @@ leaves the message to the next one (a forward may then reach its holder twice: t
 holder drops a command id it has already taken). A forward or a notice RabbitMQ
 returns means the holder's queue is gone, and every session it held with it: the
 owner drops them all and answers the command `offline`.
+
+Each partition is consumed on a channel of its own. RabbitMQ (3.x) keeps a channel's
+unacked deliveries in one queue, oldest first, and an ack that is not the oldest's
+walks every older one and rebuilds the queue: O(unacked) per ack, in the channel's
+process. A partition's live claims stay unacked and are older than its commands, so
+on one channel for all the partitions an owner holds, every command's ack walked
+all its devices' claims (10,000 per worker with 20,000 devices on two workers: the
+channel process saturated, and every command and reply waited behind it,
+BENCHMARKS.md "Issue 19"). On its own channel an ack walks one partition's claims.
+So what the owner holds is named by a receipt (`receipt`): the partition, for its
+channel, with that channel's delivery tag; the directory holds receipts as its tags.
 """
 
 from __future__ import annotations
@@ -54,6 +65,7 @@ from app.broker.directory import (
     Starts,
 )
 from app.broker.frames import PublishKind
+from app.broker.link import Wire
 from app.broker.messages import (
     AGAIN_HEADER,
     ASK_TYPE,
@@ -80,7 +92,7 @@ from app.broker.messages import (
     partition_queue,
     reply_body,
 )
-from app.broker.wires import HASH_EXCHANGE_PLUGIN, MissingFeature, Wire
+from app.broker.wires import HASH_EXCHANGE_PLUGIN, MissingFeature
 
 log = logging.getLogger("warren.routing")
 
@@ -89,7 +101,19 @@ CLAIM_REFRESH = 600.0  # a claim older than this is published again: RabbitMQ's 
 REFRESH_BATCH = 1000  # claims published again per tick, at most
 PROBE_KEY = "warren.probe"  # no device id has a dot: no session can hold it
 REJECT = "reject"  # (REJECT, tag): back to its partition queue, to be taken again
+RECEIPT_SHIFT = 48  # a receipt's low bits are its delivery tag: 2**48 deliveries a channel is centuries of them
 Here = Callable[[str, str, dict[str, Any], bytes, bool], bool]
+
+
+def receipt(partition: int, tag: int) -> int:
+    """What the owner holds of a delivery: its partition (so, its channel) and its delivery tag, as one int.
+    Partition 0's receipts are its delivery tags."""
+    return partition << RECEIPT_SHIFT | tag
+
+
+def split_receipt(held: int) -> tuple[int, int]:
+    """(partition, delivery tag) of a receipt."""
+    return held >> RECEIPT_SHIFT, held & ((1 << RECEIPT_SHIFT) - 1)
 
 
 class PartitionOwner:
@@ -113,21 +137,22 @@ class PartitionOwner:
         self._preferred = [p for p in range(PARTITIONS) if p % max(1, slots) == slot % max(1, slots)]
         self._wake = wake
         self._wire: Wire | None = None  # this connection's, from `setup` until `on_lost`
-        self._channel: Any = None
-        self._channel_id = 0
+        self._channel_id = 0  # where we publish, in confirm mode
+        self._consuming: list[Any] = []  # by partition: the channel it is consumed on (see the module's docstring)
+        self._acking = [0] * PARTITIONS  # by partition: that channel's id, for acks and rejects
         self._todo: deque[tuple[Any, ...]] = deque()
         self._seq = 0  # publishes on our channel since confirm_select, numbered as RabbitMQ numbers them
-        # publish seq -> (the delivery tag to ack once it is confirmed, or 0; what to do if it is refused)
+        # publish seq -> (the receipt to ack once it is confirmed, or 0; what to do if it is refused)
         self._after: dict[int, tuple[int, Callable[[], None] | None]] = {}
-        self._answering: set[int] = set()  # delivery tags whose forward came back: acked behind their `offline`
-        self._rejects: list[int] = []  # delivery tags of refused forwards, requeued at the next tick
+        self._answering: set[int] = set()  # receipts whose forward came back: acked behind their `offline`
+        self._rejects: list[int] = []  # receipts of refused forwards, requeued at the next tick
         self._unsubscribed: list[int] = []
         self._standby_at = 0.0
 
     # -- the link's setup ------------------------------------------------------------------------
     def setup(self, wire: Wire, now: float) -> None:
         """Declare the routes (idempotent: a fixed handful, whatever the number of devices), check the
-        alternate exchange, open our channel; the subscriptions follow in the writer."""
+        alternate exchange, open our channels; the subscriptions follow in the writer."""
         channel = wire.channel
         try:
             Exchange(ROUTES_EXCHANGE, type=wire.hash_exchange_type, durable=True)(channel).declare()
@@ -150,8 +175,9 @@ class PartitionOwner:
             channel.queue_bind(partition_queue(partition), ROUTES_EXCHANGE, routing_key=PARTITION_WEIGHT)
         wire.check_alternate(COMMANDS_EXCHANGE, ROUTES_EXCHANGE, (PROBE_KEY, {"type": PROBE_TYPE}))
         self._wire = wire
-        self._channel = wire.channel_for(acks=True)
-        self._channel_id = getattr(self._channel, "channel_id", 0)
+        self._channel_id = wire.confirmed_channel().channel_id
+        self._consuming = [wire.channel_for(acks=True) for _ in range(partitions)]
+        self._acking = [channel.channel_id for channel in self._consuming]
         self._seq = 0
         preferred = [p for p in self._preferred if p < partitions] or list(range(partitions))
         self._unsubscribed = preferred + [p for p in range(partitions) if p not in preferred]
@@ -165,7 +191,8 @@ class PartitionOwner:
         self._after.clear()
         self._answering.clear()
         self._rejects.clear()
-        self._wire = self._channel = None
+        self._wire = None
+        self._consuming = []
 
     # -- the writer ----------------------------------------------------------------------------------
     def write(self, wire: Wire, budget: int) -> bool:
@@ -177,9 +204,11 @@ class PartitionOwner:
             item = todo.popleft()
             what = item[0]
             if what is ACK:
-                wire.ack(item[1], channel)
+                partition, tag = split_receipt(item[1])
+                wire.ack(tag, self._acking[partition])
             elif what is REJECT:
-                wire.reject(item[1], channel)
+                partition, tag = split_receipt(item[1])
+                wire.reject(tag, self._acking[partition])
             elif what is FORWARD:
                 _, holder, properties, body, tag = item
                 # Refused (its queue's node going down with it): back to the partition at the next tick,
@@ -218,7 +247,7 @@ class PartitionOwner:
         if wire is None:
             return
         for partition in self._unsubscribed[:count]:
-            wire.consume(self._channel, partition_queue(partition),
+            wire.consume(self._consuming[partition], partition_queue(partition),
                          lambda *delivery, p=partition: self.delivered(p, *delivery), acks=True, nowait=True)
         del self._unsubscribed[:count]
 
@@ -237,6 +266,7 @@ class PartitionOwner:
     def delivered(self, partition: int, tag: int, redelivered: bool, exchange: str, routing_key: str,
                   properties: dict[str, Any], body: bytes) -> None:
         """One message of a partition we own: a claim, a release, a command, or our own probe or copy."""
+        tag = receipt(partition, tag)
         kind = properties.get("type")
         now = time.monotonic()
         if kind == CLAIM_TYPE:
@@ -305,8 +335,8 @@ class PartitionOwner:
 
     def _answer_offline(self, tag: int, device: str, properties: dict[str, Any]) -> None:
         """No session of `device` anywhere: its sender hears so now. The command is acked right behind
-        the answer, on the same channel, so RabbitMQ takes both or (the connection cut between two
-        frames) leaves the command to the next owner with its answer sent: no window of seconds
+        the answer, in the same write on the same connection, so RabbitMQ takes both or (the connection
+        cut between two frames) leaves the command to the next owner with its answer sent: no window of seconds
         between an answer and its ack in which a failover could answer twice."""
         reply_to = properties.get("reply_to")
         if reply_to:

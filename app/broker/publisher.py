@@ -36,9 +36,8 @@ from typing import Any
 from app import metrics
 from app.broker import frames
 from app.broker.frames import PublishKind
-from app.broker.link import WRITE_BATCH, Link, StuckChannel
+from app.broker.link import WRITE_BATCH, Link, StuckChannel, Wire
 from app.broker.messages import EXCHANGES
-from app.broker.wires import Wire
 
 log = logging.getLogger("warren.broker")
 

@@ -1,6 +1,7 @@
-"""How a link's frames reach a broker: `AmqpWire` (RabbitMQ, a py-amqp socket) or `MemoryWire` (kombu's `memory://`).
+"""How a link's frames reach a broker: `AmqpWire` (RabbitMQ, a py-amqp socket) or `MemoryWire` (kombu's
+`memory://`, in memory_wire.py).
 
-The wire is the seam between the two. A link picks the class for its URL (`wire_for`)
+The wire is the seam between the two. A link picks the class for its URL (`wire_for`, link.py)
 each time it connects, and from then on only calls the wire: publisher.py, consumer.py
 and link.py hold no transport branches. What differs lives here:
 
@@ -32,6 +33,7 @@ from kombu import Connection, Queue
 
 from app.broker import frames
 from app.broker.frames import Properties, PublishKind
+from app.broker.messages import PARTITION_PREFETCH
 
 _FORWARD = PublishKind("", mandatory=True, message_id_at=0, properties=Properties({}, ("message_id",)))
 """Only its method matters: a forward's properties are the message's own (`forward`)."""
@@ -102,12 +104,17 @@ class AmqpWire:
         self.channel.confirm_select()
 
     def channel_for(self, *, acks: bool) -> Any:
-        """A new channel for consuming: with `acks`, in confirm mode with no prefetch limit (a partition
-        owner holds every claim of its devices unacked, and confirms what it passes on)."""
+        """A new channel for consuming: with `acks`, with AMQP's largest prefetch (a partition owner holds
+        every claim of its partition's devices unacked, and a queue delivers nothing past the prefetch)."""
         channel = self.connection.channel()
         if acks:
-            channel.basic_qos(0, 0, False)
-            channel.confirm_select()
+            channel.basic_qos(0, PARTITION_PREFETCH, False)
+        return channel
+
+    def confirmed_channel(self) -> Any:
+        """A new channel for publishing in confirm mode (a partition owner's forwards and notices)."""
+        channel = self.connection.channel()
+        channel.confirm_select()
         return channel
 
     def consume(self, channel: Any, queue: str, on_message: OnMessage, *, acks: bool = False,
@@ -116,7 +123,7 @@ class AmqpWire:
         itself. py-amqp gets `on_message` too, for a delivery that comes while the setup still reads
         through it. `nowait` (from the writer, once the reader runs): no consume-ok to wait for."""
         self._consumers[queue] = on_message
-        channel.basic_consume(queue, no_ack=not acks, callback=_message_callback(on_message), consumer_tag=queue,
+        channel.basic_consume(queue, no_ack=not acks, callback=message_callback(on_message), consumer_tag=queue,
                               nowait=nowait)
 
     def follow_stream(self, name: str, arguments: dict[str, Any], on_message: OnMessage) -> int:
@@ -126,7 +133,7 @@ class AmqpWire:
         Queue(name, durable=True, auto_delete=False, queue_arguments=arguments)(channel).declare()
         channel.basic_qos(0, STREAM_PREFETCH, False)
         self._consumers[name] = on_message
-        channel.basic_consume(name, callback=_message_callback(on_message), consumer_tag=name,
+        channel.basic_consume(name, callback=message_callback(on_message), consumer_tag=name,
                               arguments={"x-stream-offset": "first"})
         return int(channel.channel_id)
 
@@ -264,118 +271,7 @@ class AmqpWire:
                         py_amqp((frame_type, channel, payload))
 
 
-class MemoryWire:
-    """kombu's in-process transport (`memory://`): no socket, and RabbitMQ's answers emulated.
-
-    kombu has neither confirms nor returns, and would park what no queue takes in a queue
-    nobody reads. So a publish goes out only when some queue takes it, and `flush` answers
-    the pass as RabbitMQ would: a basic.return for each mandatory publish no queue took,
-    then one basic.ack covering them all, to the link's own handlers (in the writer greenlet,
-    where `done` used to be called directly).
-    """
-
-    hash_exchange_type: ClassVar[str] = "fanout"  # kombu has no x-consistent-hash: one partition takes all
-    alternates: ClassVar[dict[str, str]] = {}
-    """exchange -> its alternate, for every wire of the process: RabbitMQ's is a policy, the broker's own."""
-    collecting = False  # a pass buffers nothing here
-    peer = "the in-process broker"
-
-    def __init__(self, connection: Connection, channel: Any, link: Endpoint) -> None:
-        self.connection, self.channel = connection, channel
-        self._link = link
-        self._confirming = False
-        self._tag = 0  # publishes since confirm_select, numbered as RabbitMQ numbers them
-        self._acked = 0  # the last tag answered
-        self._returned: list[tuple[bytes, dict[str, Any], bytes]] = []  # this pass's unrouted mandatory publishes
-        self._acking: Any = None  # the channel whose deliveries we ack
-
-    # -- the link's setup ------------------------------------------------------------------------
-    def confirm_select(self) -> None:
-        self._confirming = True
-
-    def channel_for(self, *, acks: bool) -> Any:
-        channel = self.connection.channel()
-        if acks:  # this wire's publishes are then the confirmed channel's (the link publishes nothing else)
-            self._acking, self._confirming = channel, True
-        return channel
-
-    def consume(self, channel: Any, queue: str, on_message: OnMessage, *, acks: bool = False,
-                nowait: bool = False) -> None:
-        """Deliver `queue`'s messages to `on_message` (kombu calls back from `drain_events`, in the reader)."""
-        channel.basic_consume(queue, no_ack=not acks, callback=_message_callback(on_message), consumer_tag=queue)
-
-    def follow_stream(self, name: str, arguments: dict[str, Any], on_message: OnMessage) -> int:
-        """In-process a plain queue stands in for the stream (one worker, nothing to replay, nothing kept
-        past the process); read without acks: returns 0, no channel to ack on."""
-        channel = self.connection.channel()
-        Queue(name)(channel).declare()
-        channel.basic_consume(name, no_ack=True, callback=_message_callback(on_message), consumer_tag=name)
-        return 0
-
-    def check_alternate(self, exchange: str, alternate: str, probe: Any) -> None:
-        """In-process there is no policy to check: the alternate is emulated from now on."""
-        MemoryWire.alternates[exchange] = alternate
-
-    # -- writing (the writer greenlet) -------------------------------------------------------------
-    # `channel` is accepted for AmqpWire's sake and has no meaning here.
-    def publish(self, kind: PublishKind, routing_key: str, body: bytes, values: tuple[Any, ...],
-                channel: int = 0) -> None:
-        self._publish(kind.exchange, kind.mandatory, routing_key, kind.properties.as_dict(values), body)
-
-    def forward(self, routing_key: str, properties: dict[str, Any], body: bytes, channel: int) -> None:
-        self._publish("", True, routing_key, dict(properties), body)
-
-    def ack(self, tag: int, channel: int, multiple: bool = False) -> None:
-        self._acking.basic_ack(tag)
-
-    def reject(self, tag: int, channel: int) -> None:
-        self._acking.basic_reject(tag, requeue=True)
-
-    def _publish(self, exchange: str, mandatory: bool, routing_key: str, properties: dict[str, Any],
-                 body: bytes) -> None:
-        if not self._routes(exchange, routing_key) and exchange in self.alternates:
-            exchange = self.alternates[exchange]
-        if self._routes(exchange, routing_key):
-            message = self.channel.prepare_message(body, content_type=properties.pop("content_type", None),
-                                                   content_encoding=properties.pop("content_encoding", None),
-                                                   properties=properties)
-            self.channel.basic_publish(message, exchange=exchange, routing_key=routing_key)
-        elif mandatory:
-            self._returned.append((_return_method(exchange, routing_key), properties, body))
-        if self._confirming:
-            self._tag += 1
-
-    def heartbeat(self) -> None:
-        """Nothing to keep alive in-process."""
-
-    def flush(self) -> None:
-        """Answer this pass's publishes: returns first (their acks settle them as unroutable), then the ack."""
-        returned, self._returned = self._returned, []
-        on_return = self._link.contents.get(frames.BASIC_RETURN)
-        if on_return is not None:
-            for method, properties, body in returned:
-                on_return(method, properties, body)
-        if self._tag > self._acked:
-            self._acked = self._tag
-            self._link.methods[frames.BASIC_ACK](frames.encode_ack(self._tag, multiple=True))
-
-    def _routes(self, exchange: str, routing_key: str) -> bool:
-        """Whether a message to `exchange` with `routing_key` reaches some queue now."""
-        if not exchange:
-            return self.channel._has_queue(routing_key)  # the default exchange: to the queue of that name
-        table = self.channel.get_table(exchange)
-        return bool(self.channel.typeof(exchange).lookup(table, exchange, routing_key, None))
-
-    # -- reading (the reader greenlet) -------------------------------------------------------------
-    def read_forever(self) -> NoReturn:
-        while True:  # deliveries reach `consume`'s callback
-            self.connection.drain_events(timeout=None)
-
-
-Wire = AmqpWire | MemoryWire
-
-
-def _message_callback(on_message: OnMessage) -> Callable[[Any], None]:
+def message_callback(on_message: OnMessage) -> Callable[[Any], None]:
     """A basic_consume callback (a kombu or py-amqp message, alike in what is read here) for `on_message`."""
     def delivered(message: Any) -> None:
         info = message.delivery_info
@@ -383,14 +279,3 @@ def _message_callback(on_message: OnMessage) -> Callable[[Any], None]:
                    info.get("routing_key", ""), message.properties, message.body)
 
     return delivered
-
-
-def _return_method(exchange: str, routing_key: str) -> bytes:
-    """A basic.return's method payload as RabbitMQ writes it (NO_ROUTE), for frames.decode_return."""
-    return (frames.BASIC_RETURN + b"\x01\x38" + frames.shortstr("NO_ROUTE") + frames.shortstr(exchange)
-            + frames.shortstr(routing_key))
-
-
-def wire_for(url: str) -> type[Wire]:
-    """The wire for a node's URL (config.py accepts amqp, amqps, pyamqp and memory)."""
-    return MemoryWire if url.startswith("memory://") else AmqpWire

@@ -23,11 +23,13 @@ from app.broker import publisher as publisher_module
 from app.broker.bans import BanStream
 from app.broker.consumer import CommandConsumer
 from app.broker.link import WRITE_BATCH
+from app.broker.memory_wire import MemoryWire
 from app.broker.messages import (
     AGAIN_HEADER,
     ASK_TYPE,
     BAN_TYPE,
     CLAIM,
+    CLAIM_TYPE,
     DEVICE_HEADER,
     EVENT,
     FORWARD_TYPE,
@@ -37,17 +39,19 @@ from app.broker.messages import (
     REPLACED_TYPE,
     REPLY,
     ROUTED_TYPE,
+    TAG_HEADER,
     Command,
     Refusal,
     ask_body,
     ban_body,
+    claim_body,
     decode_ban,
     decode_claim,
     decode_notice,
     notice_body,
 )
+from app.broker.partitions import receipt, split_receipt
 from app.broker.publisher import NACK_STREAK, Publisher
-from app.broker.wires import MemoryWire
 from app.sessions.bans import Ban
 
 
@@ -647,3 +651,28 @@ def test_bans_about_to_outlive_the_stream_are_published_again(monkeypatch: pytes
     stream.write(wire)
     assert [(kind.properties.fixed["type"], decode_ban(call[3]).device) for call in wire.calls
             if call[0] == "publish" for kind in [call[1]]] == [(BAN_TYPE, "lock-1")]
+
+
+def test_each_partition_is_acked_on_its_own_channel() -> None:
+    """RabbitMQ walks a channel's older unacked deliveries on each ack: a command's ack on a channel holding
+    every claim of the owner's partitions would walk them all. Each partition has a channel of its own, and
+    what the owner holds names its partition and that channel's delivery tag."""
+    link_, wire = consumer()[0], RecordingWire()
+    owner = link_.owner
+    owner._acking = [100 + partition for partition in range(16)]  # as `setup` opens them
+    now = time.monotonic()
+    owner.delivered(3, 5, False, "warren.routes", "lock-1",
+                    {"type": CLAIM_TYPE}, claim_body("lock-1", "s-1", 1.0, "other.q", True, 1))
+    owner.delivered(3, 6, False, "devices.commands", "lock-1", {"message_id": "c-1"}, b'{"name":"unlock"}')
+    owner.delivered(0, 6, False, "devices.commands", "lock-0", {"message_id": "c-0"}, b'{"name":"unlock"}')
+    link_.write(wire)
+    [(forward, forward_channel)] = [(c, ch) for c, ch in zip(wire.calls, wire.channels) if c[0] == "forward"]
+    assert forward_channel == owner._channel_id  # forwards and notices: on the confirmed channel
+    assert forward[2]["application_headers"][TAG_HEADER] == receipt(3, 6) != 6
+    link_.methods[frames.BASIC_ACK](ack(2))  # the forward (after the `routed` notice) is confirmed
+    link_.write(wire)
+    acks = [(c[1], ch) for c, ch in zip(wire.calls, wire.channels) if c[0] in ("ack", "reject")]
+    assert acks == [(6, 100), (6, 103)]  # lock-0 answered offline at once; the command on partition 3's channel
+    assert owner.directory.entries["lock-1"].tag == receipt(3, 5)  # the claim, held unacked
+    assert split_receipt(receipt(15, 2**40)) == (15, 2**40) and receipt(0, 7) == 7
+    assert now <= owner.directory.entries["lock-1"].since

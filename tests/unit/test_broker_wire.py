@@ -16,10 +16,11 @@ from amqp import spec
 from amqp.method_framing import frame_writer
 from amqp.serialization import dumps, loads
 
-from app.broker import frames, wires
+from app.broker import frames, memory_wire
 from app.broker.messages import (
     COMMAND,
     EVENT,
+    PARTITION_PREFETCH,
     REPLY,
     Command,
     Refusal,
@@ -123,7 +124,7 @@ def test_basic_return_decodes_and_memory_writes_it_as_rabbitmq_does() -> None:
         assert payload[:4] == frames.BASIC_RETURN
         assert frames.decode_return(payload) == (args[0], args[2], args[3])
     # MemoryWire's emulated return of a mandatory publish no queue took (memory://'s `make run`)
-    assert wires._return_method("", "gone.q") == method(spec.Basic.Return, "Bsss", (312, "NO_ROUTE", "", "gone.q"))
+    assert memory_wire._return_method("", "gone.q") == method(spec.Basic.Return, "Bsss", (312, "NO_ROUTE", "", "gone.q"))
 
 
 def header_payload(encoded_properties: bytes, body_size: int) -> bytes:
@@ -322,3 +323,23 @@ def test_the_reader_dispatches_deliveries_and_hands_py_amqp_the_rest() -> None:
                          b"{}")]
     assert [(t, c, p[:4]) for t, c, p in to_py_amqp] == [(1, 0, method(spec.Connection.Blocked))]
     assert connection.bytes_recv == 14  # every frame, heartbeats too, is traffic to py-amqp's heartbeat check
+
+
+def test_a_partition_is_consumed_with_the_largest_prefetch_and_published_to_with_confirms() -> None:
+    """A quorum queue reads prefetch 0 as 2,000: an owner holding that many claims of one partition would get
+    nothing more from it. Acked deliveries come on a channel with AMQP's largest prefetch instead."""
+    made: list[Any] = []
+
+    def channel() -> Any:
+        calls: list[tuple] = []
+        made.append(calls)
+        return types.SimpleNamespace(basic_qos=lambda *args: calls.append(("qos", *args)),
+                                     confirm_select=lambda: calls.append(("confirm",)), channel_id=len(made))
+
+    ours, _theirs = socket.socketpair()
+    wire = amqp_wire(fake_amqp(ours))
+    wire.connection.channel = channel
+    wire.channel_for(acks=True)
+    wire.channel_for(acks=False)
+    wire.confirmed_channel()
+    assert made == [[("qos", 0, PARTITION_PREFETCH, False)], [], [("confirm",)]] and PARTITION_PREFETCH == 65535
