@@ -42,7 +42,7 @@ class MqttError(Exception):
         self.packets: list[Packet] = []
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, repr=False)
 class Properties:
     """The properties of an MQTT 5 packet (standard section 2.2.2); None (or no pairs) where absent.
 
@@ -80,6 +80,12 @@ class Properties:
     wildcard_subscription_available: int | None = None
     subscription_identifiers_available: int | None = None
     shared_subscription_available: int | None = None
+
+    def __repr__(self) -> str:
+        """Only the properties present: 27 fields, mostly None, would bury them in a log line or a failed assert."""
+        present = (f"{name}={value!r}" for name in self.__slots__  # type: ignore[attr-defined]
+                   if (value := getattr(self, name)) is not None and value != ())
+        return f"Properties({', '.join(present)})"
 
 
 @dataclass(slots=True)
