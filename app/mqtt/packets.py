@@ -42,7 +42,7 @@ class MqttError(Exception):
         self.packets: list[Packet] = []
 
 
-@dataclass(slots=True, repr=False)
+@dataclass(repr=False)
 class Properties:
     """The properties of an MQTT 5 packet (standard section 2.2.2); None (or no pairs) where absent.
 
@@ -51,6 +51,10 @@ class Properties:
     own set. Names follow the standard's. `user_properties` keeps the pairs in
     order, repeats included (a tuple, so that equal packets compare equal);
     `subscription_identifiers` too (a server's PUBLISH may carry several).
+
+    Not slotted, unlike the packets: each field's default is then a class
+    attribute, so the decoder builds an instance by filling its `__dict__` with
+    the properties present, instead of calling a 27-argument `__init__`.
     """
 
     payload_format_indicator: int | None = None
@@ -83,7 +87,7 @@ class Properties:
 
     def __repr__(self) -> str:
         """Only the properties present: 27 fields, mostly None, would bury them in a log line or a failed assert."""
-        present = (f"{name}={value!r}" for name in self.__slots__  # type: ignore[attr-defined]
+        present = (f"{name}={value!r}" for name in self.__dataclass_fields__
                    if (value := getattr(self, name)) is not None and value != ())
         return f"Properties({', '.join(present)})"
 

@@ -16,8 +16,8 @@ import struct
 from collections.abc import Callable, Sequence
 
 from app.mqtt import properties
-from app.mqtt.packets import PINGRESP, Properties
-from app.mqtt.reasons import TO_CLIENT
+from app.mqtt.packets import PINGRESP, MqttError, Properties
+from app.mqtt.reasons import PROTOCOL_ERROR, TO_CLIENT
 
 _U16 = struct.Struct(">H")
 _NO_PROPERTIES = b"\x00"
@@ -143,3 +143,22 @@ def fitted(encode: Callable[..., bytes], *args: object, props: Properties | None
         if fits(packet, maximum_packet_size):
             return packet
     return None
+
+
+def refusal(error: MqttError, connack_sent: bool, problem_information: bool = True) -> bytes | None:
+    """What a version 5 connection is told before it is closed for `error` (a decoder's), or None for 3.1.1.
+
+    Before the CONNACK went out, a CONNACK with the error's reason code (a broken
+    CONNECT, standard section 4.13.1); after, a DISCONNECT. The Reason String is
+    the PROTOCOL.md section 4 code the close is counted under (section 9:
+    `bad_frame`, `frame_too_large`), left out with Request Problem Information 0.
+    A reason the packet type cannot carry (0x94 Topic Alias invalid in a
+    CONNACK) becomes 0x82 Protocol Error there.
+    """
+    if error.level != 5:
+        return None
+    packet = "DISCONNECT" if connack_sent else "CONNACK"
+    reason = error.reason if error.reason in TO_CLIENT[packet] else PROTOCOL_ERROR
+    if connack_sent:
+        return disconnect(reason, Properties(reason_string=error.code) if problem_information else None)
+    return connack(reason, props=Properties(reason_string=error.code))

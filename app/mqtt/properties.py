@@ -71,21 +71,33 @@ _ALLOWED = {kind: {ident: entry for ident, entry in TABLE.items() if kind in ent
 _BOOLEAN = frozenset({0x01, 0x17, 0x19, 0x24, 0x25, 0x28, 0x29, 0x2A})  # 0 or 1, anything else a Protocol Error
 _NOT_ZERO = frozenset({0x0B, 0x21, 0x23, 0x27})  # Subscription Identifier, Receive Maximum, Topic Alias, Max. Packet Size
 _U16 = struct.Struct(">H")
-_EMPTY = Properties()
+_new = object.__new__
 
 
 def decode(data: bytes, pos: int, end: int, kind: int) -> tuple[Properties, int]:
-    """The properties at data[pos:end] for a packet of type `kind`, and the index after them."""
-    length, pos = varint(data, pos, end, "property length")
+    """The properties at data[pos:end] for a packet of type `kind`, and the index after them.
+
+    Every PUBLISH of a version 5 connection comes through here, so the common
+    reads (a one-byte length, two- and four-byte integers, strings, User
+    Properties) are inlined rather than calls: a call costs about as much as a
+    property.
+    """
+    if pos >= end:
+        raise malformed("packet ends before its property length")
+    length = data[pos]
+    if length & 0x80:
+        length, pos = varint(data, pos, end, "property length")
+    else:
+        pos += 1
     stop = pos + length
     if stop > end:
         raise malformed("property length runs past the end of the packet")
+    props = _new(Properties)  # absent properties read as their class-level defaults (see Properties)
     if not length:
-        return Properties(), pos
+        return props, pos
     allowed = _ALLOWED[kind]
     found: dict[str, object] = {}
     pairs: list[tuple[str, str]] = []
-    identifiers: list[int] = []
     while pos < stop:
         ident = data[pos]
         entry = allowed.get(ident)
@@ -96,75 +108,81 @@ def decode(data: bytes, pos: int, end: int, kind: int) -> tuple[Properties, int]
         name, kind_of_value, _ = entry
         pos += 1
         value: object
-        if kind_of_value == BYTE:
+        if kind_of_value == PAIR:  # the commonest in events: inlined
+            if pos + 2 > stop or (after := pos + 2 + (data[pos] << 8 | data[pos + 1])) + 2 > stop or (
+                    end_value := after + 2 + (data[after] << 8 | data[after + 1])) > stop:
+                raise malformed("user property runs past the property length")
+            try:
+                key, item = data[pos + 2:after].decode(), data[after + 2:end_value].decode()
+            except UnicodeDecodeError:
+                raise malformed("user property is not well-formed UTF-8") from None
+            if "\x00" in key or "\x00" in item:
+                raise malformed("user property holds U+0000")
+            pairs.append((key, item))
+            pos = end_value
+            continue
+        if kind_of_value == FOUR:
+            if pos + 4 > stop:
+                raise malformed(f"{name} runs past the property length")
+            value = int.from_bytes(data[pos:pos + 4], "big")
+            pos += 4
+        elif kind_of_value == TWO:
+            if pos + 2 > stop:
+                raise malformed(f"{name} runs past the property length")
+            value = data[pos] << 8 | data[pos + 1]
+            pos += 2
+        elif kind_of_value == BYTE:
             if pos >= stop:
                 raise malformed(f"{name} runs past the property length")
             value = data[pos]
             pos += 1
             if value > 1 and ident in _BOOLEAN:
                 raise protocol_error(f"{name} is {value}, not 0 or 1")
-        elif kind_of_value == TWO or kind_of_value == FOUR:
-            size = 2 if kind_of_value == TWO else 4
-            if pos + size > stop:
-                raise malformed(f"{name} runs past the property length")
-            value = int.from_bytes(data[pos:pos + size], "big")
-            pos += size
         elif kind_of_value == VARINT:
             value, pos = varint(data, pos, stop, name)
-        elif kind_of_value == PAIR:
-            key, pos = _binary(data, pos, stop, "user property name")
-            raw, pos = _binary(data, pos, stop, "user property value")
-            pairs.append((text(key, "user property name"), text(raw, "user property value")))
-            continue
+            if ident == 0x0B:  # Subscription Identifier: a tuple of them
+                if not value:
+                    raise protocol_error(f"{name} is 0")
+                if name in found and kind != PUBLISH:
+                    raise protocol_error(f"{name} given more than once")
+                found[name] = (*found.get(name, ()), value)  # type: ignore[misc]
+                continue
         else:
-            raw, pos = _binary(data, pos, stop, name)
-            value = raw if kind_of_value == BINARY else text(raw, name)
+            if pos + 2 > stop or (after := pos + 2 + (data[pos] << 8 | data[pos + 1])) > stop:
+                raise malformed(f"{name} runs past the property length")
+            value = data[pos + 2:after] if kind_of_value == BINARY else text(data[pos + 2:after], name)
+            pos = after
         if not value and ident in _NOT_ZERO:
             if ident == 0x23:
                 raise MqttError("bad_frame", "topic alias 0", TOPIC_ALIAS_INVALID)
             raise protocol_error(f"{name} is 0")
-        if ident == 0x0B:
-            if identifiers and kind != PUBLISH:
-                raise protocol_error(f"{name} given more than once")
-            identifiers.append(value)  # type: ignore[arg-type]
-            continue
         if name in found:
             raise protocol_error(f"{name} given more than once")
         found[name] = value
-    if pos != stop:  # a value's last byte ended past the property length
-        raise malformed("a property runs past the property length")
-    response_topic = found.get("response_topic")
-    if response_topic is not None and (not response_topic or "+" in response_topic or "#" in response_topic):
-        raise protocol_error(f"response topic {response_topic!r} is not a topic name")
+    if "response_topic" in found:
+        topic = found["response_topic"]
+        if not topic or "+" in topic or "#" in topic:  # type: ignore[operator]
+            raise protocol_error(f"response topic {topic!r} is not a topic name")
     if "authentication_data" in found and "authentication_method" not in found:
         raise protocol_error("authentication data without an authentication method")
-    props = Properties(**found)  # type: ignore[arg-type]
     if pairs:
-        props.user_properties = tuple(pairs)
-    if identifiers:
-        props.subscription_identifiers = tuple(identifiers)
+        found["user_properties"] = tuple(pairs)
+    props.__dict__ = found
     return props, pos
-
-
-def _binary(data: bytes, pos: int, stop: int, what: str) -> tuple[bytes, int]:
-    if pos + 2 > stop:
-        raise malformed(f"{what} runs past the property length")
-    start = pos + 2
-    after = start + (data[pos] << 8 | data[pos + 1])
-    if after > stop:
-        raise malformed(f"{what} runs past the property length")
-    return data[start:after], after
 
 
 # --- encoding: the server's packets ------------------------------------------------------------------
 
-_ORDER = tuple((ident, *entry) for ident, entry in sorted(TABLE.items()))
-_LIMITS = {BYTE: 0xFF, TWO: 0xFFFF, FOUR: 0xFFFF_FFFF, VARINT: 268_435_455}
+_BY_NAME = {name: (ident, kind_of_value, kinds) for ident, (name, kind_of_value, kinds) in TABLE.items()}
+_INTEGER = {BYTE: struct.Struct(">BB"), TWO: struct.Struct(">BH"), FOUR: struct.Struct(">BI")}  # identifier, value
+_STRING_HEAD = struct.Struct(">BH")  # identifier, length
+_U16 = struct.Struct(">H")
+_MAX_VARINT = 268_435_455
 
 
 def varint_bytes(value: int) -> bytes:
     """A variable byte integer in its fewest bytes (section 1.5.5)."""
-    if not 0 <= value <= 268_435_455:
+    if not 0 <= value <= _MAX_VARINT:
         raise ValueError(f"{value} does not fit a variable byte integer")
     out = bytearray()
     while True:
@@ -186,30 +204,38 @@ def encode(props: Properties | None, kind: int) -> bytes:
 
     A property the type does not allow, or a value out of its type's range, is
     a programming error (ValueError): the gateway, not the wire, chose them.
+    Each command the gateway sends goes through here (PROTOCOL.md section 9
+    gives it five properties), so values are packed with their identifier in
+    one struct call.
     """
-    if props is None or props == _EMPTY:
+    if props is None:
         return b"\x00"
     out: list[bytes] = []
-    for ident, name, kind_of_value, kinds in _ORDER:
-        value = getattr(props, name)
-        if value is None or value == ():
+    for name, value in vars(props).items():  # only those present when the decoder built it; all 27 otherwise
+        if value is None:
             continue
+        ident, kind_of_value, kinds = _BY_NAME[name]
         if kind not in kinds:
+            if value == ():
+                continue
             raise ValueError(f"{name} is not allowed in packet type {kind}")
-        if kind_of_value == PAIR:
+        if kind_of_value == UTF8 or kind_of_value == BINARY:
+            raw = value.encode() if kind_of_value == UTF8 else value
+            if len(raw) > 0xFFFF:
+                raise ValueError(f"{name} is over 65535 bytes")
+            out += (_STRING_HEAD.pack(ident, len(raw)), raw)
+        elif kind_of_value == PAIR:
             out += [b"\x26" + _string(key, name) + _string(item, name) for key, item in value]
-            continue
-        if kind_of_value == VARINT:
-            if not all(0 < item <= _LIMITS[VARINT] for item in value):
+        elif kind_of_value == VARINT:
+            if not all(0 < item <= _MAX_VARINT for item in value):
                 raise ValueError(f"{name} {value!r}: each must be in 1-268435455")
             out += [bytes((ident,)) + varint_bytes(item) for item in value]
-            continue
-        if kind_of_value in (UTF8, BINARY):
-            out.append(bytes((ident,)) + _string(value, name))
-            continue
-        if not 0 <= value <= _LIMITS[kind_of_value] or ident in _BOOLEAN and value > 1:
-            raise ValueError(f"{name} {value} is out of range")
-        size = {BYTE: 1, TWO: 2, FOUR: 4}[kind_of_value]
-        out.append(bytes((ident,)) + value.to_bytes(size, "big"))
+        else:
+            if kind_of_value == BYTE and not 0 <= value <= 1:  # every byte property is a 0-or-1 flag
+                raise ValueError(f"{name} {value} is not 0 or 1")
+            try:
+                out.append(_INTEGER[kind_of_value].pack(ident, value))
+            except struct.error:
+                raise ValueError(f"{name} {value} is out of range") from None
     body = b"".join(out)
-    return varint_bytes(len(body)) + body
+    return (bytes((len(body),)) if len(body) < 128 else varint_bytes(len(body))) + body

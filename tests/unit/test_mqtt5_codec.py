@@ -662,3 +662,23 @@ def test_any_bytes_as_a_version_5_connects_body_give_a_connect_or_an_mqtt_error(
     data = frame(0x10, string("MQTT") + b"\x05" + body)
     found, error = outcome([data])
     assert (found and isinstance(found[0], Connect) and error is None) or (not found and error is not None)
+
+
+def test_what_a_version_5_client_is_told_when_its_bytes_are_refused() -> None:
+    def error(data: bytes) -> MqttError:
+        with pytest.raises(MqttError) as caught:
+            MqttDecoder(LIMIT).feed(data)
+        return caught.value
+
+    broken_connect = error(connect5(properties=props(prop(0x21, 0))))
+    assert packets5.refusal(broken_connect, connack_sent=False) == frame(0x20, b"\x00\x82" + props(
+        prop(0x1F, "bad_frame")))
+    alias = error(HELLO + publish5("t", properties=props(prop(0x23, 0))))
+    assert packets5.refusal(alias, connack_sent=True) == tail_packet(0xE0, 0x94, props(prop(0x1F, "bad_frame")))
+    assert packets5.refusal(alias, connack_sent=True, problem_information=False) == b"\xe0\x01\x94"
+    assert packets5.refusal(alias, connack_sent=False) == packets5.refusal(broken_connect, False)  # no 0x94 there
+    too_large = error(HELLO + publish5("t", b"x" * LIMIT))
+    assert packets5.refusal(too_large, connack_sent=True) == tail_packet(0xE0, 0x95, props(
+        prop(0x1F, "frame_too_large")))
+    assert packets5.refusal(error(frame(0x10, string("MQTT") + b"\x04\x02" + u16(60) + string("d")) + b"\x20\x00"),
+                            connack_sent=True) is None  # 3.1.1 just closes
