@@ -124,8 +124,10 @@ class MqttDecoder:
         server may answer with its `reason`, in a CONNACK if it came before one).
         """
         if self._failure is not None:
-            raise MqttError(self._failure.code, f"decoder closed by an earlier error: {self._failure.message}",
-                            self._failure.reason)
+            error = MqttError(self._failure.code, f"decoder closed by an earlier error: {self._failure.message}",
+                              self._failure.reason)
+            error.level = self.protocol_level
+            raise error
         if type(data) is not bytes:
             data = bytes(data)  # a caller's bytearray or memoryview may be reused after this call
         if self._held:
@@ -175,16 +177,21 @@ class MqttDecoder:
                     self.protocol_level = packet.protocol_level  # type: ignore[union-attr]
                     if self.protocol_level == codec5.PROTOCOL_LEVEL:
                         rules = self._rules = _RULES5
-            if rules is _RULES5:
-                self._resolve_aliases(packets)
         except MqttError as exc:
-            if exc.level is None:
-                exc.level = self.protocol_level
-            if rules is _RULES5 and packets:
-                self._resolve_aliases(packets)  # may raise, then with the packets before the bad alias
-            exc.packets = packets
-            self._failure = exc
-            raise
+            error: MqttError | None = exc
+        else:
+            error = None
+        if rules is _RULES5 and packets:
+            try:
+                self._resolve_aliases(packets)
+            except MqttError as exc:  # a bad alias comes before a later error in the stream
+                error = exc
+        if error is not None:
+            if error.level is None:
+                error.level = self.protocol_level
+            error.packets = packets
+            self._failure = error
+            raise error
         return packets
 
     def _refusal(self, first: int) -> MqttError:
@@ -192,7 +199,7 @@ class MqttDecoder:
         return MqttError("bad_frame", message, reason)
 
     def _resolve_aliases(self, packets: list[Packet]) -> None:
-        """Topic Aliases (MQTT 5 section 3.3.2.3.4), in stream order; on a bad one, the packets before it."""
+        """Topic Aliases (MQTT 5 section 3.3.2.3.4), in stream order; a bad one cuts `packets` short before it."""
         for index, packet in enumerate(packets):
             if type(packet) is not Publish or packet.properties.topic_alias is None:  # type: ignore[union-attr]
                 continue
@@ -210,8 +217,6 @@ class MqttDecoder:
                 continue
             else:
                 error = protocol_error(f"topic alias {alias} used before it was set")
-            error.level = self.protocol_level
-            error.packets = packets[:index]
             del packets[index:]
             raise error
 

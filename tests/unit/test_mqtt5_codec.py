@@ -529,6 +529,7 @@ def publish_properties(draw: st.DrawFn, utf8: bool) -> tuple[bytes, Properties]:
         (0x01, "payload_format_indicator", st.integers(0, 1 if utf8 else 0)), (0x02, "message_expiry_interval",
                                                                                  st.integers(0, 2**32 - 1)),
         (0x03, "content_type", TEXT), (0x08, "response_topic", TOPIC), (0x09, "correlation_data", st.binary(max_size=8)),
+        (0x23, "topic_alias", st.integers(1, 16)),  # with a topic: sets the alias (using one: a test of its own)
     ]:
         if draw(st.booleans()):
             chosen[name] = draw(value)
