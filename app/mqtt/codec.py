@@ -41,7 +41,7 @@ from app.mqtt.packets import (
     Will,
 )
 from app.mqtt.reader import Reader, malformed, protocol_error, topic_filter, topic_name
-from app.mqtt.reasons import PACKET_TOO_LARGE, PROTOCOL_ERROR, TOPIC_ALIAS_INVALID
+from app.mqtt.reasons import MALFORMED, PACKET_TOO_LARGE, PROTOCOL_ERROR, TOPIC_ALIAS_INVALID
 
 CONNECT, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP, SUBSCRIBE, UNSUBSCRIBE, PINGREQ, DISCONNECT, AUTH = (
     1, 3, 4, 5, 6, 7, 8, 10, 12, 14, 15)
@@ -70,12 +70,12 @@ def _first_byte_rules(level: int) -> FirstByteErrors:
         kind, flags = byte >> 4, byte & 0x0F
         if kind == PUBLISH:
             qos, dup = (flags >> 1) & 3, flags & 0b1000
-            rules.append(("PUBLISH with QoS 3", 0x81) if qos == 3 else
-                         ("DUP set on a QoS 0 PUBLISH", 0x81) if dup and not qos else None)
+            rules.append(("PUBLISH with QoS 3", MALFORMED) if qos == 3 else
+                         ("DUP set on a QoS 0 PUBLISH", MALFORMED) if dup and not qos else None)
         elif kind not in flags_required:
             rules.append((f"packet type {kind} is not one a client sends", PROTOCOL_ERROR))
         elif flags != flags_required[kind]:
-            rules.append((f"reserved flags {flags:#06b} on packet type {kind}", 0x81))
+            rules.append((f"reserved flags {flags:#06b} on packet type {kind}", MALFORMED))
         else:
             rules.append(None)
     return tuple(rules)
@@ -97,7 +97,8 @@ class MqttDecoder:
     server sends in a version 5 CONNACK: the decoder resolves the client's
     aliases (a PUBLISH with a topic and an alias sets it, one with an empty
     topic uses it) and refuses an alias above it or not yet set.
-    `protocol_level` is None until a CONNECT's level is read, then that level.
+    `protocol_level` is None until the connection's first CONNECT is decoded, then its level (a broken
+    version 5 CONNECT leaves it None, but its error says `level` 5).
     """
 
     __slots__ = ("_alias_maximum", "_aliases", "_failure", "_held", "_max", "_need", "_rules", "protocol_level")
