@@ -115,7 +115,8 @@ class Peer5:
     def command(self, topic: str, payload: bytes, qos: int, packet_id: int | None, command_id: str,
                 expires_in: float | None) -> bytes | None:
         """A command's PUBLISH with section 9's properties; None when it is over the device's Maximum Packet Size."""
-        expiry = NO_EXPIRY_SECONDS if expires_in is None else max(1, math.ceil(expires_in))
+        expiry = NO_EXPIRY_SECONDS if expires_in is None or not math.isfinite(expires_in) \
+            else max(1, math.ceil(expires_in))
         props = Properties(response_topic=f"replies/{command_id}", correlation_data=command_id.encode(),
                            message_expiry_interval=expiry, content_type="application/json",
                            payload_format_indicator=1)

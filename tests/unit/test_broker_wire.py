@@ -322,3 +322,17 @@ def test_the_reader_dispatches_deliveries_and_hands_py_amqp_the_rest() -> None:
                          b"{}")]
     assert [(t, c, p[:4]) for t, c, p in to_py_amqp] == [(1, 0, method(spec.Connection.Blocked))]
     assert connection.bytes_recv == 14  # every frame, heartbeats too, is traffic to py-amqp's heartbeat check
+
+
+def test_an_event_with_properties_carries_its_headers_and_expiration() -> None:
+    """MQTT 5 events (PROTOCOL.md section 9): User Properties as headers, Message Expiry as expiration."""
+    from amqp.serialization import decode_properties_basic
+
+    from app.broker.messages import EVENT_WITH_PROPERTIES
+    values = ({"site": "a", "tag": ["x", "y"]}, "5000", "lock-1/e-1/1")
+    decoded, _ = decode_properties_basic(EVENT_WITH_PROPERTIES.properties.encode(values), 0)
+    assert decoded["application_headers"] == {"site": "a", "tag": ["x", "y"]}
+    assert (decoded["expiration"], decoded["message_id"], decoded["delivery_mode"]) == ("5000", "lock-1/e-1/1", 2)
+    assert EVENT_WITH_PROPERTIES.message_id(values) == "lock-1/e-1/1"
+    no_headers, _ = decode_properties_basic(EVENT_WITH_PROPERTIES.properties.encode((None, "5000", "m")), 0)
+    assert "application_headers" not in no_headers and no_headers["content_type"] == "application/json"
