@@ -58,7 +58,7 @@ def test_connect_is_accepted_and_presence_says_mqtt(gateway: Gateway, clean_sess
     with EventTap(f"{device}.session.*") as tap:
         client = mqtt_device(gateway, device, clean_session=clean_session)  # session present 0 either way
         connected = tap.get(f"{device}.session.connected")
-        assert connected["device"] == device and connected["data"] == {"transport": "mqtt"}
+        assert connected["device"] == device and connected["data"] == {"transport": "mqtt", "mqtt": 4}
         client.close()
         closed = tap.get(f"{device}.session.closed")
         assert closed["session"] == connected["session"] and closed["data"] == {"reason": "closed"}
