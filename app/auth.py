@@ -25,13 +25,16 @@ def verify(secrets: Sequence[bytes], device: str, token: str) -> bool:
     return matched
 
 
+OTHER_DEVICE = "the client certificate names another device"  # MQTT 5 refuses it 0x87, a bad token 0x86
+
+
 def refusal(secrets: Sequence[bytes], certificate_names: Sequence[str], device: str, token: str | None) -> str | None:
     """None when the device proved who it is, else why not.
 
     A verified TLS client certificate names the device (exactly); with one, the token may be
     omitted, but a token that is sent must be valid too."""
     if certificate_names and device not in certificate_names:
-        return "the client certificate names another device"
+        return OTHER_DEVICE
     if token is None:
         return None if certificate_names else "'token' is missing"
     if not verify(secrets, device, token):

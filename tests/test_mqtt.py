@@ -58,7 +58,7 @@ def test_connect_is_accepted_and_presence_says_mqtt(gateway: Gateway, clean_sess
     with EventTap(f"{device}.session.*") as tap:
         client = mqtt_device(gateway, device, clean_session=clean_session)  # session present 0 either way
         connected = tap.get(f"{device}.session.connected")
-        assert connected["device"] == device and connected["data"] == {"transport": "mqtt"}
+        assert connected["device"] == device and connected["data"] == {"transport": "mqtt", "mqtt": 4}
         client.close()
         closed = tap.get(f"{device}.session.closed")
         assert closed["session"] == connected["session"] and closed["data"] == {"reason": "closed"}
@@ -73,7 +73,7 @@ def test_connect_is_accepted_and_presence_says_mqtt(gateway: Gateway, clean_sess
     ("client id with a dot", lambda d: build.connect("lock.1", token("lock.1")), 0x02),
     ("client id of 129 characters", lambda d: build.connect("x" * 129, token("x" * 129)), 0x02),
     ("protocol level 3", lambda d: build.connect(d, token(d), level=3), 0x01),
-    ("protocol level 5", lambda d: build.connect(d, token(d), level=5), 0x01),
+    ("protocol level 6", lambda d: build.connect(d, token(d), level=6), 0x01),  # 5 is test_mqtt5.py's
 ])
 def test_refused_connect_gets_its_code_then_the_close(gateway: Gateway, case: str, packet: Any, code: int) -> None:
     with RawMqtt(gateway) as raw:

@@ -209,7 +209,7 @@ def test_mqtt_over_websocket(gateway: Gateway, backend: BackendClient) -> None:
     device = uid("mq")
     with EventTap(f"{device}.#") as tap, mqtt_device(gateway, device, websocket=True) as client:
         connected = tap.get(f"{device}.session.connected")
-        assert connected["data"] == {"transport": "mqtt-ws"}
+        assert connected["data"] == {"transport": "mqtt-ws", "mqtt": 4}
         client.event("door.opened", b'{"by": "ws"}')
         assert tap.get(f"{device}.door.opened")["data"] == {"by": "ws"}
         assert client.subscribe(("commands/#", 1)) == [1]

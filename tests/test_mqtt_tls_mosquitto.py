@@ -59,7 +59,7 @@ def test_mosquitto_pub_over_tls_with_its_token(tls_gateway: Gateway, pki: Pki) -
     with EventTap(f"{device}.#") as tap:
         done = mosquitto_pub(tls_gateway, pki, device, "-u", "sdk", "-P", token(device))
         assert done.returncode == 0, done.stderr  # at QoS 1 it waits for the PUBACK
-        assert tap.get(f"{device}.session.connected")["data"] == {"transport": "mqtts"}
+        assert tap.get(f"{device}.session.connected")["data"] == {"transport": "mqtts", "mqtt": 4}
         assert tap.get(f"{device}.door.opened")["data"] == {"battery": 97}
 
 

@@ -45,6 +45,7 @@ from app.broker.link import Link
 from app.broker.messages import (
     BAN,
     EVENT,
+    EVENT_WITH_PROPERTIES,
     PRESENCE,
     REPLY,
     MessageIds,
@@ -58,7 +59,7 @@ from app.broker.rpc import RpcClient
 
 if TYPE_CHECKING:
     from app.sessions.bans import Ban
-    from app.sessions.ports import Command, Inbound
+    from app.sessions.ports import Command, EventProperties, Inbound
 
 __all__ = ["Broker", "Done"]
 
@@ -126,11 +127,19 @@ class Broker:
         return self._publisher.backlog
 
     # -- the device side ----------------------------------------------------------------------
-    def publish_event(self, device: str, session: str, name: str, event_id: str, data: Any, done: Done) -> None:
+    def publish_event(self, device: str, session: str, name: str, event_id: str, data: Any, done: Done,
+                      properties: EventProperties | None = None) -> None:
         """Persistent, mandatory, confirmed: `done(None)` once RabbitMQ confirmed it and a queue took
-        it, else `done("broker_unavailable")` or `done("unroutable")`. Never blocks."""
+        it, else `done("broker_unavailable")` or `done("unroutable")`. Never blocks. `properties`: the
+        transport's AMQP headers and expiration (MQTT 5), on the slower path that serializes them."""
         body = event_body(device, session, event_id, name, data, int(time.time() * 1000))
-        self._publisher.publish(EVENT, f"{device}.{name}", body, (f"{device}/{event_id}/{self._ids.next()}",), done)
+        message_id = f"{device}/{event_id}/{self._ids.next()}"
+        if properties is None:
+            self._publisher.publish(EVENT, f"{device}.{name}", body, (message_id,), done)
+            return
+        headers = dict(properties.headers) if properties.headers else None
+        self._publisher.publish(EVENT_WITH_PROPERTIES, f"{device}.{name}", body,
+                                (headers, properties.expiration, message_id), done)
 
     def publish_presence(self, device: str, session: str, what: str, data: Any) -> None:
         """The `session.<what>` event (its id is the session id); not mandatory, no outcome."""
@@ -148,9 +157,10 @@ class Broker:
         """Route `device`'s commands to this session; its partition's owner answers `Inbound.routed`."""
         self._consumer.claim(device, started, session_id)
 
-    def release(self, device: str, session_id: str) -> None:
-        """This session of `device` ended (a release of a session already replaced changes nothing)."""
-        self._consumer.release(device, session_id)
+    def release(self, device: str, session_id: str, will_until: float | None = None) -> None:
+        """This session of `device` ended (a release of a session already replaced changes nothing);
+        `will_until`: its will is held until then (wall clock), unless the device starts a new session."""
+        self._consumer.release(device, session_id, will_until)
 
     def give_up(self, reason: str) -> int:
         """Answer every publish awaiting a confirm with `reason` now; returns how many."""

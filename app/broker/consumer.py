@@ -50,8 +50,8 @@ from app.broker.messages import (
     claim_body,
     decode_ask,
     decode_notice,
-    notice_body,
     parse_command,
+    release_body,
 )
 from app.broker.partitions import PartitionOwner
 
@@ -110,8 +110,9 @@ class CommandConsumer(Link):
         While disconnected there is nothing to do: the reconnect claims every live session."""
         self._queue_write((_CLAIM, device, session_id, started, True))
 
-    def release(self, device: str, session_id: str) -> None:
-        self._queue_write((_RELEASE, device, session_id, 0.0, False))
+    def release(self, device: str, session_id: str, will_until: float | None = None) -> None:
+        """A session ended; `will_until` (wall clock, 0.0 for none) rides where a claim has its hello time."""
+        self._queue_write((_RELEASE, device, session_id, will_until or 0.0, False))
 
     def _queue_write(self, item: tuple[str, str, str, float, bool]) -> None:
         if self.connected:
@@ -149,7 +150,7 @@ class CommandConsumer(Link):
                 again = (_CLAIM, device, session_id, started, False)
                 owner.publish_confirmed(wire, CLAIM, device, body, lambda again=again: self._refused.append(again))
             else:
-                owner.publish_confirmed(wire, RELEASE, device, notice_body(device, session_id),
+                owner.publish_confirmed(wire, RELEASE, device, release_body(device, session_id, started),
                                         lambda item=item: self._refused.append(item))
         return owner.write(wire, WRITE_BATCH) or bool(todo)
 

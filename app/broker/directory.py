@@ -30,12 +30,28 @@ device, on whatever worker or host, passes through its owner: a fresh claim that
 be the device's FLAP_MAX + 1st start within FLAP_WINDOW is refused (`Flapping`: the
 owner bans the device, and the ban, read by every worker, ends its sessions). It costs
 no round trip a hello did not already make.
+
+Delayed wills (MQTT 5's Will Delay Interval, PROTOCOL.md section 9) hang on the same
+order: a release may say its session's will is held until `will_until` (wall clock).
+The owner then remembers the ended session and its holder until then, and a fresh
+claim of the device made before it (its hello time says) also tells that holder
+`Replaced` for the ended session, which drops the will there. Not replicated: an
+owner that fails over forgets them, and such a will goes out (late, never lost).
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class HeldWill:
+    """An ended session whose will its holder holds until `until` (wall clock, seconds)."""
+
+    session: str
+    holder: str
+    until: float
 
 
 @dataclass(slots=True)
@@ -113,6 +129,8 @@ class Directory:
         self.entries: dict[str, Entry] = {}
         self._by_holder: dict[str, set[str]] = {}
         self._ages: deque[tuple[float, str, int]] = deque()  # (since, device, tag) in delivery order
+        self.wills: dict[str, HeldWill] = {}  # device -> the ended session whose will is held, while it is
+        self._will_order: deque[tuple[float, str]] = deque()  # (until, device) in release order, to forget
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -135,7 +153,7 @@ class Directory:
         if fresh and self.starts is not None and (current is None or current.session != session) \
                 and self.starts.one_too_many(device, now):
             return [(ACK, tag), (FLAPPING, device)]  # not routed: the ban ends this session and the holder's
-        actions: list[Action] = []
+        actions: list[Action] = self._will_dropped(device, started) if fresh else []
         if current is not None:
             self._remove(device, current)
             actions.append((ACK, current.tag))
@@ -146,13 +164,41 @@ class Directory:
         actions.append((ROUTED, holder, device, session))
         return actions
 
-    def release(self, tag: int, device: str, session: str) -> list[Action]:
-        """A holder says `session` of `device` ended; a release of any other session changes nothing."""
+    def release(self, tag: int, device: str, session: str, will_until: float | None = None) -> list[Action]:
+        """A holder says `session` of `device` ended; a release of any other session changes nothing.
+        `will_until`: the holder holds the session's will until then (wall clock), remembered till then."""
         current = self.entries.get(device)
         if current is None or current.session != session:
             return [(ACK, tag)]
         self._remove(device, current)
+        if will_until is not None:
+            self.wills[device] = HeldWill(session, current.holder, will_until)
+            self._will_order.append((will_until, device))
         return [(ACK, current.tag), (ACK, tag)]
+
+    def _will_dropped(self, device: str, started: float) -> list[Action]:
+        """A fresh claim of `device`: the will held for its ended session goes, if the hello came before
+        it was due (its holder hears `Replaced` for the ended session)."""
+        held = self.wills.pop(device, None)
+        if held is None or started >= held.until:
+            return []
+        return [(REPLACED, held.holder, device, held.session)]
+
+    def forget_old(self, now: float, wall: float) -> None:
+        """Once a tick: starts that left the flapping window (`now`, monotonic), wills whose delay is
+        over (`wall`, the clock `will_until` is read on)."""
+        if self.starts is not None:
+            self.starts.forget_before(now - self.starts.window)
+        self.forget_wills(wall)
+
+    def forget_wills(self, wall: float) -> None:
+        """Forget the held wills due before `wall`: they have gone out by now."""
+        order, wills = self._will_order, self.wills
+        while order and order[0][0] <= wall:
+            _until, device = order.popleft()
+            held = wills.get(device)
+            if held is not None and held.until <= wall:
+                del wills[device]
 
     def command(self, tag: int, device: str, redelivered: bool = False) -> Action:
         """A command (or an operator's question) for `device`: to its holder, or answered offline.
@@ -207,6 +253,8 @@ class Directory:
         self.entries.clear()
         self._by_holder.clear()
         self._ages.clear()
+        self.wills.clear()
+        self._will_order.clear()
 
     # -- the two indexes ------------------------------------------------------------------------
     def _put(self, device: str, entry: Entry) -> None:

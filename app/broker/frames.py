@@ -99,6 +99,23 @@ class Properties:
         return {**self.fixed, **dict(zip(self.variable, values, strict=True))}
 
 
+class WholeProperties(Properties):
+    """Properties serialized whole for each message, by py-amqp: for the rare kind whose per-message
+    properties include a table (AMQP headers, which come before the fixed delivery mode), such as an
+    MQTT 5 event with User Properties. A value of None leaves its property out."""
+
+    def __init__(self, fixed: Mapping[str, Any], variable: Sequence[str] = ()) -> None:
+        self.fixed = dict(fixed)
+        self.variable = tuple(variable)
+
+    def encode(self, values: Sequence[Any]) -> bytes:
+        return Message(**self.as_dict(values))._serialize_properties()
+
+    def as_dict(self, values: Sequence[Any]) -> dict[str, Any]:
+        present = {name: value for name, value in zip(self.variable, values, strict=True) if value is not None}
+        return {**self.fixed, **present}
+
+
 class PublishKind:
     """One kind of message this worker publishes: where it goes, how, with which properties.
 

@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 from kombu import Exchange
 
-from app.broker.frames import Properties, PublishKind
+from app.broker.frames import Properties, PublishKind, WholeProperties
 from app.sessions.bans import Ban
 from app.sessions.ports import Command  # the sessions side owns what it accepts; we only build it
 
@@ -64,6 +64,9 @@ _PERSISTENT = 2
 EVENT = PublishKind(EVENTS_EXCHANGE, mandatory=True, message_id_at=0,
                     properties=Properties({**_JSON, "delivery_mode": _PERSISTENT}, ("message_id",)))
 """A device's event: persistent, mandatory (no queue takes it: `unroutable`), confirmed."""
+EVENT_WITH_PROPERTIES = PublishKind(EVENTS_EXCHANGE, mandatory=True, message_id_at=2, properties=WholeProperties(
+    {**_JSON, "delivery_mode": _PERSISTENT}, ("application_headers", "expiration", "message_id")))
+"""An event whose transport gave it AMQP properties (MQTT 5: headers, expiration); otherwise as EVENT."""
 PRESENCE = PublishKind(EVENTS_EXCHANGE, mandatory=False,
                        properties=Properties({**_JSON, "delivery_mode": _PERSISTENT}, ("message_id",)))
 """`session.connected` / `session.closed`: nobody is told if no queue takes it."""
@@ -188,6 +191,22 @@ def decode_notice(body: bytes) -> tuple[str, str] | None:
     if not (isinstance(device, str) and isinstance(session_id, str)):
         return None
     return device, session_id
+
+
+def release_body(device: str, session_id: str, will_until: float) -> bytes:
+    """A release; `will_until` (wall clock, when not 0) says the session's will is held until then."""
+    if not will_until:
+        return notice_body(device, session_id)
+    return orjson.dumps({"device": device, "session": session_id, "will_until": will_until})
+
+
+def decode_release(body: bytes) -> tuple[str, str, float | None] | None:
+    """(device, session id, will_until or None), or None for a release that is not ours to read."""
+    notice = decode_notice(body)
+    if notice is None:
+        return None
+    will_until = orjson.loads(body).get("will_until")
+    return (*notice, float(will_until) if isinstance(will_until, (int, float)) else None)
 
 
 def ban_body(ban: Ban) -> bytes:

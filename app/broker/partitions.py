@@ -87,7 +87,7 @@ from app.broker.messages import (
     TAG_HEADER,
     claim_body,
     decode_claim,
-    decode_notice,
+    decode_release,
     notice_body,
     partition_queue,
     reply_body,
@@ -225,8 +225,7 @@ class PartitionOwner:
         """In the writer, about once a second: the standby subscriptions when due, and old claims."""
         if self._unsubscribed and now >= self._standby_at:
             self._subscribe(len(self._unsubscribed))
-        if self.directory.starts is not None:
-            self.directory.starts.forget_before(now - self.directory.starts.window)
+        self.directory.forget_old(now, time.time())
         if self._rejects:
             self._todo.extend((REJECT, tag) for tag in self._rejects)
             self._rejects.clear()
@@ -281,8 +280,9 @@ class PartitionOwner:
                 actions = self.directory.claim(tag, device, session, started, holder, fresh=fresh and not redelivered,
                                                partition=partition, now=now, epoch=epoch, redelivered=redelivered)
         elif kind == RELEASE_TYPE:
-            notice = decode_notice(body)
-            actions = [(ACK, tag)] if notice is None else self.directory.release(tag, *notice)
+            release = decode_release(body)
+            actions = [(ACK, tag)] if release is None else self.directory.release(
+                tag, release[0], release[1], will_until=release[2])
         elif kind != PROBE_TYPE and exchange:  # a command or an operator's question (through the alternate)
             action = self.directory.command(tag, routing_key, redelivered)
             if action[0] is FORWARD:

@@ -1,22 +1,30 @@
-"""A strict, sans-I/O MQTT 3.1.1 decoder: a client's bytes in, packets out (the encoders are in app.mqtt.packets).
+"""A strict, sans-I/O MQTT decoder: a client's bytes in, packets out (encoders: app.mqtt.packets, packets5).
 
 In the style of h11 and wsproto: no sockets, so the same decoder serves a TCP
 socket's recv and the byte stream carried by WebSocket binary messages (a packet
 may span feeds, a feed may hold several). Everything is checked against the
-OASIS standard (sections 1.5, 2 and 3) as the bytes arrive, and the first
-violation raises `MqttError`; the connection is then to be closed, so the
-decoder refuses further input.
+OASIS standard as the bytes arrive, and the first violation raises `MqttError`;
+the connection is then to be closed, so the decoder refuses further input.
+
+Versions: the CONNECT's protocol level picks the rules for the rest of the
+connection. Level 4 is MQTT 3.1.1 (this module's body decoders); level 5 is
+MQTT 5.0 (app.mqtt.codec5's), from the packet after that CONNECT on, in the
+same feed too. Any other level is decoded only as far as the level byte, for
+the server to refuse it. The framing (first byte, remaining length, size limit)
+is shared; MQTT 5 also requires remaining lengths in their fewest bytes.
 
 Speed: at 200,000 devices, PINGREQ and small PUBLISH/PUBACK dominate. A feed
 that holds whole packets is parsed in place without being copied; only an
 unfinished tail is kept, and bytes that cannot finish a packet are just queued
-until enough have arrived. Payloads are sliced, never walked byte by byte.
+until enough have arrived. Payloads are sliced, never walked byte by byte. The
+version costs the 3.1.1 hot loop one integer comparison per packet.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+from app.mqtt import codec5
 from app.mqtt.packets import (
     Connect,
     Disconnect,
@@ -32,44 +40,52 @@ from app.mqtt.packets import (
     Unsubscribe,
     Will,
 )
+from app.mqtt.reader import Reader, malformed, protocol_error, topic_filter, topic_name
+from app.mqtt.reasons import MALFORMED, PACKET_TOO_LARGE, PROTOCOL_ERROR, TOPIC_ALIAS_INVALID
 
-CONNECT, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP, SUBSCRIBE, UNSUBSCRIBE, PINGREQ, DISCONNECT = (
-    1, 3, 4, 5, 6, 7, 8, 10, 12, 14)
+CONNECT, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP, SUBSCRIBE, UNSUBSCRIBE, PINGREQ, DISCONNECT, AUTH = (
+    1, 3, 4, 5, 6, 7, 8, 10, 12, 14, 15)
 PROTOCOL_NAME = "MQTT"
 PROTOCOL_LEVEL = 4
+# The Topic Alias Maximum the gateway offers in CONNACK (PROTOCOL.md section 9: at least 16); the decoder
+# refuses aliases above the one it was built with (0x94), so the two must agree.
+TOPIC_ALIAS_MAXIMUM = 16
 
 _PINGREQ_BYTES = b"\xc0\x00"
 _PING = PingReq()  # field-less and slotted, so one instance can be shared by every decoder
 _DISCONNECT = Disconnect()
 
+FirstByteErrors = tuple[tuple[str, int] | None, ...]
 
-def _first_byte_rules() -> tuple[str | None, ...]:
-    """For each possible first byte, None if a client may send it, else why not (standard section 2.2)."""
+
+def _first_byte_rules(level: int) -> FirstByteErrors:
+    """For each possible first byte, None if a client may send it, else why not and its MQTT 5 reason code
+    (standard section 2.1: a packet type a client never sends is a Protocol Error, bad flags are Malformed)."""
     flags_required = {CONNECT: 0, PUBACK: 0, PUBREC: 0, PUBREL: 0b0010, PUBCOMP: 0, SUBSCRIBE: 0b0010,
                       UNSUBSCRIBE: 0b0010, PINGREQ: 0, DISCONNECT: 0}
-    rules: list[str | None] = []
+    if level == codec5.PROTOCOL_LEVEL:
+        flags_required[AUTH] = 0
+    rules: list[tuple[str, int] | None] = []
     for byte in range(256):
         kind, flags = byte >> 4, byte & 0x0F
         if kind == PUBLISH:
             qos, dup = (flags >> 1) & 3, flags & 0b1000
-            rules.append("PUBLISH with QoS 3" if qos == 3 else "DUP set on a QoS 0 PUBLISH" if dup and not qos
-                         else None)
+            rules.append(("PUBLISH with QoS 3", MALFORMED) if qos == 3 else
+                         ("DUP set on a QoS 0 PUBLISH", MALFORMED) if dup and not qos else None)
         elif kind not in flags_required:
-            rules.append(f"packet type {kind} is not one a client sends")
+            rules.append((f"packet type {kind} is not one a client sends", PROTOCOL_ERROR))
         elif flags != flags_required[kind]:
-            rules.append(f"reserved flags {flags:#06b} on packet type {kind}")
+            rules.append((f"reserved flags {flags:#06b} on packet type {kind}", MALFORMED))
         else:
             rules.append(None)
     return tuple(rules)
 
 
-_FIRST_BYTE_ERRORS = _first_byte_rules()
+_FIRST_BYTE_ERRORS = _first_byte_rules(PROTOCOL_LEVEL)
+_FIRST_BYTE_ERRORS5 = _first_byte_rules(codec5.PROTOCOL_LEVEL)
 # Remaining length of the packets whose size the standard fixes: a wrong one is refused from the header.
 _FIXED_LENGTH = {PUBACK: 2, PUBREC: 2, PUBREL: 2, PUBCOMP: 2, PINGREQ: 0, DISCONNECT: 0}
-
-
-def _malformed(message: str) -> MqttError:
-    return MqttError("bad_frame", message)
+_FIXED_LENGTH5 = {PINGREQ: 0}  # MQTT 5 acknowledgements and DISCONNECT may carry reason codes and properties
 
 
 class MqttDecoder:
@@ -77,12 +93,17 @@ class MqttDecoder:
 
     `max_packet_bytes` bounds a whole packet (fixed header included): a longer
     one is refused as soon as its remaining length is read, before any of its
-    body is buffered.
+    body is buffered. `topic_alias_maximum` is the Topic Alias Maximum the
+    server sends in a version 5 CONNACK: the decoder resolves the client's
+    aliases (a PUBLISH with a topic and an alias sets it, one with an empty
+    topic uses it) and refuses an alias above it or not yet set.
+    `protocol_level` is None until the connection's first CONNECT is decoded, then its level (a broken
+    version 5 CONNECT leaves it None, but its error says `level` 5).
     """
 
-    __slots__ = ("_failure", "_held", "_max", "_need")
+    __slots__ = ("_alias_maximum", "_aliases", "_failure", "_held", "_max", "_need", "_rules", "protocol_level")
 
-    def __init__(self, max_packet_bytes: int) -> None:
+    def __init__(self, max_packet_bytes: int, topic_alias_maximum: int = TOPIC_ALIAS_MAXIMUM) -> None:
         if max_packet_bytes < 2:
             raise ValueError("max_packet_bytes must allow at least a two-byte packet")
         self._max = max_packet_bytes
@@ -92,11 +113,22 @@ class MqttDecoder:
         self._held: bytes | bytearray = b""
         self._need = 0  # how many bytes the unfinished packet needs before parsing can progress
         self._failure: MqttError | None = None
+        self._rules = _RULES
+        self._alias_maximum = topic_alias_maximum
+        self._aliases: dict[int, str] | None = None  # MQTT 5 only, made at the first alias
+        self.protocol_level: int | None = None
 
     def feed(self, data: bytes) -> list[Packet]:
-        """The packets `data` completes, in order; raises `MqttError` at the first violation."""
+        """The packets `data` completes, in order; raises `MqttError` at the first violation.
+
+        The error's `level` is the connection's protocol level when known (5: the
+        server may answer with its `reason`, in a CONNACK if it came before one).
+        """
         if self._failure is not None:
-            raise MqttError(self._failure.code, f"decoder closed by an earlier error: {self._failure.message}")
+            error = MqttError(self._failure.code, f"decoder closed by an earlier error: {self._failure.message}",
+                              self._failure.reason)
+            error.level = self.protocol_level
+            raise error
         if type(data) is not bytes:
             data = bytes(data)  # a caller's bytearray or memoryview may be reused after this call
         if self._held:
@@ -110,12 +142,13 @@ class MqttDecoder:
         packets: list[Packet] = []
         size = len(data)
         pos = 0
+        rules = self._rules
         try:  # the loop is inlined, not a method: a call is a tenth of a small packet's cost
             while pos < size:
                 first = data[pos]
-                rule = _RULES[first]
+                rule = rules[first]
                 if rule is None:
-                    raise _malformed(_FIRST_BYTE_ERRORS[first])
+                    raise self._refusal(first)
                 if pos + 1 == size:
                     self._hold(data, pos, 2)
                     break
@@ -126,22 +159,67 @@ class MqttDecoder:
                     if body < 0:
                         self._hold(data, pos, size - pos + 1)
                         break
+                    if not data[body - 1] and rules is _RULES5:
+                        raise malformed("remaining length not encoded in the fewest bytes")
                 end = body + length
                 decode, fixed = rule
                 if end - pos > self._max:
-                    raise MqttError("frame_too_large", f"a {end - pos}-byte packet is over the {self._max}-byte limit")
+                    raise MqttError("frame_too_large", f"a {end - pos}-byte packet is over the {self._max}-byte limit",
+                                    PACKET_TOO_LARGE)
                 if fixed != length and fixed >= 0:
-                    raise _malformed(f"packet type {first >> 4} has remaining length {length}, not {fixed}")
+                    raise malformed(f"packet type {first >> 4} has remaining length {length}, not {fixed}")
                 if end > size:
                     self._hold(data, pos, end - pos)
                     break
-                packets.append(decode(first, data, body, end))
+                packet = decode(first, data, body, end)
+                packets.append(packet)
                 pos = end
+                if first == 0x10 and self.protocol_level is None:  # the connection's first CONNECT sets its rules
+                    self.protocol_level = packet.protocol_level  # type: ignore[union-attr]
+                    if self.protocol_level == codec5.PROTOCOL_LEVEL:
+                        rules = self._rules = _RULES5
         except MqttError as exc:
-            exc.packets = packets
-            self._failure = exc
-            raise
+            error: MqttError | None = exc
+        else:
+            error = None
+        if rules is _RULES5 and packets:
+            try:
+                self._resolve_aliases(packets)
+            except MqttError as exc:  # a bad alias comes before a later error in the stream
+                error = exc
+        if error is not None:
+            if error.level is None:
+                error.level = self.protocol_level
+            error.packets = packets
+            self._failure = error
+            raise error
         return packets
+
+    def _refusal(self, first: int) -> MqttError:
+        message, reason = (_FIRST_BYTE_ERRORS5 if self._rules is _RULES5 else _FIRST_BYTE_ERRORS)[first]  # type: ignore[misc]
+        return MqttError("bad_frame", message, reason)
+
+    def _resolve_aliases(self, packets: list[Packet]) -> None:
+        """Topic Aliases (MQTT 5 section 3.3.2.3.4), in stream order; a bad one cuts `packets` short before it."""
+        for index, packet in enumerate(packets):
+            if type(packet) is not Publish or packet.properties.topic_alias is None:  # type: ignore[union-attr]
+                continue
+            alias = packet.properties.topic_alias  # type: ignore[union-attr]
+            if alias > self._alias_maximum:
+                error = MqttError("bad_frame", f"topic alias {alias} is over the maximum {self._alias_maximum}",
+                                  TOPIC_ALIAS_INVALID)
+            elif packet.topic:
+                if self._aliases is None:
+                    self._aliases = {}
+                self._aliases[alias] = packet.topic
+                continue
+            elif self._aliases is not None and alias in self._aliases:
+                packet.topic = self._aliases[alias]
+                continue
+            else:
+                error = protocol_error(f"topic alias {alias} used before it was set")
+            del packets[index:]
+            raise error
 
     def _hold(self, data: bytes, start: int, need: int) -> None:
         self._held = bytearray(memoryview(data)[start:])
@@ -164,107 +242,36 @@ def _remaining_length(data: bytes, start: int) -> tuple[int, int]:
         if not byte & 0x80:
             return value, index + 1
         shift += 7
-    raise _malformed("remaining length longer than 4 bytes")
-
-
-def _text(raw: bytes, what: str) -> str:
-    """A UTF-8 string field: well-formed (no surrogates, no overlong forms) and free of U+0000 (section 1.5.3)."""
-    try:
-        text = raw.decode()
-    except UnicodeDecodeError:
-        raise _malformed(f"{what} is not well-formed UTF-8") from None
-    if "\x00" in text:  # str membership: several times faster than bytes membership
-        raise _malformed(f"{what} holds U+0000")
-    return text
-
-
-def _topic_name(raw: bytes, what: str) -> str:
-    """A topic name (section 4.7): at least one character, no wildcard."""
-    text = _text(raw, what)
-    if not text:
-        raise _malformed(f"{what} is empty")
-    if "+" in text or "#" in text:
-        raise _malformed(f"{what} holds a wildcard")
-    return text
-
-
-def _topic_filter(raw: bytes) -> str:
-    """A topic filter (section 4.7.1): `+` fills a whole level, `#` only a whole last level."""
-    text = _text(raw, "topic filter")
-    if not text:
-        raise _malformed("empty topic filter")
-    if "+" in text or "#" in text:
-        levels = text.split("/")
-        for index, level in enumerate(levels):
-            if level == "#" and index < len(levels) - 1 or level not in ("+", "#") and ("+" in level or "#" in level):
-                raise _malformed(f"misplaced wildcard in topic filter {text!r}")
-    return text
-
-
-class _Reader:
-    """Sequential reads inside one packet's body, each checked against the body's end."""
-
-    __slots__ = ("data", "end", "pos")
-
-    def __init__(self, data: bytes, start: int, end: int) -> None:
-        self.data, self.pos, self.end = data, start, end
-
-    def more(self) -> bool:
-        return self.pos < self.end
-
-    def byte(self, what: str) -> int:
-        if self.pos >= self.end:
-            raise _malformed(f"packet ends before its {what}")
-        self.pos += 1
-        return self.data[self.pos - 1]
-
-    def u16(self, what: str) -> int:
-        return self.byte(what) << 8 | self.byte(what)
-
-    def binary(self, what: str) -> bytes:
-        """A two-byte length followed by that many bytes (sections 1.5.3 and 3.1.3)."""
-        start = self.pos + 2
-        stop = start + self.u16(what)
-        if stop > self.end:
-            raise _malformed(f"{what} runs past the end of its packet")
-        self.pos = stop
-        return self.data[start:stop]
-
-    def text(self, what: str) -> str:
-        return _text(self.binary(what), what)
-
-    def packet_id(self) -> int:
-        packet_id = self.u16("packet identifier")
-        if not packet_id:
-            raise _malformed("packet identifier 0")
-        return packet_id
-
-    def finish(self, what: str) -> None:
-        if self.pos != self.end:
-            raise _malformed(f"bytes left over after the {what}")
+    raise malformed("remaining length longer than 4 bytes")
 
 
 def _connect(first: int, data: bytes, start: int, end: int) -> Connect:
-    reader = _Reader(data, start, end)
+    reader = Reader(data, start, end)
     name = reader.text("protocol name")
     if name != PROTOCOL_NAME:
-        raise _malformed(f"protocol name {name!r}, not {PROTOCOL_NAME!r}")
+        raise malformed(f"protocol name {name!r}, not {PROTOCOL_NAME!r}")
     level = reader.byte("protocol level")
+    if level == codec5.PROTOCOL_LEVEL:
+        try:
+            return codec5.connect(reader, name)
+        except MqttError as exc:
+            exc.level = level  # so that the server answers a broken version 5 CONNECT with a CONNACK reason code
+            raise
     if level != PROTOCOL_LEVEL:
         return Connect(name, level)
     flags = reader.byte("connect flags")
     if flags & 0x01:
-        raise _malformed("reserved connect flag set")
+        raise malformed("reserved connect flag set")
     will_qos = flags >> 3 & 3
     if not flags & 0x04 and flags & 0x38:
-        raise _malformed("will QoS or retain set without the will flag")
+        raise malformed("will QoS or retain set without the will flag")
     if will_qos == 3:
-        raise _malformed("will QoS 3")
+        raise malformed("will QoS 3")
     keep_alive = reader.u16("keep alive")
     client_id = reader.text("client identifier")  # may be empty: the server answers it, not the codec
     will = None
     if flags & 0x04:
-        topic = _topic_name(reader.binary("will topic"), "will topic")
+        topic = topic_name(reader.binary("will topic"), "will topic")
         will = Will(topic, reader.binary("will message"), will_qos, bool(flags & 0x20))
     username = reader.text("user name") if flags & 0x80 else None
     # Deliberately lenient: 3.1.1 forbids a password without a user name (MQTT-3.1.2-22), but PROTOCOL.md
@@ -277,23 +284,23 @@ def _connect(first: int, data: bytes, start: int, end: int) -> Connect:
 def _publish(first: int, data: bytes, start: int, end: int) -> Publish:
     """The hot path: `_topic_name`'s checks are inlined, and flags are compared rather than passed to bool()."""
     if end - start < 2:
-        raise _malformed("PUBLISH ends before its topic name")
+        raise malformed("PUBLISH ends before its topic name")
     topic_end = start + 2 + (data[start] << 8 | data[start + 1])
     qos = first >> 1 & 3
     payload_start = topic_end + 2 if qos else topic_end
     if payload_start > end:
-        raise _malformed("PUBLISH ends inside its topic name or packet identifier")
+        raise malformed("PUBLISH ends inside its topic name or packet identifier")
     try:
         topic = data[start + 2:topic_end].decode()
     except UnicodeDecodeError:
-        raise _malformed("topic name is not well-formed UTF-8") from None
+        raise malformed("topic name is not well-formed UTF-8") from None
     if not topic or "+" in topic or "#" in topic or "\x00" in topic:
-        _topic_name(data[start + 2:topic_end], "topic name")  # raises, saying why
+        topic_name(data[start + 2:topic_end], "topic name")  # raises, saying why
     packet_id = None
     if qos:
         packet_id = data[topic_end] << 8 | data[topic_end + 1]
         if not packet_id:
-            raise _malformed("packet identifier 0")
+            raise malformed("packet identifier 0")
     return Publish(topic, data[payload_start:end], qos, first & 1 == 1, first & 8 == 8, packet_id)
 
 
@@ -302,36 +309,37 @@ def _acknowledgement(kind: type[PubAck | PubRec | PubRel | PubComp]) -> Callable
     def decode(first: int, data: bytes, start: int, end: int) -> Packet:
         packet_id = data[start] << 8 | data[start + 1]
         if not packet_id:
-            raise _malformed("packet identifier 0")
+            raise malformed("packet identifier 0")
         return kind(packet_id)
     return decode
 
 
 def _subscribe(first: int, data: bytes, start: int, end: int) -> Subscribe:
-    reader = _Reader(data, start, end)
+    reader = Reader(data, start, end)
     packet = Subscribe(reader.packet_id())
     while reader.more():
-        topic_filter = _topic_filter(reader.binary("topic filter"))
+        subscription = topic_filter(reader.binary("topic filter"))
         qos = reader.byte("requested QoS")
         if qos > 2:
-            raise _malformed(f"requested QoS byte {qos:#04x}: QoS above 2 or reserved bits set")
-        packet.filters.append((topic_filter, qos))
+            raise malformed(f"requested QoS byte {qos:#04x}: QoS above 2 or reserved bits set")
+        packet.filters.append((subscription, qos))
     if not packet.filters:
-        raise _malformed("SUBSCRIBE without a topic filter")
+        raise malformed("SUBSCRIBE without a topic filter")
     return packet
 
 
 def _unsubscribe(first: int, data: bytes, start: int, end: int) -> Unsubscribe:
-    reader = _Reader(data, start, end)
+    reader = Reader(data, start, end)
     packet = Unsubscribe(reader.packet_id())
     while reader.more():
-        packet.filters.append(_topic_filter(reader.binary("topic filter")))
+        packet.filters.append(topic_filter(reader.binary("topic filter")))
     if not packet.filters:
-        raise _malformed("UNSUBSCRIBE without a topic filter")
+        raise malformed("UNSUBSCRIBE without a topic filter")
     return packet
 
 
-_DECODERS: dict[int, Callable[[int, bytes, int, int], Packet]] = {
+Decoder = Callable[[int, bytes, int, int], Packet]
+_DECODERS: dict[int, Decoder] = {
     CONNECT: _connect,
     PUBLISH: _publish,
     PUBACK: _acknowledgement(PubAck),
@@ -344,6 +352,12 @@ _DECODERS: dict[int, Callable[[int, bytes, int, int], Packet]] = {
     DISCONNECT: lambda first, data, start, end: _DISCONNECT,
 }
 
-# Per first byte: None if a client may not send it, else (body decoder, fixed remaining length or -1).
-_RULES = tuple(None if _FIRST_BYTE_ERRORS[byte] else (_DECODERS[byte >> 4], _FIXED_LENGTH.get(byte >> 4, -1))
-               for byte in range(256))
+
+def _rules(errors: FirstByteErrors, decoders: dict[int, Decoder], fixed: dict[int, int]
+           ) -> tuple[tuple[Decoder, int] | None, ...]:
+    """Per first byte: None if a client may not send it, else (body decoder, fixed remaining length or -1)."""
+    return tuple(None if errors[byte] else (decoders[byte >> 4], fixed.get(byte >> 4, -1)) for byte in range(256))
+
+
+_RULES = _rules(_FIRST_BYTE_ERRORS, _DECODERS, _FIXED_LENGTH)
+_RULES5 = _rules(_FIRST_BYTE_ERRORS5, {**_DECODERS, **codec5.DECODERS}, _FIXED_LENGTH5)

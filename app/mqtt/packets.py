@@ -1,10 +1,13 @@
-"""The MQTT 3.1.1 control packets: those a client sends, as the decoder reports them, and those a server sends.
+"""The MQTT control packets: those a client sends, as the decoder reports them, and those a server sends.
 
 A client's packets are plain slotted dataclasses: the hot path builds one per
 PINGREQ, PUBLISH and PUBACK, so they carry no behaviour and no validation of
-their own (the decoder, app.mqtt.codec, has checked everything the standard and
-PROTOCOL.md section 8 ask for). A server's packets are pure functions that
-return the bytes to send.
+their own (the decoders, app.mqtt.codec and app.mqtt.codec5, have checked
+everything the standard and PROTOCOL.md sections 8 and 9 ask for). The same
+classes serve both versions: MQTT 5's additions (reason codes, `properties`)
+have defaults, so a 3.1.1 packet compares equal to one built without them and
+its `properties` is None. A server's packets are pure functions that return
+the bytes to send: 3.1.1's here, MQTT 5's in app.mqtt.packets5.
 """
 
 from __future__ import annotations
@@ -12,21 +15,81 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
+from app.mqtt.reasons import MALFORMED
+
 
 class MqttError(Exception):
-    """A stream that breaks MQTT 3.1.1; the connection must be closed.
+    """A stream that breaks MQTT; the connection must be closed.
 
     `code` is the PROTOCOL.md section 4 error code the failure is counted under
     (`bad_frame` for a malformed packet, `frame_too_large` for an oversize one).
-    `packets` holds what the same `feed` call decoded before the failure, so that
+    `reason` is the MQTT 5 reason code for the CONNACK or DISCONNECT that says
+    why on a version 5 connection (0x81 Malformed Packet, 0x82 Protocol Error,
+    0x94 Topic Alias invalid, 0x95 Packet too large, 0x99 Payload format
+    invalid); a 3.1.1 connection has no way to say it and just closes.
+    `level` is the connection's protocol level once its CONNECT said it (5:
+    answer with `reason`), else None. `packets` holds what the same `feed` call
+    decoded before the failure, so that
     a stream yields the same packets however it was split into feeds.
     """
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, reason: int = MALFORMED) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.reason = reason
+        self.level: int | None = None  # the connection's protocol level, when known (the decoder sets it)
         self.packets: list[Packet] = []
+
+
+@dataclass(repr=False)
+class Properties:
+    """The properties of an MQTT 5 packet (standard section 2.2.2); None (or no pairs) where absent.
+
+    One class for every packet type: app.mqtt.properties knows which property each
+    type allows and refuses the others, so a decoded packet only ever has its
+    own set. Names follow the standard's. `user_properties` keeps the pairs in
+    order, repeats included (a tuple, so that equal packets compare equal);
+    `subscription_identifiers` too (a server's PUBLISH may carry several).
+
+    Not slotted, unlike the packets: each field's default is then a class
+    attribute, so the decoder builds an instance by filling its `__dict__` with
+    the properties present, instead of calling a 27-argument `__init__`.
+    """
+
+    payload_format_indicator: int | None = None
+    message_expiry_interval: int | None = None
+    content_type: str | None = None
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+    subscription_identifiers: tuple[int, ...] = ()
+    session_expiry_interval: int | None = None
+    assigned_client_identifier: str | None = None
+    server_keep_alive: int | None = None
+    authentication_method: str | None = None
+    authentication_data: bytes | None = None
+    request_problem_information: int | None = None
+    will_delay_interval: int | None = None
+    request_response_information: int | None = None
+    response_information: str | None = None
+    server_reference: str | None = None
+    reason_string: str | None = None
+    receive_maximum: int | None = None
+    topic_alias_maximum: int | None = None
+    topic_alias: int | None = None
+    maximum_qos: int | None = None
+    retain_available: int | None = None
+    user_properties: tuple[tuple[str, str], ...] = ()
+    maximum_packet_size: int | None = None
+    wildcard_subscription_available: int | None = None
+    subscription_identifiers_available: int | None = None
+    shared_subscription_available: int | None = None
+
+    def __repr__(self) -> str:
+        """Only the properties present: 27 fields, mostly None, would bury them in a log line or a failed assert."""
+        present = (f"{name}={value!r}" for name in self.__dataclass_fields__
+                   if (value := getattr(self, name)) is not None and value != ())
+        return f"Properties({', '.join(present)})"
 
 
 @dataclass(slots=True)
@@ -37,16 +100,20 @@ class Will:
     payload: bytes
     qos: int
     retain: bool
+    properties: Properties | None = None  # MQTT 5: Will Delay Interval, Message Expiry Interval, ...
 
 
 @dataclass(slots=True)
 class Connect:
-    """CONNECT. With a `protocol_level` other than 4 only the protocol name and level are decoded.
+    """CONNECT. With a `protocol_level` other than 4 or 5 only the protocol name and level are decoded.
 
-    The rest of such a packet follows another version's layout (MQTT 5 adds
-    properties), and the server's only answer to it is CONNACK 0x01, so the other
-    fields keep their defaults. `password` is binary data in MQTT; the device's
-    token travels there.
+    The rest of such a packet follows another version's layout, and the server's
+    only answer to it is CONNACK 0x01, so the other fields keep their defaults.
+    `password` is binary data in MQTT; the device's token travels there. At level
+    5, `clean_session` is the Clean Start flag and `properties` holds Session
+    Expiry Interval, Receive Maximum, Maximum Packet Size, Topic Alias Maximum,
+    Request Response/Problem Information, User Properties and Authentication
+    Method/Data.
     """
 
     protocol_name: str
@@ -57,11 +124,16 @@ class Connect:
     will: Will | None = None
     username: str | None = None
     password: bytes | None = None
+    properties: Properties | None = None
 
 
 @dataclass(slots=True)
 class Publish:
-    """PUBLISH; `packet_id` is None at QoS 0, which carries none."""
+    """PUBLISH; `packet_id` is None at QoS 0, which carries none.
+
+    MQTT 5: `topic` is the topic the packet means, its Topic Alias resolved by
+    the decoder (`properties.topic_alias` still says which alias it used or set).
+    """
 
     topic: str
     payload: bytes
@@ -69,40 +141,66 @@ class Publish:
     retain: bool = False
     dup: bool = False
     packet_id: int | None = None
+    properties: Properties | None = None
 
 
 @dataclass(slots=True)
 class PubAck:
     packet_id: int
+    reason_code: int = 0  # MQTT 5; 3.1.1 has none (it means success)
+    properties: Properties | None = None
 
 
 @dataclass(slots=True)
 class PubRec:
     packet_id: int
+    reason_code: int = 0  # MQTT 5; 3.1.1 has none (it means success)
+    properties: Properties | None = None
 
 
 @dataclass(slots=True)
 class PubRel:
     packet_id: int
+    reason_code: int = 0  # MQTT 5; 3.1.1 has none (it means success)
+    properties: Properties | None = None
 
 
 @dataclass(slots=True)
 class PubComp:
     packet_id: int
+    reason_code: int = 0  # MQTT 5; 3.1.1 has none (it means success)
+    properties: Properties | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionOptions:
+    """MQTT 5 subscription options (standard section 3.8.3.1), besides the requested QoS."""
+
+    no_local: bool = False
+    retain_as_published: bool = False
+    retain_handling: int = 0
 
 
 @dataclass(slots=True)
 class Subscribe:
-    """SUBSCRIBE: (topic filter, requested QoS) pairs, at least one."""
+    """SUBSCRIBE: (topic filter, requested QoS) pairs, at least one.
+
+    MQTT 5: `options[i]` holds the rest of filter i's options byte, and
+    `properties` its Subscription Identifier and User Properties; 3.1.1 leaves
+    `options` empty.
+    """
 
     packet_id: int
     filters: list[tuple[str, int]] = field(default_factory=list)
+    options: list[SubscriptionOptions] = field(default_factory=list)
+    properties: Properties | None = None
 
 
 @dataclass(slots=True)
 class Unsubscribe:
     packet_id: int
     filters: list[str] = field(default_factory=list)
+    properties: Properties | None = None
 
 
 @dataclass(slots=True)
@@ -112,10 +210,22 @@ class PingReq:
 
 @dataclass(slots=True)
 class Disconnect:
-    pass
+    """DISCONNECT; MQTT 5 adds a reason code (0x04: publish the will) and properties."""
+
+    reason_code: int = 0
+    properties: Properties | None = None
 
 
-Packet = Connect | Publish | PubAck | PubRec | PubRel | PubComp | Subscribe | Unsubscribe | PingReq | Disconnect
+@dataclass(slots=True)
+class Auth:
+    """MQTT 5 AUTH (enhanced authentication), which the gateway does not offer: decoded so it can say so."""
+
+    reason_code: int = 0
+    properties: Properties | None = None
+
+
+Packet = (Connect | Publish | PubAck | PubRec | PubRel | PubComp | Subscribe | Unsubscribe | PingReq | Disconnect
+          | Auth)
 
 
 # The packets a server sends. Their arguments come from the gateway, not the wire, so a bad one is a

@@ -13,8 +13,9 @@ the unit tier can drive them with fakes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -30,6 +31,23 @@ Done = Callable[[str | None], None]
 COMMANDS_MAY_FLOW: Frame = {"type": "commands_may_flow"}
 """Handed up by `FrameConnection.receive` (this very object) when `commands_flow` has just become true
 (an MQTT SUBSCRIBE to commands/#): the session writes the commands it holds. Never a device's frame."""
+
+BYE_WITH_WILL: Frame = {"type": "bye_with_will"}
+"""Handed up by `FrameConnection.receive` (this very object) for a goodbye that still wants the will
+published (MQTT 5's DISCONNECT 0x04): the session ends `closed`, will and all. Never a device's frame."""
+
+NO_PRESENCE: Mapping[str, Any] = MappingProxyType({})
+"""`FrameConnection.presence` of the JSON transports: nothing to add to the presence events."""
+
+
+@dataclass(frozen=True, slots=True)
+class EventProperties:
+    """What a transport adds to an event's AMQP message (MQTT 5's Message Expiry Interval and User
+    Properties, PROTOCOL.md section 9). Rides in the event frame under `amqp`; the session passes it on
+    only as this type, so a JSON device cannot set AMQP properties by sending an `amqp` field."""
+
+    expiration: str | None = None  # AMQP's expiration: milliseconds, as a string
+    headers: Mapping[str, Any] | None = None  # AMQP headers: strings, or lists of strings for repeated keys
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +74,13 @@ class FrameConnection(Protocol):
     idle_limit: float | None  # seconds of silence the transport allows (MQTT keep-alive); None: 2 x heartbeat
     backpressure: bool  # over the rate limit, wait (stop reading) instead of refusing the frame
     certificate_names: tuple[str, ...]  # the device names of a verified TLS client certificate; () without one
+    will_delay: float  # seconds to wait before publishing the will (MQTT 5's Will Delay Interval); 0: at once
+    timed_commands: bool  # command frames must carry `expires_in` (seconds left): MQTT 5's Message Expiry
+
+    @property
+    def presence(self) -> Mapping[str, Any]:
+        """Fields the transport adds to the `session.connected` presence event (MQTT: its version);
+        JSON transports: NO_PRESENCE."""
 
     @property
     def commands_flow(self) -> bool:
@@ -71,8 +96,9 @@ class FrameConnection(Protocol):
     def send(self, frame: Frame) -> None:
         """Queue one frame (a command only while `commands_flow`); never blocks."""
 
-    def accepts_command(self, name: str) -> bool:
-        """Whether a command of this name can be carried at all (an MQTT topic level cannot hold `/`)."""
+    def command_refusal(self, command_id: str, name: str, data: Any) -> str | None:
+        """None when this command can be carried, else the error its sender gets: `bad_command` (an MQTT
+        topic level cannot hold `/`), `too_large` (over an MQTT 5 device's Maximum Packet Size)."""
 
     def finish(self) -> None:
         """Cut the connection once what is queued is written; never blocks."""
@@ -88,7 +114,7 @@ class Backend(Protocol):
     def accepting(self) -> bool: ...
 
     def publish_event(self, device: str, session: str, name: str, event_id: str, data: Any,
-                      done: Done) -> None: ...
+                      done: Done, properties: EventProperties | None = None) -> None: ...
 
     def reply(self, command: Command, ok: bool, data: Any = None, error: str | None = None) -> None: ...
 
@@ -108,9 +134,10 @@ class Outbound(Backend, Protocol):
         """Route `device`'s commands to this session, anywhere in the deployment. The answer comes
         back through `Inbound.routed` (the proof that commands now reach it) or `Inbound.replaced`."""
 
-    def release(self, device: str, session_id: str) -> None:
+    def release(self, device: str, session_id: str, will_until: float | None = None) -> None:
         """This session ended: its device's commands are answered `offline` from now on, unless a
-        newer session claimed it."""
+        newer session claimed it. `will_until` (wall clock): the session's will is held until then, and
+        a new session of the device claimed before it must reach us as `Inbound.replaced` of this one."""
 
     def publish_presence(self, device: str, session: str, what: str, data: Any) -> None: ...
 
@@ -133,7 +160,8 @@ class Inbound(Protocol):
         """That session's claim stands: commands for `device` now reach it and no older session."""
 
     def replaced(self, device: str, session_id: str) -> None:
-        """A newer session of `device` claimed it somewhere: that session of ours ends `replaced`."""
+        """A newer session of `device` claimed it somewhere: that session of ours ends `replaced` (one
+        that has ended already loses the will it still held back, if any)."""
 
     def live_sessions(self) -> Iterable[tuple[str, float, str]]:
         """(device, hello time, session id) of every session, to claim again after a reconnect."""

@@ -33,6 +33,7 @@ from app import metrics
 from app.sessions.bans import now_ms
 from app.sessions.limits import TokenBucket
 from app.sessions.watchdog import Watchdog
+from app.sessions.wills import DelayedWills, publish_will
 
 if TYPE_CHECKING:
     from app.config import Config
@@ -63,6 +64,7 @@ class Registry:
         self.shutting_down = False
         self.drain_window = 10.0
         self._taken: dict[tuple[str, str], None] = {}  # (device, id) of the last commands delivered, oldest first
+        self.wills = DelayedWills(broker)
 
     # -- admission --------------------------------------------------------------
     def admit(self) -> tuple[str, float] | None:
@@ -101,6 +103,7 @@ class Registry:
         if older is not None:
             older.end("replaced")
         self.sessions[session.device] = session
+        self.wills.cancel_device(session.device)  # a new session here: no will of an ended one goes out
         self.broker.claim(session.device, session.started, session.id)
         transport = session.conn.transport
         metrics.SESSIONS.labels(transport=transport).inc()
@@ -111,12 +114,21 @@ class Registry:
 
     def welcomed(self, session: Session) -> None:
         """The session's commands are routed here (or RabbitMQ is away and it is claimed later): tell the backends."""
-        self.broker.publish_presence(session.device, session.id, "connected", {"transport": session.conn.transport})
+        self.broker.publish_presence(session.device, session.id, "connected",
+                                     {"transport": session.conn.transport, **session.conn.presence})
 
     def close(self, session: Session, reason: str) -> None:
+        """The session ended: its will (now, or held back by its delay), its release, `session.closed`."""
         if self.sessions.get(session.device) is session:
             del self.sessions[session.device]
-        self.broker.release(session.device, session.id)
+        will, session.will = (None if session.clean else session.will), None
+        delay = min(session.conn.will_delay, 2 * self.config.heartbeat) if will is not None else 0.0
+        if will is not None and delay <= 0:  # before `session.closed`, on the same channel, in that order
+            publish_will(self.broker, session.device, session.id, will)
+        will_until = None
+        if will is not None and delay > 0:  # after `session.closed`, unless a new session starts meanwhile
+            will_until = self.wills.hold(session.device, session.id, will, delay)
+        self.broker.release(session.device, session.id, will_until)
         metrics.SESSIONS.labels(transport=session.conn.transport).dec()
         metrics.SESSIONS_CLOSED.labels(reason=reason).inc()
         metrics.SESSIONS_BY_WORKER.set(len(self.sessions))
@@ -162,6 +174,8 @@ class Registry:
         session = self.sessions.get(device)
         if session is not None and session.id == session_id:
             session.end("replaced")
+        else:
+            self.wills.cancel(device, session_id)  # an ended session's held will: a new one started elsewhere
 
     def ban_changed(self, ban: Ban) -> None:
         """A ban reached this worker: the device's session here, if any, ends (wherever the ban was

@@ -33,7 +33,7 @@ from gevent.event import Event
 from app import auth, metrics, protocol
 from app.protocol import ProtocolError
 from app.sessions.limits import TokenBucket
-from app.sessions.ports import COMMANDS_MAY_FLOW
+from app.sessions.ports import BYE_WITH_WILL, COMMANDS_MAY_FLOW, EventProperties
 
 if TYPE_CHECKING:
     from app.sessions.ports import Backend, Command, Frame, FrameConnection, Host
@@ -107,8 +107,7 @@ class Session:
             self._close_with(reason)
             self.host.forget(self)
             if self.id:
-                self._publish_will()
-                self.host.close(self, reason)
+                self.host.close(self, reason)  # the will, if any, the release and `session.closed`
             self.conn.close()
 
     def expire(self) -> None:
@@ -222,6 +221,8 @@ class Session:
                 if frame is COMMANDS_MAY_FLOW:  # the transport's, not the device's: not rate limited
                     self._write_held()
                     continue
+                if frame is BYE_WITH_WILL:  # the transport's: a goodbye that keeps the will (MQTT 5)
+                    return
                 frame = protocol.validate(frame)
                 kind = frame["type"]
                 if kind == "bye":
@@ -272,22 +273,15 @@ class Session:
             if self.draining and self.in_flight == 0:
                 self.end("shutting_down", self.host.retry_after())
 
-        self.backend.publish_event(self.device, self.id, frame["name"], event_id, frame.get("data"), done)
+        extra = frame.get("amqp")  # a transport's (MQTT 5), never a device's: only as that type
+        self.backend.publish_event(self.device, self.id, frame["name"], event_id, frame.get("data"), done,
+                                   extra if type(extra) is EventProperties else None)
 
     def _wait_for_tokens(self) -> None:
         """Backpressure (MQTT): stop reading until the limit allows the frame; the wait is not silence."""
         while not self.bucket.take():
             gevent.sleep(self.bucket.wait_time())
         self.deadline = time.monotonic() + self.idle_limit
-
-    def _publish_will(self) -> None:
-        """A session that ends without its device's goodbye publishes the device's will, if any: before
-        the `session.closed` presence event (the registry's, next), on the same channel, in that order."""
-        if self.will is None or self.clean:
-            return
-        name, data = self.will
-        self.will = None
-        self.backend.publish_event(self.device, self.id, name, f"will-{self.id}", data, _count_will)
 
     def _nack(self, event_id: str, reason: str, retry_after: float) -> None:
         metrics.EVENTS.labels(outcome=reason).inc()
@@ -299,9 +293,10 @@ class Session:
         can no longer take it."""
         if self.state is State.CLOSING:
             return False
-        if not self.conn.accepts_command(command.name):
-            metrics.COMMANDS.labels(outcome="bad_command").inc()
-            self.backend.reply(command, ok=False, error="bad_command")
+        refusal = self.conn.command_refusal(command.id, command.name, command.data)
+        if refusal is not None:
+            metrics.COMMANDS.labels(outcome=refusal).inc()
+            self.backend.reply(command, ok=False, error=refusal)
             return True  # answered: not `offline`
         self._forget_expired()
         if len(self.pending) >= self.host.config.max_pending_commands:
@@ -327,7 +322,8 @@ class Session:
             self.route_confirmed()
 
     def _write_held(self) -> None:
-        """Write the held commands, in order, if they may flow now: OPEN, and the transport says so.
+        """Write the held commands, in order, while they may flow: OPEN, and the transport says so (an MQTT 5
+        device's Receive Maximum may stop the flow part way: the rest stay held until it flows again).
 
         The one deadline check of a held command: one held past its deadline is never written; it leaves
         `pending` counted `expired`, as `_forget_expired` would have counted it. One that left `pending`
@@ -337,7 +333,10 @@ class Session:
             return
         self.held = None
         now = time.monotonic()
-        for command in held:
+        for index, command in enumerate(held):
+            if not self.conn.commands_flow:
+                self.held = held[index:]
+                return
             if command.id not in self.pending:
                 continue
             if command.deadline <= now:
@@ -347,7 +346,10 @@ class Session:
             self._write(command)
 
     def _write(self, command: Command) -> None:
-        self.conn.send({"type": "command", "id": command.id, "name": command.name, "data": command.data})
+        frame = {"type": "command", "id": command.id, "name": command.name, "data": command.data}
+        if self.conn.timed_commands:
+            frame["expires_in"] = command.deadline - time.monotonic()
+        self.conn.send(frame)
 
     def _forget_expired(self) -> None:
         if not self.pending:
@@ -394,7 +396,3 @@ class Session:
                    retry_after: float | None = None) -> None:
         metrics.ERRORS_SENT.labels(code=code).inc()
         self.conn.send(protocol.error(code, message, frame_id, retry_after))
-
-
-def _count_will(outcome: str | None) -> None:
-    metrics.EVENTS.labels(outcome="acked" if outcome is None else outcome).inc()

@@ -8,6 +8,7 @@ import orjson
 from gevent import socket
 
 from app.protocol import ProtocolError, decode
+from app.sessions.ports import NO_PRESENCE
 from app.transports.sender import Sender
 from app.transports.sockets import read
 
@@ -18,6 +19,9 @@ class JsonLinesConnection:
     __slots__ = ("_buffer", "_max_frame", "_sender", "_sock", "certificate_names", "peer", "transport")
     idle_limit = None  # 2 x heartbeat, the session's default
     backpressure = False  # over the rate limit, frames are refused with `rate_limited`
+    will_delay = 0.0  # a will goes out as the session ends
+    timed_commands = False  # a command frame is as PROTOCOL.md section 4 writes it
+    presence = NO_PRESENCE
     commands_flow = True  # from the welcome on (the session holds commands until then)
 
     def __init__(self, sock: socket.socket, peer: str, max_frame_bytes: int, send_limit: int,
@@ -63,8 +67,8 @@ class JsonLinesConnection:
     def send(self, frame: dict[str, Any]) -> None:
         self._sender.send(orjson.dumps(frame, option=orjson.OPT_APPEND_NEWLINE))
 
-    def accepts_command(self, name: str) -> bool:
-        return True
+    def command_refusal(self, command_id: str, name: str, data: Any) -> str | None:
+        return None  # any command a backend may send fits a JSON frame
 
     def finish(self) -> None:
         self._sender.finish()

@@ -13,6 +13,7 @@ import orjson
 from gevent import socket
 
 from app.protocol import ProtocolError, decode
+from app.sessions.ports import NO_PRESENCE
 from app.transports import ws_frames
 from app.transports.sender import Sender
 from app.transports.websocket import Handshake, Message, WebSocket
@@ -26,6 +27,9 @@ class JsonWebSocketConnection:
     __slots__ = ("_max_frame", "_queued", "_ws", "certificate_names", "peer", "transport")
     idle_limit = None  # 2 x heartbeat, the session's default
     backpressure = False  # over the rate limit, frames are refused with `rate_limited`
+    will_delay = 0.0  # a will goes out as the session ends
+    timed_commands = False  # a command frame is as PROTOCOL.md section 4 writes it
+    presence = NO_PRESENCE
     commands_flow = True  # from the welcome on (the session holds commands until then)
 
     def __init__(self, sock: socket.socket, peer: str, accepted: Handshake,
@@ -64,8 +68,8 @@ class JsonWebSocketConnection:
     def send(self, frame: dict[str, Any]) -> None:
         self._ws.send(ws_frames.text(orjson.dumps(frame)))
 
-    def accepts_command(self, name: str) -> bool:
-        return True
+    def command_refusal(self, command_id: str, name: str, data: Any) -> str | None:
+        return None  # any command a backend may send fits a JSON frame
 
     def finish(self) -> None:
         self._ws.finish()

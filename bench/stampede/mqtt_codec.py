@@ -64,12 +64,14 @@ def connect(client_id: str, password: str | None = None, keep_alive: int = 60, l
             will: tuple[str, bytes] | None = None, username: str | None = None) -> bytes:
     """CONNECT, clean session. Warren ignores the user name and reads the password as the device's token;
     3.1.1 wants a user name before a password, which stock clients send and the load tool does (its
-    own client id), and which the tests leave out unless they say otherwise."""
+    own client id), and which the tests leave out unless they say otherwise. At level 5 (MQTT 5) the
+    CONNECT and its will carry an empty property list, as the layout wants."""
     flags = _CLEAN
-    payload = [_string(client_id)]
+    no_properties = b"\x00" if level == 5 else b""
+    payload = [no_properties, _string(client_id)]
     if will is not None:
         flags |= _WILL
-        payload += (_string(will[0]), _string(will[1]))
+        payload += (no_properties, _string(will[0]), _string(will[1]))
     if username is not None:
         flags |= _USERNAME
         payload.append(_string(username))

@@ -39,6 +39,9 @@ class FakeConn:
     idle_limit: float | None = None
     backpressure = False
     commands_flow = True  # as the JSON transports: commands flow from the welcome on
+    will_delay = 0.0
+    timed_commands = False
+    presence: dict[str, Any] = {}  # noqa: RUF012 -- read only, as the JSON transports' NO_PRESENCE
 
     def __init__(self) -> None:
         self.inbox: Queue = Queue()
@@ -57,8 +60,8 @@ class FakeConn:
     def send(self, frame: dict[str, Any]) -> None:
         self.sent.append(frame)
 
-    def accepts_command(self, name: str) -> bool:
-        return "/" not in name
+    def command_refusal(self, command_id: str, name: str, data: Any) -> str | None:
+        return "bad_command" if "/" in name else None
 
     def finish(self) -> None:
         self.finished = True
@@ -84,6 +87,8 @@ class FakeBroker:
         self.answers = True
         self.claims: list[tuple[str, float, str]] = []
         self.releases: list[tuple[str, str]] = []
+        self.event_properties: dict[str, Any] = {}  # event id -> the EventProperties it was published with
+        self.wills_until: dict[str, float | None] = {}  # device -> the will_until of its last release
         self.claimed: dict[str, str] = {}  # device -> the session whose claim stands, as the owner would see it
         self.presence: list[tuple[str, str, dict]] = []
         self.events: list[tuple[str, str, Any]] = []
@@ -108,8 +113,9 @@ class FakeBroker:
         if self.answers:  # the owner's answer comes back through our own queue, a moment later
             gevent.spawn(self.inbound.routed, device, session_id)
 
-    def release(self, device: str, session_id: str) -> None:
+    def release(self, device: str, session_id: str, will_until: float | None = None) -> None:
         self.releases.append((device, session_id))
+        self.wills_until[device] = will_until
         if self.claimed.get(device) == session_id:  # a release of a session already replaced changes nothing
             del self.claimed[device]
 
@@ -124,8 +130,10 @@ class FakeBroker:
     def publish_presence(self, device: str, session: str, what: str, data: dict) -> None:
         self.presence.append((device, what, data))
 
-    def publish_event(self, device: str, session: str, name: str, event_id: str, data: Any, done: Any) -> None:
+    def publish_event(self, device: str, session: str, name: str, event_id: str, data: Any, done: Any,
+                      properties: Any = None) -> None:
         self.events.append((name, event_id, done))
+        self.event_properties[event_id] = properties
 
     def reply(self, command: Command, ok: bool, data: Any = None, error: str | None = None) -> None:
         self.replies.append((command.id, ok, data, error))

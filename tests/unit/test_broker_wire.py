@@ -343,3 +343,17 @@ def test_a_partition_is_consumed_with_the_largest_prefetch_and_published_to_with
     wire.channel_for(acks=False)
     wire.confirmed_channel()
     assert made == [[("qos", 0, PARTITION_PREFETCH, False)], [], [("confirm",)]] and PARTITION_PREFETCH == 65535
+
+
+def test_an_event_with_properties_carries_its_headers_and_expiration() -> None:
+    """MQTT 5 events (PROTOCOL.md section 9): User Properties as headers, Message Expiry as expiration."""
+    from amqp.serialization import decode_properties_basic
+
+    from app.broker.messages import EVENT_WITH_PROPERTIES
+    values = ({"site": "a", "tag": ["x", "y"]}, "5000", "lock-1/e-1/1")
+    decoded, _ = decode_properties_basic(EVENT_WITH_PROPERTIES.properties.encode(values), 0)
+    assert decoded["application_headers"] == {"site": "a", "tag": ["x", "y"]}
+    assert (decoded["expiration"], decoded["message_id"], decoded["delivery_mode"]) == ("5000", "lock-1/e-1/1", 2)
+    assert EVENT_WITH_PROPERTIES.message_id(values) == "lock-1/e-1/1"
+    no_headers, _ = decode_properties_basic(EVENT_WITH_PROPERTIES.properties.encode((None, "5000", "m")), 0)
+    assert "application_headers" not in no_headers and no_headers["content_type"] == "application/json"

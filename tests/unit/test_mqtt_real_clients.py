@@ -24,6 +24,7 @@ from app.mqtt import (
     MqttError,
     Packet,
     PingReq,
+    Properties,
     PubAck,
     Publish,
     Subscribe,
@@ -211,9 +212,10 @@ def test_mosquitto_sub_is_decoded_and_reads_our_publish(listener: socket.socket)
     assert out.decode().splitlines() == ['commands/unlock {"id":"c-9","data":{"for":5}}', "commands/open " + "x" * 200]
 
 
-@pytest.mark.parametrize(("version", "expected"), [("5", Connect("MQTT", 5)), ("31", None)])
+@pytest.mark.parametrize(("version", "expected"), [
+    ("5", Connect("MQTT", 5, "x", True, 60, properties=Properties(receive_maximum=20))), ("31", None)])
 def test_mosquitto_other_versions(listener: socket.socket, version: str, expected: Connect | None) -> None:
-    """MQTT 5 decodes far enough to be answered CONNACK 0x01; 3.1 ('MQIsdp') is not MQTT 3.1.1 at all."""
+    """MQTT 5 decodes in full (test_mqtt5_real_clients.py goes further); 3.1 ('MQIsdp') is not MQTT 3.1.1 at all."""
     process = mosquitto("mosquitto_pub", "-p", str(port_of(listener)), "-V", version, "-i", "x", "-t", "a", "-m", "b")
     try:
         peer = Peer(listener)

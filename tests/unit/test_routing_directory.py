@@ -210,3 +210,51 @@ def test_devices_that_stopped_starting_are_forgotten() -> None:
     assert len(starts) == 50
     starts.forget_before(100.0)
     assert len(starts) == 0
+
+
+# -- delayed wills (PROTOCOL.md section 9: Will Delay Interval) ------------------------------------------------
+def test_a_fresh_claim_before_a_held_will_is_due_tells_the_old_holder_replaced_for_the_ended_session() -> None:
+    directory = Directory()
+    claim(directory, 1, "lock-1", "s1", "q-a", started=100.0)
+    assert directory.release(2, "lock-1", "s1", will_until=110.0) == [(ACK, 1), (ACK, 2)]
+    actions = claim(directory, 3, "lock-1", "s2", "q-b", started=105.0)
+    assert actions == [(REPLACED, "q-a", "lock-1", "s1"), (ROUTED, "q-b", "lock-1", "s2")]
+    assert directory.wills == {}  # told once
+
+
+def test_a_claim_after_the_will_was_due_changes_nothing_for_it() -> None:
+    directory = Directory()
+    claim(directory, 1, "lock-1", "s1", "q-a", started=100.0)
+    directory.release(2, "lock-1", "s1", will_until=110.0)
+    assert claim(directory, 3, "lock-1", "s2", "q-b", started=111.0) == [(ROUTED, "q-b", "lock-1", "s2")]
+
+
+def test_a_restated_claim_is_no_new_session_and_keeps_the_will() -> None:
+    directory = Directory()
+    claim(directory, 1, "lock-1", "s1", "q-a", started=100.0)
+    directory.release(2, "lock-1", "s1", will_until=110.0)
+    claim(directory, 3, "lock-2", "s9", "q-b", started=105.0, fresh=False)
+    assert claim(directory, 4, "lock-1", "s2", "q-b", started=105.0, fresh=False) == [(ROUTED, "q-b", "lock-1", "s2")]
+    assert "lock-1" in directory.wills
+
+
+def test_a_release_without_a_held_will_is_not_remembered_and_held_wills_are_forgotten_when_due() -> None:
+    directory = Directory()
+    claim(directory, 1, "lock-1", "s1", "q-a")
+    claim(directory, 2, "lock-2", "s2", "q-a")
+    directory.release(3, "lock-1", "s1")
+    directory.release(4, "lock-2", "s2", will_until=110.0)
+    assert set(directory.wills) == {"lock-2"}
+    directory.forget_wills(109.0)
+    assert set(directory.wills) == {"lock-2"}
+    directory.forget_wills(110.0)
+    assert directory.wills == {}
+    directory.release(5, "lock-2", "s2", will_until=120.0)  # a release of no entry: nothing to remember
+    assert directory.wills == {}
+
+
+def test_a_release_body_carries_will_until_only_when_held() -> None:
+    from app.broker.messages import decode_release, release_body
+    assert decode_release(release_body("lock-1", "s1", 0.0)) == ("lock-1", "s1", None)
+    assert decode_release(release_body("lock-1", "s1", 1234.5)) == ("lock-1", "s1", 1234.5)
+    assert decode_release(b"not json") is None
