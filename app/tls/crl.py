@@ -121,7 +121,7 @@ def parse(data: bytes, authorities: Sequence[x509.Certificate]) -> Revocations:
             crls.append(Crl(crl.issuer.rfc4514_string(), crl.next_update_utc, len(serials), _number(crl)))
         except CrlError:
             raise
-        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        except (ValueError, TypeError, UnsupportedAlgorithm, x509.InvalidVersion) as exc:  # InvalidVersion: not a ValueError
             raise CrlError(f"{where} is not a valid CRL ({exc})") from None
         revoked.update((issuer, serial) for serial in serials)
     return Revocations(frozenset(revoked), tuple(crls))

@@ -444,3 +444,12 @@ def test_a_reload_verifies_against_the_cas_read_at_start_up(watched: tuple[Path,
     assert watcher.check() and watcher.revoked(certificate_id(devices["lock-2"]))
     rewrite(path, make_crl(other, [1], number=3))
     assert not watcher.check() and watcher.revoked(certificate_id(devices["lock-2"]))
+
+
+def test_a_crl_with_a_version_cryptography_refuses_is_a_crl_error() -> None:
+    """cryptography's InvalidVersion is not a ValueError (found by the fuzzer above)."""
+    der, authority = _valid_der()
+    version = der.index(b"\x02\x01\x01")  # TBSCertList's version: INTEGER 1 (v2)
+    broken = der[:version] + b"\x02\x01\x00" + der[version + 3:]
+    with pytest.raises(CrlError, match="not a valid CRL"):
+        parse(_pem(broken), [authority])
