@@ -44,9 +44,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import amqp.exceptions
-from kombu import Connection
-
 TMP_PREFIX = "warren-rabbit-"
 PR_SET_PDEATHSIG = 1
 _prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child between fork and exec only calls it
@@ -158,28 +155,7 @@ class RabbitCluster:
         self._spawn(node)
         self.await_node(node)
         self._join(node, self.nodes[0])
-        self._await_streams(node)
         return node
-
-    def _await_streams(self, node: Node, timeout: float = 90.0) -> None:
-        """Until a stream can be created through a node that joined a running cluster. RabbitMQ 3.10's
-        stream coordinator takes in a new node only when a stream is first declared through it: that
-        declare fails after 15 s (`coordinator_unavailable`) and the next ones work. Warren's ban stream
-        (app/broker/bans.py) exists by then on a real deployment (a re-declare works at once); a test
-        deployment creates its own, so the harness pays the first declare here."""
-        probe, deadline = f"warren.join-probe.{uuid.uuid4().hex[:8]}", time.monotonic() + timeout
-        while True:
-            try:
-                with Connection(node.url, connect_timeout=5) as connection:
-                    channel = connection.channel()
-                    channel.queue_declare(probe, durable=True, auto_delete=False,
-                                          arguments={"x-queue-type": "stream"})
-                    channel.queue_delete(probe)
-                    return
-            except (OSError, amqp.exceptions.AMQPError) as exc:
-                if time.monotonic() >= deadline:
-                    raise ClusterError(f"{node.name} cannot create a stream {timeout:g}s after joining: {exc}") from exc
-                time.sleep(1.0)
 
     def forget_node(self, node: Node) -> None:
         """A node lost for good: killed if it still runs, its data deleted, the others told to forget it."""

@@ -57,7 +57,7 @@ def test_connections_closed_by_broker_sessions_survive_and_traffic_resumes(tmp_p
 
         closed = close_connections(gateway.worker_pids())
         started = time.monotonic()  # rabbitmqctl has closed them all
-        assert len(closed) == 4, closed  # two links per worker
+        assert len(closed) == 6, closed  # three links per worker: publisher, consumer, bans
         for client in clients:  # the very same sockets keep answering
             ping(client)
         wait_until(lambda: all_ready(gateway, 2), timeout=60)

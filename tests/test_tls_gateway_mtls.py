@@ -197,7 +197,7 @@ def test_paho_over_tls_with_a_certificate_needs_no_password(mtls_gw: Gateway, pk
         client = PahoTls(port(mtls_gw, listener), context, device, websocket=websocket)
         try:
             assert client.connack() == "Success"
-            assert tap.get()["data"] == {"transport": transport}
+            assert tap.get()["data"] == {"transport": transport, "mqtt": 4}
         finally:
             client.close()
 
@@ -209,7 +209,7 @@ def test_paho_over_wss_without_a_certificate_connects_with_its_token(mtls_gw: Ga
                          websocket=True)
         try:
             assert client.connack() == "Success"
-            assert tap.get()["data"] == {"transport": "mqtt-wss"}
+            assert tap.get()["data"] == {"transport": "mqtt-wss", "mqtt": 4}
         finally:
             client.close()
 
