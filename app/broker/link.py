@@ -45,6 +45,11 @@ CONNECT_TIMEOUT = 5.0
 SETUP_TIMEOUT = 15.0
 WRITE_BATCH = 1000  # items one writer pass takes before it lets the sessions run
 TICK = 1.0  # seconds between the writer's periodic work (confirm timeouts, heartbeats)
+# How long publishes may be nacked with no ack before the channel is replaced (`NackStreak`). Long enough
+# that a nack or two in passing (a quorum queue electing its leader, a queue at its length limit) costs no
+# reconnect; short enough that acks come again within a few seconds once the queue has a leader. While it
+# has none, this reconnects every NACK_STREAK seconds: one connection and channel a worker, cheap for RabbitMQ.
+NACK_STREAK = 2.0
 
 Wire = AmqpWire | MemoryWire
 
@@ -60,6 +65,28 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (OSError, socket.timeout, E
 
 class StuckChannel(ConnectionError):
     """The node works but our channel is stuck in a bad state: reconnect to the same node."""
+
+
+class NackStreak:
+    """RabbitMQ 3.10 nacks every later publish of a channel whose first publish to a quorum queue came
+    while the queue had no leader (a node going down), even once it has one again, until the channel
+    closes. A channel nacked for NACK_STREAK seconds with not one ack is dropped, with its connection,
+    for a fresh one (`check`, from the link's tick, raises StuckChannel)."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None  # the first nack since the last ack (monotonic)
+
+    def acked(self) -> None:
+        self.since = None
+
+    def nacked(self) -> None:
+        if self.since is None:
+            self.since = time.monotonic()
+
+    def check(self, now: float) -> None:
+        if self.since is not None and now - self.since >= NACK_STREAK:
+            raise StuckChannel(f"publishes nacked for {now - self.since:.0f}s with no ack: reconnecting "
+                               f"for a fresh channel (a quorum queue's leaderless channel state)")
 
 
 class StuckSetup(ConnectionError):

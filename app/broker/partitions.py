@@ -26,15 +26,12 @@ returns means the holder's queue is gone, and every session it held with it: the
 owner drops them all and answers the command `offline`.
 
 Each partition is consumed on a channel of its own. RabbitMQ (3.x) keeps a channel's
-unacked deliveries in one queue, oldest first, and an ack that is not the oldest's
-walks every older one and rebuilds the queue: O(unacked) per ack, in the channel's
-process. A partition's live claims stay unacked and are older than its commands, so
-on one channel for all the partitions an owner holds, every command's ack walked
-all its devices' claims (10,000 per worker with 20,000 devices on two workers: the
-channel process saturated, and every command and reply waited behind it,
-BENCHMARKS.md "Issue 19"). On its own channel an ack walks one partition's claims.
-So what the owner holds is named by a receipt (`receipt`): the partition, for its
-channel, with that channel's delivery tag; the directory holds receipts as its tags.
+unacked deliveries oldest first, and an ack that is not the oldest's walks every older
+one: a partition's live claims stay unacked and are older than its commands, so on one
+channel every command's ack walked all the owner's claims (10,000 per worker with 20,000
+devices on two: the channel process saturated, BENCHMARKS.md "Issue 19"). What the owner
+holds is named by a receipt (`receipt`): the partition, for its channel, with that
+channel's delivery tag; the directory holds receipts as its tags.
 """
 
 from __future__ import annotations
@@ -65,7 +62,7 @@ from app.broker.directory import (
     Starts,
 )
 from app.broker.frames import PublishKind
-from app.broker.link import Wire
+from app.broker.link import NackStreak, Wire
 from app.broker.messages import (
     AGAIN_HEADER,
     ASK_TYPE,
@@ -144,6 +141,7 @@ class PartitionOwner:
         self._seq = 0  # publishes on our channel since confirm_select, numbered as RabbitMQ numbers them
         # publish seq -> (the receipt to ack once it is confirmed, or 0; what to do if it is refused)
         self._after: dict[int, tuple[int, Callable[[], None] | None]] = {}
+        self._nacks = NackStreak()
         self._answering: set[int] = set()  # receipts whose forward came back: acked behind their `offline`
         self._rejects: list[int] = []  # receipts of refused forwards, requeued at the next tick
         self._unsubscribed: list[int] = []
@@ -191,6 +189,7 @@ class PartitionOwner:
         self._after.clear()
         self._answering.clear()
         self._rejects.clear()
+        self._nacks = NackStreak()  # the next channel starts with no streak
         self._wire = None
         self._consuming = []
 
@@ -222,7 +221,8 @@ class PartitionOwner:
         return bool(todo)
 
     def tick(self, now: float) -> None:
-        """In the writer, about once a second: the standby subscriptions when due, and old claims."""
+        """In the writer, about once a second: standby subscriptions, old claims, a channel nacked too long."""
+        self._nacks.check(now)
         if self._unsubscribed and now >= self._standby_at:
             self._subscribe(len(self._unsubscribed))
         self.directory.forget_old(now, time.time())
@@ -363,6 +363,7 @@ class PartitionOwner:
         else:
             done = [seq] if seq in after else []
         if payload[:4] == frames.BASIC_NACK:
+            self._nacks.nacked()
             log.warning("RabbitMQ refused %d of the routing's publishes (a queue between leaders, or on a node "
                         "going down): made again", len(done))
             for s in done:
@@ -371,6 +372,7 @@ class PartitionOwner:
                     refused()
             self._wake()
             return
+        self._nacks.acked()
         for s in done:
             tag, _refused = after.pop(s)
             if tag in answering:
@@ -388,9 +390,8 @@ class PartitionOwner:
             log.info("holder %s is gone: %d sessions dropped from the directory", holder, len(actions))
         headers = properties.get("application_headers") or {}
         tag, device = headers.get(TAG_HEADER), headers.get(DEVICE_HEADER)
-        # A forward taken from a redelivery may have reached the device through the owner before us
-        # (whose holder has died since): answering `offline` could make a second answer. It stays
-        # unanswered (the sender's wait expires), and is acked when its confirm comes.
+        # A forward taken from a redelivery may have reached the device through the owner before us (whose
+        # holder has died since): `offline` could be a second answer. It stays unanswered, acked when confirmed.
         if isinstance(tag, int) and isinstance(device, str) and headers.get(AGAIN_HEADER) is not True:
             self._answering.add(tag)
             self._answer_offline(tag, device, properties)

@@ -36,18 +36,12 @@ from typing import Any
 from app import metrics
 from app.broker import frames
 from app.broker.frames import PublishKind
-from app.broker.link import WRITE_BATCH, Link, StuckChannel, Wire
+from app.broker.link import WRITE_BATCH, Link, NackStreak, Wire
 from app.broker.messages import EXCHANGES
 
 log = logging.getLogger("warren.broker")
 
 CONFIRM_TIMEOUT = 10.0
-# How long publishes may be nacked with no ack before the channel is replaced. Long enough that a
-# nack or two in passing (a quorum queue electing its leader, a queue at its length limit) costs no
-# reconnect; short enough that devices see acks again within a few seconds (the tick checks it once
-# a TICK) once the queue has a leader. While it has none, this reconnects every NACK_STREAK seconds:
-# one connection and channel a worker, cheap for RabbitMQ.
-NACK_STREAK = 2.0
 
 Done = Callable[[str | None], None]
 """A publish's outcome: None once RabbitMQ confirmed it (and did not return it), else why not."""
@@ -70,7 +64,7 @@ class Publisher(Link):
         self._oldest = 1  # no pending tag is below it
         self._next_tag = 1
         self._returned: set[str] = set()  # message ids RabbitMQ returned, their ack still to come
-        self._nacked_since: float | None = None  # the first nack since the last ack (monotonic)
+        self._nacks = NackStreak()
         self.methods = {frames.BASIC_ACK: self._on_ack, frames.BASIC_NACK: self._on_nack}
         self.contents = {frames.BASIC_RETURN: self._on_return}
 
@@ -131,9 +125,7 @@ class Publisher(Link):
     def tick(self, now: float) -> None:
         """Give up on confirms that take too long; the device will resend (at-least-once). Drop a
         channel whose publishes have been nacked for NACK_STREAK seconds with no ack."""
-        if self._nacked_since is not None and now - self._nacked_since >= NACK_STREAK:
-            raise StuckChannel(f"publishes nacked for {now - self._nacked_since:.0f}s with no ack: reconnecting "
-                               f"for a fresh channel (a quorum queue's leaderless channel state)")
+        self._nacks.check(now)
         pending = self._pending
         overdue = 0
         while pending and self._oldest < self._next_tag:
@@ -153,7 +145,7 @@ class Publisher(Link):
     def on_lost(self) -> None:
         self.give_up("broker_unavailable")
         self._returned.clear()
-        self._nacked_since = None  # the next channel starts with no streak
+        self._nacks = NackStreak()  # the next channel starts with no streak
         self._fail_queued()
 
     def _fail_queued(self) -> None:
@@ -167,13 +159,12 @@ class Publisher(Link):
     # -- the reader greenlet -------------------------------------------------------------------
     def _on_ack(self, payload: bytes) -> None:
         tag, multiple = frames.decode_ack(payload)
-        self._nacked_since = None
+        self._nacks.acked()
         self._settle(tag, multiple, None)
 
     def _on_nack(self, payload: bytes) -> None:
         tag, multiple = frames.decode_ack(payload)
-        if self._nacked_since is None:
-            self._nacked_since = time.monotonic()
+        self._nacks.nacked()
         self._settle(tag, multiple, "broker_unavailable")
 
     def _on_return(self, method: bytes, properties: dict[str, Any], _body: bytes) -> None:

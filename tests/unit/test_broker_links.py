@@ -19,10 +19,9 @@ from gevent.event import Event
 from kombu import Connection, Exchange, Queue
 
 from app.broker import frames, link
-from app.broker import publisher as publisher_module
 from app.broker.bans import BanStream
 from app.broker.consumer import CommandConsumer
-from app.broker.link import WRITE_BATCH
+from app.broker.link import NACK_STREAK, WRITE_BATCH
 from app.broker.memory_wire import MemoryWire
 from app.broker.messages import (
     AGAIN_HEADER,
@@ -51,7 +50,7 @@ from app.broker.messages import (
     notice_body,
 )
 from app.broker.partitions import receipt, split_receipt
-from app.broker.publisher import NACK_STREAK, Publisher
+from app.broker.publisher import Publisher
 from app.sessions.bans import Ban
 
 
@@ -207,7 +206,7 @@ def test_a_streak_of_nacks_with_no_ack_drops_the_connection(publisher: Publisher
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """RabbitMQ 3.10 keeps nacking a channel that first published to a leaderless quorum queue."""
     clock = [100.0]
-    monkeypatch.setattr(publisher_module, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    monkeypatch.setattr(link, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
     publish_events(publisher, 2)
     publisher.methods[frames.BASIC_NACK](nack(1))
     clock[0] += NACK_STREAK - 0.5
@@ -676,3 +675,20 @@ def test_each_partition_is_acked_on_its_own_channel() -> None:
     assert owner.directory.entries["lock-1"].tag == receipt(3, 5)  # the claim, held unacked
     assert split_receipt(receipt(15, 2**40)) == (15, 2**40) and receipt(0, 7) == 7
     assert now <= owner.directory.entries["lock-1"].since
+
+
+def test_an_owner_whose_publishes_are_only_nacked_replaces_its_channel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Claims and releases to a partition whose leader moved with a lost node: RabbitMQ 3.10 nacks that
+    channel for good. After NACK_STREAK seconds of nothing but nacks the link reconnects (and every claim
+    is made again); an ack in between ends the streak."""
+    clock = [100.0]
+    monkeypatch.setattr(link, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    owner = consumer()[0].owner
+    owner.confirmed(nack(1))
+    owner.tick(100.0 + NACK_STREAK - 0.1)
+    owner.confirmed(ack(2))
+    owner.tick(100.0 + NACK_STREAK + 0.5)  # acked meanwhile: no streak
+    clock[0] = 200.0
+    owner.confirmed(nack(3))
+    with pytest.raises(ConnectionError, match="nacked for"):
+        owner.tick(200.0 + NACK_STREAK + 0.1)
