@@ -73,7 +73,8 @@ class NackStreak:
     closes. A channel nacked for NACK_STREAK seconds with not one ack is dropped, with its connection,
     for a fresh one (`check`, from the link's tick, raises StuckChannel)."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: float = 0.0) -> None:
+        self.limit = limit or NACK_STREAK
         self.since: float | None = None  # the first nack since the last ack (monotonic)
 
     def acked(self) -> None:
@@ -84,7 +85,7 @@ class NackStreak:
             self.since = time.monotonic()
 
     def check(self, now: float) -> None:
-        if self.since is not None and now - self.since >= NACK_STREAK:
+        if self.since is not None and now - self.since >= self.limit:
             raise StuckChannel(f"publishes nacked for {now - self.since:.0f}s with no ack: reconnecting "
                                f"for a fresh channel (a quorum queue's leaderless channel state)")
 

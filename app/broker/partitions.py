@@ -95,6 +95,7 @@ log = logging.getLogger("warren.routing")
 
 STANDBY_DELAY = 2.0  # seconds after connecting before a worker subscribes to the partitions it does not prefer
 CLAIM_REFRESH = 600.0  # a claim older than this is published again: RabbitMQ's consumer timeout is 30 min by default
+ROUTING_NACK_STREAK = 1.0  # shorter than the publisher's: a session whose claim is nacked waits for its route
 REFRESH_BATCH = 1000  # claims published again per tick, at most
 PROBE_KEY = "warren.probe"  # no device id has a dot: no session can hold it
 REJECT = "reject"  # (REJECT, tag): back to its partition queue, to be taken again
@@ -128,8 +129,7 @@ class PartitionOwner:
         second trip through RabbitMQ. `starts` counts sessions started, and `flapped(device)` bans
         a device that starts too many (flapping detection; None: off)."""
         self.directory = Directory(starts)
-        self._here = here
-        self._flapped = flapped
+        self._here, self._flapped = here, flapped
         self._queue_arguments = PARTITION_ARGUMENTS[queue_type]
         self._preferred = [p for p in range(PARTITIONS) if p % max(1, slots) == slot % max(1, slots)]
         self._wake = wake
@@ -141,10 +141,10 @@ class PartitionOwner:
         self._seq = 0  # publishes on our channel since confirm_select, numbered as RabbitMQ numbers them
         # publish seq -> (the receipt to ack once it is confirmed, or 0; what to do if it is refused)
         self._after: dict[int, tuple[int, Callable[[], None] | None]] = {}
-        self._nacks = NackStreak()
+        self._nacks = NackStreak(ROUTING_NACK_STREAK)
         self._answering: set[int] = set()  # receipts whose forward came back: acked behind their `offline`
         self._rejects: list[int] = []  # receipts of refused forwards, requeued at the next tick
-        self._unsubscribed: list[int] = []
+        self._unsubscribed: list[int] = []  # partitions to subscribe to, at STANDBY_DELAY after connecting
         self._standby_at = 0.0
 
     # -- the link's setup ------------------------------------------------------------------------
@@ -189,9 +189,8 @@ class PartitionOwner:
         self._after.clear()
         self._answering.clear()
         self._rejects.clear()
-        self._nacks = NackStreak()  # the next channel starts with no streak
-        self._wire = None
-        self._consuming = []
+        self._nacks = NackStreak(ROUTING_NACK_STREAK)  # the next channel starts with no streak
+        self._wire, self._consuming = None, []
 
     # -- the writer ----------------------------------------------------------------------------------
     def write(self, wire: Wire, budget: int) -> bool:
@@ -364,6 +363,7 @@ class PartitionOwner:
             done = [seq] if seq in after else []
         if payload[:4] == frames.BASIC_NACK:
             self._nacks.nacked()
+            self._nacks.check(time.monotonic())  # from the reader too: each second counts after a node's loss
             log.warning("RabbitMQ refused %d of the routing's publishes (a queue between leaders, or on a node "
                         "going down): made again", len(done))
             for s in done:

@@ -49,7 +49,7 @@ from app.broker.messages import (
     decode_notice,
     notice_body,
 )
-from app.broker.partitions import receipt, split_receipt
+from app.broker.partitions import ROUTING_NACK_STREAK, receipt, split_receipt
 from app.broker.publisher import Publisher
 from app.sessions.bans import Ban
 
@@ -679,16 +679,19 @@ def test_each_partition_is_acked_on_its_own_channel() -> None:
 
 def test_an_owner_whose_publishes_are_only_nacked_replaces_its_channel(monkeypatch: pytest.MonkeyPatch) -> None:
     """Claims and releases to a partition whose leader moved with a lost node: RabbitMQ 3.10 nacks that
-    channel for good. After NACK_STREAK seconds of nothing but nacks the link reconnects (and every claim
-    is made again); an ack in between ends the streak."""
+    channel for good. After ROUTING_NACK_STREAK seconds of nothing but nacks the link reconnects (and
+    every claim is made again), at the next nack or tick; an ack in between ends the streak."""
     clock = [100.0]
     monkeypatch.setattr(link, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
     owner = consumer()[0].owner
     owner.confirmed(nack(1))
-    owner.tick(100.0 + NACK_STREAK - 0.1)
+    clock[0] += ROUTING_NACK_STREAK - 0.1
     owner.confirmed(ack(2))
-    owner.tick(100.0 + NACK_STREAK + 0.5)  # acked meanwhile: no streak
-    clock[0] = 200.0
-    owner.confirmed(nack(3))
+    clock[0] += 0.5
+    owner.confirmed(nack(3))  # acked meanwhile: a new streak
+    owner.tick(clock[0] + ROUTING_NACK_STREAK - 0.1)
+    clock[0] += ROUTING_NACK_STREAK + 0.1
     with pytest.raises(ConnectionError, match="nacked for"):
-        owner.tick(200.0 + NACK_STREAK + 0.1)
+        owner.confirmed(nack(4))
+    with pytest.raises(ConnectionError, match="nacked for"):
+        owner.tick(clock[0])
