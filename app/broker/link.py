@@ -84,7 +84,8 @@ class NackStreak:
         if self.since is None:
             self.since = time.monotonic()
 
-    def check(self, now: float) -> None:
+    def check(self, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
         if self.since is not None and now - self.since >= self.limit:
             raise StuckChannel(f"publishes nacked for {now - self.since:.0f}s with no ack: reconnecting "
                                f"for a fresh channel (a quorum queue's leaderless channel state)")

@@ -363,7 +363,7 @@ class PartitionOwner:
             done = [seq] if seq in after else []
         if payload[:4] == frames.BASIC_NACK:
             self._nacks.nacked()
-            self._nacks.check(time.monotonic())  # from the reader too: each second counts after a node's loss
+            self._nacks.check()  # from the reader too: each second counts after a node's loss
             log.warning("RabbitMQ refused %d of the routing's publishes (a queue between leaders, or on a node "
                         "going down): made again", len(done))
             for s in done:

@@ -8,10 +8,11 @@ KILLED = 1000.0
 
 
 def test_recovery_is_the_last_failed_command_sent_after_the_loss() -> None:
-    settled = [(990.0, "d1", "ok"), (999.9, "d2", "ok"), (1000.1, "d3", "returned_offline"),
+    settled = [(990.0, "d1", "ok"), (999.0, "d2", "ok"), (999.9, "d8", "timeout"), (1000.1, "d3", "returned_offline"),
                (1000.2, "d4", "ok"), (1002.5, "d5", "timeout"), (1003.0, "d6", "ok"), (1006.0, "d7", "timeout")]
     figures = recovery(settled, since=985.0, killed=KILLED, until=1005.0)
     assert figures["sent_before_loss"] == 2 and figures["failed_before_loss"] == 0
+    assert figures["in_flight_at_loss"] == {"timeout": 1}  # d8, sent 0.1 s before the loss: on its way
     assert figures["sent_after_loss"] == 4
     assert figures["failed_after_loss"] == {"returned_offline": 1, "timeout": 1}
     assert (figures["first_failed_s"], figures["recovery_s"]) == (0.1, 2.5)  # d7 came after `until`
