@@ -123,12 +123,14 @@ class Api:
         self.http = urllib3.PoolManager(maxsize=size, retries=False, timeout=30)
         self.headers = {"Authorization": f"Bearer {token}"}
 
-    def ban(self, base: str, device: str, seconds: float | None = None, reason: str = "bench") -> tuple[int, float]:
-        """PUT a ban; (status, wall-clock time the answer was read)."""
+    def ban(self, base: str, device: str, seconds: float | None = None,
+            reason: str = "bench") -> tuple[int, float, float]:
+        """PUT a ban; (status, wall-clock time the request was sent, time the answer was read)."""
         body = {"reason": reason} | ({} if seconds is None else {"for": seconds})
+        sent = time.time()
         answer = self.http.request("PUT", f"{base}/devices/{device}/ban", body=orjson.dumps(body),
                                    headers={**self.headers, "Content-Type": "application/json"})
-        return answer.status, time.time()
+        return answer.status, sent, time.time()
 
     def bans_seen(self, base: str) -> int:
         """How many bans the worker that answers GET /bans has in force (a new connection: any worker)."""
@@ -144,20 +146,20 @@ class Api:
 
 
 def ban_all(api: Api, base: str, devices: list[str], concurrency: int, seconds: float | None,
-            label: str) -> tuple[dict[str, float], dict[int, int]]:
+            label: str) -> tuple[dict[str, tuple[float, float]], dict[int, int]]:
     """Ban every device of `devices` through `base`'s API, `concurrency` at a time, with progress:
-    ({device: time its 200 was read}, {status: count})."""
-    done: dict[str, float] = {}
+    ({device: (time its PUT was sent, time its 200 was read)}, {status: count})."""
+    done: dict[str, tuple[float, float]] = {}
     statuses: dict[int, int] = {}
 
     def one(device: str) -> None:
         try:
-            status, at = api.ban(base, device, seconds)
+            status, sent, answered = api.ban(base, device, seconds)
         except urllib3.exceptions.HTTPError:
-            status, at = 0, time.time()
+            status, sent, answered = 0, 0.0, 0.0
         statuses[status] = statuses.get(status, 0) + 1
         if status == 200:
-            done[device] = at
+            done[device] = (sent, answered)
 
     pool = Pool(concurrency)
     reporter = gevent.spawn(report_progress, lambda: f"{label}: {sum(statuses.values()):,}/{len(devices):,} "

@@ -27,6 +27,9 @@ def summary(results: dict[str, Any]) -> str:
                   (f"   200 -> device reads banned: p50 {ms['p50']} ms, p90 {ms['p90']} ms, p99 {ms['p99']} ms, "
                   f"max {ms['max']} ms (min {ms['min']}); target p99 <= {reach['target_p99_ms']:g} ms: "
                   f"{'met' if reach['meets_target'] else 'NOT met'}"),
+                  (f"   from the PUT sent: p50 {reach['reach_from_put_sent_ms']['p50']} ms, p99 "
+                  f"{reach['reach_from_put_sent_ms']['p99']} ms; PUT -> 200: p50 {reach['put_to_200_ms']['p50']} ms, "
+                  f"p99 {reach['put_to_200_ms']['p99']} ms"),
                   f"   others' CPU meanwhile {reach['other_cpu_cores']} cores; API answers {reach['api_statuses']}"]
     if force := figures.get("in_force"):
         cpu, memory = force["cpu_us_per_setup"], force["memory"]
