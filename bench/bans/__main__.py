@@ -27,6 +27,7 @@ from bench.stampede.__main__ import DEFAULT_AMQP_URL, first_of
 from bench.stampede.measure import machine, revision
 
 PARTS = ("reach", "in-force", "flapping")
+KEPT = ("t", "up", "rate", "established", "cpu_s", "rss_mb", "others_cpu_s")  # of each timeline entry, in the JSON
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -89,7 +90,8 @@ def main() -> None:
         say(f"--- {part} ---")
         found = {"reach": parts.reach, "in-force": parts.in_force, "flapping": parts.flapping}[part](args, api)
         results["figures"] |= found["figures"]
-        results["timelines"] |= found["timelines"]
+        results["timelines"] |= {label: [{key: entry.get(key) for key in KEPT} for entry in timeline]
+                                 for label, timeline in found["timelines"].items()}  # bench/results stays small
         write_json(results, args.out)  # after every part: a later failure loses nothing measured
     plot_path = args.out.with_suffix(".png")
     plot(results, plot_path)
