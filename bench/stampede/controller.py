@@ -88,6 +88,7 @@ class Fleet:
         self.acked_ids: list[str] = []
         self.ack_ms: list[float] = []
         self.welcome_ms: list[float] = []
+        self.banned_at: dict[str, float] = {}  # device -> when its session first ended with `banned`
         self.readers = [gevent.spawn(self.listen, process) for process in self.processes]
 
     def spawn(self, worker: int) -> subprocess.Popen:
@@ -103,6 +104,8 @@ class Fleet:
             self.acked_ids += report["acked_ids"]
             self.ack_ms += report["ack_ms"]
             self.welcome_ms += report["welcome_ms"]
+            for device, at in report["banned_at"]:
+                self.banned_at.setdefault(device, at)
         worker = self.processes.index(process)
         if worker in self.latest:
             self.latest[worker]["up"] = 0  # it died: none of its sessions is up any more

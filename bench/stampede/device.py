@@ -52,11 +52,13 @@ class Stats:
     acked_ids: list[str] = field(default_factory=list)
     ack_ms: list[float] = field(default_factory=list)
     welcome_ms: list[float] = field(default_factory=list)
+    # [device, wall-clock time] of each session ended with `banned` (bench/bans.py: a ban's reach).
+    banned_at: list[list[Any]] = field(default_factory=list)
 
     def report(self) -> dict[str, Any]:
         """The totals, and the samples gathered since the previous report (which are then forgotten)."""
         report = dict(vars(self))
-        self.acked_ids, self.ack_ms, self.welcome_ms = [], [], []
+        self.acked_ids, self.ack_ms, self.welcome_ms, self.banned_at = [], [], [], []
         return report
 
 
@@ -181,6 +183,28 @@ def live(device: Device, world: World) -> None:
         pause(world, backoff(0, retry_after))
 
 
+def flap(device: Device, world: World, interval: float) -> None:
+    """Start a session every `interval` seconds and drop it at the next, like firmware in a reconnect loop.
+
+    Unlike `live`, it ignores the server's retry_after: a refused hello (`banned`) is tried
+    again at the next tick, so a flapping ban is measured at what a broken device costs,
+    a refused hello a second, not at the quiet of a polite one.
+    """
+    while True:
+        tick = time.monotonic()
+        try:
+            link, early = connect_when_allowed(device, world)
+        except Failure as failure:
+            world.stats.failures[failure.reason] += 1
+        else:
+            session = gevent.spawn(serve, device, link, early, world)
+            gevent.sleep(max(0.0, tick + interval - time.monotonic()))
+            if session.ready():
+                world.stats.lost[session.value[0]] += 1
+            session.kill()  # serve's cleanup closes the link: the device's own doing, not counted as lost
+        gevent.sleep(max(0.0, tick + interval - time.monotonic()))
+
+
 def connect_when_allowed(device: Device, world: World) -> tuple[Link, list[Any]]:
     """Connect once a slot among the in-flight connects is free; counted while waiting or connecting."""
     world.stats.connecting += 1
@@ -286,6 +310,8 @@ def serve(device: Device, link: Link, early: list[Any], world: World) -> tuple[s
             for message in messages:
                 ended = device.handle(message, world)
                 if ended:
+                    if ended[0] == "banned":
+                        world.stats.banned_at.append([device.name, time.time()])
                     return ended
             messages = link.receive()
     except LinkClosed:

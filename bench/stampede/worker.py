@@ -1,7 +1,7 @@
 """A load process: holds up to ~18,000 devices (JSON or MQTT) under gevent and obeys the controller.
 
 Started by `controller.py` as `python -m bench.stampede.worker '<json settings>'`.
-It reads one JSON command per line on stdin (connect, drop, events, stop) and
+It reads one JSON command per line on stdin (connect, drop, events, flap, stop) and
 writes its counters as one JSON line per second on stdout. When stdin closes
 (the controller died) it exits, so no load process outlives its run.
 """
@@ -24,7 +24,7 @@ import orjson
 from gevent.fileobject import FileObjectPosix
 from gevent.lock import BoundedSemaphore
 
-from bench.stampede.device import Device, World, live
+from bench.stampede.device import Device, World, flap, live
 from bench.stampede.json_device import JsonDevice
 from bench.stampede.links import Target, client_context
 from bench.stampede.mqtt_device import MqttDevice
@@ -45,6 +45,7 @@ class Worker:
             welcome_timeout=settings["welcome_timeout"], heartbeat=settings["heartbeat"])
         secret = settings["secret"].encode()
         first, count = settings["first"], settings["count"]
+        self.first = first
         self.devices = [device_for(f"{settings['prefix']}-{index:06d}", secret, targets[index % len(targets)])
                         for index in range(first, first + count)]
         self.greenlets: list[gevent.Greenlet] = []
@@ -57,6 +58,14 @@ class Worker:
         self.drop()
         self.greenlets = [gevent.spawn_later(random.uniform(0, jitter), live, device, self.world)
                           for device in self.devices]
+
+    def flap(self, indexes: list[int], interval: float) -> None:
+        """Make the devices of `indexes` (this worker's among them) reconnect every `interval` seconds."""
+        for index in indexes:
+            position = index - self.first
+            if 0 <= position < len(self.greenlets):
+                self.greenlets[position].kill()
+                self.greenlets[position] = gevent.spawn(flap, self.devices[position], self.world, interval)
 
     def drop(self) -> None:
         """Close every connection at once (the devices' own doing, so nothing counts as lost)."""
@@ -113,6 +122,8 @@ class Worker:
                 self.connect(command.get("jitter", 0.0))
             elif op == "drop":
                 self.drop()
+            elif op == "flap":
+                self.flap(command["indexes"], float(command.get("interval", 1.0)))
             elif op == "events":
                 self.event_rate = float(command["rate"])
             elif op == "stop":
