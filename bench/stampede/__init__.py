@@ -6,6 +6,8 @@ Layout, in reading order:
   device.py      one simulated device's life (connect, open a session, serve it, reconnect)
   json_device.py   ... speaking JSON frames (hello, ping, event, reply)
   mqtt_device.py   ... speaking MQTT (CONNECT, SUBSCRIBE commands/#, PINGREQ, PUBLISH events/, replies/)
+  mqtt5_codec.py   a client's half of MQTT 5.0 on mqtt_codec: CONNECT/SUBSCRIBE/PUBLISH out; server packets in
+  mqtt5_device.py  ... the same device speaking MQTT 5.0 (`mqtt5://`, `mqtt5+ws://`; suite `--transport mqtt5`)
   worker.py      a load process: up to ~18,000 devices under gevent, driven over stdin/stdout
   backend.py     the backend side: commands via RabbitMQ or HTTP, event verification
   gauges.py      the gateway's cost: its process tree (sampled by bench/sampling.py), RabbitMQ memory

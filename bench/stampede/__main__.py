@@ -7,6 +7,7 @@ Examples (from the repository root):
   python -m bench.stampede hold --target mqtt://127.0.0.1:1883 --devices 20000 --heartbeat 30
   python -m bench.stampede suite --devices 30000
   python -m bench.stampede suite --devices 20000 --transport tcp,mqtt --scenarios hold
+  python -m bench.stampede suite --devices 20000 --transport mqtt,mqtt5 --scenarios hold,stampede
   python -m bench.stampede stampede --target tls://127.0.0.1:7879 --cafile ca.pem --devices 20000
   python -m bench.stampede suite --devices 20000 --transport tcp,tls --scenarios stampede
   python -m bench.stampede suite --devices 20000 --broker single,cluster --scenarios ramp,stampede
@@ -48,7 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     where.add_argument("--target", action="append", default=[],
                        help="gateway device endpoint: tcp://host:7878 or ws://host:8000/ws (JSON devices), "
                             "tls://host:7879 or wss://host:8443/ws (the same inside TLS; see --cafile), "
-                            "mqtt://host:1883 or mqtt+ws://host:8000/mqtt (MQTT devices; keep alive = "
+                            "mqtt://host:1883 or mqtt+ws://host:8000/mqtt (MQTT 3.1.1 devices; mqtt5://, mqtt5+ws:// "
+                            "for MQTT 5.0; keep alive = "
                             "--heartbeat, default 30 s) (repeat to split devices over several)")
     where.add_argument("--cafile", help="CA certificate (PEM) the devices trust on tls:// and wss:// targets "
                                         "(default: the system's; the suite makes its own)")

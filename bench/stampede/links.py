@@ -11,6 +11,7 @@ that a reconnect can resume instead of paying a full handshake.
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from typing import Protocol
 from urllib.parse import urlsplit
 
@@ -26,15 +27,18 @@ from wsproto.events import (
     TextMessage,
 )
 
-from bench.stampede import mqtt_codec
+from bench.stampede import mqtt5_codec, mqtt_codec
 
 RECV_BYTES = 65536
-DEFAULT_PATHS = {"ws": "/ws", "wss": "/ws", "mqtt+ws": "/mqtt"}
-SCHEMES = ("tcp", "tls", "ws", "wss", "mqtt", "mqtt+ws")
+DEFAULT_PATHS = {"ws": "/ws", "wss": "/ws", "mqtt+ws": "/mqtt", "mqtt5+ws": "/mqtt"}
+SCHEMES = ("tcp", "tls", "ws", "wss", "mqtt", "mqtt+ws", "mqtt5", "mqtt5+ws")
 TLS_SCHEMES = ("tls", "wss")
 # Linux socket option: pick the source port at connect(), not bind(), so one
 # source address can reuse a port towards different destinations.
 IP_BIND_ADDRESS_NO_PORT = 24
+
+
+Parser = Callable[[bytes], tuple[list[mqtt_codec.Packet], bytes]]
 
 
 class LinkClosed(Exception):
@@ -68,13 +72,14 @@ class Link(Protocol):
 
 class Target:
     """Where devices connect: `tcp://host:port`, `tls://host:port`, `ws[s]://host:port/path`, `mqtt://host:port`,
-    `mqtt+ws://host:port/path`; the TLS schemes need `tls` (the client context)."""
+    `mqtt+ws://host:port/path` (MQTT 3.1.1; `mqtt5://`, `mqtt5+ws://` for MQTT 5.0); the TLS schemes need `tls`
+    (the client context)."""
 
     def __init__(self, url: str, tls: ssl.SSLContext | None = None) -> None:
         parts = urlsplit(url)
         if parts.scheme not in SCHEMES or not parts.hostname or not parts.port:
             raise ValueError(f"target {url!r} must look like tcp://host:7878, tls://host:7879, ws://host:8000/ws, "
-                             "wss://host:8443/ws, mqtt://host:1883 or mqtt+ws://host:8000/mqtt")
+                             "wss://host:8443/ws, mqtt[5]://host:1883 or mqtt[5]+ws://host:8000/mqtt")
         if parts.scheme in TLS_SCHEMES and tls is None:
             raise ValueError(f"target {url!r} speaks TLS: give it a client context")
         self.url = url
@@ -88,6 +93,11 @@ class Target:
     def mqtt(self) -> bool:
         """Whether devices speak MQTT here (PROTOCOL.md section 8) rather than JSON frames."""
         return self.scheme.startswith("mqtt")
+
+    @property
+    def mqtt_level(self) -> int:
+        """The MQTT protocol level devices speak here: 5 for `mqtt5://` and `mqtt5+ws://`, else 4 (3.1.1)."""
+        return 5 if self.scheme.startswith("mqtt5") else 4
 
     def open(self, source: str, timeout: float, session: ssl.SSLSession | None = None) -> Link:
         """Connect from `source` (an address of this host) and return the matching link; over TLS, offer
@@ -106,10 +116,11 @@ class Target:
             raise
         if self.scheme in ("tcp", "tls"):
             return TcpLink(sock)
-        if self.scheme == "mqtt":
-            return MqttLink(sock)
-        if self.scheme == "mqtt+ws":
-            return MqttWsLink(sock, f"{self.host}:{self.port}", self.path)
+        parse = mqtt5_codec.parse if self.mqtt_level == 5 else mqtt_codec.parse
+        if self.scheme in ("mqtt", "mqtt5"):
+            return MqttLink(sock, parse)
+        if self.scheme in ("mqtt+ws", "mqtt5+ws"):
+            return MqttWsLink(sock, f"{self.host}:{self.port}", self.path, parse)
         return WsLink(sock, f"{self.host}:{self.port}", self.path)
 
     def secure(self, sock: socket.socket, session: ssl.SSLSession | None) -> ssl.SSLSocket:
@@ -201,12 +212,14 @@ class WsLink:
 
 
 class MqttLink:
-    """MQTT packets straight on the socket; `pending` is an unfinished packet's bytes (b"" almost always)."""
+    """MQTT packets straight on the socket; `pending` is an unfinished packet's bytes (b"" almost always);
+    `parse` is the packet parser of the protocol level (mqtt_codec.parse or mqtt5_codec.parse)."""
 
-    __slots__ = ("pending", "sock")
+    __slots__ = ("parse", "pending", "sock")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, parse: Parser = mqtt_codec.parse) -> None:
         self.sock = sock
+        self.parse = parse
         self.pending = b""
 
     def handshake(self) -> None:
@@ -219,17 +232,18 @@ class MqttLink:
         data = self.sock.recv(RECV_BYTES)
         if not data:
             raise LinkClosed("eof")
-        packets, self.pending = mqtt_codec.parse(self.pending + data if self.pending else data)
+        packets, self.pending = self.parse(self.pending + data if self.pending else data)
         return packets
 
 
 class MqttWsLink:
     """MQTT over `GET /mqtt`: binary messages carry the packet stream (a packet may span messages)."""
 
-    __slots__ = ("host", "path", "pending", "sock", "ws")
+    __slots__ = ("host", "parse", "path", "pending", "sock", "ws")
 
-    def __init__(self, sock: socket.socket, host: str, path: str) -> None:
+    def __init__(self, sock: socket.socket, host: str, path: str, parse: Parser = mqtt_codec.parse) -> None:
         self.sock = sock
+        self.parse = parse
         self.ws = WSConnection(ConnectionType.CLIENT)
         self.host = host
         self.path = path
@@ -254,5 +268,5 @@ class MqttWsLink:
                 raise LinkClosed("websocket close")
         if not data:
             raise LinkClosed("eof")
-        packets, self.pending = mqtt_codec.parse(bytes(stream))
+        packets, self.pending = self.parse(bytes(stream))
         return packets

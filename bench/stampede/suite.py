@@ -7,10 +7,12 @@ open-file limit) and the floor gets the same worker count. `--gateway-dir`
 starts it from another checkout (run with this checkout's virtualenv), so one
 session can measure before and after a change. `--transport` says how the
 gateway's devices connect: `tcp` (the device port), `ws` (`/ws`), `mqtt`
-(MQTT_PORT, a free port unless --mqtt-port says), `mqtt-ws` (`/mqtt`), `tls`
+(MQTT_PORT, a free port unless --mqtt-port says), `mqtt-ws` (`/mqtt`),
+`mqtt5`, `mqtt5-ws` (the same ports, MQTT 5.0 devices: PROTOCOL.md section 9), `tls`
 (JSON lines on DEVICE_TLS_PORT) or `wss` (`/ws` on HTTPS_PORT); a
 comma-separated list runs each scenario once per transport, each on a fresh
-gateway, and compares every later one with the first (`mqtt/tcp`). For the
+gateway, and compares every later one with the first (`mqtt/tcp`; `mqtt5/mqtt` for
+`--transport mqtt,mqtt5`). For the
 TLS transports the suite makes a throw-away CA and server certificate (trustme)
 and starts that gateway with TLS_CERT_FILE/TLS_KEY_FILE and its TLS ports on free
 ports; the devices trust that CA. The floor is always plain JSON lines (an echo
@@ -83,7 +85,7 @@ def wait_for_http(url: str, timeout: float, process: subprocess.Popen) -> None:
     raise TimeoutError(f"{url} did not answer 200 within {timeout:.0f}s")
 
 
-TRANSPORTS = ("tcp", "ws", "mqtt", "mqtt-ws", "tls", "wss")
+TRANSPORTS = ("tcp", "ws", "mqtt", "mqtt-ws", "mqtt5", "mqtt5-ws", "tls", "wss")
 TLS_TRANSPORTS = ("tls", "wss")
 
 
@@ -177,6 +179,8 @@ def device_url(args: argparse.Namespace, transport: str) -> str:
     return {"tcp": f"tcp://127.0.0.1:{args.device_port}", "ws": f"ws://127.0.0.1:{args.http_port}/ws",
             "mqtt": f"mqtt://127.0.0.1:{args.mqtt_port}",
             "mqtt-ws": f"mqtt+ws://127.0.0.1:{args.http_port}/mqtt",
+            "mqtt5": f"mqtt5://127.0.0.1:{args.mqtt_port}",
+            "mqtt5-ws": f"mqtt5+ws://127.0.0.1:{args.http_port}/mqtt",
             "tls": f"tls://127.0.0.1:{args.device_tls_port}",
             "wss": f"wss://127.0.0.1:{args.https_port}/ws"}[transport]
 

@@ -27,6 +27,7 @@ from gevent.lock import BoundedSemaphore
 from bench.stampede.device import Device, World, flap, live
 from bench.stampede.json_device import JsonDevice
 from bench.stampede.links import Target, client_context
+from bench.stampede.mqtt5_device import Mqtt5Device
 from bench.stampede.mqtt_device import MqttDevice
 
 EVENT_TICK = 0.1
@@ -132,8 +133,10 @@ class Worker:
 
 
 def device_for(name: str, secret: bytes, target: Target) -> Device:
-    """A device of the dialect `target` speaks: MQTT (PROTOCOL.md section 8) or JSON frames."""
-    return (MqttDevice if target.mqtt else JsonDevice)(name, secret, target)
+    """A device of the dialect `target` speaks: MQTT 3.1.1 or 5.0 (PROTOCOL.md sections 8, 9) or JSON frames."""
+    if target.mqtt:
+        return (Mqtt5Device if target.mqtt_level == 5 else MqttDevice)(name, secret, target)
+    return JsonDevice(name, secret, target)
 
 
 def raise_file_limit() -> None:
