@@ -18,8 +18,10 @@ from pathlib import Path
 
 import pytest
 import requests
+from kombu import Connection
 
 from app.auth import mint
+from app.broker.bans import STREAM_ARGUMENTS
 from bench.rabbit_cluster import ClusterError, Node, RabbitCluster, amqp_url, running_cluster
 from clients.backend import BackendClient
 from clients.device import DeviceClient
@@ -47,7 +49,11 @@ from support.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
-FAST = {"HELLO_TIMEOUT": "2", "EVENT_RATE": "1000", "EVENT_BURST": "1000", "CONFIRM_TIMEOUT": "2"}
+# The instances share one ban stream, created through the first node when the cluster is up: RabbitMQ 3.10
+# may fail to create a stream through a node that joined later (`coordinator_unavailable`), and leaves a
+# queue record behind that makes the next node to join crash at start_app (`amqqueue:qnode(none)`).
+BANS = "warren.bans.cluster-tests"
+FAST = {"HELLO_TIMEOUT": "2", "EVENT_RATE": "1000", "EVENT_BURST": "1000", "CONFIRM_TIMEOUT": "2", "BANS_STREAM": BANS}
 
 
 # -- the cluster, and instances on it ------------------------------------------------------
@@ -59,6 +65,8 @@ def cluster() -> Iterator[RabbitCluster]:
         except ClusterError as exc:
             pytest.fail(f"cannot run the RabbitMQ cluster these tests need: {exc}", pytrace=False)
         print(f"\n[figure] two-node RabbitMQ cluster booted and joined in {started.boot_seconds:.1f}s")
+        with Connection(started.nodes[0].url, connect_timeout=5) as connection:
+            connection.channel().queue_declare(BANS, durable=True, auto_delete=False, arguments=STREAM_ARGUMENTS)
         yield started
 
 
@@ -357,16 +365,19 @@ def test_three_nodes_bans_survive_a_node_lost_for_good_and_a_restart(cluster: Ra
     the survivors reads every ban from them. (The stream is created through the first node: RabbitMQ
     3.10 may refuse to create a stream through a node that joined a running cluster; see the README.)"""
     node_a = cluster.nodes[0]
-    stream = {"BANS_STREAM": f"warren.bans.test.{unique('cl')}"}
-    first = start_gateway(tmp_path, workers=1, AMQP_URL=amqp_url(node_a, third_node), **FAST, **stream)
+    stream = {**FAST, "BANS_STREAM": f"warren.bans.test.{unique('cl')}"}  # created through node_a (its URL first)
+    first = start_gateway(tmp_path, workers=1, AMQP_URL=amqp_url(node_a, third_node), **stream)
     device = unique("cl-ban")
     try:
-        assert put_ban(first, device).status_code == 200
+        # A new deployment's stream is created by its first worker's ban link; until it exists (RabbitMQ
+        # 3.10 may take seconds to admit the node that just joined into the stream coordinator) a ban
+        # answers 503, as section 6 allows.
+        wait_until(lambda: put_ban(first, device).status_code == 200, timeout=60)
     finally:
         first.stop()
     cluster.kill_node(third_node)
     cluster.forget_node(third_node)
-    second = start_gateway(tmp_path, workers=1, AMQP_URL=node_a.url, **FAST, **stream)
+    second = start_gateway(tmp_path, workers=1, AMQP_URL=node_a.url, **stream)
     try:
         assert hello_answer(second, device)["code"] == "banned"
         listed = requests.get(f"{second.http}/bans", headers={"Authorization": f"Bearer {API_TOKEN}"}, timeout=10)
