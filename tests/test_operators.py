@@ -275,10 +275,12 @@ def test_schemathesis_finds_no_server_error_and_no_answer_off_the_document(guard
     live = ReconnectingDevice(guarded.tcp, device)
     try:
         wait_until(lambda: live.sessions > 0)
+        # One worker: CPython 3.11.7 can fail schemathesis's AST building across threads ("AST constructor
+        # recursion depth mismatch", a SystemError of the interpreter, not of the gateway).
         run = subprocess.run(
             [str(SCHEMATHESIS), "--no-color", "--config-file", str(config), "run", f"{guarded.http}/openapi.json",
              "--checks", "all", "--exclude-tag", "websocket", "--header", f"Authorization: Bearer {FUZZ_TOKEN}",
-             "--max-examples", "100", "--workers", "2", "--request-timeout", "40"],
+             "--max-examples", "100", "--workers", "1", "--request-timeout", "40"],
             cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
     finally:
         live.stop()
