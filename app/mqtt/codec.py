@@ -40,7 +40,7 @@ from app.mqtt.packets import (
     Unsubscribe,
     Will,
 )
-from app.mqtt.reader import Reader, malformed, protocol_error, topic_filter, topic_name
+from app.mqtt.reader import Reader, connect_flags, malformed, protocol_error, topic_filter, topic_name
 from app.mqtt.reasons import MALFORMED, PACKET_TOO_LARGE, PROTOCOL_ERROR, TOPIC_ALIAS_INVALID
 
 CONNECT, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP, SUBSCRIBE, UNSUBSCRIBE, PINGREQ, DISCONNECT, AUTH = (
@@ -259,14 +259,7 @@ def _connect(first: int, data: bytes, start: int, end: int) -> Connect:
             raise
     if level != PROTOCOL_LEVEL:
         return Connect(name, level)
-    flags = reader.byte("connect flags")
-    if flags & 0x01:
-        raise malformed("reserved connect flag set")
-    will_qos = flags >> 3 & 3
-    if not flags & 0x04 and flags & 0x38:
-        raise malformed("will QoS or retain set without the will flag")
-    if will_qos == 3:
-        raise malformed("will QoS 3")
+    flags, will_qos = connect_flags(reader)
     keep_alive = reader.u16("keep alive")
     client_id = reader.text("client identifier")  # may be empty: the server answers it, not the codec
     will = None

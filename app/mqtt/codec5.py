@@ -33,7 +33,7 @@ from app.mqtt.packets import (
     Unsubscribe,
     Will,
 )
-from app.mqtt.reader import Reader, malformed, protocol_error, text, topic_filter, topic_name
+from app.mqtt.reader import Reader, connect_flags, malformed, protocol_error, text, topic_filter, topic_name
 from app.mqtt.reasons import FROM_CLIENT, PAYLOAD_FORMAT_INVALID
 
 PROTOCOL_LEVEL = 5
@@ -52,14 +52,7 @@ def _payload_format(payload: bytes, props: Properties, what: str) -> None:
 
 def connect(reader: Reader, name: str) -> Connect:
     """The rest of a level 5 CONNECT, after the protocol name and level (section 3.1)."""
-    flags = reader.byte("connect flags")
-    if flags & 0x01:
-        raise malformed("reserved connect flag set")
-    will_qos = flags >> 3 & 3
-    if not flags & 0x04 and flags & 0x38:
-        raise malformed("will QoS or retain set without the will flag")
-    if will_qos == 3:
-        raise malformed("will QoS 3")
+    flags, will_qos = connect_flags(reader)
     keep_alive = reader.u16("keep alive")
     props, reader.pos = properties.decode(reader.data, reader.pos, reader.end, properties.CONNECT)
     client_id = reader.text("client identifier")

@@ -21,6 +21,19 @@ def protocol_error(message: str) -> MqttError:
     return MqttError("bad_frame", message, PROTOCOL_ERROR)
 
 
+def connect_flags(reader: Reader) -> tuple[int, int]:
+    """A CONNECT's flags byte, checked as both levels check it (section 3.1.2.3): (flags, will QoS)."""
+    flags = reader.byte("connect flags")
+    if flags & 0x01:
+        raise malformed("reserved connect flag set")
+    will_qos = flags >> 3 & 3
+    if not flags & 0x04 and flags & 0x38:
+        raise malformed("will QoS or retain set without the will flag")
+    if will_qos == 3:
+        raise malformed("will QoS 3")
+    return flags, will_qos
+
+
 def text(raw: bytes, what: str) -> str:
     """A UTF-8 string field: well-formed (no surrogates, no overlong forms) and free of U+0000 (section 1.5.3)."""
     try:
