@@ -11,7 +11,9 @@ connection. Level 4 is MQTT 3.1.1 (this module's body decoders); level 5 is
 MQTT 5.0 (app.mqtt.codec5's), from the packet after that CONNECT on, in the
 same feed too. Any other level is decoded only as far as the level byte, for
 the server to refuse it. The framing (first byte, remaining length, size limit)
-is shared; MQTT 5 also requires remaining lengths in their fewest bytes.
+is shared; MQTT 5 also requires remaining lengths in their fewest bytes. A
+first CONNECT over the size limit is refused with the level its first body
+bytes announce, so that a version 5 client can be told (CONNACK 0x95).
 
 Speed: at 200,000 devices, PINGREQ and small PUBLISH/PUBACK dominate. A feed
 that holds whole packets is parsed in place without being copied; only an
@@ -40,7 +42,16 @@ from app.mqtt.packets import (
     Unsubscribe,
     Will,
 )
-from app.mqtt.reader import Reader, connect_flags, malformed, protocol_error, topic_filter, topic_name
+from app.mqtt.reader import (
+    CONNECT_PREFIX,
+    Reader,
+    announced_level,
+    connect_flags,
+    malformed,
+    protocol_error,
+    topic_filter,
+    topic_name,
+)
 from app.mqtt.reasons import MALFORMED, PACKET_TOO_LARGE, PROTOCOL_ERROR, TOPIC_ALIAS_INVALID
 
 CONNECT, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP, SUBSCRIBE, UNSUBSCRIBE, PINGREQ, DISCONNECT, AUTH = (
@@ -93,12 +104,14 @@ class MqttDecoder:
 
     `max_packet_bytes` bounds a whole packet (fixed header included): a longer
     one is refused as soon as its remaining length is read, before any of its
-    body is buffered. `topic_alias_maximum` is the Topic Alias Maximum the
-    server sends in a version 5 CONNACK: the decoder resolves the client's
-    aliases (a PUBLISH with a topic and an alias sets it, one with an empty
-    topic uses it) and refuses an alias above it or not yet set.
+    body is buffered; the connection's first CONNECT once the 7 bytes after its
+    fixed header are read too (held, no more), as they say its protocol level.
+    `topic_alias_maximum` is the Topic Alias Maximum the server sends in a
+    version 5 CONNACK: the decoder resolves the client's aliases (a PUBLISH with
+    a topic and an alias sets it, one with an empty topic uses it) and refuses
+    an alias above it or not yet set.
     `protocol_level` is None until the connection's first CONNECT is decoded, then its level (a broken
-    version 5 CONNECT leaves it None, but its error says `level` 5).
+    or oversized version 5 CONNECT leaves it None, but its error says `level` 5).
     """
 
     __slots__ = ("_alias_maximum", "_aliases", "_failure", "_held", "_max", "_need", "_rules", "protocol_level")
@@ -164,8 +177,10 @@ class MqttDecoder:
                 end = body + length
                 decode, fixed = rule
                 if end - pos > self._max:
-                    raise MqttError("frame_too_large", f"a {end - pos}-byte packet is over the {self._max}-byte limit",
-                                    PACKET_TOO_LARGE)
+                    if first == 0x10 and self.protocol_level is None and size < body + CONNECT_PREFIX <= end:
+                        self._hold(data, pos, body + CONNECT_PREFIX - pos)  # its level says how it is refused
+                        break
+                    raise self._too_large(first, data, pos, body, end)
                 if fixed != length and fixed >= 0:
                     raise malformed(f"packet type {first >> 4} has remaining length {length}, not {fixed}")
                 if end > size:
@@ -194,6 +209,16 @@ class MqttDecoder:
             self._failure = error
             raise error
         return packets
+
+    def _too_large(self, first: int, data: bytes, pos: int, body: int, end: int) -> MqttError:
+        """A packet over the limit. The connection's first CONNECT: with the level its body's first bytes
+        announce, so that a version 5 client hears CONNACK 0x95 (PROTOCOL.md section 9) and a 3.1.1 one the
+        silent close of section 8."""
+        error = MqttError("frame_too_large", f"a {end - pos}-byte packet is over the {self._max}-byte limit",
+                          PACKET_TOO_LARGE)
+        if first == 0x10 and self.protocol_level is None:
+            error.level = announced_level(data, body, end)
+        return error
 
     def _refusal(self, first: int) -> MqttError:
         message, reason = (_FIRST_BYTE_ERRORS5 if self._rules is _RULES5 else _FIRST_BYTE_ERRORS)[first]  # type: ignore[misc]

@@ -28,7 +28,8 @@ class MqttError(Exception):
     0x94 Topic Alias invalid, 0x95 Packet too large, 0x99 Payload format
     invalid); a 3.1.1 connection has no way to say it and just closes.
     `level` is the connection's protocol level once its CONNECT said it (5:
-    answer with `reason`), else None. `packets` holds what the same `feed` call
+    answer with `reason`; for a first CONNECT too large to read, the level its
+    first bytes announce), else None. `packets` holds what the same `feed` call
     decoded before the failure, so that
     a stream yields the same packets however it was split into feeds.
     """

@@ -21,6 +21,24 @@ def protocol_error(message: str) -> MqttError:
     return MqttError("bad_frame", message, PROTOCOL_ERROR)
 
 
+# A CONNECT's body begins with the protocol name "MQTT" (a two-byte length, then 4 bytes) and the level byte.
+CONNECT_PREFIX = 7
+_PROTOCOL_NAME = b"\x00\x04MQTT"
+
+
+def announced_level(data: bytes, start: int, end: int) -> int | None:
+    """The protocol level a CONNECT whose body is data[start:end] announces, from its first 7 bytes alone;
+    None when they are not all in `data` or do not name MQTT (a client that speaks neither 3.1.1 nor 5).
+
+    For a CONNECT too large to be buffered (section 4.13.1 lets a version 5 client be told why):
+    everything else about it is unknown, and stays so.
+    """
+    prefix = data[start:min(end, start + CONNECT_PREFIX)]
+    if len(prefix) < CONNECT_PREFIX or prefix[:-1] != _PROTOCOL_NAME:
+        return None
+    return prefix[-1]
+
+
 def connect_flags(reader: Reader) -> tuple[int, int]:
     """A CONNECT's flags byte, checked as both levels check it (section 3.1.2.3): (flags, will QoS)."""
     flags = reader.byte("connect flags")
