@@ -43,11 +43,18 @@ NO_PRESENCE: Mapping[str, Any] = MappingProxyType({})
 @dataclass(frozen=True, slots=True)
 class EventProperties:
     """What a transport adds to an event's AMQP message (MQTT 5's Message Expiry Interval and User
-    Properties, PROTOCOL.md section 9). Rides in the event frame under `amqp`; the session passes it on
-    only as this type, so a JSON device cannot set AMQP properties by sending an `amqp` field."""
+    Properties, PROTOCOL.md section 9). Rides in the event frame (or a hello's will) under `amqp`; the
+    session passes it on only as this type, so a JSON device cannot set AMQP properties by sending an
+    `amqp` field."""
 
     expiration: str | None = None  # AMQP's expiration: milliseconds, as a string
     headers: Mapping[str, Any] | None = None  # AMQP headers: strings, or lists of strings for repeated keys
+
+    @staticmethod
+    def carried_by(frame: Frame) -> EventProperties | None:
+        """Those a transport put in an event frame, or in a hello's `will` (the same event, later)."""
+        extra = frame.get("amqp")
+        return extra if type(extra) is EventProperties else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,6 +34,7 @@ from app import auth, metrics, protocol
 from app.protocol import ProtocolError
 from app.sessions.limits import TokenBucket
 from app.sessions.ports import BYE_WITH_WILL, COMMANDS_MAY_FLOW, EventProperties
+from app.sessions.wills import Will
 
 if TYPE_CHECKING:
     from app.sessions.ports import Backend, Command, Frame, FrameConnection, Host
@@ -78,7 +79,7 @@ class Session:
         self.routed: Event | None = None  # the route wait's wake-up, only while ROUTING (not a state of its own)
         self.welcomed = False  # `session.connected` went out: `session.closed` follows at the end
         self.held: list[Command] | None = None  # delivered, not yet written (None, not [], when none: memory)
-        self.will: tuple[str, Any] | None = None  # (event name, data) published if the session ends uncleanly
+        self.will: Will | None = None  # published if the session ends uncleanly
         self.clean = False  # the device said goodbye (`bye`, MQTT DISCONNECT): no will
         # The watchdog ends the session once time.monotonic() passes `deadline`: the whole hello
         # within HELLO_TIMEOUT of the accept (a slow-loris dribbling a byte a second must not
@@ -141,7 +142,7 @@ class Session:
         if refusal is not None:
             code, retry_after = refusal
             return self._refuse(code, "the gateway cannot take a new session now", retry_after)
-        self.will = will
+        self.will = None if will is None else Will(*will, EventProperties.carried_by(frame["will"]))
         return self._welcome(device)
 
     def _welcome(self, device: str) -> bool:
@@ -273,9 +274,8 @@ class Session:
             if self.draining and self.in_flight == 0:
                 self.end("shutting_down", self.host.retry_after())
 
-        extra = frame.get("amqp")  # a transport's (MQTT 5), never a device's: only as that type
         self.backend.publish_event(self.device, self.id, frame["name"], event_id, frame.get("data"), done,
-                                   extra if type(extra) is EventProperties else None)
+                                   EventProperties.carried_by(frame))
 
     def _wait_for_tokens(self) -> None:
         """Backpressure (MQTT): stop reading until the limit allows the frame; the wait is not silence."""

@@ -13,22 +13,29 @@ release of the ended session said how long its will is held, the owner tells us
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import gevent
 
 from app import metrics
 
 if TYPE_CHECKING:
-    from app.sessions.ports import Backend
+    from app.sessions.ports import Backend, EventProperties
 
-Will = tuple[str, Any]  # (event name, data)
+
+class Will(NamedTuple):
+    """A session's will: the event it publishes, with what its transport adds to the AMQP message (MQTT 5's
+    Message Expiry Interval and User Properties, as an event's, PROTOCOL.md section 9)."""
+
+    name: str
+    data: Any
+    properties: EventProperties | None = None
 
 
 def publish_will(backend: Backend, device: str, session_id: str, will: Will) -> None:
     """The will as the device's event; its id names the session, so that a backend sees one per session."""
-    name, data = will
-    backend.publish_event(device, session_id, name, f"will-{session_id}", data, _count_will)
+    backend.publish_event(device, session_id, will.name, f"will-{session_id}", will.data, _count_will,
+                          will.properties)
 
 
 def _count_will(outcome: str | None) -> None:

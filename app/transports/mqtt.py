@@ -213,7 +213,17 @@ class MqttConnection:
         except ProtocolError:
             raise ProtocolError("unauthorized", "a will's payload must be UTF-8 text or JSON") from None
         self._refusal = NOT_AUTHORIZED
-        return {"name": will.topic[len("events/"):], "data": data}
+        frame = {"name": will.topic[len("events/"):], "data": data}
+        if self._v5 is not None:
+            self._add_properties(frame, will.properties)
+        return frame
+
+    @staticmethod
+    def _add_properties(frame: dict[str, Any], props: mqtt.Properties | None) -> None:
+        """MQTT 5: what an event's (or a will's) properties add to its AMQP message, under `amqp`."""
+        extra = event_properties(props)
+        if extra is not None:
+            frame["amqp"] = extra
 
     def _published(self, packet: mqtt.Publish) -> dict[str, Any]:
         if packet.qos == 2:
@@ -237,10 +247,8 @@ class MqttConnection:
                                 rc.RECEIVE_MAXIMUM_EXCEEDED)
         event_id = f"{self._event_prefix}{next(self._event_ids)}"
         frame = self._checked({"type": "event", "id": event_id, "name": name, "data": self._data(packet.payload)})
-        if self._v5 is not None and packet.properties is not None:
-            extra = event_properties(packet)
-            if extra is not None:
-                frame["amqp"] = extra
+        if self._v5 is not None:
+            self._add_properties(frame, packet.properties)
         self._events[event_id] = (packet.packet_id, packet.qos)
         return frame
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from app.mqtt import packets5
 from app.mqtt import reasons as rc
-from app.mqtt.packets import Connect, Properties, Publish
+from app.mqtt.packets import Connect, Properties
 from app.sessions.ports import EventProperties
 
 RECEIVE_MAXIMUM = 64  # QoS 1 events a device may have unacknowledged at once (section 9: at least 16)
@@ -45,10 +45,10 @@ def _explained(code: str, retry_after: float | None) -> Properties:
     return Properties(reason_string=code, user_properties=user)
 
 
-def event_properties(packet: Publish) -> EventProperties | None:
+def event_properties(props: Properties | None) -> EventProperties | None:
     """An event's Message Expiry Interval as AMQP `expiration` (milliseconds) and its User Properties as
-    AMQP headers, a key given more than once as the list of its values, in order; None when it has neither."""
-    props = packet.properties
+    AMQP headers, a key given more than once as the list of its values, in order; None when it has neither.
+    The properties of an `events/<name>` PUBLISH, or of a will (published as that event, section 8)."""
     if props is None or (props.message_expiry_interval is None and not props.user_properties):
         return None
     headers: dict[str, Any] | None = None

@@ -42,6 +42,13 @@ class EventTap:
 
     def get(self, routing_key: str | None = None, timeout: float = WAIT) -> dict[str, Any]:
         """The next event (whose routing key is `routing_key`, skipping others)."""
+        message = self.message(routing_key, timeout)
+        body = orjson.loads(message.body)
+        body["_routing_key"] = message.delivery_info["routing_key"]
+        return body
+
+    def message(self, routing_key: str | None = None, timeout: float = WAIT) -> amqp.Message:
+        """The next event as it came, AMQP properties and all (whose routing key is `routing_key`)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             message = self.channel.basic_get(self.queue, no_ack=True)
@@ -49,9 +56,7 @@ class EventTap:
                 time.sleep(0.02)
                 continue
             if routing_key is None or message.delivery_info["routing_key"] == routing_key:
-                body = orjson.loads(message.body)
-                body["_routing_key"] = message.delivery_info["routing_key"]
-                return body
+                return message
         pytest.fail(f"no event {routing_key or ''} within {timeout}s")
 
     def close(self) -> None:

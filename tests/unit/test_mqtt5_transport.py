@@ -323,3 +323,49 @@ def test_mqtt_3_sessions_say_mqtt_4_in_presence(registry: Registry) -> None:
     stream.inbox.put(client.connect("lock-1", TOKEN))
     wait_for(lambda: registry.broker.presence)
     assert registry.broker.presence[-1] == ("lock-1", "connected", {"transport": "mqtt", "mqtt": 4})
+
+
+@pytest.mark.parametrize("delay", [None, 1])
+def test_a_wills_expiry_and_user_properties_ride_on_its_event_as_an_events_do(registry: Registry,
+                                                                              delay: int | None) -> None:
+    users = (("site", "a"), ("tag", "x"), ("tag", "y"))
+    will_props = Properties(message_expiry_interval=30, user_properties=users, will_delay_interval=delay)
+    stream, session, runner = open5(registry, connect5(will=("events/lock.lost", b"gone"), will_props=will_props))
+    stream.inbox.put(None)  # the network cut it
+    runner.join(1)
+    wait_for(lambda: [name for name, _, _ in registry.broker.events] == ["lock.lost"], timeout=3)
+    assert registry.broker.event_properties[f"will-{session.id}"] == EventProperties(
+        "30000", {"site": "a", "tag": ["x", "y"]})
+
+
+def test_a_will_without_those_properties_has_none(registry: Registry) -> None:
+    will_props = Properties(content_type="text/plain")
+    stream, session, runner = open5(registry, connect5(will=("events/lock.lost", b"gone"), will_props=will_props))
+    stream.inbox.put(None)
+    runner.join(1)
+    assert [name for name, _, _ in registry.broker.events] == ["lock.lost"]
+    assert registry.broker.event_properties[f"will-{session.id}"] is None
+
+
+def test_a_will_marked_utf8_that_is_not_gets_connack_0x99(registry: Registry) -> None:
+    will_props = Properties(payload_format_indicator=1)
+    stream, _, runner = open5(registry, connect5(will=("events/lock.lost", b"\xff"), will_props=will_props))
+    runner.join(1)
+    assert connack(stream) == (0x99, Properties(reason_string="bad_frame")) and stream.closed
+    assert registry.broker.presence == []
+    stream, _, _ = open5(make_registry(), connect5(will=("events/lock.lost", b"\xc3\xa9"), will_props=will_props))
+    assert connack(stream)[0] == 0x00  # well-formed UTF-8 is what the mark promises
+
+
+def test_a_json_devices_will_cannot_set_amqp_properties() -> None:
+    from fakes import FakeConn
+    registry, conn = make_registry(), FakeConn()
+    session = Session(conn, registry, registry.broker)
+    runner = gevent.spawn(session.run)
+    conn.push({"type": "hello", "device": "lock-1", "token": TOKEN, "v": 1,
+               "will": {"name": "lost", "data": 1, "amqp": {"expiration": "1"}}})
+    wait_for(lambda: registry.broker.presence)
+    conn.push(None)
+    runner.join(1)
+    assert [name for name, _, _ in registry.broker.events] == ["lost"]
+    assert registry.broker.event_properties[f"will-{session.id}"] is None
