@@ -11,6 +11,7 @@ and Request Problem Information are honoured in one place.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from typing import Any
 
 from app.mqtt import packets5
@@ -65,6 +66,18 @@ def event_properties(props: Properties | None) -> EventProperties | None:
     return EventProperties(None if expiry is None else str(expiry * 1000), headers)
 
 
+@lru_cache(maxsize=64)
+def _connack(session_expiry_asked: bool, server_keep_alive: int | None, max_frame_bytes: int,
+             topic_alias_maximum: int) -> bytes:
+    """A successful CONNACK: one of a handful per configuration, so encoded once (a stampede sends thousands)."""
+    props = Properties(
+        session_expiry_interval=0 if session_expiry_asked else None, server_keep_alive=server_keep_alive,
+        receive_maximum=RECEIVE_MAXIMUM, maximum_qos=1, retain_available=0,
+        maximum_packet_size=max_frame_bytes, topic_alias_maximum=topic_alias_maximum,
+        subscription_identifiers_available=0, shared_subscription_available=0)
+    return packets5.connack(rc.SUCCESS, props=props)
+
+
 class Peer5:
     """An MQTT 5 device's connection as its CONNECT set it up, and the packets only MQTT 5 has."""
 
@@ -85,13 +98,8 @@ class Peer5:
     def connack(self, asked_keep_alive: int, keep_alive: float, max_frame_bytes: int,
                 topic_alias_maximum: int) -> bytes:
         """CONNACK 0x00 with the properties of section 9."""
-        props = Properties(
-            session_expiry_interval=0 if self.session_expiry else None,
-            server_keep_alive=int(keep_alive) if keep_alive != asked_keep_alive else None,
-            receive_maximum=RECEIVE_MAXIMUM, maximum_qos=1, retain_available=0,
-            maximum_packet_size=max_frame_bytes, topic_alias_maximum=topic_alias_maximum,
-            subscription_identifiers_available=0, shared_subscription_available=0)
-        return packets5.connack(rc.SUCCESS, props=props)
+        return _connack(self.session_expiry != 0, int(keep_alive) if keep_alive != asked_keep_alive else None,
+                        max_frame_bytes, topic_alias_maximum)
 
     def refusal(self, reason: int, code: str, retry_after: float | None) -> bytes | None:
         """A refused CONNECT: its reason code, the section 4 code as Reason String (always: section 9),
