@@ -37,9 +37,9 @@ class Paho5:
     connection as (from the gateway's DISCONNECT?, reason code, properties as paho's JSON).
     """
 
-    def __init__(self, gateway: Gateway, transport: str = "tcp", pki: Pki | None = None,
+    def __init__(self, gateway: Gateway, transport: str = "tcp", pki: Pki | None = None, device: str | None = None,
                  will: tuple[str, bytes] | None = None) -> None:
-        self.device = uid("mq5")
+        self.device = device or uid("mq5")
         self.client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=self.device, protocol=paho.MQTTv5,
                                   transport="websockets" if transport == "ws" else "tcp", reconnect_on_failure=False)
         port = gateway.mqtt_port
