@@ -260,11 +260,19 @@ class MqttConnection:
 
     def _checked(self, frame: dict[str, Any]) -> dict[str, Any]:
         """A frame made from a PUBLISH, held to section 3's rules (event names, ids, nesting) here and not only
-        by the session: a breach then closes the connection under its own code, so the presence event says why."""
+        by the session: a breach then closes the connection under its own code, so the presence event says why.
+        MQTT 5 blames the topic (0x90: the event name or command id in it) unless only the payload broke them
+        (0x99: data nested too deep); telling which costs a second check on the failing path alone."""
         try:
             return protocol.validate(frame)
         except ProtocolError as exc:
-            raise self._closing(exc.code, exc.message, rc.TOPIC_NAME_INVALID) from None
+            try:
+                protocol.validate({**frame, "data": None})
+            except ProtocolError:
+                reason = rc.TOPIC_NAME_INVALID
+            else:
+                reason = rc.PAYLOAD_FORMAT_INVALID
+            raise self._closing(exc.code, exc.message, reason) from None
 
     def _reply(self, command_id: str, payload: bytes) -> dict[str, Any]:
         try:

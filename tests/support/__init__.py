@@ -14,6 +14,8 @@ pytest puts tests/ on sys.path (pyproject.toml's `pythonpath`), so these modules
   hand, and faults injected from the broker's side (rabbitmqctl, closed connections, Blackhole partitions).
 - fault_devices.py: the fault tests' devices: frames read until one matches, round trips, raw TCP sessions.
 - mqtt_devices.py: paho-mqtt as it is and a bare-socket MQTT client, over TCP or `GET /mqtt`.
+- mqtt5_devices.py: a bare-socket MQTT 5 device (plain, TLS or `/mqtt`) that sees every packet and property.
+- paho5_devices.py: paho-mqtt in MQTTv5 mode as it is, recording the gateway's DISCONNECT and SUBACK codes.
 - tls_devices.py: a PKI, JSON devices over TLS and wss, paho over TLS, `openssl s_client`.
 - cluster_clients.py: backends, held devices and command rounds for the two-node cluster tests.
 

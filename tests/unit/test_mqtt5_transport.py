@@ -222,6 +222,9 @@ def test_a_command_over_the_devices_maximum_packet_size_is_too_large(registry: R
     (publish5("lights/on", b"1"), 0x90, "unauthorized"),
     (publish5("events/x", b"\xff", props=Properties(payload_format_indicator=1)), 0x99, "bad_frame"),
     (publish5("replies/c-1", b"not an object"), 0x99, "bad_frame"),
+    (publish5("events/deep", b"[" * 201 + b"]" * 201), 0x99, "bad_frame"),  # the payload broke section 3, not the topic
+    (publish5("replies/c-1", b'{"ok": true, "data": ' + b"[" * 201 + b"]" * 201 + b"}"), 0x99, "bad_frame"),
+    (publish5("events/session.forged", b"1"), 0x90, "bad_frame"),  # the topic did
     (publish5("", b"1", props=Properties(topic_alias=3)), 0x82, "bad_frame"),  # an alias never set
     (publish5("events/x", b"1", props=Properties(topic_alias=17)), 0x94, "bad_frame"),
     (subscribe5(1, ("commands/#", 1), props=Properties(subscription_identifiers=(4,))), 0xA1, "bad_frame"),
