@@ -102,11 +102,6 @@ class Comebacks:
         except psutil.NoSuchProcess:
             return []
 
-    def wait_all_back(self, until: float) -> None:
-        while self.all_back is None and time.time() < until:
-            self.read()
-            gevent.sleep(PROBE_TICK)
-
 
 def worker_kill(run: Run, options: argparse.Namespace) -> dict[str, Any]:
     """SIGKILL the gateway worker holding the most devices while commands flow; see the module's docstring."""
@@ -158,7 +153,8 @@ class Kill:
 
 def kill_and_follow(run: Run, options: argparse.Namespace, kill: Kill) -> None:
     """Random commands for --quiet seconds, the kill, --duration seconds more of them while the dead
-    worker's devices come back and are probed, then the sweep; the run's marks say when."""
+    worker's devices come back and are probed (probes go on after that until every one answered, for
+    --ramp-timeout seconds from the kill at most), then the sweep; the run's marks say when."""
     run.fleet.tell({"op": "reconnect_spread", "seconds": options.jitter})
     comebacks = Comebacks(run, kill.dead, set(kill.held))
     commands, names = run.commands, [run.plan.device_name(index) for index in range(run.plan.devices)]
@@ -172,7 +168,7 @@ def kill_and_follow(run: Run, options: argparse.Namespace, kill: Kill) -> None:
     comebacks.follow(until=kill.killed + options.duration)
     flow.join()
     kill.window_end = time.time()
-    comebacks.wait_all_back(until=kill.killed + options.ramp_timeout)
+    comebacks.follow(until=kill.killed + options.ramp_timeout)  # those back late (--jitter) are probed too
     kill.replaced_at = comebacks.replaced_at
     kill.sweep_started = sweep_comebacks(run, options, kill.dead)
     kill.landed = holders(run.server_pid, run.fleet.addresses())
