@@ -5,7 +5,10 @@ something. Memory is resident set size (RSS), in bytes; PSS (shared pages split 
 the processes that share them) reads smaps, so it is offered for a process tree only and
 taken at a few moments. A process's own figures (`cpu_seconds()`, `rss_bytes()`) are what
 a benchmark reads of itself, or of a server child it started; `TreeGauge` sums a process
-and its descendants (a gunicorn master and its workers, the floor and its forks).
+and its descendants (a gunicorn master and its workers, the floor and its forks). A
+descendant that died and was waited for (a gunicorn worker killed, then reaped by its
+master) keeps counting: its CPU moved to its parent's children's times, which are summed
+too, so the tree's CPU never goes back when a process of it ends.
 `others_cpu_s` gauges the rest of a shared machine, to say how disturbed a figure is.
 """
 
@@ -55,8 +58,7 @@ class TreeGauge:
         for process in tree:
             try:
                 rss += process.memory_info().rss
-                times = process.cpu_times()
-                cpu += times.user + times.system
+                cpu += own_and_reaped_cpu_s(process)
             except psutil.Error:
                 continue
         return {"rss_mb": rss / MB, "cpu_s": cpu}
@@ -78,20 +80,27 @@ class TreeGauge:
         return total / MB
 
 
+def own_and_reaped_cpu_s(process: psutil.Process) -> float:
+    """A process's CPU seconds and those of its children it has waited for (the kernel adds them at the wait)."""
+    times = process.cpu_times()
+    return times.user + times.system + times.children_user + times.children_system
+
+
 def others_cpu_s(excluded: set[int]) -> float:
     """CPU seconds the machine has been busy (since boot) outside the `excluded` processes.
 
     Cumulative, so only the difference between two readings means something:
     how much CPU other people's work took from a window. Steal, idle and I/O
-    wait are not busy; children that already exited count as others.
+    wait are not busy. Children of the excluded processes that exited and were waited for stay
+    excluded (a gunicorn worker killed under load is the server's CPU, not others'); children
+    not yet waited for are still processes, and still excluded while the tree lists them.
     """
     times = psutil.cpu_times()
     busy = times.user + times.nice + times.system + getattr(times, "irq", 0.0) + getattr(times, "softirq", 0.0)
     for pid in excluded:
         try:
-            own = psutil.Process(pid).cpu_times()
+            busy -= own_and_reaped_cpu_s(psutil.Process(pid))
         except psutil.Error:
             continue
-        busy -= own.user + own.system
     return busy
 

@@ -15,6 +15,7 @@ import pytest
 
 from clients.backend import BackendClient
 from support.fault_devices import (
+    CommandFlow,
     bulk_sessions,
     command_roundtrip,
     connect,
@@ -45,10 +46,14 @@ def offline_now(backend: BackendClient, device: str, lost: list | None = None) -
 
 
 def test_worker_sigkill_costs_only_its_own_sessions(tmp_path):
+    """SIGKILL one of two workers while commands flow to the other's devices: those miss none and get each
+    once; the dead worker's devices are offline until they reconnect, then answer again."""
     gateway = launch(tmp_path, workers=2)
     prefix = unique("fxk")
     clients = []
     backend = BackendClient(AMQP_URL)
+    flow_backend = BackendClient(AMQP_URL)
+    flow = None
     try:
         while len(clients) < 60:  # until both workers hold sessions
             clients.append(connect(gateway.tcp, f"{prefix}-{len(clients)}"))
@@ -59,8 +64,11 @@ def test_worker_sigkill_costs_only_its_own_sessions(tmp_path):
         victim, survivor = sorted(held, key=lambda pid: len(held[pid]))
         lost, kept = held[victim], held[survivor]
 
+        flow = CommandFlow(flow_backend, kept)  # from before the kill until the dead worker's devices are back
+        wait_until(lambda: len(flow.delivered) >= 10, timeout=20)
         os.kill(victim, signal.SIGKILL)
         killed = time.monotonic()
+        sent_before_kill = len(flow.sent)
         vanished: list[str] = []
         wait_until(lambda: offline_now(backend, lost[0].device, vanished), timeout=20, interval=0.01)
         print(f"\n[figure] worker SIGKILLed -> a command for one of its devices comes back offline: "
@@ -71,22 +79,29 @@ def test_worker_sigkill_costs_only_its_own_sessions(tmp_path):
             assert is_closed(client, timeout=10)
         # gunicorn's child_exit marks the dead worker: the instance's gauges stop counting it.
         wait_until(lambda: metric(gateway, "warren_sessions") == len(kept), timeout=20)
-        for client in kept:  # the other worker's sessions are untouched
-            ping(client)
-            assert command_roundtrip(backend, client)["ok"] is True
 
         wait_until(lambda: len(gateway.worker_pids()) == 2 and victim not in gateway.worker_pids(), timeout=30)
         wait_until(lambda: all_ready(gateway, 2), timeout=30)
         again = [connect(gateway.tcp, client.device) for client in lost]
         clients += again
-        for client in again:
+        for client in again:  # the dead worker's devices answer again once reconnected
             assert command_roundtrip(backend, client)["ok"] is True
+        replies = flow.stop()
+        assert len(flow.sent) > sent_before_kill > 0
+        # The other worker's devices missed none of the commands sent through the kill, and got each once.
+        assert [reply.get("error") for reply in replies if not reply.get("ok")] == []
+        assert sorted(flow.delivered) == sorted(flow.sent)
         assert metric(gateway, "warren_sessions") == len(kept) + len(again)
-        for client in kept:
+        for client in kept:  # their sessions are untouched
             ping(client)
+            assert command_roundtrip(backend, client)["ok"] is True
         print(f"[figure] session loss: {len(lost)} of {len(lost) + len(kept)} (the killed worker's), "
-              f"all reconnected")
+              f"all reconnected; {len(flow.sent)} commands to the other worker's devices "
+              f"({len(flow.sent) - sent_before_kill} after the kill), all answered once")
     finally:
+        if flow is not None:
+            flow.close()
+        flow_backend.close()
         backend.close()
         for client in clients:
             client.close()

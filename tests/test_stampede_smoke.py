@@ -305,3 +305,28 @@ def test_the_node_loss_scenario_kills_a_cluster_node_and_every_device_answers_ag
     assert loss["sessions_lost"] == 0 and loss["up_after"] == 200
     assert loss["after_restore"].get("ok", 0) > 0 and set(loss["after_restore"]) == {"ok"}
     assert (tmp_path / "loss-node-loss-recovery.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_the_worker_kill_scenario_kills_the_busiest_worker_and_its_devices_answer_again(tmp_path: Path) -> None:
+    """The suite's gateway has two workers: the one holding more devices is SIGKILLed while commands flow;
+    its devices come back (gunicorn starts another worker) and every figure adds up."""
+    out = tmp_path / "kill.json"
+    done = run_suite(out, "--scenarios", "worker-kill", "--devices", "300", "--command-rate", "100",
+                     "--quiet", "2", "--duration", "5", "--jitter", "0", timeout=300)
+    assert done.returncode == 0, done.stderr
+    results = orjson.loads((tmp_path / "kill-worker-kill.json").read_bytes())
+    assert results["runs"]["floor"]["worker_kill"] is None  # an echo server has no commands to miss
+    kill = results["runs"]["gateway"]["worker_kill"]
+    assert len(kill["devices_per_worker"]) == 2 and sum(kill["devices_per_worker"]) == 300
+    assert kill["devices_on_no_worker"] == 0 and kill["replacement_worker_after_s"] is not None
+    others, dead = kill["other_workers"], kill["killed_worker"]
+    assert (dead["devices"], others["devices"]) == tuple(kill["devices_per_worker"])
+    assert others["sent_before_loss"] > 0 and others["sent_after_loss"] > 0
+    assert (others["missed_after_loss"], others["sessions_lost"], others["offline_while_connected"]) == (0, 0, 0)
+    assert dead["back"] == dead["devices"] and dead["back_never_answered"] == 0
+    assert dead["answered_after_comeback_ms"]["n"] == dead["devices"] and dead["offline_while_connected"] == 0
+    assert sum(dead["landed_on"].values()) == dead["devices"]
+    assert (kill["sweep"]["answered"], kill["sweep"]["not_answered"]) == (dead["devices"], {})
+    assert (kill["answered_twice"], kill["up_after"], kill["commands_unsettled"]) == (0, 300, 0)
+    assert (tmp_path / "kill-worker-kill-recovery.png").stat().st_size > 0

@@ -12,7 +12,10 @@ Layout, in reading order:
   backend.py     the backend side: commands via RabbitMQ or HTTP, event verification
   gauges.py      the gateway's cost: its process tree (sampled by bench/sampling.py), RabbitMQ memory
   controller.py  spawns workers, aggregates their counters, prints progress
-  scenarios.py   ramp, hold, stampede, kill-load
+  scenarios.py   ramp, hold, stampede, and the figures every scenario reads
+  faults.py      kill-load, node-loss, and the arithmetic of recovery (commands answered by send time)
+  worker_kill.py worker-kill: a gateway worker SIGKILLed, which devices it held, their comeback
+  catalog.py     every scenario by its name
   measure.py     one scenario against the floor, then the gateway; writes the results
   units.py       CPU per unit of work (set-up, heartbeat, command, event), floor beside gateway
   report.py      table, JSON and PNG

@@ -12,6 +12,7 @@ Examples (from the repository root):
   python -m bench.stampede suite --devices 20000 --transport tcp,tls --scenarios stampede
   python -m bench.stampede suite --devices 20000 --broker single,cluster --scenarios ramp,stampede
   python -m bench.stampede suite --devices 20000 --broker cluster --scenarios node-loss --command-rate 1000
+  python -m bench.stampede suite --devices 20000 --scenarios worker-kill --command-rate 200 --jitter 0
 
 Every run is bounded (device count, --duration, --ramp-timeout) and stops by
 itself; its load processes exit with it, Ctrl-C included.
@@ -29,8 +30,8 @@ import sys
 from pathlib import Path
 
 from bench.stampede.brokers import BROKERS, known_brokers
+from bench.stampede.catalog import SCENARIOS
 from bench.stampede.measure import measure, publish
-from bench.stampede.scenarios import SCENARIOS
 from bench.stampede.suite import DEFAULT_SCENARIOS, TRANSPORTS, known_scenarios, known_transports, run_suite
 
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
@@ -82,11 +83,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     load.add_argument("--event-rate", type=float, default=20.0, help="events per second (all devices)")
     timing = parser.add_argument_group("timing (seconds)")
     timing.add_argument("--duration", type=float, default=20.0,
-                        help="hold: the commands window, then the events window; kill-load: commands")
-    timing.add_argument("--jitter", type=float, default=10.0, help="stampede: reconnects spread over this")
+                        help="hold: the commands window, then the events window; kill-load: commands; "
+                             "worker-kill: commands after the kill")
+    timing.add_argument("--jitter", type=float, default=10.0,
+                        help="stampede: reconnects spread over this; worker-kill: the dead worker's devices "
+                             "come back after their backoff plus up to this (0: at once)")
     timing.add_argument("--quiet", type=float, default=10.0,
                         help="hold: the idle window first (heartbeats only: CPU per heartbeat, and the "
-                             "baseline the traffic windows are measured above)")
+                             "baseline the traffic windows are measured above); worker-kill, node-loss: "
+                             "commands before the kill")
     timing.add_argument("--settle", type=float, default=3.0, help="pause after connecting before measuring")
     timing.add_argument("--ramp-timeout", type=float, default=120.0)
     output = parser.add_argument_group("output")
@@ -98,6 +103,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                     "--devices at 18,000 sessions each, at least 2)")
     suite.add_argument("--scenarios", type=known_scenarios, default=",".join(DEFAULT_SCENARIOS),
                        help=f"which scenarios, comma-separated (default: {','.join(DEFAULT_SCENARIOS)}; "
+                            "worker-kill SIGKILLs the gateway worker holding the most devices; "
                             "node-loss, which kills a RabbitMQ node, only runs with --broker cluster)")
     suite.add_argument("--transport", type=known_transports, default=["tcp"],
                        help=f"how the gateway's devices connect, one or a comma-separated list of "

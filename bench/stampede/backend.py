@@ -27,27 +27,32 @@ COMMAND = orjson.dumps({"name": "unlock", "data": {}})
 PACE_TICK = 0.01
 
 
+Settled = tuple[float, str, str, float]
+"""A command settled: (send time, device, outcome, when it settled), both times wall-clock."""
+
+
 class CommandLog:
-    """Outcomes of every command, (send time, round trip) of the ones a device answered, and
-    (send time, device, outcome) of every one settled: the node-loss scenario reads recovery from those."""
+    """Outcomes of every command, (send time, round trip) of the ones a device answered, and a `Settled`
+    of every one settled: the node-loss and worker-kill scenarios read recovery from those."""
 
     def __init__(self) -> None:
         self.sent = 0
         self.outcomes: Counter = Counter()
         self.samples: list[tuple[float, float]] = []
-        self.settled: list[tuple[float, str, str]] = []
+        self.settled: list[Settled] = []
 
     def answered(self, started: float, device: str) -> None:
         self.outcomes["ok"] += 1
-        now = time.monotonic()
-        sent = time.time() - (now - started)
+        now, wall = time.monotonic(), time.time()
+        sent = wall - (now - started)
         self.samples.append((sent, (now - started) * 1000))
-        self.settled.append((sent, device, "ok"))
+        self.settled.append((sent, device, "ok", wall))
 
     def failed(self, started: float, device: str, outcome: str) -> None:
         """`started` is the monotonic send time, as for `answered`."""
         self.outcomes[outcome] += 1
-        self.settled.append((time.time() - (time.monotonic() - started), device, outcome))
+        wall = time.time()
+        self.settled.append((wall - (time.monotonic() - started), device, outcome, wall))
 
 
 BROKER_ERRORS = (OSError, amqp.AMQPError, amqp.exceptions.RecoverableConnectionError)
@@ -131,6 +136,7 @@ class AmqpCommands(BrokerClient):
         self.timeout = timeout
         self.log = CommandLog()
         self.pending: dict[str, tuple[float, str]] = {}  # command id -> (monotonic send time, device)
+        self.replied: set[str] = set()  # ids answered already: another reply to one is a second answer
         self.outbox: deque[str] = deque()
         self.next_expiry = 0.0
         super().__init__(url)
@@ -170,10 +176,12 @@ class AmqpCommands(BrokerClient):
             self.log.failed(now, self.outbox.popleft(), "not_sent_broker_down")
 
     def on_reply(self, message: amqp.Message) -> None:
-        sent = self.pending.pop(message.properties.get("correlation_id"), None)
-        if sent is None:
-            self.log.outcomes["late_reply"] += 1
+        command_id = message.properties.get("correlation_id")
+        sent = self.pending.pop(command_id, None)
+        if sent is None:  # after its timeout, or a second answer to one answered (delivered twice)
+            self.log.outcomes["answered_twice" if command_id in self.replied else "late_reply"] += 1
             return
+        self.replied.add(command_id)
         reply = orjson.loads(message.body)
         if reply.get("ok"):
             self.log.answered(*sent)

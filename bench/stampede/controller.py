@@ -89,6 +89,10 @@ class Fleet:
         self.ack_ms: list[float] = []
         self.welcome_ms: list[float] = []
         self.banned_at: dict[str, float] = {}  # device -> when its session first ended with `banned`
+        # (device, "lost" | "back", wall-clock time): sessions lost, and the welcome after each, in order.
+        self.changes: list[tuple[str, str, float]] = []
+        self.where: dict[str, tuple[str, int]] = {}  # device -> its (source IP, port), when asked
+        self.where_from: set[int] = set()  # the load processes that answered the last `where`
         self.readers = [gevent.spawn(self.listen, process) for process in self.processes]
 
     def spawn(self, worker: int) -> subprocess.Popen:
@@ -100,6 +104,8 @@ class Fleet:
         """Keep the latest totals of one worker and collect its samples."""
         for line in process.stdout:
             report = orjson.loads(line)
+            if self.side_line(report):
+                continue
             self.latest[report["worker"]] = report
             self.acked_ids += report["acked_ids"]
             self.ack_ms += report["ack_ms"]
@@ -109,6 +115,29 @@ class Fleet:
         worker = self.processes.index(process)
         if worker in self.latest:
             self.latest[worker]["up"] = 0  # it died: none of its sessions is up any more
+
+    def side_line(self, report: dict[str, Any]) -> bool:
+        """Take a line that is not the per-second report (sessions lost and regained, or addresses)."""
+        if "changes" in report:
+            self.changes += [(device, kind, at) for device, kind, at in report["changes"]]
+            return True
+        if "where" in report:
+            self.where.update((device, (ip, port)) for device, (ip, port) in report["where"].items())
+            self.where_from.add(report["worker"])
+            return True
+        return False
+
+    def addresses(self, timeout: float = 60.0) -> dict[str, tuple[str, int]]:
+        """Every connected device's own (source IP, port), asked of every live load process."""
+        self.where, self.where_from = {}, set()
+        self.tell({"op": "where"})
+        alive = {worker for worker, process in enumerate(self.processes) if process.poll() is None}
+        deadline = time.monotonic() + timeout
+        while not alive <= self.where_from:
+            if time.monotonic() > deadline:
+                raise TimeoutError("load processes did not say where their devices are in time")
+            gevent.sleep(0.05)
+        return dict(self.where)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Wait until every worker has built its devices and reported once."""
@@ -181,6 +210,7 @@ class Run:
                  broker: Broker | None = None) -> None:
         self.plan = plan
         self.broker = broker  # the suite's broker: the node-loss scenario loses one of its nodes
+        self.server_pid = gateway_pid  # the worker-kill scenario kills one of its children
         self.gauge = TreeGauge(gateway_pid) if gateway_pid else None
         self.commands: AmqpCommands | HttpCommands | None = None
         self.events: EventVerifier | None = None

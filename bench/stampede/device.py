@@ -83,6 +83,12 @@ class World:
     welcome_timeout: float
     heartbeat: float | None
     stats: Stats = field(default_factory=Stats)
+    # After a session lost (not dropped by us), a device waits its backoff plus up to this long (the
+    # controller's `reconnect_spread`): firmware spreading its comeback.
+    reconnect_spread: float = 0.0
+    # [device, "lost" | "back", wall-clock time] of each session lost and of the welcome that follows it,
+    # sent to the controller within a tick (worker.py): the worker-kill scenario times each comeback.
+    changes: list[list[Any]] = field(default_factory=list)
     next_source: int = 0
     # MQTT packet identifiers, shared by the worker's devices: unique among one connection's packets in
     # flight as long as no device keeps one unanswered for 65,535 others, and no counter per device.
@@ -169,6 +175,7 @@ class Inbox:
 def live(device: Device, world: World) -> None:
     """Keep `device` connected until this greenlet is killed, counting every failure and lost session."""
     attempt = 0
+    coming_back = False
     while True:
         try:
             link, early = connect_when_allowed(device, world)
@@ -178,9 +185,13 @@ def live(device: Device, world: World) -> None:
             attempt += 1
             continue
         attempt = 0
+        if coming_back:
+            world.changes.append([device.name, "back", time.time()])
         reason, retry_after = serve(device, link, early, world)
         world.stats.lost[reason] += 1
-        pause(world, backoff(0, retry_after))
+        world.changes.append([device.name, "lost", time.time()])
+        coming_back = True
+        pause(world, backoff(0, retry_after) + random.uniform(0, world.reconnect_spread))
 
 
 def flap(device: Device, world: World, interval: float) -> None:

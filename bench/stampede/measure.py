@@ -17,9 +17,9 @@ import gevent
 import psutil
 
 from bench.stampede import report, units
+from bench.stampede.catalog import SCENARIOS
 from bench.stampede.controller import Plan, Run, processes_for
 from bench.stampede.gauges import pid_listening_on
-from bench.stampede.scenarios import SCENARIOS
 
 
 def local_pid(url: str) -> int | None:

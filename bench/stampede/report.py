@@ -122,22 +122,33 @@ def plot(results: dict[str, Any], timelines: dict[str, list[dict[str, Any]]], pa
     plot_recovery(results, path.with_name(f"{path.stem}-recovery.png"))
 
 
+# A fault scenario's figures -> its two series (part, what it is) and what happened at 0.
+RECOVERIES = {
+    "node_loss": ((("sampled", "random devices"), ("sweep", "sweep of every device")), "a RabbitMQ node was killed"),
+    "worker_kill": ((("other_workers", "the other workers' devices"),
+                     ("killed_worker", "the dead worker's devices (random and probes)")),
+                    "a gateway worker was SIGKILLed"),
+}
+
+
 def plot_recovery(results: dict[str, Any], path: Path) -> None:
-    """A node-loss run: the share of commands answered by when they were sent, 0 being the node's loss
-    (commands to random devices, then the sweep's one to every device)."""
-    runs = {label: figures["node_loss"] for label, figures in results["runs"].items() if figures.get("node_loss")}
+    """A node-loss or worker-kill run: the share of commands answered per half second by when they were
+    sent, 0 being the fault."""
+    runs = [(label, name, figures[name]) for label, figures in results["runs"].items()
+            for name in RECOVERIES if figures.get(name)]
     if not runs:
         return
     figure, axes = plt.subplots(figsize=(9, 4))
-    for label, loss in runs.items():
-        for part, style in (("sampled", "-"), ("sweep", "--")):
-            bins = loss[part].get("answered_share_over_time", [])
+    for label, name, fault in runs:
+        for (part, what), style in zip(RECOVERIES[name][0], ("-", "--")):
+            bins = fault[part].get("answered_share_over_time", [])
             axes.step([b["t"] for b in bins], [100 * b["share"] for b in bins], style, where="post",
-                      label=f"{label}: {'random devices' if part == 'sampled' else 'sweep of every device'}")
-    axes.axvline(0, color="grey", linestyle=":", label="node killed")
-    axes.set_xlabel("seconds since a RabbitMQ node was killed (by send time)")
+                      label=f"{label}: {what}")
+    event = RECOVERIES[runs[0][1]][1]
+    axes.axvline(0, color="grey", linestyle=":", label=event)
+    axes.set_xlabel(f"seconds since {event} (by send time)")
     axes.set_ylabel("commands answered (%)")
-    axes.set_title(f"node loss: {results['devices']:,} devices held, commands to random devices")
+    axes.set_title(f"{results['scenario']}: {results['devices']:,} devices held, commands to random devices")
     axes.set_ylim(0, 105)
     axes.legend(loc="lower right")
     figure.tight_layout()

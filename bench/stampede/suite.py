@@ -47,8 +47,9 @@ from bench.stampede.brokers import Broker, brokers
 from bench.stampede.measure import ServerRun, assemble, machine, measure_server, publish
 
 SESSIONS_PER_WORKER = 18000
-SCENARIO_ORDER = ("ramp", "hold", "stampede", "kill-load", "node-loss")
-DEFAULT_SCENARIOS = SCENARIO_ORDER[:4]  # node-loss needs --broker cluster
+SCENARIO_ORDER = ("ramp", "hold", "stampede", "kill-load", "worker-kill", "node-loss")
+# worker-kill and node-loss kill part of the server: asked for by name (node-loss needs --broker cluster).
+DEFAULT_SCENARIOS = SCENARIO_ORDER[:4]
 RESULTS = Path("bench/results")
 
 

@@ -1,9 +1,11 @@
 """A load process: holds up to ~18,000 devices (JSON or MQTT) under gevent and obeys the controller.
 
 Started by `controller.py` as `python -m bench.stampede.worker '<json settings>'`.
-It reads one JSON command per line on stdin (connect, drop, events, flap, stop) and
-writes its counters as one JSON line per second on stdout. When stdin closes
-(the controller died) it exits, so no load process outlives its run.
+It reads one JSON command per line on stdin (connect, drop, events, flap, where,
+reconnect_spread, stop) and writes its counters as one JSON line per second on stdout,
+sessions lost and regained (`changes`) within CHANGES_TICK, and the devices' addresses
+(`where`) when asked. When stdin closes (the controller died) it exits, so no load
+process outlives its run.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 import gevent
 import orjson
 from gevent.fileobject import FileObjectPosix
-from gevent.lock import BoundedSemaphore
+from gevent.lock import BoundedSemaphore, Semaphore
 
 from bench.stampede.device import Device, World, flap, live
 from bench.stampede.json_device import JsonDevice
@@ -31,6 +33,7 @@ from bench.stampede.mqtt5_device import Mqtt5Device
 from bench.stampede.mqtt_device import MqttDevice
 
 EVENT_TICK = 0.1
+CHANGES_TICK = 0.05  # a comeback reaches the controller this soon: it sends its first command then
 
 
 class Worker:
@@ -53,6 +56,7 @@ class Worker:
         self.event_rate = 0.0
         self.event_seq = 0
         self.out = FileObjectPosix(sys.stdout.fileno(), "wb", close=False)
+        self.writing = Semaphore()  # a long line (`where`) may block mid-write: no other line in between
 
     def connect(self, jitter: float) -> None:
         """Start every device, each after a random delay of up to `jitter` seconds."""
@@ -81,11 +85,33 @@ class Worker:
         to a second, and they would show up as the gateway's round-trip tail.
         """
         while True:
-            line = {"worker": self.number, "t": time.time(), **self.world.stats.report()}
-            self.out.write(orjson.dumps(line) + b"\n")
-            self.out.flush()
+            self.emit({"worker": self.number, "t": time.time(), **self.world.stats.report()})
             gc.freeze()
             gevent.sleep(1.0)
+
+    def emit(self, line: dict[str, Any]) -> None:
+        """Write one JSON line to the controller."""
+        with self.writing:
+            self.out.write(orjson.dumps(line) + b"\n")
+            self.out.flush()
+
+    def changes_forever(self) -> None:
+        """Pass sessions lost and regained on within a tick, not with the next second's report."""
+        while True:
+            gevent.sleep(CHANGES_TICK)
+            if self.world.changes:
+                changes, self.world.changes = self.world.changes, []
+                self.emit({"worker": self.number, "changes": changes})
+
+    def where(self) -> None:
+        """Each connected device's own address (source IP, port): the server's side of its connection
+        names it as its peer, so the controller can tell which server process holds which device."""
+        found = {}
+        for device in self.devices:
+            link = device.link
+            if link is not None:
+                found[device.name] = link.sock.getsockname()[:2]
+        self.emit({"worker": self.number, "where": found})
 
     def heartbeats_forever(self) -> None:
         """Ping from every device once per heartbeat; phases are spread at connect time."""
@@ -127,6 +153,10 @@ class Worker:
                 self.flap(command["indexes"], float(command.get("interval", 1.0)))
             elif op == "events":
                 self.event_rate = float(command["rate"])
+            elif op == "where":
+                self.where()
+            elif op == "reconnect_spread":
+                self.world.reconnect_spread = float(command["seconds"])
             elif op == "stop":
                 break
         self.drop()
@@ -148,7 +178,8 @@ def raise_file_limit() -> None:
 def main() -> None:
     raise_file_limit()
     worker = Worker(orjson.loads(sys.argv[1]))
-    for forever in (worker.report_forever, worker.heartbeats_forever, worker.events_forever):
+    for forever in (worker.report_forever, worker.heartbeats_forever, worker.events_forever,
+                    worker.changes_forever):
         gevent.spawn(forever)
     worker.obey()
 

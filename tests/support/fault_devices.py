@@ -99,6 +99,67 @@ def worker_of(gateway: Gateway, clients: list[DeviceClient]) -> dict[int, list[D
     return held
 
 
+class CommandFlow:
+    """Commands to `clients` in turn, one every `interval`, through a backend connection of its own, while
+    each client answers every command it gets in a thread of its own; until `stop`, which waits for every
+    reply. Meanwhile the clients' frames are the flow's: read them again only after `stop`."""
+
+    def __init__(self, backend: BackendClient, clients: list[DeviceClient], interval: float = 0.02) -> None:
+        self.backend, self.clients, self.interval = backend, clients, interval
+        self.sent: list[str] = []  # command ids, in order
+        self.delivered: list[str] = []  # the command ids the clients got, as often as they got them
+        self._stop_sending, self._stop_answering = threading.Event(), threading.Event()
+        self._threads = [threading.Thread(target=self._answer, args=(client,), daemon=True) for client in clients]
+        self._threads.append(threading.Thread(target=self._send, daemon=True))
+        for thread in self._threads:
+            thread.start()
+
+    def _send(self) -> None:
+        """Send on time, reading replies in between (unread, they would fill the connection's buffers)."""
+        due = time.monotonic()
+        while not self._stop_sending.is_set():
+            if time.monotonic() >= due:
+                client = self.clients[len(self.sent) % len(self.clients)]
+                self.sent.append(self.backend.send(client.device, "unlock", timeout=10))
+                due += self.interval
+            try:
+                self.backend.connection.drain_events(timeout=max(0.001, due - time.monotonic()))
+            except TimeoutError:
+                pass
+
+    def _answer(self, client: DeviceClient) -> None:
+        while not self._stop_answering.is_set():
+            try:
+                frame = client.receive(timeout=0.2)
+            except TimeoutError:
+                continue
+            except (Closed, OSError):  # its session ended: its commands go unanswered, which `stop` shows
+                return
+            if frame.get("type") == "command":
+                self.delivered.append(frame["id"])
+                client.send({"type": "reply", "id": frame["id"], "ok": True, "data": None})
+
+    def stop(self) -> list[dict]:
+        """Stop sending; every command's reply, in the order sent (the clients answer until they are in)."""
+        self._stop_sending.set()
+        self._threads[-1].join(10)
+        replies = []
+        for command_id in self.sent:
+            try:
+                replies.append(self.backend.wait(command_id, timeout=15))
+            except TimeoutError:
+                replies.append({"id": command_id, "ok": False, "error": "no reply"})
+        self.close()
+        return replies
+
+    def close(self) -> None:
+        """Stop sending and answering at once (a test that failed half way)."""
+        self._stop_sending.set()
+        self._stop_answering.set()
+        for thread in self._threads:
+            thread.join(10)
+
+
 def is_closed(client: DeviceClient, timeout: float = 5.0) -> bool:
     """True when the server closed the connection (after whatever frames it sent first)."""
     try:
