@@ -62,7 +62,11 @@ class MqttBackend:
         self.pending: dict[str, tuple[float, str]] = {}  # command id -> (monotonic send time, device)
         self.packet_ids = itertools.cycle(range(1, 65536))
         self.lock = Semaphore()
-        self.link = MqttLink(socket.create_connection((host, port), timeout=CONNECT_TIMEOUT))
+        sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT)
+        # As py-amqp does for Warren's backend: our small writes (commands, PUBACKs) must not wait on Nagle
+        # for the broker's delayed ACKs, or the backend's own waits would count as the servers' latency.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.link = MqttLink(sock)
         try:
             self.open(client_id)
         except BaseException:
