@@ -102,6 +102,7 @@ def measure(args: argparse.Namespace, server: Server) -> dict[str, Any]:
         run.wait_until_down(args.ramp_timeout)
         gevent.sleep(args.settle)
         figures["drop"] = reconnect(run, args, 0.0)
+        gevent.sleep(args.settle)  # the timeline (and its plot) shows every device back
         figures["units"] = {"server": unit_costs(run.marks, args.devices)}
         if run.broker_gauge is not None:
             figures["units"]["broker"] = unit_costs(run.marks, args.devices, "broker_")
