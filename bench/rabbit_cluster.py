@@ -98,10 +98,18 @@ def amqp_url(*nodes: Node) -> str:
     return ";".join(node.url for node in nodes)
 
 
-class RabbitCluster:
-    """`size` clustered RabbitMQ nodes; `start()` boots them, `close()` leaves nothing behind."""
+# The routing's exchange type (app/broker/partitions.py); it ships with RabbitMQ.
+WARREN_PLUGINS = ("rabbitmq_consistent_hash_exchange",)
 
-    def __init__(self, size: int = 2) -> None:
+
+class RabbitCluster:
+    """`size` clustered RabbitMQ nodes; `start()` boots them, `close()` leaves nothing behind.
+
+    Each node runs `plugins` (Warren's by default) with `config` (rabbitmq.conf lines) added to the
+    few lines every node gets: bench.mqtt_peers boots one node of RabbitMQ's MQTT plugin so."""
+
+    def __init__(self, size: int = 2, plugins: tuple[str, ...] = WARREN_PLUGINS, config: str = "") -> None:
+        self.plugins, self.config = plugins, config
         self.user = _node_user()
         self.scripts = _scripts_dir()
         _sweep_stale_dirs()
@@ -117,10 +125,9 @@ class RabbitCluster:
             (base / sub).mkdir(parents=True)
         # Our own files, so that nothing of /etc/rabbitmq (its 5672 listener, its NODENAME,
         # enabled plugins with their HTTP listeners) applies to these nodes.
-        (base / "rabbitmq.conf").write_text("log.console = true\nlog.file = false\n")
+        (base / "rabbitmq.conf").write_text(f"log.console = true\nlog.file = false\n{self.config}")
         (base / "rabbitmq-env.conf").write_text("")
-        # The routing's exchange type (app/broker/partitions.py); it ships with RabbitMQ.
-        (base / "enabled_plugins").write_text("[rabbitmq_consistent_hash_exchange].\n")
+        (base / "enabled_plugins").write_text(f"[{','.join(self.plugins)}].\n")
         return Node(f"{short_name}@localhost", free_port(), free_port(), base)
 
     # -- the whole cluster ---------------------------------------------------------------

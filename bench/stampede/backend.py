@@ -161,13 +161,17 @@ class AmqpCommands(BrokerClient):
 
     def publish(self, device: str) -> None:
         command_id = uuid.uuid4().hex
-        message = amqp.Message(COMMAND, content_type="application/json", message_id=command_id,
+        message = amqp.Message(self.body(), content_type="application/json", message_id=command_id,
                                correlation_id=command_id, reply_to=self.reply_to,
                                expiration=str(int(self.timeout * 1000)))
         self.pending[command_id] = (time.monotonic(), device)
         self.log.sent += 1
         self.channel.basic_publish(message, exchange="devices.commands", routing_key=device,
                                    mandatory=True)
+
+    def body(self) -> bytes:
+        """A command's body (PROTOCOL.md section 5), the same for every command."""
+        return COMMAND
 
     def lost(self) -> None:
         """Commands not yet published when the broker went away are counted, not silently dropped."""
@@ -270,12 +274,18 @@ class EventVerifier(BrokerClient):
 
     def missing(self, acked_ids: list[str], wait: float = 10.0) -> list[str]:
         """Acked event ids not (yet) consumed, after waiting up to `wait` seconds for stragglers."""
-        deadline = time.monotonic() + wait
-        missing = [event_id for event_id in acked_ids if event_id not in self.seen]
-        while missing and time.monotonic() < deadline:
-            gevent.sleep(0.5)
-            missing = [event_id for event_id in missing if event_id not in self.seen]
-        return missing
+        return unseen(self.seen, acked_ids, wait)
+
+
+def unseen(seen: set[str], acked_ids: list[str], wait: float = 10.0) -> list[str]:
+    """Acked event ids not (yet) in `seen` (the ids consumed, a set that consuming fills), after waiting up to
+    `wait` seconds for stragglers."""
+    deadline = time.monotonic() + wait
+    missing = [event_id for event_id in acked_ids if event_id not in seen]
+    while missing and time.monotonic() < deadline:
+        gevent.sleep(0.5)
+        missing = [event_id for event_id in missing if event_id not in seen]
+    return missing
 
 
 def device_event_id(body: dict[str, Any]) -> str | None:

@@ -14,7 +14,6 @@ keeps its connection, and what is measured is the gateway's recovery.
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
+from bench.cli import distinct_names
 from bench.rabbit_cluster import ClusterError, RabbitCluster, amqp_url, parse_json_listing, running_cluster
 
 CLUSTER_SIZES = {"cluster": 2, "cluster3": 3}
@@ -78,12 +78,7 @@ class Broker:
         return time.monotonic() - started
 
 
-def known_brokers(names: str) -> list[str]:
-    """argparse type for --broker: a comma-separated list of BROKERS, each at most once."""
-    chosen = names.split(",")
-    if set(chosen) - set(BROKERS) or len(set(chosen)) != len(chosen):
-        raise argparse.ArgumentTypeError(f"--broker takes distinct names among {', '.join(BROKERS)}")
-    return chosen
+known_brokers = distinct_names("--broker", BROKERS)
 
 
 @contextmanager

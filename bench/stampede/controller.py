@@ -52,6 +52,7 @@ class Plan:
     heartbeat: float | None = None
     cafile: str | None = None  # the CA the devices trust over TLS (None: the system's)
     verify_tls: bool = True
+    dialect: str | None = None  # "broker": MQTT devices of a general broker (bench.mqtt_peers), else Warren's
     run_id: str = field(default_factory=lambda: secrets.token_hex(3))
 
     def share(self, worker: int) -> tuple[int, int]:
@@ -68,7 +69,7 @@ class Plan:
                 "prefix": self.prefix, "run_id": self.run_id, "concurrency": self.concurrency,
                 "connect_timeout": self.connect_timeout,
                 "welcome_timeout": self.welcome_timeout, "heartbeat": self.heartbeat,
-                "cafile": self.cafile, "verify_tls": self.verify_tls}
+                "cafile": self.cafile, "verify_tls": self.verify_tls, "dialect": self.dialect}
 
     def device_name(self, index: int) -> str:
         return f"{self.prefix}-{index:06d}"
@@ -88,6 +89,7 @@ class Fleet:
         self.acked_ids: list[str] = []
         self.ack_ms: list[float] = []
         self.welcome_ms: list[float] = []
+        self.command_ms: list[float] = []
         self.banned_at: dict[str, float] = {}  # device -> when its session first ended with `banned`
         # (device, "lost" | "back", wall-clock time): sessions lost, and the welcome after each, in order.
         self.changes: list[tuple[str, str, float]] = []
@@ -110,6 +112,7 @@ class Fleet:
             self.acked_ids += report["acked_ids"]
             self.ack_ms += report["ack_ms"]
             self.welcome_ms += report["welcome_ms"]
+            self.command_ms += report["command_ms"]
             for device, at in report["banned_at"]:
                 self.banned_at.setdefault(device, at)
         worker = self.processes.index(process)

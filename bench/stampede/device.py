@@ -52,13 +52,15 @@ class Stats:
     acked_ids: list[str] = field(default_factory=list)
     ack_ms: list[float] = field(default_factory=list)
     welcome_ms: list[float] = field(default_factory=list)
+    # Commands stamped with their send time (mqtt_device): sent -> received by the device, ms.
+    command_ms: list[float] = field(default_factory=list)
     # [device, wall-clock time] of each session ended with `banned` (bench/bans.py: a ban's reach).
     banned_at: list[list[Any]] = field(default_factory=list)
 
     def report(self) -> dict[str, Any]:
         """The totals, and the samples gathered since the previous report (which are then forgotten)."""
         report = dict(vars(self))
-        self.acked_ids, self.ack_ms, self.welcome_ms, self.banned_at = [], [], [], []
+        self.acked_ids, self.ack_ms, self.welcome_ms, self.command_ms, self.banned_at = [], [], [], [], []
         return report
 
 

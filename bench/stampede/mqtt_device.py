@@ -7,6 +7,11 @@
     PUBLISH events/bench.tick (QoS 1)                                         -> PUBACK (the event's ack)
 
 The session counts as up at the SUBACK: only then can commands reach the device.
+A command whose data holds `sent` (the sender's time.time(), bench.mqtt_peers
+stamps its commands so) is also timed from that moment to its arrival here
+(Stats.command_ms; sender and device are processes of one machine, one clock).
+`BrokerMqttDevice` does the same work on a general MQTT broker (RabbitMQ's MQTT
+plugin, Mosquitto: bench.mqtt_peers), its topics under `devices/<id>/`.
 The gateway names an MQTT event itself, so the device's own event id travels in
 the payload (`ref`), where the backend side looks for it (backend.EventVerifier).
 A refused CONNECT is counted as `connack:0x05` and so on; the gateway has no
@@ -39,11 +44,20 @@ class MqttDevice(Device):
 
     def greet(self, inbox: Inbox, world: World) -> float:
         seconds = keep_alive(world.heartbeat)
-        inbox.send(mqtt_codec.connect(self.name, self.token, seconds, username=self.name))
+        username, password = self.credentials()
+        inbox.send(mqtt_codec.connect(self.name, password, seconds, username=username))
         expect(inbox.next(), CONNACK, b"\x00")
-        inbox.send(mqtt_codec.subscribe(world.packet_id(), (COMMANDS, 1)))
+        inbox.send(mqtt_codec.subscribe(world.packet_id(), (self.topic(COMMANDS), 1)))
         expect(inbox.next(), SUBACK, b"\x01")
         return float(seconds)
+
+    def credentials(self) -> tuple[str, str]:
+        """CONNECT's user name and password: Warren reads the password as the device's token."""
+        return self.name, self.token
+
+    def topic(self, name: str) -> str:
+        """The topic `name` (events/..., commands/#, replies/...) as this device's server names it."""
+        return name
 
     def ping(self) -> bool:
         return self.send(mqtt_codec.PINGREQ)
@@ -52,7 +66,7 @@ class MqttDevice(Device):
         packet_id = world.packet_id()
         self.pending[packet_id] = (event_id, time.monotonic())  # before the write: the PUBACK may come first
         payload = orjson.dumps({"ref": event_id, "seq": seq})
-        if self.send(mqtt_codec.publish(EVENT_TOPIC, payload, packet_id)):
+        if self.send(mqtt_codec.publish(self.topic(EVENT_TOPIC), payload, packet_id)):
             return True
         self.pending.pop(packet_id, None)
         return False
@@ -78,12 +92,29 @@ class MqttDevice(Device):
     def answer(self, packet: mqtt_codec.Packet, world: World) -> None:
         """Acknowledge a command and reply to it, in one write (two small writes would wait on Nagle)."""
         _, topic, payload, packet_id = packet
-        if not topic.startswith("commands/"):
+        if not topic.startswith(self.topic("commands/")):
             return
-        command_id = orjson.loads(payload)["id"]
-        reply = mqtt_codec.publish(f"replies/{command_id}", REPLY, world.packet_id())
+        command = orjson.loads(payload)
+        reply = mqtt_codec.publish(self.topic(f"replies/{command['id']}"), REPLY, world.packet_id())
         self.send(mqtt_codec.puback(packet_id) + reply if packet_id is not None else reply)
         world.stats.commands += 1
+        data = command.get("data")
+        if isinstance(data, dict) and "sent" in data:
+            world.stats.command_ms.append(round((time.time() - data["sent"]) * 1000, 2))
+
+
+class BrokerMqttDevice(MqttDevice):
+    """The same device on a general MQTT broker: topics under `devices/<id>/` (the broker routes any topic,
+    so each device keeps to its own), and the broker's default user (guest/guest, which RabbitMQ knows and
+    Mosquitto, allowing anonymous clients, does not check) instead of a token."""
+
+    __slots__ = ()
+
+    def credentials(self) -> tuple[str, str]:
+        return "guest", "guest"
+
+    def topic(self, name: str) -> str:
+        return f"devices/{self.name}/{name}"
 
 
 def expect(packet: mqtt_codec.Packet, kind: int, codes: bytes) -> None:

@@ -41,6 +41,7 @@ import gevent
 import trustme
 import urllib3
 
+from bench.cli import distinct_names
 from bench.ports import free_port
 from bench.stampede import report
 from bench.stampede.brokers import Broker, brokers
@@ -90,13 +91,7 @@ TRANSPORTS = ("tcp", "ws", "mqtt", "mqtt-ws", "mqtt5", "mqtt5-ws", "tls", "wss")
 TLS_TRANSPORTS = ("tls", "wss")
 
 
-def known_transports(names: str) -> list[str]:
-    """argparse type for --transport: a comma-separated list of TRANSPORTS, each at most once."""
-    chosen = names.split(",")
-    unknown = set(chosen) - set(TRANSPORTS)
-    if unknown or len(set(chosen)) != len(chosen):
-        raise argparse.ArgumentTypeError(f"--transport takes distinct names among {', '.join(TRANSPORTS)}")
-    return chosen
+known_transports = distinct_names("--transport", TRANSPORTS)
 
 
 def ensure_unused(ports: dict[str, int]) -> None:

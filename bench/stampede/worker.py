@@ -30,7 +30,7 @@ from bench.stampede.device import Device, World, flap, live
 from bench.stampede.json_device import JsonDevice
 from bench.stampede.links import Target, client_context
 from bench.stampede.mqtt5_device import Mqtt5Device
-from bench.stampede.mqtt_device import MqttDevice
+from bench.stampede.mqtt_device import BrokerMqttDevice, MqttDevice
 
 EVENT_TICK = 0.1
 CHANGES_TICK = 0.05  # a comeback reaches the controller this soon: it sends its first command then
@@ -50,8 +50,9 @@ class Worker:
         secret = settings["secret"].encode()
         first, count = settings["first"], settings["count"]
         self.first = first
-        self.devices = [device_for(f"{settings['prefix']}-{index:06d}", secret, targets[index % len(targets)])
-                        for index in range(first, first + count)]
+        dialect = settings.get("dialect")
+        self.devices = [device_for(f"{settings['prefix']}-{index:06d}", secret, targets[index % len(targets)],
+                                   dialect) for index in range(first, first + count)]
         self.greenlets: list[gevent.Greenlet] = []
         self.event_rate = 0.0
         self.event_seq = 0
@@ -162,8 +163,13 @@ class Worker:
         self.drop()
 
 
-def device_for(name: str, secret: bytes, target: Target) -> Device:
-    """A device of the dialect `target` speaks: MQTT 3.1.1 or 5.0 (PROTOCOL.md sections 8, 9) or JSON frames."""
+def device_for(name: str, secret: bytes, target: Target, dialect: str | None = None) -> Device:
+    """A device of the dialect `target` speaks: MQTT 3.1.1 or 5.0 (PROTOCOL.md sections 8, 9) or JSON frames;
+    the `broker` dialect is MQTT 3.1.1 to a general MQTT broker (bench.mqtt_peers)."""
+    if dialect == "broker":
+        if target.scheme != "mqtt":
+            raise ValueError(f"the broker dialect is MQTT 3.1.1 over TCP (mqtt://host:port), not {target.url}")
+        return BrokerMqttDevice(name, secret, target)
     if target.mqtt:
         return (Mqtt5Device if target.mqtt_level == 5 else MqttDevice)(name, secret, target)
     return JsonDevice(name, secret, target)
