@@ -113,8 +113,11 @@ class Broker:
 
     @property
     def routing(self) -> bool:
-        """Sessions can be routed now: the consumer's link is up and RabbitMQ reads from it."""
-        return self._consumer.ready
+        """Sessions can be routed now (the consumer's link is up and RabbitMQ reads from it), or soon: the
+        worker is starting and its link's first connect is under way. A hello waits for its route then;
+        a session welcomed without one (as during an outage) would hear `offline` for its first commands,
+        sent to it as soon as a backend sees it connected (a worker restarted under a reconnecting crowd)."""
+        return self._consumer.ready or self._consumer.starting
 
     @property
     def accepting(self) -> bool:

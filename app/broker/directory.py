@@ -31,6 +31,14 @@ be the device's FLAP_MAX + 1st start within FLAP_WINDOW is refused (`Flapping`: 
 owner bans the device, and the ban, read by every worker, ends its sessions). It costs
 no round trip a hello did not already make.
 
+A holder's queue gone (RabbitMQ returned something sent to it) takes every session it
+held out of the directory, but most often the holder lives: its link lost its node and
+comes back with a new queue, claiming its live sessions again within seconds. Meanwhile
+its devices' commands wait (`Park`), unacked, for up to HOLDER_GRACE: a claim of the
+device passes them on to its session, the release of the orphaned session or the end of
+the grace answers them `offline`. Without it a node's loss answered `offline` for
+thousands of connected devices (PROTOCOL.md section 5: offline means no live session).
+
 Delayed wills (MQTT 5's Will Delay Interval, PROTOCOL.md section 9) hang on the same
 order: a release may say its session's will is held until `will_until` (wall clock).
 The owner then remembers the ended session and its holder until then, and a fresh
@@ -70,6 +78,21 @@ class Entry:
     restored: bool = False
 
 
+# Seconds a device whose holder's queue vanished waits for a claim (its holder's, reconnected, or a new
+# session's) before its commands are answered `offline`: a link's reconnect after a node's loss, RabbitMQ
+# electing the partitions' new leaders meanwhile, took up to 4 s at 20,000 devices (BENCHMARKS.md).
+HOLDER_GRACE = 5.0
+
+
+@dataclass(slots=True)
+class Orphan:
+    """A device whose holder's queue is gone: the session it had, until when it waits, what waits for it."""
+
+    session: str
+    until: float  # monotonic
+    parked: list
+
+
 # Actions, as tuples headed by their kind (the owner's hot path builds thousands a second).
 ACK = "ack"  # (ACK, tag): the message is done with
 ROUTED = "routed"  # (ROUTED, holder, device, session): the claim stands; the session may be welcomed
@@ -78,6 +101,8 @@ FORWARD = "forward"  # (FORWARD, tag, holder): send the command to the holder; a
 OFFLINE = "offline"  # (OFFLINE, tag): answer the command `offline`; ack it once that is sent
 REFRESH = "refresh"  # (REFRESH, tag, partition, device, entry): publish the claim again, ack `tag` once confirmed
 FLAPPING = "flapping"  # (FLAPPING, device): a start too many within the window: ban the device
+PARK = "park"  # (PARK, tag): the device's holder is gone and may be back: `park` the command, unacked
+UNPARKED = "unparked"  # (UNPARKED, item, holder or None): a parked command: to `holder`, or answer it offline
 
 Action = tuple
 
@@ -130,6 +155,8 @@ class Directory:
         self._by_holder: dict[str, set[str]] = {}
         self._ages: deque[tuple[float, str, int]] = deque()  # (since, device, tag) in delivery order
         self.wills: dict[str, HeldWill] = {}  # device -> the ended session whose will is held, while it is
+        self.orphans: dict[str, Orphan] = {}  # device -> its session whose holder is gone, for HOLDER_GRACE
+        self._orphan_order: deque[tuple[float, str]] = deque()  # (until, device), to let them go in time
         self._will_order: deque[tuple[float, str]] = deque()  # (until, device) in release order, to forget
 
     def __len__(self) -> int:
@@ -162,6 +189,9 @@ class Directory:
         restored = redelivered or (current is not None and current.session == session and current.restored)
         self._put(device, Entry(session, started, holder, epoch, tag, partition, now, restored))
         actions.append((ROUTED, holder, device, session))
+        orphan = self.orphans.pop(device, None)
+        if orphan is not None:  # commands waited for this claim: to its session (their sender's only answer)
+            actions.extend((UNPARKED, item, holder) for item in orphan.parked)
         return actions
 
     def release(self, tag: int, device: str, session: str, will_until: float | None = None) -> list[Action]:
@@ -169,7 +199,11 @@ class Directory:
         `will_until`: the holder holds the session's will until then (wall clock), remembered till then."""
         current = self.entries.get(device)
         if current is None or current.session != session:
-            return [(ACK, tag)]
+            orphan = self.orphans.get(device)
+            if orphan is None or orphan.session != session:
+                return [(ACK, tag)]
+            del self.orphans[device]  # the session its holder was gone with ended: nobody to wait for
+            return [(ACK, tag), *((UNPARKED, item, None) for item in orphan.parked)]
         self._remove(device, current)
         if will_until is not None:
             self.wills[device] = HeldWill(session, current.holder, will_until)
@@ -200,8 +234,9 @@ class Directory:
             if held is not None and held.until <= wall:
                 del wills[device]
 
-    def command(self, tag: int, device: str, redelivered: bool = False) -> Action:
-        """A command (or an operator's question) for `device`: to its holder, or answered offline.
+    def command(self, tag: int, device: str, redelivered: bool = False, now: float = 0.0) -> Action:
+        """A command (or an operator's question) for `device`: to its holder, parked while its holder
+        may be coming back (`holder_gone`), or answered offline.
 
         A `redelivered` one is dropped unanswered unless its device's session was claimed before the
         owner before us died: that owner may have passed it on (to a session that has ended since, or
@@ -210,19 +245,41 @@ class Directory:
         expires unanswered). A restored session may get it again: its holder drops a second copy."""
         current = self.entries.get(device)
         if current is None:
-            return (ACK, tag) if redelivered else (OFFLINE, tag)
+            if redelivered:
+                return (ACK, tag)
+            orphan = self.orphans.get(device)
+            return (PARK, tag) if orphan is not None and now < orphan.until else (OFFLINE, tag)
         if redelivered and not current.restored:
             return (ACK, tag)
         return (FORWARD, tag, current.holder)
 
-    def holder_gone(self, holder: str) -> list[Action]:
+    def holder_gone(self, holder: str, now: float = 0.0) -> list[Action]:
         """RabbitMQ returned something sent to `holder`: its queue is gone, and with it every session
-        it held (a holder that reconnects re-claims its live ones under its new queue's name)."""
+        it held (a holder that reconnects re-claims its live ones under its new queue's name). Their
+        devices are orphans until `now` + HOLDER_GRACE: their commands are parked meanwhile."""
         devices = self._by_holder.pop(holder, set())
         actions: list[Action] = []
+        until = now + HOLDER_GRACE
         for device in devices:
             entry = self.entries.pop(device)
             actions.append((ACK, entry.tag))
+            self.orphans[device] = Orphan(entry.session, until, [])
+            self._orphan_order.append((until, device))
+        return actions
+
+    def park(self, device: str, item: object) -> None:
+        """Keep `item` (the owner's, for a command `command` answered PARK) for the orphan's claim or end."""
+        self.orphans[device].parked.append(item)
+
+    def expire_orphans(self, now: float) -> list[Action]:
+        """Orphans whose grace is over: nobody claimed them, their parked commands are answered offline."""
+        order, orphans, actions = self._orphan_order, self.orphans, []
+        while order and order[0][0] <= now:
+            until, device = order.popleft()
+            orphan = orphans.get(device)
+            if orphan is not None and orphan.until == until:
+                del orphans[device]
+                actions.extend((UNPARKED, item, None) for item in orphan.parked)
         return actions
 
     def refreshed(self, tag: int, device: str, session: str, *, now: float) -> list[Action]:
@@ -255,6 +312,8 @@ class Directory:
         self._ages.clear()
         self.wills.clear()
         self._will_order.clear()
+        self.orphans.clear()  # their parked commands were unacked: redelivered to the next owner
+        self._orphan_order.clear()
 
     # -- the two indexes ------------------------------------------------------------------------
     def _put(self, device: str, entry: Entry) -> None:

@@ -137,6 +137,9 @@ class Link:
         self.nodes = node_order(url, node_offset)
         self.heartbeat = heartbeat  # kombu's memory:// ignores it (and its wire sends none)
         self.connected = False
+        # Until the first connect has succeeded or failed, RabbitMQ is not known to be away: it is the
+        # worker starting, and what waits for the link (a hello's route) should wait, not give up on it.
+        self.starting = True
         self.blocked = False  # RabbitMQ stopped reading from this connection (a resource alarm)
         self.methods: dict[bytes, MethodHandler] = {}
         self.contents: dict[bytes, ContentHandler] = {}
@@ -156,6 +159,7 @@ class Link:
             try:
                 connection, wire = self._connect(self.nodes[node])
             except CONNECTION_ERRORS as exc:
+                self.starting = False
                 node = (node + 1) % len(self.nodes)
                 delay = next(delays)
                 log.warning("%s: cannot reach RabbitMQ (%s); retrying in %.1fs", self.role, exc, delay)
@@ -193,7 +197,7 @@ class Link:
             # drop this connection, or each retry leaves one open at RabbitMQ until its heartbeat timeout.
             self._teardown(connection)
             raise
-        self.connected = True
+        self.connected, self.starting = True, False
         metrics.BROKER_CONNECTED.labels(link=self.role).set(1)
         # How long connecting and declaring took: seconds after a node's loss, while the survivors clean up.
         log.info("%s: connected to %s in %.2fs", self.role, wire.peer, time.monotonic() - started)

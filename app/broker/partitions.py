@@ -23,7 +23,7 @@ a partition is acked only once that is confirmed: an owner that dies in between
 leaves the message to the next one (a forward may then reach its holder twice: the
 holder drops a command id it has already taken). A forward or a notice RabbitMQ
 returns means the holder's queue is gone, and every session it held with it: the
-owner drops them all and answers the command `offline`.
+owner drops them all, and their commands wait for a claim (directory.py, `Orphan`).
 
 Each partition is consumed on a channel of its own. RabbitMQ (3.x) keeps a channel's
 unacked deliveries oldest first, and an ack that is not the oldest's walks every older
@@ -43,20 +43,20 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-import amqp.exceptions
 import orjson
-from kombu import Exchange, Queue
 
 from app import metrics
-from app.broker import frames
+from app.broker import frames, routes
 from app.broker.directory import (
     ACK,
     FLAPPING,
     FORWARD,
     OFFLINE,
+    PARK,
     REFRESH,
     REPLACED,
     ROUTED,
+    UNPARKED,
     Action,
     Directory,
     Starts,
@@ -68,11 +68,9 @@ from app.broker.messages import (
     ASK_TYPE,
     CLAIM_COPY,
     CLAIM_TYPE,
-    COMMANDS_EXCHANGE,
     DEVICE_HEADER,
     FORWARD_TYPE,
     PARTITION_ARGUMENTS,
-    PARTITION_WEIGHT,
     PARTITIONS,
     PING,
     PROBE_TYPE,
@@ -80,7 +78,6 @@ from app.broker.messages import (
     REPLACED_NOTICE,
     REPLY,
     ROUTED_NOTICE,
-    ROUTES_EXCHANGE,
     TAG_HEADER,
     claim_body,
     decode_claim,
@@ -89,7 +86,6 @@ from app.broker.messages import (
     partition_queue,
     reply_body,
 )
-from app.broker.wires import HASH_EXCHANGE_PLUGIN, MissingFeature
 
 log = logging.getLogger("warren.routing")
 
@@ -97,7 +93,6 @@ STANDBY_DELAY = 2.0  # seconds after connecting before a worker subscribes to th
 CLAIM_REFRESH = 600.0  # a claim older than this is published again: RabbitMQ's consumer timeout is 30 min by default
 ROUTING_NACK_STREAK = 1.0  # shorter than the publisher's: a session whose claim is nacked waits for its route
 REFRESH_BATCH = 1000  # claims published again per tick, at most
-PROBE_KEY = "warren.probe"  # no device id has a dot: no session can hold it
 REJECT = "reject"  # (REJECT, tag): back to its partition queue, to be taken again
 RECEIPT_SHIFT = 48  # a receipt's low bits are its delivery tag: 2**48 deliveries a channel is centuries of them
 Here = Callable[[str, str, dict[str, Any], bytes, bool], bool]
@@ -142,7 +137,8 @@ class PartitionOwner:
         # publish seq -> (the receipt to ack once it is confirmed, or 0; what to do if it is refused)
         self._after: dict[int, tuple[int, Callable[[], None] | None]] = {}
         self._nacks = NackStreak(ROUTING_NACK_STREAK)
-        self._answering: set[int] = set()  # receipts whose forward came back: acked behind their `offline`
+        self._refused = 0  # publishes RabbitMQ nacked since the last tick
+        self._answering: set[int] = set()  # receipts whose forward came back: acked by what became of it
         self._rejects: list[int] = []  # receipts of refused forwards, requeued at the next tick
         self._unsubscribed: list[int] = []  # partitions to subscribe to, at STANDBY_DELAY after connecting
         self._standby_at = 0.0
@@ -151,27 +147,7 @@ class PartitionOwner:
     def setup(self, wire: Wire, now: float) -> None:
         """Declare the routes (idempotent: a fixed handful, whatever the number of devices), check the
         alternate exchange, open our channels; the subscriptions follow in the writer."""
-        channel = wire.channel
-        try:
-            Exchange(ROUTES_EXCHANGE, type=wire.hash_exchange_type, durable=True)(channel).declare()
-        except amqp.exceptions.AMQPError as exc:
-            if "exchange type" in str(exc):
-                raise MissingFeature(f"RabbitMQ lacks the {HASH_EXCHANGE_PLUGIN} plugin (it ships with RabbitMQ): "
-                                     f"rabbitmq-plugins enable {HASH_EXCHANGE_PLUGIN}") from exc
-            raise
-        partitions = PARTITIONS if wire.hash_exchange_type != "fanout" else 1
-        for partition in range(partitions):
-            queue = Queue(partition_queue(partition), durable=True, auto_delete=False,
-                          queue_arguments=self._queue_arguments)(channel)
-            try:
-                queue.declare()
-            except amqp.exceptions.PreconditionFailed as exc:
-                raise MissingFeature(
-                    f"the routing partitions exist with other arguments than ROUTE_QUEUES={self._queue_arguments['x-queue-type']} "
-                    f"asks ({exc}): set ROUTE_QUEUES as the rest of the deployment has it, or, with every worker "
-                    f"stopped, delete the queues warren.routes.0-{partitions - 1} (rabbitmqctl delete_queue)") from exc
-            channel.queue_bind(partition_queue(partition), ROUTES_EXCHANGE, routing_key=PARTITION_WEIGHT)
-        wire.check_alternate(COMMANDS_EXCHANGE, ROUTES_EXCHANGE, (PROBE_KEY, {"type": PROBE_TYPE}))
+        partitions = routes.declare(wire, self._queue_arguments)
         self._wire = wire
         self._channel_id = wire.confirmed_channel().channel_id
         self._consuming = [wire.channel_for(acks=True) for _ in range(partitions)]
@@ -222,9 +198,15 @@ class PartitionOwner:
     def tick(self, now: float) -> None:
         """In the writer, about once a second: standby subscriptions, old claims, a channel nacked too long."""
         self._nacks.check(now)
+        if self._refused:
+            log.warning("RabbitMQ refused %d routing publishes (a queue between leaders): made again", self._refused)
+            self._refused = 0
         if self._unsubscribed and now >= self._standby_at:
             self._subscribe(len(self._unsubscribed))
         self.directory.forget_old(now, time.time())
+        expired = self.directory.expire_orphans(now)
+        if expired:
+            self._carry_out(expired, {}, "")
         if self._rejects:
             self._todo.extend((REJECT, tag) for tag in self._rejects)
             self._rejects.clear()
@@ -283,9 +265,8 @@ class PartitionOwner:
             actions = [(ACK, tag)] if release is None else self.directory.release(
                 tag, release[0], release[1], will_until=release[2])
         elif kind != PROBE_TYPE and exchange:  # a command or an operator's question (through the alternate)
-            action = self.directory.command(tag, routing_key, redelivered)
-            if action[0] is FORWARD:
-                self._forward(tag, action[2], routing_key, properties, body, redelivered)
+            action = self.directory.command(tag, routing_key, redelivered, now)
+            if self._passed_on(action, tag, routing_key, properties, body, redelivered):
                 return
             actions = [action]
         else:
@@ -306,11 +287,28 @@ class PartitionOwner:
                 todo.append(("publish", REPLACED_NOTICE, holder, notice_body(device_id, session), (device_id,), 0))
             elif what is OFFLINE:
                 self._answer_offline(action[1], device, properties)
+            elif what is UNPARKED:
+                (tag, device_id, parked, body), holder = action[1], action[2]
+                if holder is None:
+                    self._answer_offline(tag, device_id, parked)
+                else:
+                    self._forward(tag, holder, device_id, parked, body, False)
             elif what is FLAPPING and self._flapped is not None:
                 self._flapped(action[1])
             elif what is REFRESH:  # pragma: no cover - produced by `due_refresh` only, in `tick`
                 raise AssertionError("refresh actions are the tick's")
         self._wake()
+
+    def _passed_on(self, action: Action, tag: int, device: str, properties: dict[str, Any], body: bytes,
+                   redelivered: bool) -> bool:
+        """A command the directory sends to its holder or parks; False for an answer or an ack."""
+        if action[0] is FORWARD:
+            self._forward(tag, action[2], device, properties, body, redelivered)
+        elif action[0] is PARK:
+            self.directory.park(device, (tag, device, properties, body))
+        else:
+            return False
+        return True
 
     def _forward(self, tag: int, holder: str, device: str, properties: dict[str, Any], body: bytes,
                  redelivered: bool) -> None:
@@ -364,8 +362,7 @@ class PartitionOwner:
         if payload[:4] == frames.BASIC_NACK:
             self._nacks.nacked()
             self._nacks.check()  # from the reader too: each second counts after a node's loss
-            log.warning("RabbitMQ refused %d of the routing's publishes (a queue between leaders, or on a node "
-                        "going down): made again", len(done))
+            self._refused += len(done)  # logged once a tick: a node's loss nacks thousands, one by one
             for s in done:
                 _tag, refused = after.pop(s)
                 if refused is not None:
@@ -382,19 +379,22 @@ class PartitionOwner:
         if todo:
             self._wake()
 
-    def returned(self, method: bytes, properties: dict[str, Any], _body: bytes) -> None:
+    def returned(self, method: bytes, properties: dict[str, Any], body: bytes) -> None:
         """RabbitMQ returned a forward or a notice: its holder's queue is gone, and every session in it."""
         _code, _exchange, holder = frames.decode_return(method)
-        actions = self.directory.holder_gone(holder)
+        now = time.monotonic()
+        actions = self.directory.holder_gone(holder, now)
         if actions:
-            log.info("holder %s is gone: %d sessions dropped from the directory", holder, len(actions))
+            log.info("holder %s is gone: %d sessions out of the directory for now", holder, len(actions))
         headers = properties.get("application_headers") or {}
         tag, device = headers.get(TAG_HEADER), headers.get(DEVICE_HEADER)
-        # A forward taken from a redelivery may have reached the device through the owner before us (whose
-        # holder has died since): `offline` could be a second answer. It stays unanswered, acked when confirmed.
+        # A forward taken from a redelivery may have reached the device through the owner before us (whose holder
+        # died since): any answer could be a second one. It stays unanswered, acked when confirmed.
         if isinstance(tag, int) and isinstance(device, str) and headers.get(AGAIN_HEADER) is not True:
-            self._answering.add(tag)
-            self._answer_offline(tag, device, properties)
+            self._answering.add(tag)  # its own confirm acks nothing: what becomes of it now does
+            action = self.directory.command(tag, device, False, now)  # to a newer session, parked, or offline
+            if not self._passed_on(action, tag, device, properties, body, False):
+                self._answer_offline(tag, device, properties)
         self._carry_out(actions, properties, "")
 
 

@@ -64,6 +64,42 @@ def test_a_link_fails_over_along_its_order(monkeypatch: pytest.MonkeyPatch) -> N
         runner.kill()
 
 
+def test_a_link_is_starting_until_its_first_connect_succeeds_or_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Routing waits for a starting link (a hello's route comes soon), not for one known to be away."""
+    gate, attempts = Event(), []
+
+    def connect(url: str, **_kwargs: Any) -> Any:
+        attempts.append(url)
+        gate.wait()
+        if len(attempts) == 1:
+            return types.SimpleNamespace(
+                ensure_connection=lambda **_: (_ for _ in ()).throw(ConnectionRefusedError(url)))
+        return Connection("memory://")
+
+    monkeypatch.setattr(link, "Connection", connect)
+    monkeypatch.setattr(link, "backoff_delays", lambda: itertools.repeat(0.3))
+    publisher = Publisher("memory://")
+    runner = gevent.spawn(publisher.run)
+    try:
+        gevent.sleep(0.05)
+        assert attempts and publisher.starting and not publisher.connected
+        gate.set()  # the first connect fails: RabbitMQ is away
+        wait_for(lambda: not publisher.starting)
+        assert not publisher.connected
+        wait_for(lambda: publisher.connected)
+        assert not publisher.starting
+    finally:
+        runner.kill()
+
+
+def test_sessions_wait_for_their_route_while_the_consumer_starts_not_once_rabbitmq_is_away() -> None:
+    broker = Broker("memory://", max_command_bytes=200)
+    consumer = broker.links[1]
+    assert not consumer.connected and broker.routing  # starting: a hello waits for its route
+    consumer.starting = False  # its first connect failed
+    assert not broker.routing  # away: hellos are welcomed without one, and claimed once it is back
+
+
 @pytest.mark.parametrize(("error", "second"), [(ConnectionResetError("reset"), "memory://b"),
                                                (link.StuckChannel("nacked"), "memory://a")])
 def test_a_stuck_channel_reconnects_to_its_node_and_a_lost_one_moves_on(

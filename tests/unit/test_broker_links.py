@@ -21,6 +21,7 @@ from kombu import Connection, Exchange, Queue
 from app.broker import frames, link
 from app.broker.bans import BanStream
 from app.broker.consumer import CommandConsumer
+from app.broker.directory import HOLDER_GRACE
 from app.broker.link import NACK_STREAK, WRITE_BATCH
 from app.broker.memory_wire import MemoryWire
 from app.broker.messages import (
@@ -37,6 +38,7 @@ from app.broker.messages import (
     RELEASE,
     REPLACED_TYPE,
     REPLY,
+    ROUTED_NOTICE,
     ROUTED_TYPE,
     TAG_HEADER,
     Command,
@@ -476,9 +478,10 @@ def test_replies_to_our_api_come_on_the_default_exchange_untyped() -> None:
     assert heard.calls == [("reply", "r-1", b'{"ok":true}')]
 
 
-def test_a_returned_forward_drops_its_holder_and_answers_offline_through_the_consumers_link() -> None:
-    """The consumer's link carries its partition owner's frames: confirms and returns reach the owner,
-    and the owner's publishes and acks go out in the consumer's writer pass."""
+def forward_returned_from_a_gone_holder() -> tuple[Any, RecordingWire]:
+    """A consumer's link whose owner forwarded command c-1 (delivery 9) of lock-1 to gone.queue, which
+    RabbitMQ returned: the consumer's link carries its partition owner's frames (confirms and returns
+    reach the owner, the owner's publishes and acks go out in the consumer's writer pass)."""
     link_, _ = consumer()
     wire = RecordingWire()
     link_.owner.directory.claim(3, "lock-1", "s-1", 1.0, "gone.queue", fresh=True, partition=0, now=0.0)
@@ -489,18 +492,40 @@ def test_a_returned_forward_drops_its_holder_and_answers_offline_through_the_con
     assert (what, holder, properties["type"]) == ("forward", "gone.queue", FORWARD_TYPE)
     returned = method(spec.Basic.Return, "Bsss", (312, "NO_ROUTE", "", "gone.queue"))
     link_.contents[frames.BASIC_RETURN](returned, properties, b'{"name":"unlock"}')
+    return link_, wire
+
+
+def test_a_returned_forward_waits_for_its_holder_then_is_answered_offline_through_the_consumers_link() -> None:
+    link_, wire = forward_returned_from_a_gone_holder()
     assert link_.owner.directory.holder_of("lock-1") is None
     link_.write(wire)
-    assert wire.ops() == [(REPLY, "api.q")] and ("ack", 3) in wire.calls  # the claim, done
+    assert wire.ops() == [] and ("ack", 3) in wire.calls and ("ack", 9) not in wire.calls  # parked, unacked
+    link_.methods[frames.BASIC_ACK](ack(1, multiple=False))  # the forward's own confirm acks nothing
+    link_.write(wire)
+    assert ("ack", 9) not in wire.calls
+    link_.owner.tick(time.monotonic() + HOLDER_GRACE + 0.1)  # nobody claimed lock-1 in time
+    link_.write(wire)
+    assert wire.ops() == [(REPLY, "api.q")]
     answer = next(call for call in wire.calls if call[0] == "publish")
     assert orjson.loads(answer[3]) == {"device": "lock-1", "id": "c-1", "ok": False, "data": None,
                                        "error": "offline"} and answer[4] == ("k-1",)
-    # The command is acked right behind its `offline` answer, on the same channel ...
-    assert wire.calls.index(answer) < wire.calls.index(("ack", 9))
+    # The command is acked right behind its `offline` answer, on the same channel, once.
+    assert wire.calls.index(answer) < wire.calls.index(("ack", 9)) and wire.calls.count(("ack", 9)) == 1
+
+
+def test_a_returned_forward_goes_to_the_holder_that_claims_its_device_again() -> None:
+    link_, wire = forward_returned_from_a_gone_holder()
+    link_.methods[frames.BASIC_ACK](ack(1, multiple=False))
+    link_.owner.delivered(0, 11, False, "warren.routes", "lock-1", {"type": CLAIM_TYPE},
+                          claim_body("lock-1", "s-1", 1.0, "new.queue", False, 0))
     calls = len(wire.calls)
-    link_.methods[frames.BASIC_ACK](ack(1, multiple=False))  # ... and the forward's own confirm acks nothing more
     link_.write(wire)
-    assert len(wire.calls) == calls and wire.calls.count(("ack", 9)) == 1
+    forwards = [call for call in wire.calls[calls:] if call[0] == "forward"]
+    assert [(holder, properties["message_id"]) for _, holder, properties, _ in forwards] == [("new.queue", "c-1")]
+    assert wire.ops() == [(ROUTED_NOTICE, "new.queue")] and ("ack", 9) not in wire.calls
+    link_.methods[frames.BASIC_ACK](ack(3, multiple=True))  # the notice and the forward: the command is done
+    link_.write(wire)
+    assert wire.calls.count(("ack", 9)) == 1
 
 
 def test_claiming_again_after_a_reconnect_lets_sessions_run_between_batches(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
-from app.broker.directory import ACK, FLAPPING, FORWARD, OFFLINE, REFRESH, REPLACED, ROUTED, Directory, Starts
+from app.broker.directory import (
+    ACK,
+    FLAPPING,
+    FORWARD,
+    HOLDER_GRACE,
+    OFFLINE,
+    PARK,
+    REFRESH,
+    REPLACED,
+    ROUTED,
+    UNPARKED,
+    Directory,
+    Starts,
+)
 
 
 def claim(directory: Directory, tag: int, device: str, session: str, holder: str, *, started: float = 0.0,
@@ -109,9 +122,60 @@ def test_a_holder_gone_takes_all_its_sessions_and_only_its_own() -> None:
     claim(directory, 2, "lock-2", "s2", "q-a")
     claim(directory, 3, "lock-3", "s3", "q-b")
     assert sorted(directory.holder_gone("q-a")) == [(ACK, 1), (ACK, 2)]
-    assert directory.command(4, "lock-1") == (OFFLINE, 4)
+    assert directory.command(4, "lock-1") == (PARK, 4)  # its holder may be back: see the parking tests
     assert directory.command(5, "lock-3") == (FORWARD, 5, "q-b")
     assert directory.holder_gone("q-a") == []
+    assert directory.command(6, "lock-1", now=HOLDER_GRACE) == (OFFLINE, 6)  # nobody claimed it in time
+
+
+def test_commands_of_a_gone_holders_devices_wait_for_its_claim_again_and_go_to_it() -> None:
+    """A node's loss: the holder's link comes back with a new queue and claims its live sessions again."""
+    directory = Directory()
+    claim(directory, 1, "lock-1", "s1", "q-a")
+    claim(directory, 2, "lock-2", "s2", "q-a")
+    directory.holder_gone("q-a", now=100.0)
+    assert directory.command(3, "lock-1", now=101.0) == (PARK, 3)
+    directory.park("lock-1", "first")
+    assert directory.command(4, "lock-1", now=102.0) == (PARK, 4)
+    directory.park("lock-1", "second")
+    assert directory.command(5, "lock-9", now=102.0) == (OFFLINE, 5)  # never held: answered at once
+    assert directory.command(6, "lock-2", redelivered=True, now=102.0) == (ACK, 6)  # as with no holder
+    assert claim(directory, 7, "lock-1", "s1", "q-a2", fresh=False, epoch=2) == [
+        (ROUTED, "q-a2", "lock-1", "s1"), (UNPARKED, "first", "q-a2"), (UNPARKED, "second", "q-a2")]
+    assert directory.command(8, "lock-1", now=103.0) == (FORWARD, 8, "q-a2")
+    assert directory.expire_orphans(now=200.0) == []  # lock-2 had nothing parked; lock-1 was claimed
+
+
+def test_a_new_session_elsewhere_takes_the_parked_commands_and_an_end_answers_them() -> None:
+    directory = Directory()
+    claim(directory, 1, "lock-1", "s1", "q-a")
+    claim(directory, 2, "lock-2", "s2", "q-a")
+    claim(directory, 3, "lock-3", "s3", "q-a")
+    directory.holder_gone("q-a", now=0.0)
+    for device in ("lock-1", "lock-2", "lock-3"):
+        assert directory.command(4, device, now=1.0) == (PARK, 4)
+        directory.park(device, f"for {device}")
+    # lock-1 reconnected to another worker: a fresh session takes what waited (sent before its welcome).
+    assert claim(directory, 5, "lock-1", "s9", "q-b") == [(ROUTED, "q-b", "lock-1", "s9"),
+                                                          (UNPARKED, "for lock-1", "q-b")]
+    # lock-2's session ended on its holder (its release says so): nobody to wait for.
+    assert directory.release(6, "lock-2", "s-other") == [(ACK, 6)]  # another session's release: no news
+    assert directory.release(7, "lock-2", "s2") == [(ACK, 7), (UNPARKED, "for lock-2", None)]
+    # lock-3: nobody within the grace.
+    assert directory.expire_orphans(now=HOLDER_GRACE - 0.5) == []
+    assert directory.expire_orphans(now=HOLDER_GRACE) == [(UNPARKED, "for lock-3", None)]
+    assert directory.orphans == {}
+
+
+def test_an_owner_that_dies_forgets_its_orphans_whose_commands_go_back_unacked() -> None:
+    directory = Directory()
+    claim(directory, 1, "lock-1", "s1", "q-a")
+    directory.holder_gone("q-a")
+    assert directory.command(2, "lock-1") == (PARK, 2)
+    directory.park("lock-1", "parked")
+    directory.reset()
+    assert directory.orphans == {} and directory.expire_orphans(now=1e9) == []
+    assert directory.command(3, "lock-1", redelivered=True) == (ACK, 3)  # the next owner: as with no holder
 
 
 def test_a_holder_gone_after_its_device_moved_keeps_the_new_session() -> None:

@@ -3,8 +3,9 @@ holder deaths and holder reconnects, against the section 2.4 promises.
 
 The model plays RabbitMQ (one partition queue, redelivering what its dead owner held unacked, in order,
 ahead of anything newer), the owner the way app/broker/partitions.py carries out the directory's actions
-(forwards acked once confirmed; an `offline` answer and its ack together; a returned forward answered
-`offline` unless it came from a redelivery), and the holders the way app/sessions/registry.py takes
+(forwards acked once confirmed; an `offline` answer and its ack together; a returned forward decided
+again unless it came from a redelivery: to a newer session, parked while its device's holder may come
+back, or answered `offline`; parked commands passed on to a claim or answered once the grace is over), and the holders the way app/sessions/registry.py takes
 notices and forwarded commands (dropping a second copy of a command id taken from a redelivery).
 
 Checked after every step: no command is answered twice or delivered twice (a delivery is the device's
@@ -23,7 +24,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
-from app.broker.directory import ACK, FORWARD, OFFLINE, REPLACED, ROUTED, Directory
+from app.broker.directory import ACK, FORWARD, OFFLINE, PARK, REPLACED, ROUTED, UNPARKED, Directory
 
 DEVICES = ("d1", "d2")
 HOLDERS = ("A", "B", "C")
@@ -135,6 +136,11 @@ class RoutingModel(RuleBasedStateMachine):
         self.confirms.clear()
         self.directory.reset()
 
+    @rule()
+    def holders_grace_ends(self) -> None:
+        """Time passes: devices of gone holders that nobody claimed meanwhile are no longer waited for."""
+        self._carry_out(self.directory.expire_orphans(float("inf")), None)
+
     @rule(name=st.sampled_from(HOLDERS))
     def holder_takes_one(self, name: str) -> None:
         holder = self.holders[name]
@@ -185,12 +191,12 @@ class RoutingModel(RuleBasedStateMachine):
         elif message.kind == "release":
             actions = self.directory.release(tag, message.device, message.session)
         else:
-            actions = [self.directory.command(tag, message.device, message.redelivered)]
+            actions = [self.directory.command(tag, message.device, message.redelivered, now=0.0)]
             if actions[0] == (ACK, tag):  # redelivered, with no holder or one whose claim overtook it: dropped
                 self.may_go_unanswered.add(message.command)
         self._carry_out(actions, message)
 
-    def _carry_out(self, actions: list[tuple], message: Message) -> None:
+    def _carry_out(self, actions: list[tuple], message: Message | None) -> None:
         for action in actions:
             if action[0] == ACK:
                 self.unacked.pop(action[1], None)
@@ -198,18 +204,30 @@ class RoutingModel(RuleBasedStateMachine):
                 _, queue, device, session = action
                 self._send(queue, (action[0], device, session))
             elif action[0] == OFFLINE:
-                self.outcomes[message.command].append("offline")
-                self.unacked.pop(action[1], None)
+                self._answer_offline(action[1], message)
             elif action[0] == FORWARD:
-                _, tag, queue = action
-                if self._send(queue, ("command", message.device, message.command, message.redelivered)):
-                    self.confirms.append(tag)
-                elif message.redelivered:
-                    self.may_go_unanswered.add(message.command)
-                    self.confirms.append(tag)
+                self._forward(action[1], action[2], message)
+            elif action[0] == PARK:
+                self.directory.park(message.device, (action[1], message))  # stays unacked meanwhile
+            elif action[0] == UNPARKED:
+                (tag, parked), queue = action[1], action[2]
+                if queue is None:
+                    self._answer_offline(tag, parked)
                 else:
-                    self.outcomes[message.command].append("offline")
-                    self.unacked.pop(tag, None)
+                    self._forward(tag, queue, parked)
+
+    def _answer_offline(self, tag: int, message: Message) -> None:
+        self.outcomes[message.command].append("offline")
+        self.unacked.pop(tag, None)
+
+    def _forward(self, tag: int, queue: str, message: Message) -> None:
+        if self._send(queue, ("command", message.device, message.command, message.redelivered)):
+            self.confirms.append(tag)
+        elif message.redelivered:
+            self.may_go_unanswered.add(message.command)
+            self.confirms.append(tag)
+        else:  # returned: its holder is gone; decided again, as a command just taken
+            self._carry_out([self.directory.command(tag, message.device, False, now=0.0)], message)
 
     def _send(self, queue: str, item: tuple) -> bool:
         """To a holder's queue by name; a queue gone returns it, and the owner drops that holder."""
@@ -217,7 +235,7 @@ class RoutingModel(RuleBasedStateMachine):
         if holder.alive and holder.queue == queue:
             holder.inbox.append(item)
             return True
-        for action in self.directory.holder_gone(queue):
+        for action in self.directory.holder_gone(queue, now=0.0):
             self.unacked.pop(action[1], None)
         return False
 
@@ -289,6 +307,8 @@ class RoutingModel(RuleBasedStateMachine):
                 for holder in self.holders.values():
                     if holder.alive and holder.inbox:
                         self._holder_handles(holder, holder.inbox.pop(0))
+            elif self.directory.orphans:
+                self.holders_grace_ends()
             else:
                 return
         raise AssertionError("the model did not settle")
