@@ -70,25 +70,43 @@ class StuckChannel(ConnectionError):
 class NackStreak:
     """RabbitMQ 3.10 nacks every later publish of a channel whose first publish to a quorum queue came
     while the queue had no leader (a node going down), even once it has one again, until the channel
-    closes. A channel nacked for NACK_STREAK seconds with not one ack is dropped, with its connection,
-    for a fresh one (`check`, from the link's tick, raises StuckChannel)."""
+    closes. A channel nacked for `limit` seconds with not one ack is dropped, with its connection,
+    for a fresh one (`check`, from the link's tick, raises StuckChannel).
 
-    def __init__(self, limit: float = 0.0) -> None:
+    `despite_acks`: also drop it once nacks have kept coming, with no pause of `limit`, for that long,
+    acks or not. For a channel that publishes to several quorum queues (the routing's, to 16 partitions)
+    whose leaders were spread over the nodes: the lost node's partitions nack for good while the others
+    ack, and the first rule alone never fires (it took 5 s after a node's loss at 20,000 devices). Not
+    for the publisher: a backend's queue at its length limit (`reject-publish`) nacks for as long as it
+    is full, and reconnecting would not help it."""
+
+    def __init__(self, limit: float = 0.0, despite_acks: float | None = None) -> None:
         self.limit = limit or NACK_STREAK
+        self.despite_acks = despite_acks
         self.since: float | None = None  # the first nack since the last ack (monotonic)
+        self.nacking_since: float | None = None  # the first nack of a run with no pause of `limit`
+        self.last_nack = 0.0
 
     def acked(self) -> None:
         self.since = None
 
     def nacked(self) -> None:
+        now = time.monotonic()
         if self.since is None:
-            self.since = time.monotonic()
+            self.since = now
+        if self.nacking_since is None or now - self.last_nack >= self.limit:
+            self.nacking_since = now
+        self.last_nack = now
 
     def check(self, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         if self.since is not None and now - self.since >= self.limit:
             raise StuckChannel(f"publishes nacked for {now - self.since:.0f}s with no ack: reconnecting "
                                f"for a fresh channel (a quorum queue's leaderless channel state)")
+        if self.despite_acks is not None and self.nacking_since is not None and now - self.last_nack < self.limit \
+                and now - self.nacking_since >= self.despite_acks:
+            raise StuckChannel(f"publishes nacked without pause for {now - self.nacking_since:.0f}s: reconnecting "
+                               f"for a fresh channel (some quorum queues' leaderless channel state)")
 
 
 class StuckSetup(ConnectionError):

@@ -92,6 +92,7 @@ log = logging.getLogger("warren.routing")
 STANDBY_DELAY = 2.0  # seconds after connecting before a worker subscribes to the partitions it does not prefer
 CLAIM_REFRESH = 600.0  # a claim older than this is published again: RabbitMQ's consumer timeout is 30 min by default
 ROUTING_NACK_STREAK = 1.0  # shorter than the publisher's: a session whose claim is nacked waits for its route
+ROUTING_NACKS_DESPITE_ACKS = 2.0  # nacks for this long, some partitions acking meanwhile: a fresh channel too
 REFRESH_BATCH = 1000  # claims published again per tick, at most
 REJECT = "reject"  # (REJECT, tag): back to its partition queue, to be taken again
 RECEIPT_SHIFT = 48  # a receipt's low bits are its delivery tag: 2**48 deliveries a channel is centuries of them
@@ -99,8 +100,7 @@ Here = Callable[[str, str, dict[str, Any], bytes, bool], bool]
 
 
 def receipt(partition: int, tag: int) -> int:
-    """What the owner holds of a delivery: its partition (so, its channel) and its delivery tag, as one int.
-    Partition 0's receipts are its delivery tags."""
+    """What the owner holds of a delivery: its partition (its channel) and delivery tag, as one int."""
     return partition << RECEIPT_SHIFT | tag
 
 
@@ -136,7 +136,7 @@ class PartitionOwner:
         self._seq = 0  # publishes on our channel since confirm_select, numbered as RabbitMQ numbers them
         # publish seq -> (the receipt to ack once it is confirmed, or 0; what to do if it is refused)
         self._after: dict[int, tuple[int, Callable[[], None] | None]] = {}
-        self._nacks = NackStreak(ROUTING_NACK_STREAK)
+        self._nacks = NackStreak(ROUTING_NACK_STREAK, ROUTING_NACKS_DESPITE_ACKS)
         self._refused = 0  # publishes RabbitMQ nacked since the last tick
         self._answering: set[int] = set()  # receipts whose forward came back: acked by what became of it
         self._rejects: list[int] = []  # receipts of refused forwards, requeued at the next tick
@@ -165,7 +165,7 @@ class PartitionOwner:
         self._after.clear()
         self._answering.clear()
         self._rejects.clear()
-        self._nacks = NackStreak(ROUTING_NACK_STREAK)  # the next channel starts with no streak
+        self._nacks = NackStreak(ROUTING_NACK_STREAK, ROUTING_NACKS_DESPITE_ACKS)  # a new channel: no streak
         self._wire, self._consuming = None, []
 
     # -- the writer ----------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ from app.broker.messages import (
     decode_notice,
     notice_body,
 )
-from app.broker.partitions import ROUTING_NACK_STREAK, receipt, split_receipt
+from app.broker.partitions import ROUTING_NACK_STREAK, ROUTING_NACKS_DESPITE_ACKS, receipt, split_receipt
 from app.broker.publisher import Publisher
 from app.sessions.bans import Ban
 
@@ -700,6 +700,49 @@ def test_each_partition_is_acked_on_its_own_channel() -> None:
     assert owner.directory.entries["lock-1"].tag == receipt(3, 5)  # the claim, held unacked
     assert split_receipt(receipt(15, 2**40)) == (15, 2**40) and receipt(0, 7) == 7
     assert now <= owner.directory.entries["lock-1"].since
+
+
+def test_an_owner_nacked_without_pause_replaces_its_channel_even_with_acks_between() -> None:
+    """After a node's loss the partitions whose leader it had nack for good while the others ack: nacks
+    that keep coming (no pause of ROUTING_NACK_STREAK) for ROUTING_NACKS_DESPITE_ACKS drop the channel."""
+    owner = consumer()[0].owner
+    clock = 100.0
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(link, "time", types.SimpleNamespace(monotonic=lambda: clock))
+        for step in range(int(ROUTING_NACKS_DESPITE_ACKS / 0.25)):  # a nack and an ack every 0.25 s
+            owner.confirmed(nack(2 * step + 1))
+            owner.confirmed(ack(2 * step + 2))
+            owner.tick(clock)
+            clock += 0.25
+        with pytest.raises(ConnectionError, match="nacked without pause for 2s"):
+            owner.tick(clock)
+
+
+def test_nacks_with_pauses_between_them_keep_the_owners_channel() -> None:
+    """A nack in passing now and then (a partition electing its leader) is no stuck channel."""
+    owner = consumer()[0].owner
+    clock = 100.0
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(link, "time", types.SimpleNamespace(monotonic=lambda: clock))
+        for step in range(8):
+            owner.confirmed(nack(2 * step + 1))
+            owner.confirmed(ack(2 * step + 2))
+            clock += ROUTING_NACK_STREAK + 0.1
+            owner.tick(clock)
+
+
+def test_the_publisher_keeps_its_channel_while_some_events_are_acked(publisher: Publisher,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backend's queue at its length limit (`reject-publish`) nacks for as long as it is full: the
+    publisher's channel is dropped only when nothing is acked, since a fresh one would not help."""
+    clock = [100.0]
+    monkeypatch.setattr(link, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    for step in range(20):
+        publish_events(publisher, 2)
+        publisher.methods[frames.BASIC_NACK](nack(2 * step + 1))
+        publisher.methods[frames.BASIC_ACK](ack(2 * step + 2))
+        clock[0] += 0.5
+        publisher.tick(clock[0])
 
 
 def test_an_owner_whose_publishes_are_only_nacked_replaces_its_channel(monkeypatch: pytest.MonkeyPatch) -> None:
