@@ -87,7 +87,8 @@ def warren(args: argparse.Namespace, logs: Path) -> Iterator[Server]:
         port = broker.port or 5672
         yield Server("warren", f"mqtt://127.0.0.1:{one.mqtt_port}", gateway.pid,
                      f"revision {revision(args.gateway_dir) or '?'}, {args.workers} workers, on the RabbitMQ at "
-                     f"{broker.hostname}:{port}", log, broker_pid=pid_listening_on(port))
+                     f"{broker.hostname}:{port}{broker.path if broker.path not in ('', '/') else ''}, "
+                     f"{env.get('ROUTE_QUEUES') or 'quorum'} routing partitions", log, broker_pid=pid_listening_on(port))
 
 
 def mqtt_plugin_config(port: int) -> str:
