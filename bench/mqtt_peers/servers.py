@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from bench.cli import distinct_names
 from bench.ports import free_port
@@ -87,7 +87,7 @@ def warren(args: argparse.Namespace, logs: Path) -> Iterator[Server]:
         port = broker.port or 5672
         yield Server("warren", f"mqtt://127.0.0.1:{one.mqtt_port}", gateway.pid,
                      f"revision {revision(args.gateway_dir) or '?'}, {args.workers} workers, on the RabbitMQ at "
-                     f"{broker.hostname}:{port}{broker.path if broker.path not in ('', '/') else ''}, "
+                     f"{broker.hostname}:{port}{'' if unquote(broker.path[1:]) in ('', '/') else broker.path}, "
                      f"{env.get('ROUTE_QUEUES') or 'quorum'} routing partitions", log, broker_pid=pid_listening_on(port))
 
 
