@@ -102,8 +102,8 @@ Mosquitto allows anonymous clients). Warren's PUBACK waits for RabbitMQ's publis
 RabbitMQ MQTT's for its own queue's confirm; Mosquitto's is at once. Nagle is off on the backend's
 connection (as py-amqp has it for Warren's) and in Mosquitto (`set_tcp_nodelay true`, as RabbitMQ's
 MQTT listener has it by default); on Warren's device sockets too (gunicorn sets TCP_NODELAY on its
-listeners, and accepted sockets inherit it). The keep-alive round with its broker counts all Warren's RabbitMQ spent while only PINGREQs flowed (its queues'
-own background included). Topics: Warren's devices use
+listeners, and accepted sockets inherit it). The keep-alive round with its broker counts all
+Warren's RabbitMQ spent while only PINGREQs flowed (its queues' own background included). Topics: Warren's devices use
 `events/<name>` and `commands/#`, the peers' `devices/<id>/events/<name>` and `devices/<id>/commands/#`;
 one backend consumer takes every event and every reply on each server. The noise rows are the
 machine's CPU outside the server, its broker and this tool: a figure taken while others were busy is
