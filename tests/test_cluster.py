@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import amqp
 import pytest
 import requests
 from kombu import Connection
@@ -359,6 +360,21 @@ def test_two_nodes_bans_in_force_stay_enforced_while_a_node_is_down(cluster: Rab
     assert_no_crash(gateway)
 
 
+def ban_readable(node: Node, stream: str, device: str) -> bool:
+    """`device` is among the bans a backend reads from `stream` through `node`."""
+    try:
+        client = BackendClient(node.url)
+    except (OSError, amqp.exceptions.AMQPError):
+        return False
+    try:
+        return device in [ban["device"] for ban in client.bans(stream=stream, timeout=5)]
+    except (TimeoutError, OSError, amqp.exceptions.AMQPError):
+        return False
+    finally:
+        with contextlib.suppress(OSError, amqp.exceptions.AMQPError):
+            client.close()
+
+
 def test_three_nodes_bans_survive_a_node_lost_for_good_and_a_restart(cluster: RabbitCluster, third_node: Node,
                                                                      tmp_path: Path) -> None:
     """A ban is stored on three nodes, the third node is then killed and forgotten, and a new instance on
@@ -373,6 +389,10 @@ def test_three_nodes_bans_survive_a_node_lost_for_good_and_a_restart(cluster: Ra
         # 3.10 may take seconds to admit the node that just joined into the stream coordinator) a ban
         # answers 503, as section 6 allows.
         wait_until(lambda: put_ban(first, device).status_code == 200, timeout=60)
+        # Confirmed means a majority has it, which may be the third node and one other. In 2 of 3 CI runs
+        # here node_a served no ban after the loss when the stream had taken a while to form (above, RabbitMQ
+        # 3.10): the node is lost only once node_a serves the ban.
+        wait_until(lambda: ban_readable(node_a, stream["BANS_STREAM"], device), timeout=60)
     finally:
         first.stop()
     cluster.kill_node(third_node)

@@ -13,6 +13,7 @@ import time
 import amqp
 import pytest
 
+from app.broker.directory import HOLDER_GRACE
 from clients.backend import BackendClient
 from support.fault_devices import (
     CommandFlow,
@@ -73,7 +74,9 @@ def test_worker_sigkill_costs_only_its_own_sessions(tmp_path):
         wait_until(lambda: offline_now(backend, lost[0].device, vanished), timeout=20, interval=0.01)
         print(f"\n[figure] worker SIGKILLed -> a command for one of its devices comes back offline: "
               f"{time.monotonic() - killed:.2f}s ({len(vanished)} command(s) sent before that timed out)")
-        response = gateway.command(lost[1].device, timeout=5)
+        # Its devices' commands wait up to HOLDER_GRACE for a claim (README, "A holder's queue goes"): one
+        # whose claim an owner replayed only now may wait that long.
+        response = gateway.command(lost[1].device, timeout=HOLDER_GRACE + 5)
         assert response.status_code == 404 and response.json()["error"] == "offline"
         for client in lost:
             assert is_closed(client, timeout=10)

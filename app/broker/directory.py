@@ -38,6 +38,8 @@ its devices' commands wait (`Park`), unacked, for up to HOLDER_GRACE: a claim of
 device passes them on to its session, the release of the orphaned session or the end of
 the grace answers them `offline`. Without it a node's loss answered `offline` for
 thousands of connected devices (PROTOCOL.md section 5: offline means no live session).
+A claim naming a holder known gone (redelivered after an owner's death) is stale: its
+device joins that holder's orphans, with the same grace, not a fresh one.
 
 Delayed wills (MQTT 5's Will Delay Interval, PROTOCOL.md section 9) hang on the same
 order: a release may say its session's will is held until `will_until` (wall clock).
@@ -82,6 +84,7 @@ class Entry:
 # session's) before its commands are answered `offline`: a link's reconnect after a node's loss, RabbitMQ
 # electing the partitions' new leaders meanwhile, took up to 4 s at 20,000 devices (BENCHMARKS.md).
 HOLDER_GRACE = 5.0
+GONE_MEMORY = 60.0  # seconds after its grace a gone holder is remembered: its claims redelivered later are stale
 
 
 @dataclass(slots=True)
@@ -157,6 +160,7 @@ class Directory:
         self.wills: dict[str, HeldWill] = {}  # device -> the ended session whose will is held, while it is
         self.orphans: dict[str, Orphan] = {}  # device -> its session whose holder is gone, for HOLDER_GRACE
         self._orphan_order: deque[tuple[float, str]] = deque()  # (until, device), to let them go in time
+        self._gone: dict[str, float] = {}  # holder queues known gone -> the end of their devices' grace
         self._will_order: deque[tuple[float, str]] = deque()  # (until, device) in release order, to forget
 
     def __len__(self) -> int:
@@ -171,6 +175,11 @@ class Directory:
               partition: int, now: float, epoch: int = 0, redelivered: bool = False) -> list[Action]:
         """A holder says `session` of `device` lives in its queue `holder` (as of its connection `epoch`);
         `redelivered`: the owner before us had read this claim (it died before acking it)."""
+        gone_until = self._gone.get(holder)
+        if gone_until is not None:  # a claim from before its holder's queue went (a redelivery): stale
+            if device not in self.entries and device not in self.orphans and now < gone_until:
+                self._orphan(device, session, gone_until)  # its commands wait with the holder's others
+            return [(ACK, tag)]
         current = self.entries.get(device)
         if current is not None and current.session == session and epoch < current.epoch:
             return [(ACK, tag)]  # an older statement of the entry's own session (a redelivery): stale
@@ -259,13 +268,16 @@ class Directory:
         devices are orphans until `now` + HOLDER_GRACE: their commands are parked meanwhile."""
         devices = self._by_holder.pop(holder, set())
         actions: list[Action] = []
-        until = now + HOLDER_GRACE
+        until = self._gone.setdefault(holder, now + HOLDER_GRACE)  # found gone again: the same grace
         for device in devices:
             entry = self.entries.pop(device)
             actions.append((ACK, entry.tag))
-            self.orphans[device] = Orphan(entry.session, until, [])
-            self._orphan_order.append((until, device))
+            self._orphan(device, entry.session, until)
         return actions
+
+    def _orphan(self, device: str, session: str, until: float) -> None:
+        self.orphans[device] = Orphan(session, until, [])
+        self._orphan_order.append((until, device))
 
     def park(self, device: str, item: object) -> None:
         """Keep `item` (the owner's, for a command `command` answered PARK) for the orphan's claim or end."""
@@ -273,6 +285,8 @@ class Directory:
 
     def expire_orphans(self, now: float) -> list[Action]:
         """Orphans whose grace is over: nobody claimed them, their parked commands are answered offline."""
+        for holder in [holder for holder, until in self._gone.items() if until + GONE_MEMORY <= now]:
+            del self._gone[holder]
         order, orphans, actions = self._orphan_order, self.orphans, []
         while order and order[0][0] <= now:
             until, device = order.popleft()
@@ -314,6 +328,7 @@ class Directory:
         self._will_order.clear()
         self.orphans.clear()  # their parked commands were unacked: redelivered to the next owner
         self._orphan_order.clear()
+        self._gone.clear()
 
     # -- the two indexes ------------------------------------------------------------------------
     def _put(self, device: str, entry: Entry) -> None:

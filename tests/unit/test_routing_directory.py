@@ -6,6 +6,7 @@ from app.broker.directory import (
     ACK,
     FLAPPING,
     FORWARD,
+    GONE_MEMORY,
     HOLDER_GRACE,
     OFFLINE,
     PARK,
@@ -165,6 +166,25 @@ def test_a_new_session_elsewhere_takes_the_parked_commands_and_an_end_answers_th
     assert directory.expire_orphans(now=HOLDER_GRACE - 0.5) == []
     assert directory.expire_orphans(now=HOLDER_GRACE) == [(UNPARKED, "for lock-3", None)]
     assert directory.orphans == {}
+
+
+def test_a_claim_naming_a_gone_holder_is_stale_and_its_device_waits_within_the_same_grace() -> None:
+    """After an owner's death the next one replays its claims; some name a holder already found gone
+    (a worker killed with it). They make no entry (which would be found gone again, with a fresh grace)."""
+    directory = Directory()
+    claim(directory, 1, "lock-1", "s1", "q-a")
+    directory.holder_gone("q-a", now=100.0)
+    assert directory.claim(2, "lock-2", "s2", 0.0, "q-a", fresh=False, partition=0, now=101.0,
+                           redelivered=True) == [(ACK, 2)]
+    assert directory.holder_of("lock-2") is None and directory.orphans["lock-2"].until == 100.0 + HOLDER_GRACE
+    assert directory.command(3, "lock-2", now=102.0) == (PARK, 3)
+    directory.holder_gone("q-a", now=103.0)  # found gone again (a ping comes back): no fresh grace
+    assert directory.command(4, "lock-1", now=100.0 + HOLDER_GRACE) == (OFFLINE, 4)
+    assert directory.claim(5, "lock-3", "s3", 0.0, "q-a", fresh=False, partition=0, now=106.0,
+                           redelivered=True) == [(ACK, 5)]
+    assert directory.command(6, "lock-3", now=106.0) == (OFFLINE, 6)  # its holder's grace is over
+    directory.expire_orphans(now=100.0 + HOLDER_GRACE + GONE_MEMORY)  # long after: forgotten
+    assert claim(directory, 7, "lock-3", "s3", "q-a") == [(ROUTED, "q-a", "lock-3", "s3")]
 
 
 def test_an_owner_that_dies_forgets_its_orphans_whose_commands_go_back_unacked() -> None:
