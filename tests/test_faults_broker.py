@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import requests
 
 from clients.backend import BackendClient
 from support.fault_devices import (
@@ -21,7 +22,7 @@ from support.fault_devices import (
     send_event,
     unique,
 )
-from support.gateways import AMQP_URL, all_ready, get, launch, metric, readyz_codes
+from support.gateways import AMQP_URL, API_TOKEN, all_ready, get, launch, metric, readyz_codes
 from support.rabbitmq import DurableQueue, close_connections, rabbitmqctl
 from support.waiting import wait_until
 
@@ -82,6 +83,13 @@ def test_connections_closed_by_broker_sessions_survive_and_traffic_resumes(tmp_p
         gateway.stop()
 
 
+def found(gateway, device: str) -> bool:
+    """The operator API finds `device`'s session (its claim is routed)."""
+    response = requests.get(f"{gateway.http}/devices/{device}", headers={"Authorization": f"Bearer {API_TOKEN}"},
+                            timeout=10)
+    return response.status_code == 200
+
+
 def test_broker_stopped_and_restarted(tmp_path, rabbit_restored):
     """stop_app: sessions stay, /readyz 503, events nacked broker_unavailable, the HTTP
     API answers 503, and a gateway can boot meanwhile. start_app: everything resumes
@@ -134,6 +142,9 @@ def test_broker_stopped_and_restarted(tmp_path, rabbit_restored):
                 assert command_roundtrip(backend, client)["ok"] is True
             recovered = time.monotonic() - restarted
             wait_until(lambda: all_ready(booted, 2), timeout=60)
+            # A session welcomed during the outage is claimed once its worker has read the bans (up to
+            # LOAD_WAIT after its ban link connects, which backs off on its own): found from then on.
+            wait_until(lambda: found(booted, late.device), timeout=30)
             assert command_roundtrip(backend, late)["ok"] is True
         print(f"[figure] start_app returned -> every worker ready and commands to all devices "
               f"answered: {recovered:.2f}s")
