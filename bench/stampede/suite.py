@@ -275,8 +275,12 @@ def scenario_args(args: argparse.Namespace, scenario: str) -> argparse.Namespace
 
 
 def markdown_section(results: dict, plot: Path) -> str:
+    """One scenario's part of the page: its command, its plots (a fault's recovery plot too) and figures.
+    The page is written beside the plots, so it links them by name."""
     scenario = results["scenario"]
-    return (f"### {scenario}\n\n`{results['command']}`\n\n![{scenario}]({plot})"
+    recovery = plot.with_name(f"{plot.stem}-recovery.png")
+    recovery_link = f"\n\n![{scenario}: recovery]({recovery.name})" if recovery.exists() else ""
+    return (f"### {scenario}\n\n`{results['command']}`\n\n![{scenario}]({plot.name}){recovery_link}"
             f"\n\n{report.markdown(results)}\n")
 
 
