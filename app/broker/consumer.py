@@ -84,7 +84,7 @@ class CommandConsumer(Link):
         self.queue_name = _command_queue_name()
         self.epoch = 0  # connections so far: claims say which one named our queue (directory.py)
         self.owner = PartitionOwner(node_offset, slots, self.wake, queue_type, here=self._take_here,
-                                    starts=starts, flapped=flapped)
+                                    told=self._told_here, starts=starts, flapped=flapped)
         self.bans = bans
         if bans is not None:
             bans.loaded_now = self.wake
@@ -212,6 +212,15 @@ class CommandConsumer(Link):
         if holder != self.queue_name:
             return False
         self._take(properties.get("type") == ASK_TYPE, device, properties, body, again)
+        return True
+
+    def _told_here(self, holder: str, routed: bool, device: str, session_id: str) -> bool:
+        """The owner's `routed` or `replaced` notice, taken in-process when the holder is this worker: a
+        session of a device whose partition we own is welcomed without a trip through RabbitMQ."""
+        if holder != self.queue_name:
+            return False
+        inbound = self._inbound  # attached: `setup` made sure of it before any partition was consumed
+        (inbound.routed if routed else inbound.replaced)(device, session_id)
         return True
 
 

@@ -97,6 +97,7 @@ REFRESH_BATCH = 1000  # claims published again per tick, at most
 REJECT = "reject"  # (REJECT, tag): back to its partition queue, to be taken again
 RECEIPT_SHIFT = 48  # a receipt's low bits are its delivery tag: 2**48 deliveries a channel is centuries of them
 Here = Callable[[str, str, dict[str, Any], bytes, bool], bool]
+Told = Callable[[str, bool, str, str], bool]
 
 
 def receipt(partition: int, tag: int) -> int:
@@ -117,14 +118,14 @@ class PartitionOwner:
     """
 
     def __init__(self, slot: int, slots: int, wake: Callable[[], None], queue_type: str = "quorum",
-                 here: Here | None = None, starts: Starts | None = None,
+                 here: Here | None = None, told: Told | None = None, starts: Starts | None = None,
                  flapped: Callable[[str], None] | None = None) -> None:
-        """`here(holder, device, properties, body, again)` takes a forward in-process when `holder` is
-        this worker's own queue (True), so that a device held by its partition's owner costs no
-        second trip through RabbitMQ. `starts` counts sessions started, and `flapped(device)` bans
-        a device that starts too many (flapping detection; None: off)."""
+        """`here(holder, device, properties, body, again)` takes a forward in-process when `holder` is this
+        worker's own queue (True): a device held by its partition's owner costs no second trip through
+        RabbitMQ; `told(holder, routed, device, session)` does so for a `routed` or `replaced` notice.
+        `starts` counts sessions started; `flapped(device)` bans a device that starts too many (None: off)."""
         self.directory = Directory(starts)
-        self._here, self._flapped = here, flapped
+        self._here, self._told, self._flapped = here, told, flapped
         self._queue_arguments = PARTITION_ARGUMENTS[queue_type]
         self._preferred = [p for p in range(PARTITIONS) if p % max(1, slots) == slot % max(1, slots)]
         self._wake = wake
@@ -279,12 +280,11 @@ class PartitionOwner:
             what = action[0]
             if what is ACK:
                 todo.append(action)
-            elif what is ROUTED:
+            elif what is ROUTED or what is REPLACED:
                 _, holder, device_id, session = action
-                todo.append(("publish", ROUTED_NOTICE, holder, notice_body(device_id, session), (device_id,), 0))
-            elif what is REPLACED:
-                _, holder, device_id, session = action
-                todo.append(("publish", REPLACED_NOTICE, holder, notice_body(device_id, session), (device_id,), 0))
+                if self._told is None or not self._told(holder, what is ROUTED, device_id, session):
+                    notice = ROUTED_NOTICE if what is ROUTED else REPLACED_NOTICE
+                    todo.append(("publish", notice, holder, notice_body(device_id, session), (device_id,), 0))
             elif what is OFFLINE:
                 self._answer_offline(action[1], device, properties)
             elif what is UNPARKED:

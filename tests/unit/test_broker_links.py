@@ -36,6 +36,7 @@ from app.broker.messages import (
     MARK_TYPE,
     PRESENCE,
     RELEASE,
+    REPLACED_NOTICE,
     REPLACED_TYPE,
     REPLY,
     ROUTED_NOTICE,
@@ -451,6 +452,28 @@ def test_the_owners_notices_reach_the_sessions_side() -> None:
         link_._dispatch(1, False, "", link_.queue_name, {"type": kind, "app_id": "lock-1"},
                         notice_body("lock-1", session))
     assert heard.calls == [("routed", "lock-1", "s-1"), ("replaced", "lock-1", "s-0")]
+
+
+def test_the_owners_notices_to_its_own_queue_are_taken_in_process_and_others_published() -> None:
+    """A session of a device whose partition this worker owns is welcomed without a trip through RabbitMQ;
+    the older session it replaces, held by another worker, hears so through that worker's queue."""
+    link_, heard = consumer()
+    wire = RecordingWire()
+    claim = {"type": CLAIM_TYPE}
+    link_.owner.delivered(0, 1, False, "warren.routes", "lock-1", claim,
+                          claim_body("lock-1", "s-0", 1.0, "other.queue", True, 0))
+    link_.owner.delivered(0, 2, False, "warren.routes", "lock-1", claim,
+                          claim_body("lock-1", "s-1", 2.0, link_.queue_name, True, link_.epoch))
+    link_.write(wire)
+    assert wire.ops() == [(ROUTED_NOTICE, "other.queue"), (REPLACED_NOTICE, "other.queue")]
+    assert [decode_notice(call[3]) for call in wire.calls if call[0] == "publish"] == [("lock-1", "s-0")] * 2
+    assert heard.calls == [("routed", "lock-1", "s-1")]
+    # And back: the other worker's newer session replaces ours, which hears so in-process.
+    link_.owner.delivered(0, 3, False, "warren.routes", "lock-1", claim,
+                          claim_body("lock-1", "s-2", 3.0, "other.queue", True, 0))
+    link_.write(wire)
+    assert wire.ops()[2:] == [(ROUTED_NOTICE, "other.queue")]
+    assert heard.calls[1:] == [("replaced", "lock-1", "s-1")]
 
 
 def test_a_notice_that_cannot_be_read_is_logged_and_ignored(caplog: pytest.LogCaptureFixture) -> None:
