@@ -330,3 +330,25 @@ def test_the_worker_kill_scenario_kills_the_busiest_worker_and_its_devices_answe
     assert (kill["sweep"]["answered"], kill["sweep"]["not_answered"]) == (dead["devices"], {})
     assert (kill["answered_twice"], kill["up_after"], kill["commands_unsettled"]) == (0, 300, 0)
     assert (tmp_path / "kill-worker-kill-recovery.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_the_mass_reconnect_scenario_cuts_every_device_and_section_2_4_holds_through_it(tmp_path: Path) -> None:
+    """Every device's connection cut at once while commands flow: each comes back, its commands after its
+    welcome are all answered ok, none twice, and `offline` came only while it was away."""
+    out = tmp_path / "mass.json"
+    done = run_suite(out, "--scenarios", "mass-reconnect", "--devices", "300", "--command-rate", "100",
+                     "--quiet", "2", "--duration", "5", "--jitter", "0", timeout=300)
+    assert done.returncode == 0, done.stderr
+    results = orjson.loads((tmp_path / "mass-mass-reconnect.json").read_bytes())
+    assert results["runs"]["floor"]["mass_reconnect"] is None  # an echo server has no commands
+    mass = results["runs"]["gateway"]["mass_reconnect"]
+    back = mass["reconnected"]
+    assert mass["devices"] == back["devices"] == back["back"] == 300 and back["back_never_answered"] == 0
+    assert back["answered_after_comeback_ms"]["n"] == 300 and back["lost_again"] == 0
+    assert set(mass["after_comeback"]) == {"ok"} and mass["after_comeback"]["ok"] >= 300
+    assert (mass["answered_twice"], mass["offline_while_connected"], mass["late_replies"]) == (0, 0, 0)
+    assert mass["commands_by_outcome"]["before_cut"].keys() == {"ok"}
+    assert (mass["sweep"]["answered"], mass["sweep"]["not_answered"]) == (300, {})
+    assert (mass["up_after"], mass["commands_unsettled"]) == (300, 0)
+    assert (tmp_path / "mass-mass-reconnect-recovery.png").stat().st_size > 0

@@ -15,6 +15,7 @@ Layout, in reading order:
   scenarios.py   ramp, hold, stampede, and the figures every scenario reads
   faults.py      kill-load, node-loss, and the arithmetic of recovery (commands answered by send time)
   worker_kill.py worker-kill: a gateway worker SIGKILLed, which devices it held, their comeback
+  mass_reconnect.py  mass-reconnect: every connection cut with commands flowing (section 2.4 at scale)
   catalog.py     every scenario by its name
   measure.py     one scenario against the floor, then the gateway; writes the results
   units.py       CPU per unit of work (set-up, heartbeat, command, event), floor beside gateway

@@ -84,14 +84,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     timing = parser.add_argument_group("timing (seconds)")
     timing.add_argument("--duration", type=float, default=20.0,
                         help="hold: the commands window, then the events window; kill-load: commands; "
-                             "worker-kill: commands after the kill")
+                             "worker-kill, mass-reconnect: commands after the kill or the cut")
     timing.add_argument("--jitter", type=float, default=10.0,
-                        help="stampede: reconnects spread over this; worker-kill: the dead worker's devices "
-                             "come back after their backoff plus up to this (0: at once)")
+                        help="stampede: reconnects spread over this; worker-kill, mass-reconnect: the devices "
+                             "cut off come back after their backoff plus up to this (0: at once)")
     timing.add_argument("--quiet", type=float, default=10.0,
                         help="hold: the idle window first (heartbeats only: CPU per heartbeat, and the "
-                             "baseline the traffic windows are measured above); worker-kill, node-loss: "
-                             "commands before the kill")
+                             "baseline the traffic windows are measured above); worker-kill, mass-reconnect, "
+                             "node-loss: commands before the fault")
     timing.add_argument("--settle", type=float, default=3.0, help="pause after connecting before measuring")
     timing.add_argument("--ramp-timeout", type=float, default=120.0)
     output = parser.add_argument_group("output")
@@ -103,7 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                     "--devices at 18,000 sessions each, at least 2)")
     suite.add_argument("--scenarios", type=known_scenarios, default=",".join(DEFAULT_SCENARIOS),
                        help=f"which scenarios, comma-separated (default: {','.join(DEFAULT_SCENARIOS)}; "
-                            "worker-kill SIGKILLs the gateway worker holding the most devices; "
+                            "worker-kill SIGKILLs the gateway worker holding the most devices; mass-reconnect "
+                            "cuts every device's connection at once with commands flowing; "
                             "node-loss, which kills a RabbitMQ node, only runs with --broker cluster)")
     suite.add_argument("--transport", type=known_transports, default=["tcp"],
                        help=f"how the gateway's devices connect, one or a comma-separated list of "

@@ -128,6 +128,8 @@ RECOVERIES = {
     "worker_kill": ((("other_workers", "the other workers' devices"),
                      ("killed_worker", "the dead worker's devices (random and probes)")),
                     "a gateway worker was SIGKILLed"),
+    "mass_reconnect": ((("reconnected", "every device (random, and on its welcome)"), ("sweep", "sweep of every device")),
+                       "every device's connection was cut"),
 }
 
 

@@ -48,8 +48,9 @@ from bench.stampede.brokers import Broker, brokers
 from bench.stampede.measure import ServerRun, assemble, machine, measure_server, publish
 
 SESSIONS_PER_WORKER = 18000
-SCENARIO_ORDER = ("ramp", "hold", "stampede", "kill-load", "worker-kill", "node-loss")
-# worker-kill and node-loss kill part of the server: asked for by name (node-loss needs --broker cluster).
+SCENARIO_ORDER = ("ramp", "hold", "stampede", "kill-load", "worker-kill", "mass-reconnect", "node-loss")
+# worker-kill and node-loss kill part of the server, mass-reconnect cuts every device with commands flowing:
+# asked for by name (node-loss needs --broker cluster).
 DEFAULT_SCENARIOS = SCENARIO_ORDER[:4]
 RESULTS = Path("bench/results")
 

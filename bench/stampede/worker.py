@@ -1,7 +1,7 @@
 """A load process: holds up to ~18,000 devices (JSON or MQTT) under gevent and obeys the controller.
 
 Started by `controller.py` as `python -m bench.stampede.worker '<json settings>'`.
-It reads one JSON command per line on stdin (connect, drop, events, flap, where,
+It reads one JSON command per line on stdin (connect, drop, cut, events, flap, where,
 reconnect_spread, stop) and writes its counters as one JSON line per second on stdout,
 sessions lost and regained (`changes`) within CHANGES_TICK, and the devices' addresses
 (`where`) when asked. When stdin closes (the controller died) it exits, so no load
@@ -14,9 +14,11 @@ from gevent import monkey
 
 monkey.patch_all()
 
+import contextlib
 import gc
 import random
 import resource
+import socket
 import sys
 import time
 from typing import Any
@@ -77,6 +79,15 @@ class Worker:
         """Close every connection at once (the devices' own doing, so nothing counts as lost)."""
         gevent.killall(self.greenlets)
         self.greenlets = []
+
+    def cut(self) -> None:
+        """End every connection's both directions at once, as a network outage seen by the devices would:
+        unlike `drop`, each device counts its session lost and comes back as firmware does (`live`)."""
+        for device in self.devices:
+            link = device.link
+            if link is not None:
+                with contextlib.suppress(OSError):
+                    link.sock.shutdown(socket.SHUT_RDWR)  # its reader sees the end; the server gets a FIN
 
     def report_forever(self) -> None:
         """Report at once (the controller waits for that: it means ready), then every second.
@@ -150,6 +161,8 @@ class Worker:
                 self.connect(command.get("jitter", 0.0))
             elif op == "drop":
                 self.drop()
+            elif op == "cut":
+                self.cut()
             elif op == "flap":
                 self.flap(command["indexes"], float(command.get("interval", 1.0)))
             elif op == "events":
