@@ -7,8 +7,8 @@ session and no older one. Here the load processes shut every device's socket dow
 devices see their session end and come back after their backoff plus up to --jitter seconds, as firmware
 would after a network outage; the gateway sees each old connection end while its new hello races in).
 Commands go to random devices at --command-rate for --quiet seconds before the cut and --duration seconds
-after it; each comeback is sent a command at once and then every PROBE_INTERVAL until one is answered
-(worker_kill.py's `Comebacks`, which a backend reacting to `session.connected` stands in for), and
+after it; each comeback is sent a command at once, and another whenever that one settles not ok, until
+one is answered ok (worker_kill.py's `Comebacks`, standing in for a backend reacting to `session.connected`); and
 RECOVERY_TARGET seconds after the last came back a sweep sends one command to each device.
 
 What the figures say against section 2.4, read from the complete logs at the end:

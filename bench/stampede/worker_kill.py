@@ -8,7 +8,9 @@ one); gunicorn starts another. Commands go to random devices (all of them) at --
 seconds before the kill and --duration seconds after it. The dead worker's devices see their connection
 drop and reconnect as firmware does (their backoff, plus up to --jitter seconds); each comeback (its new
 welcome) is passed to the controller within a load process's CHANGES_TICK, and from then on that device is
-sent a command every PROBE_INTERVAL until one is answered ok: welcome to that answer is its recovery, an
+sent a command, and another at least PROBE_INTERVAL later whenever one settles not ok, until one is answered
+ok (one probe in flight per device: probes that pile up behind a slow answer would only slow it more):
+welcome to that answer is its recovery, an
 upper bound: `first_command_after_comeback_ms` is the tool's own share of it (a loaded machine delays the
 news of a welcome), `answered_after_first_command_ms` the gateway's. Once every one of them is back, and
 RECOVERY_TARGET seconds after the last came back, a sweep sends one command to each. Figures are read
@@ -36,7 +38,7 @@ from bench.stampede.controller import Run, percentiles
 from bench.stampede.faults import RECOVERY_TARGET, SWEEP_SECONDS, answered_share, recovery, sweep
 from bench.stampede.scenarios import busy_cores, command_figures, cost, drain, ramp
 
-PROBE_INTERVAL = 0.5  # a device back but not yet answering is sent another command this often
+PROBE_INTERVAL = 0.5  # a device back but not yet answering is sent another command at most this often
 PROBE_TICK = 0.05
 OFFLINE = ("failed:offline", "returned_offline")  # the gateway said no session holds the device
 Timeline = list[tuple[str, float]]  # ("lost" | "back", wall-clock time), in order
@@ -57,14 +59,16 @@ def holders(master: int, addresses: dict[str, tuple[str, int]]) -> dict[int, set
 
 
 class Comebacks:
-    """The dead worker's devices coming back: sends each one, once welcomed again, a command every
-    PROBE_INTERVAL until one is answered ok; notes when every one was back, and the new worker."""
+    """The dead worker's devices coming back: sends each one, once welcomed again, a command, and another
+    whenever its last one settled not ok (PROBE_INTERVAL apart at least), until one is answered ok; notes
+    when every one was back, and the new worker."""
 
     def __init__(self, run: Run, devices: set[str], workers: set[int]) -> None:
         self.run, self.devices, self.workers = run, devices, workers
         self.back: dict[str, float] = {}  # device -> when it was first welcomed again
         self.answered: set[str] = set()  # those that answered a command sent after that
         self.last_probe: dict[str, float] = {}
+        self.probing: set[str] = set()  # those with a command sent since their comeback and not yet settled
         self.changes_read = self.settled_read = 0
         self.all_back: dict[str, Any] | None = None  # the run's mark when the last one came back
         self.replaced_at: float | None = None  # when the master had a child it did not have before
@@ -74,9 +78,10 @@ class Comebacks:
         while time.time() < until and len(self.answered) < len(self.devices):
             self.read()
             now = time.time()
-            for device in self.back.keys() - self.answered:
+            for device in self.back.keys() - self.answered - self.probing:
                 if now - self.last_probe.get(device, 0.0) >= PROBE_INTERVAL:
                     self.last_probe[device] = now
+                    self.probing.add(device)
                     self.run.commands.send(device)
             gevent.sleep(PROBE_TICK)
 
@@ -88,8 +93,11 @@ class Comebacks:
         for device, kind, at in changes[self.changes_read:]:
             if kind == "back" and device in self.devices:
                 self.back.setdefault(device, at)
-        self.answered |= {device for sent, device, outcome, _ in settled[self.settled_read:]
-                          if outcome == "ok" and sent >= self.back.get(device, float("inf"))}
+        since_comeback = [(device, outcome) for sent, device, outcome, _ in settled[self.settled_read:]
+                          if sent >= self.back.get(device, float("inf"))]
+        self.answered |= {device for device, outcome in since_comeback if outcome == "ok"}
+        # Any command of it settled (a random one may settle first): the next probe may go.
+        self.probing -= {device for device, _ in since_comeback}
         self.changes_read, self.settled_read = len(changes), len(settled)
         if self.all_back is None and len(self.back) == len(self.devices):
             self.all_back = self.run.mark("all_back")
