@@ -3,6 +3,7 @@
     worker (one_for_one)
     ├── broker (rest_for_one): publisher link, consumer link     app/broker/
     ├── watchdog: hello and idle deadlines of every session       app/sessions/watchdog.py
+    ├── metrics: per-command and per-event counts, written each second app/metrics.py
     ├── crl (with TLS_CRL_FILE): reloads the file when it changes app/tls/crl.py
     └── connections: one temporary greenlet per accepted connection (app/supervision/connections.py)
 
@@ -81,6 +82,7 @@ class WorkerTree:
             ChildSpec("broker", lambda: Supervisor("broker", "rest_for_one", children=links).start(),
                       type="supervisor", shutdown="infinity"),
             ChildSpec("watchdog", lambda: gevent.spawn(self.registry.watchdog.run), shutdown="brutal_kill"),
+            ChildSpec("metrics", lambda: gevent.spawn(metrics.flush_forever), shutdown="brutal_kill"),
             *([ChildSpec("crl", lambda: gevent.spawn(self.crl.run), shutdown="brutal_kill")] if self.crl else []),
             ChildSpec("connections", self._start_connections, type="supervisor", shutdown="infinity"),
         ]
@@ -137,6 +139,7 @@ class WorkerTree:
                 gevent.sleep(0.1)
         if self.root is not None:
             self.root.stop()
+        metrics.flush()
         metrics.WORKERS.set(0)
         sentry.flush()
 

@@ -67,7 +67,10 @@ def test_metrics_are_exposed_and_updated(ops_gateway):
         assert gateway.command("metrics-offline-device").status_code in {404, 503}
         with DeviceClient(gateway.tcp) as bad:
             assert bad.hello("metrics-bad", "wrong")["code"] == "unauthorized"
-        text = scrape_until(gateway, lambda t: metric_value(t, 'warren_sessions{transport="ws"}') >= 1)
+        # The event's count is written within metrics.FLUSH_SECONDS by the worker that took it.
+        text = scrape_until(gateway, lambda t: metric_value(t, 'warren_sessions{transport="ws"}') >= 1 and (
+            metric_value(t, "warren_event_confirm_seconds_count")
+            + metric_value(t, 'warren_events_total{outcome="unroutable"}')) >= 1)
     declared = {metric._name for metric in vars(metrics).values() if isinstance(metric, MetricWrapperBase)}
     for name in EXPECTED_METRICS:
         assert name.removesuffix("_total").removesuffix("_bucket") in declared, name

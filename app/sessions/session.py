@@ -265,7 +265,7 @@ class Session:
         def done(outcome: str | None) -> None:
             self.in_flight -= 1
             if outcome is None:
-                metrics.EVENT_CONFIRM.observe(time.monotonic() - received)
+                metrics.EVENT_CONFIRM_TIMES.observe(time.monotonic() - received)
                 metrics.EVENTS_ACKED.inc()
                 self.conn.send({"type": "ack", "id": event_id})
             else:
@@ -366,7 +366,7 @@ class Session:
             self.send_error("unknown_command", "no pending command has this id", frame["id"])
             return
         command, sent = entry
-        metrics.COMMAND_DEVICE_RTT.observe(time.monotonic() - sent)
+        metrics.COMMAND_DEVICE_TIMES.observe(time.monotonic() - sent)
         metrics.COMMANDS_REPLIED.inc()
         self.backend.reply(command, ok=frame["ok"], data=frame.get("data"), error=frame.get("error"))
 
