@@ -30,7 +30,6 @@ from collections import Counter
 from typing import Any
 
 import gevent
-import psutil
 
 from bench.stampede.backend import Settled, pace
 from bench.stampede.controller import Run, percentiles
@@ -57,8 +56,7 @@ def cut_and_follow(run: Run, options: argparse.Namespace, devices: set[str]) -> 
     and is probed (probes go on until each answered, --ramp-timeout seconds from the cut at most), then the
     sweep. Returns when the cut, the random commands' end and the sweep's start were (wall clock)."""
     run.fleet.tell({"op": "reconnect_spread", "seconds": options.jitter})
-    comebacks = Comebacks(run, devices, {child.pid for child in psutil.Process(run.server_pid).children()}
-                          if run.server_pid else set())
+    comebacks = Comebacks(run, devices, None)
     commands, names = run.commands, sorted(devices)
     run.mark("commands_start")
     flow = gevent.spawn(pace, options.command_rate, options.quiet + options.duration,

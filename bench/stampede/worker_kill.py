@@ -40,6 +40,7 @@ from bench.stampede.scenarios import busy_cores, command_figures, cost, drain, r
 
 PROBE_INTERVAL = 0.5  # a device back but not yet answering is sent another command at most this often
 PROBE_TICK = 0.05
+CHILDREN_EVERY = 0.25  # seconds between looks for the worker gunicorn starts in the dead one's place
 OFFLINE = ("failed:offline", "returned_offline")  # the gateway said no session holds the device
 Timeline = list[tuple[str, float]]  # ("lost" | "back", wall-clock time), in order
 
@@ -63,8 +64,10 @@ class Comebacks:
     whenever its last one settled not ok (PROBE_INTERVAL apart at least), until one is answered ok; notes
     when every one was back, and the new worker."""
 
-    def __init__(self, run: Run, devices: set[str], workers: set[int]) -> None:
+    def __init__(self, run: Run, devices: set[str], workers: set[int] | None) -> None:
+        """`workers`: the server's workers before the kill, to note when a new one appears (None: no kill)."""
         self.run, self.devices, self.workers = run, devices, workers
+        self.children_seen = 0.0  # when the server's workers were last listed: a scan of /proc costs ~3 ms
         self.back: dict[str, float] = {}  # device -> when it was first welcomed again
         self.answered: set[str] = set()  # those that answered a command sent after that
         self.last_probe: dict[str, float] = {}
@@ -101,8 +104,11 @@ class Comebacks:
         self.changes_read, self.settled_read = len(changes), len(settled)
         if self.all_back is None and len(self.back) == len(self.devices):
             self.all_back = self.run.mark("all_back")
-        if self.replaced_at is None and {child.pid for child in self.children()} - self.workers:
-            self.replaced_at = time.time()
+        now = time.time()
+        if self.workers is not None and self.replaced_at is None and now - self.children_seen >= CHILDREN_EVERY:
+            self.children_seen = now
+            if {child.pid for child in self.children()} - self.workers:
+                self.replaced_at = now
 
     def children(self) -> list[psutil.Process]:
         try:
