@@ -85,7 +85,7 @@ def reconnect_figures(run: Run, devices: set[str], cut: float, window_end: float
         "devices": len(devices),
         "cut_after_s": round(cut - start["wall"], 3),
         "answered_twice": log.outcomes["answered_twice"],
-        "late_replies": log.outcomes["late_reply"],  # answers after the command's timeout: none expected
+        "late_replies": log.outcomes["late_reply"],  # answers after the command's timeout (a timeout each)
         "reconnected": reconnected,
         "after_comeback": reconnected["commands_after_comeback"],
         "offline_while_connected": reconnected["offline_while_connected"],

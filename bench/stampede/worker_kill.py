@@ -10,9 +10,9 @@ drop and reconnect as firmware does (their backoff, plus up to --jitter seconds)
 welcome) is passed to the controller within a load process's CHANGES_TICK, and from then on that device is
 sent a command, and another at least PROBE_INTERVAL later whenever one settles not ok, until one is answered
 ok (one probe in flight per device: probes that pile up behind a slow answer would only slow it more):
-welcome to that answer is its recovery, an
-upper bound: `first_command_after_comeback_ms` is the tool's own share of it (a loaded machine delays the
-news of a welcome), `answered_after_first_command_ms` the gateway's. Once every one of them is back, and
+welcome to that answer is its recovery, an upper bound: `first_command_after_comeback_ms` is the tool's
+own share of it (a loaded machine delays the news of a welcome), `answered_after_first_command_ms` the
+gateway's. Once every one of them is back, and
 RECOVERY_TARGET seconds after the last came back, a sweep sends one command to each. Figures are read
 from the complete logs at the end (the probes only steer the sending).
 """
