@@ -156,6 +156,7 @@ def sweep(settled: list[Settled], started: float, ended: float, killed: float,
             "answered_share_over_time": answered_share([(t, outcome) for t, _device, outcome in swept])}
 
 
-def outcomes_between(settled: list[Settled], since: float) -> dict[str, int]:
-    return dict(Counter(outcome for sent, _device, outcome, _at in settled if sent >= since))
+def outcomes_between(settled: list[Settled], since: float, until: float = math.inf) -> dict[str, int]:
+    """Commands sent in [since, until), by outcome."""
+    return dict(Counter(outcome for sent, _device, outcome, _at in settled if since <= sent < until))
 

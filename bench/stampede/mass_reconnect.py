@@ -26,14 +26,13 @@ import argparse
 import random
 import sys
 import time
-from collections import Counter
 from typing import Any
 
 import gevent
 
 from bench.stampede.backend import Settled, pace
 from bench.stampede.controller import Run, percentiles
-from bench.stampede.faults import sweep
+from bench.stampede.faults import outcomes_between, sweep
 from bench.stampede.scenarios import busy_cores, command_figures, cost, ramp
 from bench.stampede.worker_kill import OFFLINE, Comebacks, killed_worker, sweep_comebacks, timelines
 
@@ -90,7 +89,9 @@ def reconnect_figures(run: Run, devices: set[str], cut: float, window_end: float
         "after_comeback": reconnected["commands_after_comeback"],
         "offline_while_connected": reconnected["offline_while_connected"],
         "offline_answer_ms": offline_answer_ms(log.settled, cut, window_end),
-        "commands_by_outcome": outcomes(log.settled, start["wall"], cut, window_end),
+        # Every command (random and probes), sent before the cut and from it to the window's end.
+        "commands_by_outcome": {"before_cut": outcomes_between(log.settled, start["wall"], cut),
+                                "after_cut": outcomes_between(log.settled, cut, window_end)},
         "sweep": sweep(log.settled, sweep_started, swept["wall"], cut, len(devices)),
         "up_after": swept["up"],
         "server_cpu_cores_cut_to_all_back": busy_cores(at_cut, back, "cpu_s"),
@@ -106,8 +107,3 @@ def offline_answer_ms(settled: list[Settled], since: float, until: float) -> dic
     return percentiles([(at - sent) * 1000 for sent, _, outcome, at in settled
                         if outcome in OFFLINE and since <= sent < until])
 
-
-def outcomes(settled: list[Settled], since: float, cut: float, until: float) -> dict[str, dict[str, int]]:
-    """Every command (random and probes) by outcome, sent before the cut and from it to the window's end."""
-    return {"before_cut": dict(Counter(outcome for sent, _, outcome, _ in settled if since <= sent < cut)),
-            "after_cut": dict(Counter(outcome for sent, _, outcome, _ in settled if cut <= sent < until))}
