@@ -40,20 +40,31 @@ from app.broker.messages import (
     AGAIN_HEADER,
     ASK_TYPE,
     CLAIM,
+    CLAIMED,
     DEVICE_HEADER,
     EXCHANGES,
     FORWARD_TYPE,
+    PARTITION_WEIGHT,
     RELEASE,
+    RELEASED,
     REPLACED_TYPE,
+    RING_PROBE,
+    RING_TYPE,
     ROUTED_TYPE,
+    UPDATES,
     Refusal,
     claim_body,
     decode_ask,
     decode_notice,
+    decode_ring,
     parse_command,
+    partition_queue,
     release_body,
+    ring_probe_body,
+    updates_body,
 )
 from app.broker.partitions import PartitionOwner
+from app.broker.ring import RingCheck, partition_of
 
 if TYPE_CHECKING:
     from app.broker.bans import BanStream
@@ -62,6 +73,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("warren.broker")
 
 _CLAIM, _RELEASE = "claim", "release"
+_WEIGHT = int(PARTITION_WEIGHT)
+Update = tuple[str, str, str, float, bool]  # (_CLAIM or _RELEASE, device, session, started or will_until, fresh)
 
 
 class CommandConsumer(Link):
@@ -91,8 +104,10 @@ class CommandConsumer(Link):
         self._max_command_bytes = max_command_bytes
         self._inbound: Inbound | None = None
         self._refuse, self._reply_received, self._asked = refuse, reply_received, asked
-        self._todo: deque[tuple[str, str, str, float, bool]] = deque()  # claims and releases, in order
-        self._refused: list[tuple[str, str, str, float, bool]] = []  # to make again at the next tick
+        self._todo: deque[Update] = deque()  # claims and releases, in order
+        self._refused: list[Update] = []  # to make again at the next tick
+        self.ring = RingCheck()  # until it holds, claims and releases go one by one through the hash exchange
+        self._probes: list[tuple[str, int]] = []  # the ring check's (key, partition expected), to publish
         self.methods = {frames.BASIC_ACK: self.owner.confirmed, frames.BASIC_NACK: self.owner.confirmed}
         self.contents = {frames.BASIC_RETURN: self.owner.returned}
 
@@ -114,7 +129,7 @@ class CommandConsumer(Link):
         """A session ended; `will_until` (wall clock, 0.0 for none) rides where a claim has its hello time."""
         self._queue_write((_RELEASE, device, session_id, will_until or 0.0, False))
 
-    def _queue_write(self, item: tuple[str, str, str, float, bool]) -> None:
+    def _queue_write(self, item: Update) -> None:
         if self.connected:
             self._todo.append(item)
             self.wake()
@@ -130,29 +145,72 @@ class CommandConsumer(Link):
         # Deliveries come on a channel of their own, apart from the partitions' (acked, in confirm mode).
         wire.consume(wire.channel_for(acks=False), self.queue_name, self._dispatch)
         self.owner.setup(wire, time.monotonic())
+        self._probes = self.ring.probes(self.owner.partitions, _WEIGHT)
         self._todo = deque((_CLAIM, device, session_id, started, False)
                            for device, started, session_id in self._inbound.live_sessions())
         if self._todo:
             log.info("consumer: claiming %d live sessions again under queue %s", len(self._todo), self.queue_name)
 
     def write(self, wire: Wire) -> bool:
-        todo, holder, epoch, owner = self._todo, self.queue_name, self.epoch, self.owner
+        todo, owner = self._todo, self.owner
+        for key, expect in self._probes:
+            owner.publish_confirmed(wire, RING_PROBE, key, ring_probe_body(self.queue_name, expect), None)
+        self._probes.clear()
         if self.bans is not None and not self.bans.loaded:  # claims wait until we know who is banned (`tick`)
             return owner.write(wire, WRITE_BATCH)
-        for _ in range(min(len(todo), WRITE_BATCH)):
-            item = todo.popleft()
-            operation, device, session_id, started, fresh = item
-            # On the partitions' confirmed channel: one RabbitMQ refuses (a partition queue changing
-            # leader as a node goes) is made again at the next tick (not at once: the queue may refuse
-            # for seconds), a claim as a re-statement (not fresh).
+        updates = [todo.popleft() for _ in range(min(len(todo), WRITE_BATCH))]
+        # On the partitions' confirmed channel: what RabbitMQ refuses (a partition queue changing
+        # leader as a node goes) is made again at the next tick (not at once: the queue may refuse
+        # for seconds), a claim as a re-statement (not fresh).
+        if self.ring.holds:
+            self._write_together(wire, updates)
+        else:
+            self._write_one_by_one(wire, updates)
+        return owner.write(wire, WRITE_BATCH) or bool(todo)
+
+    def _write_one_by_one(self, wire: Wire, updates: list[Update]) -> None:
+        """Each claim and release through the hash exchange, which finds its partition."""
+        holder, epoch, owner = self.queue_name, self.epoch, self.owner
+        for update in updates:
+            operation, device, session_id, started, fresh = update
             if operation is _CLAIM:
                 body = claim_body(device, session_id, started, holder, fresh, epoch)
-                again = (_CLAIM, device, session_id, started, False)
-                owner.publish_confirmed(wire, CLAIM, device, body, lambda again=again: self._refused.append(again))
+                owner.publish_confirmed(wire, CLAIM, device, body, lambda one=[update]: self._make_again(one))
             else:
                 owner.publish_confirmed(wire, RELEASE, device, release_body(device, session_id, started),
-                                        lambda item=item: self._refused.append(item))
-        return owner.write(wire, WRITE_BATCH) or bool(todo)
+                                        lambda one=[update]: self._make_again(one))
+
+    def _write_together(self, wire: Wire, updates: list[Update]) -> None:
+        """The claims and releases of each partition as one message to its queue (ring.py found where):
+        RabbitMQ stores, replicates and delivers one message where it did one per session start or end.
+        A device twice in one message would have two of the owner's entries share one delivery's ack
+        bookkeeping twice over (receipts.py): its second update starts the partition's next message."""
+        groups: dict[int, tuple[list[Update], set[str]]] = {}
+        for update in updates:
+            partition = partition_of(update[1], self.owner.partitions, _WEIGHT)
+            group = groups.get(partition)
+            if group is not None and update[1] in group[1]:
+                self._publish_updates(wire, partition, group[0])
+                group = None
+            if group is None:
+                group = groups[partition] = ([], set())
+            group[0].append(update)
+            group[1].add(update[1])
+        for partition, (group_updates, _devices) in groups.items():
+            self._publish_updates(wire, partition, group_updates)
+
+    def _publish_updates(self, wire: Wire, partition: int, updates: list[Update]) -> None:
+        body = updates_body(self.queue_name, self.epoch, [
+            (CLAIMED if operation is _CLAIM else RELEASED, device, session_id, when, fresh)
+            for operation, device, session_id, when, fresh in updates])
+        self.owner.publish_confirmed(wire, UPDATES, partition_queue(partition), body,
+                                     lambda: self._make_again(updates))
+
+    def _make_again(self, updates: list[Update]) -> None:
+        """Refused by RabbitMQ: made again at the next tick, a claim as a re-statement (not fresh)."""
+        self._refused.extend((_CLAIM, device, session_id, when, False) if operation is _CLAIM else
+                             (operation, device, session_id, when, fresh)
+                             for operation, device, session_id, when, fresh in updates)
 
     def tick(self, now: float) -> None:
         self.owner.tick(now)
@@ -189,6 +247,10 @@ class CommandConsumer(Link):
                 inbound.routed(*notice)
             else:
                 inbound.replaced(*notice)
+        elif kind == RING_TYPE:
+            answer = decode_ring(body, "expect", "landed")
+            if answer is not None and isinstance(answer[0], int):
+                self.ring.answered(answer[0], answer[1])
         elif not exchange and kind is None:
             self._reply_received(properties.get("correlation_id"), body)
 

@@ -54,6 +54,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from app.broker.messages import CLAIMED
+
 
 @dataclass(frozen=True, slots=True)
 class HeldWill:
@@ -201,6 +203,19 @@ class Directory:
         orphan = self.orphans.pop(device, None)
         if orphan is not None:  # commands waited for this claim: to its session (their sender's only answer)
             actions.extend((UNPARKED, item, holder) for item in orphan.parked)
+        return actions
+
+    def updated(self, tag: int, holder: str, epoch: int, updates: list[tuple[str, str, str, float, bool]], *,
+                partition: int, now: float, redelivered: bool = False) -> list[Action]:
+        """A holder's claims and releases of one partition, in its order (messages.py's `updates_body`), in
+        one delivery: each weighed as the message of its own it stands for, and `tag` acked once for each."""
+        actions: list[Action] = []
+        for kind, device, session, when, fresh in updates:
+            if kind == CLAIMED:
+                actions += self.claim(tag, device, session, when, holder, fresh=fresh and not redelivered,
+                                      partition=partition, now=now, epoch=epoch, redelivered=redelivered)
+            else:
+                actions += self.release(tag, device, session, will_until=when or None)
         return actions
 
     def release(self, tag: int, device: str, session: str, will_until: float | None = None) -> list[Action]:

@@ -51,6 +51,8 @@ ROUTED_TYPE = "warren.routed"
 REPLACED_TYPE = "warren.replaced"
 PING_TYPE = "warren.ping"  # is this holder's queue still there? (returned if not)
 PROBE_TYPE = "warren.probe"  # start-up's check of the alternate exchange; its owner drops it
+UPDATES_TYPE = "warren.updates"  # a holder's claims and releases of one partition's devices, in order
+RING_TYPE = "warren.ring"  # a holder's check of ring.py against warren.routes, and the owner's answer
 BAN_TYPE = "warren.ban"  # a ban or a lift, in the deployment's ban stream (bans.py)
 MARK_TYPE = "warren.mark"  # a worker's marker in the ban stream: read back, it has replayed what came before
 DEVICE_HEADER = "x-warren-device"  # on a forward: the device (its routing key is now the holder's queue)
@@ -82,6 +84,12 @@ CLAIM = PublishKind(ROUTES_EXCHANGE, mandatory=False, properties=Properties({**_
 """A holder's claim of a device for one of its sessions, to the device's partition."""
 RELEASE = PublishKind(ROUTES_EXCHANGE, mandatory=False, properties=Properties({**_JSON, "type": RELEASE_TYPE}))
 """A holder's word that a session ended, to the device's partition."""
+UPDATES = PublishKind("", mandatory=False, properties=Properties({**_JSON, "type": UPDATES_TYPE}))
+"""A holder's claims and releases of one partition, to its queue by name (the holder hashed their devices)."""
+RING_PROBE = PublishKind(ROUTES_EXCHANGE, mandatory=False, properties=Properties({**_JSON, "type": RING_TYPE}))
+"""A key whose partition the holder worked out (ring.py), through the hash exchange: where does it land?"""
+RING_ANSWER = PublishKind("", mandatory=False, properties=Properties({**_JSON, "type": RING_TYPE}))
+"""The owner's answer to a ring probe, to the holder's queue by name."""
 CLAIM_COPY = PublishKind("", mandatory=False, properties=Properties({**_JSON, "type": CLAIM_TYPE}))
 """A claim an owner publishes again to its own partition queue (before RabbitMQ's consumer timeout)."""
 ROUTED_NOTICE = PublishKind("", mandatory=True, message_id_at=0,
@@ -174,6 +182,60 @@ def decode_claim(body: bytes) -> tuple[str, str, float, str, bool, int] | None:
             and isinstance(started, (int, float)) and isinstance(fresh, bool) and type(epoch) is int):
         return None
     return device, session_id, float(started), holder, fresh, epoch
+
+
+CLAIMED, RELEASED = "c", "r"  # an update's kind
+
+
+def updates_body(holder: str, epoch: int, updates: list[tuple[str, str, str, float, bool]]) -> bytes:
+    """Claims and releases of one partition, in the order the holder made them, as one message: each
+    `(kind, device, session, started or will_until, fresh)`, as `claim_body` and `release_body` say."""
+    return orjson.dumps({"holder": holder, "epoch": epoch, "updates": updates})
+
+
+def decode_updates(body: bytes) -> tuple[str, int, list[tuple[str, str, str, float, bool]]] | None:
+    """(holder queue, epoch, updates), or None when any part is not ours to read (all or nothing: a
+    message cut in two would break the order the owner relies on)."""
+    try:
+        message = orjson.loads(body)
+        holder, epoch, updates = message["holder"], message["epoch"], message["updates"]
+    except (orjson.JSONDecodeError, TypeError, KeyError):
+        return None
+    if not (isinstance(holder, str) and type(epoch) is int and isinstance(updates, list) and updates):
+        return None
+    decoded = []
+    for update in updates:
+        if not (isinstance(update, list) and len(update) == 5):
+            return None
+        kind, device, session_id, when, fresh = update
+        if kind not in (CLAIMED, RELEASED) or not (isinstance(device, str) and isinstance(session_id, str)
+                                                   and isinstance(when, (int, float)) and isinstance(fresh, bool)):
+            return None
+        decoded.append((kind, device, session_id, float(when), fresh))
+    if len({update[1] for update in decoded}) != len(decoded):  # a holder never sends a device twice (consumer.py)
+        return None
+    return holder, epoch, decoded
+
+
+def ring_probe_body(holder: str, expect: int) -> bytes:
+    return orjson.dumps({"holder": holder, "expect": expect})
+
+
+def ring_answer_body(expect: int, landed: int) -> bytes:
+    return orjson.dumps({"expect": expect, "landed": landed})
+
+
+def decode_ring(body: bytes, first: str, second: str) -> tuple[Any, int] | None:
+    """A ring probe's (holder, expected partition) or an answer's (expected, landed partition), by
+    the fields named; None when it is not ours to read."""
+    try:
+        message = orjson.loads(body)
+        one, two = message[first], message[second]
+    except (orjson.JSONDecodeError, TypeError, KeyError):
+        return None
+    if not (isinstance(one, (str, int)) and type(two) is int):
+        return None
+    return one, two
 
 
 def notice_body(device: str, session_id: str) -> bytes:

@@ -25,13 +25,8 @@ holder drops a command id it has already taken). A forward or a notice RabbitMQ
 returns means the holder's queue is gone, and every session it held with it: the
 owner drops them all, and their commands wait for a claim (directory.py, `Orphan`).
 
-Each partition is consumed on a channel of its own. RabbitMQ (3.x) keeps a channel's
-unacked deliveries oldest first, and an ack that is not the oldest's walks every older
-one: a partition's live claims stay unacked and are older than its commands, so on one
-channel every command's ack walked all the owner's claims (10,000 per worker with 20,000
-devices on two: the channel process saturated, BENCHMARKS.md "Issue 19"). What the owner
-holds is named by a receipt (`receipt`): the partition, for its channel, with that
-channel's delivery tag; the directory holds receipts as its tags.
+Each partition is consumed on a channel of its own, and what the owner holds of a
+delivery is a receipt (receipts.py says why).
 """
 
 from __future__ import annotations
@@ -77,15 +72,22 @@ from app.broker.messages import (
     RELEASE_TYPE,
     REPLACED_NOTICE,
     REPLY,
+    RING_ANSWER,
+    RING_TYPE,
     ROUTED_NOTICE,
     TAG_HEADER,
+    UPDATES_TYPE,
     claim_body,
     decode_claim,
     decode_release,
+    decode_ring,
+    decode_updates,
     notice_body,
     partition_queue,
     reply_body,
+    ring_answer_body,
 )
+from app.broker.receipts import Shares, receipt, split_receipt
 
 log = logging.getLogger("warren.routing")
 
@@ -95,19 +97,8 @@ ROUTING_NACK_STREAK = 1.0  # shorter than the publisher's: a session whose claim
 ROUTING_NACKS_DESPITE_ACKS = 2.0  # nacks for this long, some partitions acking meanwhile: a fresh channel too
 REFRESH_BATCH = 1000  # claims published again per tick, at most
 REJECT = "reject"  # (REJECT, tag): back to its partition queue, to be taken again
-RECEIPT_SHIFT = 48  # a receipt's low bits are its delivery tag: 2**48 deliveries a channel is centuries of them
 Here = Callable[[str, str, dict[str, Any], bytes, bool], bool]
 Told = Callable[[str, bool, str, str], bool]
-
-
-def receipt(partition: int, tag: int) -> int:
-    """What the owner holds of a delivery: its partition (its channel) and delivery tag, as one int."""
-    return partition << RECEIPT_SHIFT | tag
-
-
-def split_receipt(held: int) -> tuple[int, int]:
-    """(partition, delivery tag) of a receipt."""
-    return held >> RECEIPT_SHIFT, held & ((1 << RECEIPT_SHIFT) - 1)
 
 
 class PartitionOwner:
@@ -125,10 +116,11 @@ class PartitionOwner:
         RabbitMQ; `told(holder, routed, device, session)` does so for a `routed` or `replaced` notice.
         `starts` counts sessions started; `flapped(device)` bans a device that starts too many (None: off)."""
         self.directory = Directory(starts)
-        self._here, self._told, self._flapped = here, told, flapped
+        self.partitions = PARTITIONS  # as many as `setup` declared (one on the in-process broker)
+        self._shares = Shares()  # deliveries of many updates, acked once each of them is done
+        self._here, self._told, self._flapped, self._wake = here, told, flapped, wake
         self._queue_arguments = PARTITION_ARGUMENTS[queue_type]
         self._preferred = [p for p in range(PARTITIONS) if p % max(1, slots) == slot % max(1, slots)]
-        self._wake = wake
         self._wire: Wire | None = None  # this connection's, from `setup` until `on_lost`
         self._channel_id = 0  # where we publish, in confirm mode
         self._consuming: list[Any] = []  # by partition: the channel it is consumed on (see the module's docstring)
@@ -149,7 +141,7 @@ class PartitionOwner:
         """Declare the routes (idempotent: a fixed handful, whatever the number of devices), check the
         alternate exchange, open our channels; the subscriptions follow in the writer."""
         partitions = routes.declare(wire, self._queue_arguments)
-        self._wire = wire
+        self._wire, self.partitions = wire, partitions
         self._channel_id = wire.confirmed_channel().channel_id
         self._consuming = [wire.channel_for(acks=True) for _ in range(partitions)]
         self._acking = [channel.channel_id for channel in self._consuming]
@@ -162,25 +154,24 @@ class PartitionOwner:
     def on_lost(self) -> None:
         """Our connection is gone, and every delivery we held unacked went back to its partition."""
         self.directory.reset()
-        self._todo.clear()
-        self._after.clear()
-        self._answering.clear()
-        self._rejects.clear()
+        for held in (self._shares, self._todo, self._after, self._answering, self._rejects):
+            held.clear()
         self._nacks = NackStreak(ROUTING_NACK_STREAK, ROUTING_NACKS_DESPITE_ACKS)  # a new channel: no streak
         self._wire, self._consuming = None, []
 
     # -- the writer ----------------------------------------------------------------------------------
     def write(self, wire: Wire, budget: int) -> bool:
         """Carry out up to `budget` queued actions; True when more wait."""
-        todo, channel = self._todo, self._channel_id
+        todo, channel, shares = self._todo, self._channel_id, self._shares
         for _ in range(budget):
             if not todo:
                 return False
             item = todo.popleft()
             what = item[0]
             if what is ACK:
-                partition, tag = split_receipt(item[1])
-                wire.ack(tag, self._acking[partition])
+                if shares.done(item[1]):
+                    partition, tag = split_receipt(item[1])
+                    wire.ack(tag, self._acking[partition])
             elif what is REJECT:
                 partition, tag = split_receipt(item[1])
                 wire.reject(tag, self._acking[partition])
@@ -233,7 +224,7 @@ class PartitionOwner:
         del self._unsubscribed[:count]
 
     def publish_confirmed(self, wire: Wire, kind: PublishKind, routing_key: str, body: bytes,
-                          refused: Callable[[], None]) -> None:
+                          refused: Callable[[], None] | None) -> None:
         """Publish on our channel (the writer's, in the link's pass): for the holder's claims and releases,
         which RabbitMQ may refuse while their partition queue changes leader; `refused` then makes it again."""
         self._published(0, refused)
@@ -261,10 +252,19 @@ class PartitionOwner:
                 # Redelivered, its place in the order is no news: weighed by hello time, not arrival.
                 actions = self.directory.claim(tag, device, session, started, holder, fresh=fresh and not redelivered,
                                                partition=partition, now=now, epoch=epoch, redelivered=redelivered)
+        elif kind == UPDATES_TYPE:  # a holder's claims and releases of this partition: acked once all are
+            updates = decode_updates(body)
+            self._shares.expect(tag, 1 if updates is None else len(updates[2]))
+            actions = [(ACK, tag)] if updates is None else self.directory.updated(
+                tag, *updates, partition=partition, now=now, redelivered=redelivered)
         elif kind == RELEASE_TYPE:
             release = decode_release(body)
             actions = [(ACK, tag)] if release is None else self.directory.release(
                 tag, release[0], release[1], will_until=release[2])
+        elif kind == RING_TYPE:  # ring.py's `RingCheck`: where did a holder's key land?
+            if probe := decode_ring(body, "holder", "expect"):
+                self._todo.append(("publish", RING_ANSWER, str(probe[0]), ring_answer_body(probe[1], partition), (), 0))
+            actions = [(ACK, tag)]
         elif kind != PROBE_TYPE and exchange:  # a command or an operator's question (through the alternate)
             action = self.directory.command(tag, routing_key, redelivered, now)
             if self._passed_on(action, tag, routing_key, properties, body, redelivered):

@@ -1,0 +1,265 @@
+"""Claims and releases of one partition as one message (consumer.py, partitions.py, receipts.py), and the
+check that lets a holder hash devices to partitions itself (ring.py's `RingCheck`).
+
+The owner weighs each update of a message as the message of its own it stands for, and acks the
+delivery at RabbitMQ once every one of them is done: checked here case by case, and with hypothesis
+over random interleavings against the one rule that matters to RabbitMQ (a delivery acked exactly
+once, and only when none of its claims is still a live entry).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+
+import orjson
+import pytest
+from amqp import spec
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from app.broker import frames
+from app.broker.consumer import CommandConsumer
+from app.broker.directory import ACK, Directory
+from app.broker.messages import (
+    CLAIMED,
+    RELEASED,
+    RING_ANSWER,
+    RING_PROBE,
+    UPDATES,
+    UPDATES_TYPE,
+    decode_ring,
+    decode_updates,
+    partition_queue,
+    ring_answer_body,
+    updates_body,
+)
+from app.broker.receipts import Shares, receipt
+from app.broker.ring import PROBES_PER_PARTITION, RingCheck, partition_of
+from tests.unit.test_broker_links import RecordingWire, ack, consumer
+
+
+def ring_held(link_: CommandConsumer) -> None:
+    """Answer the ring check as owners would when warren.routes hashes as ring.py does."""
+    for _key, expect in link_.ring.probes(16, 20):
+        link_.ring.answered(expect, expect)
+    assert link_.ring.holds
+
+
+def sent_updates(wire: RecordingWire) -> list[tuple[str, list[tuple]]]:
+    return [(call[2], decode_updates(call[3])[2]) for call in wire.calls
+            if call[0] == "publish" and call[1] is UPDATES]
+
+
+def test_once_the_ring_holds_a_partitions_updates_go_to_its_queue_as_one_message_in_order() -> None:
+    link_, wire = consumer()[0], RecordingWire()
+    ring_held(link_)
+    devices = [f"lock-{n}" for n in range(40)]
+    for device in devices:
+        link_.claim(device, 1.5, f"s-{device}")
+    link_.release("lock-0", "s-old", will_until=9.0)
+    assert link_.write(wire) is False
+    sent = sent_updates(wire)
+    # one message per partition, and one more: lock-0's release follows its claim, so it starts the next
+    assert len(sent) == len({partition_of(device, 16, 20) for device in devices}) + 1 < len(devices)
+    for queue, updates in sent:
+        assert all(partition_queue(partition_of(update[1], 16, 20)) == queue for update in updates)
+    every = [update for _queue, updates in sent for update in updates]
+    assert sorted(every) == sorted([(CLAIMED, device, f"s-{device}", 1.5, True) for device in devices]
+                                   + [(RELEASED, "lock-0", "s-old", 9.0, False)])
+    lock_0 = [[update[0] for update in u if update[1] == "lock-0"] for _q, u in sent if any(x[1] == "lock-0" for x in u)]
+    assert lock_0 == [[CLAIMED], [RELEASED]]  # its release in the partition's next message, after its claim
+    message = orjson.loads(wire.calls[0][3])
+    assert (message["holder"], message["epoch"]) == (link_.queue_name, link_.epoch)
+    assert set(wire.channels) == {link_.owner._channel_id}  # confirmed, as claims one by one are
+
+
+def test_a_device_twice_in_one_pass_starts_its_partitions_next_message() -> None:
+    link_, wire = consumer()[0], RecordingWire()
+    ring_held(link_)
+    link_.claim("lock-1", 1.0, "s-1")
+    link_.release("lock-1", "s-1")
+    link_.claim("lock-1", 2.0, "s-2")
+    link_.write(wire)
+    queue = partition_queue(partition_of("lock-1", 16, 20))
+    assert sent_updates(wire) == [(queue, [(CLAIMED, "lock-1", "s-1", 1.0, True)]),
+                                  (queue, [(RELEASED, "lock-1", "s-1", 0.0, False)]),
+                                  (queue, [(CLAIMED, "lock-1", "s-2", 2.0, True)])]
+
+
+def test_updates_rabbitmq_refuses_are_made_again_claims_as_restatements() -> None:
+    link_, wire = consumer()[0], RecordingWire()
+    ring_held(link_)
+    link_.claim("lock-1", 1.0, "s-1")
+    link_.release("lock-2", "s-2") if partition_of("lock-2", 16, 20) == partition_of("lock-1", 16, 20) else None
+    link_.write(wire)
+    [(queue, updates)] = sent_updates(wire)
+    link_.methods[frames.BASIC_NACK](ack(1, sig=spec.Basic.Nack))
+    link_.tick(time.monotonic())
+    link_.write(wire)
+    [_, (queue_again, again)] = sent_updates(wire)
+    assert queue_again == queue
+    assert again == [(kind, device, session, when, False if kind == CLAIMED else fresh)
+                     for kind, device, session, when, fresh in updates]
+
+
+def test_until_the_ring_is_checked_claims_go_one_by_one_through_the_exchange() -> None:
+    link_, wire = consumer()[0], RecordingWire()
+    link_.ring.probes(16, 20)  # asked, not answered yet (an owner of an older Warren drops what it cannot read)
+    link_.claim("lock-1", 1.0, "s-1")
+    link_.write(wire)
+    assert sent_updates(wire) == [] and [call[2] for call in wire.calls] == ["lock-1"]
+
+
+def test_the_ring_check_holds_once_every_partition_answered_where_expected() -> None:
+    check = RingCheck()
+    check.answered(3, 3)  # an answer to nothing asked: no proof of anything
+    probes = check.probes(16, 20)
+    assert sorted(expect for _key, expect in probes) == sorted(list(range(16)) * PROBES_PER_PARTITION)
+    assert all(partition_of(key, 16, 20) == expect and "." in key for key, expect in probes)
+    for _key, expect in probes[:-1]:
+        check.answered(expect, expect)
+        assert not check.holds
+    check.answered(probes[-1][1], probes[-1][1])
+    assert check.holds and check.probes(16, 20) == []
+
+
+def test_one_probe_landing_elsewhere_turns_partition_messages_off_for_good(caplog: pytest.LogCaptureFixture) -> None:
+    check = RingCheck()
+    probes = check.probes(16, 20)
+    with caplog.at_level(logging.ERROR):
+        check.answered(probes[0][1], (probes[0][1] + 1) % 16)
+    assert check.wrong and not check.holds and "hash ring" in caplog.text
+    for _key, expect in probes[1:]:
+        check.answered(expect, expect)
+    assert not check.holds and check.probes(16, 20) == []  # never asked again
+
+
+def test_probes_go_through_the_hash_exchange_and_their_owner_says_where_they_landed() -> None:
+    link_, wire = consumer()[0], RecordingWire()
+    link_._probes = link_.ring.probes(16, 20)[:1]  # as `setup` leaves them (one of them, here)
+    [(probe_key, expect)] = link_._probes
+    link_.write(wire)
+    [(kind, key, body)] = [(c[1], c[2], c[3]) for c in wire.calls if c[0] == "publish"]
+    assert (kind, key, decode_ring(body, "holder", "expect")) == (RING_PROBE, probe_key, (link_.queue_name, expect))
+    elsewhere = (expect + 1) % 16
+    owner_link, owner_wire = consumer()[0], RecordingWire()
+    owner_link.owner.delivered(elsewhere, 3, False, "warren.routes", key, {"type": "warren.ring"}, body)
+    owner_link.write(owner_wire)
+    [answer] = [c for c in owner_wire.calls if c[0] == "publish"]
+    assert (answer[1], answer[2], decode_ring(answer[3], "expect", "landed")) == (
+        RING_ANSWER, link_.queue_name, (expect, elsewhere))
+    assert ("ack", 3) in owner_wire.calls
+    link_._dispatch(1, False, "", link_.queue_name, {"type": "warren.ring"}, answer[3])
+    assert link_.ring.wrong  # it landed elsewhere: the ring is not ring.py's
+
+
+def deliver_updates(link_: CommandConsumer, tag: int, updates: list[tuple], redelivered: bool = False) -> None:
+    link_.owner.delivered(2, tag, redelivered, "", partition_queue(2), {"type": UPDATES_TYPE},
+                          updates_body("holder.q", 1, updates))
+
+
+def acks(wire: RecordingWire) -> list[int]:
+    return [call[1] for call in wire.calls if call[0] == "ack"]
+
+
+def test_the_owner_acks_a_message_of_claims_once_its_last_session_ended() -> None:
+    link_, wire = consumer()[0], RecordingWire()
+    deliver_updates(link_, 5, [(CLAIMED, d, f"s-{d}", 1.0, True) for d in ("a", "b", "c")])
+    link_.write(wire)
+    assert acks(wire) == [] and {d: e.tag for d, e in link_.owner.directory.entries.items()} == {
+        "a": receipt(2, 5), "b": receipt(2, 5), "c": receipt(2, 5)}
+    deliver_updates(link_, 6, [(RELEASED, "a", "s-a", 0.0, False), (RELEASED, "b", "s-b", 0.0, False)])
+    link_.write(wire)
+    assert acks(wire) == [6]  # the releases are done with; "c" still holds the claims' message
+    deliver_updates(link_, 7, [(CLAIMED, "c", "s-c2", 2.0, True)])  # a new session of "c" replaces it
+    link_.write(wire)
+    assert acks(wire) == [6, 5] and link_.owner.directory.entries["c"].tag == receipt(2, 7)
+
+
+def test_a_redelivered_message_of_claims_restates_every_session() -> None:
+    link_, wire = consumer()[0], RecordingWire()
+    deliver_updates(link_, 9, [(CLAIMED, d, f"s-{d}", 1.0, True) for d in ("a", "b")], redelivered=True)
+    link_.write(wire)
+    assert all(entry.restored for entry in link_.owner.directory.entries.values())
+    assert len(link_.owner.directory) == 2 and acks(wire) == []
+
+
+@pytest.mark.parametrize("body", [
+    b"not json", b"[]", b'{"holder": "q", "epoch": 1, "updates": []}',
+    b'{"holder": "q", "epoch": 1, "updates": [["x", "d", "s", 1.0, true]]}',
+    b'{"holder": "q", "epoch": 1, "updates": [["c", "d", "s", "1.0", true]]}',
+    b'{"holder": "q", "epoch": 1, "updates": [["c", "d", "s", 1.0]]}',
+    b'{"holder": "q", "epoch": true, "updates": [["c", "d", "s", 1.0, true]]}',
+    b'{"holder": "q", "epoch": 1, "updates": [["c", "d", "s", 1.0, true], ["r", "d", "s", 0, false]]}',
+])
+def test_updates_that_are_not_ours_to_read_are_acked_and_change_nothing(body: bytes) -> None:
+    assert decode_updates(body) is None
+    link_, wire = consumer()[0], RecordingWire()
+    link_.owner.delivered(2, 4, False, "", partition_queue(2), {"type": UPDATES_TYPE}, body)
+    link_.write(wire)
+    assert acks(wire) == [4] and len(link_.owner.directory) == 0
+
+
+def test_a_ring_answer_that_cannot_be_read_changes_nothing() -> None:
+    link_ = consumer()[0]
+    link_.ring.probes(16, 20)
+    link_._dispatch(1, False, "", link_.queue_name, {"type": "warren.ring"}, ring_answer_body(1, 1)[:-3])
+    assert not link_.ring.holds and not link_.ring.wrong
+
+
+def test_shares_count_down_and_forget_what_a_lost_connection_took() -> None:
+    shares = Shares()
+    shares.expect(1, 3)
+    shares.expect(2, 1)  # one update: acked at its first
+    assert [shares.done(1), shares.done(1), shares.done(2), shares.done(1)] == [False, False, True, True]
+    shares.expect(3, 2)
+    shares.clear()
+    assert shares.done(3) and len(shares) == 0
+
+
+UPDATE = st.tuples(st.sampled_from((CLAIMED, RELEASED)), st.sampled_from(("a", "b", "c", "d")),
+                   st.sampled_from(("s1", "s2", "s3")), st.booleans())
+STEP = st.one_of(st.lists(UPDATE, min_size=1, max_size=4, unique_by=lambda u: u[1]).map(lambda u: ("updates", u)),
+                 st.sampled_from(("H1", "H2")).map(lambda h: ("gone", h)), st.just(("refresh",)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(STEP, max_size=30))
+def test_every_delivery_is_acked_exactly_once_and_only_when_none_of_its_entries_stands(steps: list[tuple]) -> None:
+    """Owner-side, directory and shares together, as partitions.py wires them: claims and releases in
+    messages of several, holders found gone, claims published again (`due_refresh`), in any order."""
+    directory, shares, tags, clock = Directory(), Shares(), itertools.count(1), itertools.count(1)
+    delivered: set[int] = set()
+    acked: list[int] = []
+
+    def carry_out(actions: list[tuple]) -> None:
+        for action in actions:
+            if action[0] is ACK and shares.done(action[1]):
+                assert action[1] in delivered and action[1] not in acked, "acked twice, or never delivered"
+                assert all(entry.tag != action[1] for entry in directory.entries.values()), "acked while held"
+                acked.append(action[1])
+
+    for step in steps:
+        now = float(next(clock))
+        if step[0] == "updates":
+            tag = next(tags)
+            delivered.add(tag)
+            holder = "H1" if tag % 2 else "H2"
+            shares.expect(tag, len(step[1]))
+            updates = [(kind, device, session, now, fresh) for kind, device, session, fresh in step[1]]
+            carry_out(directory.updated(tag, holder, 1, updates, partition=0, now=now))
+        elif step[0] == "gone":
+            carry_out(directory.holder_gone(step[1], now))
+        else:  # every claim published again: the copy comes back and the original is acked once confirmed
+            for _refresh, tag, _partition, device, entry in directory.due_refresh(now + 1, 100):
+                copy = next(tags)
+                delivered.add(copy)
+                carry_out(directory.refreshed(copy, device, entry.session, now=now))
+                carry_out([(ACK, tag)])
+    for device, entry in list(directory.entries.items()):  # every session ends: then all is acked
+        release = next(tags)
+        delivered.add(release)
+        carry_out(directory.release(release, device, entry.session))
+    assert sorted(acked) == sorted(delivered) and len(shares) == 0
