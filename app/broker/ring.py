@@ -166,7 +166,7 @@ class RingCheck:
             return
         if expected != landed:
             self.wrong = True
-            log.error("routing: warren.routes sent a key this worker expected in partition %d to partition %d: its "
+            log.error("warren.routes sent a key this worker expected in partition %d to partition %d: its "
                       "hash ring is not the one app/broker/ring.py computes (bindings made in another order or "
                       "weight?), so claims and releases go one message each, as RabbitMQ routes them",
                       expected, landed)
@@ -178,4 +178,4 @@ class RingCheck:
         self._waiting.pop(expected, None)
         if not self._waiting:
             self.holds = True
-            log.info("routing: warren.routes hashes as ring.py does: claims and releases travel per partition")
+            log.info("warren.routes hashes as ring.py does: claims and releases travel per partition")
