@@ -10,6 +10,9 @@
     ├── consumer.py   this worker's own queue: claims and releases out; commands, notices, answers in
     ├── partitions.py the routing partitions this worker owns: their directory carried out on RabbitMQ
     ├── directory.py  the partition owner's rules (who holds each device, who wins a race, who flaps): no I/O
+    ├── updates.py    a partition's claims, releases and copies, read into its directory
+    ├── receipts.py   what an owner holds of a delivery, and the acks a message of many updates waits for
+    ├── ring.py       RabbitMQ's consistent-hash ring, computed here (and checked against the deployment's)
     ├── bans.py       the deployment's bans: a stream every worker replays and follows
     ├── rpc.py        the HTTP API's requests (commands, operators' questions) and their answers
     └── messages.py   what travels: kinds of message, deliveries parsed into Commands, the bodies (no I/O)

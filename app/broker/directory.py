@@ -218,6 +218,21 @@ class Directory:
                 actions += self.release(tag, device, session, will_until=when or None)
         return actions
 
+    def copied(self, tag: int, copies: list[tuple[str, str, float, str, int]], *, partition: int, now: float,
+               redelivered: bool = False) -> list[Action]:
+        """Copies of claims this owner published again (`due_refresh`), `(device, session, started, holder,
+        epoch)` each, in one delivery: from now on each entry is held by it (`refreshed`). Redelivered, they
+        were the last record of their sessions that a dead owner held (it acked the claims they copy), so
+        each is the claim it copies, not fresh. `tag` is acked once for each."""
+        actions: list[Action] = []
+        for device, session, started, holder, epoch in copies:
+            if redelivered:
+                actions += self.claim(tag, device, session, started, holder, fresh=False, partition=partition,
+                                      now=now, epoch=epoch, redelivered=True)
+            else:
+                actions += self.refreshed(tag, device, session, now=now)
+        return actions
+
     def release(self, tag: int, device: str, session: str, will_until: float | None = None) -> list[Action]:
         """A holder says `session` of `device` ended; a release of any other session changes nothing.
         `will_until`: the holder holds the session's will until then (wall clock), remembered till then."""

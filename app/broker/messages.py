@@ -53,6 +53,7 @@ PING_TYPE = "warren.ping"  # is this holder's queue still there? (returned if no
 PROBE_TYPE = "warren.probe"  # start-up's check of the alternate exchange; its owner drops it
 UPDATES_TYPE = "warren.updates"  # a holder's claims and releases of one partition's devices, in order
 RING_TYPE = "warren.ring"  # a holder's check of ring.py against warren.routes, and the owner's answer
+COPIES_TYPE = "warren.copies"  # an owner's copies of its partition's old claims, to its own queue
 BAN_TYPE = "warren.ban"  # a ban or a lift, in the deployment's ban stream (bans.py)
 MARK_TYPE = "warren.mark"  # a worker's marker in the ban stream: read back, it has replayed what came before
 DEVICE_HEADER = "x-warren-device"  # on a forward: the device (its routing key is now the holder's queue)
@@ -92,6 +93,8 @@ RING_ANSWER = PublishKind("", mandatory=False, properties=Properties({**_JSON, "
 """The owner's answer to a ring probe, to the holder's queue by name."""
 CLAIM_COPY = PublishKind("", mandatory=False, properties=Properties({**_JSON, "type": CLAIM_TYPE}))
 """A claim an owner publishes again to its own partition queue (before RabbitMQ's consumer timeout)."""
+CLAIM_COPIES = PublishKind("", mandatory=False, properties=Properties({**_JSON, "type": COPIES_TYPE}))
+"""An owner's copies of many of a partition's claims, as one message (what owners before them sent one by one)."""
 ROUTED_NOTICE = PublishKind("", mandatory=True, message_id_at=0,
                      properties=Properties({**_JSON, "type": ROUTED_TYPE}, ("app_id",)))
 REPLACED_NOTICE = PublishKind("", mandatory=True, message_id_at=0,
@@ -215,6 +218,31 @@ def decode_updates(body: bytes) -> tuple[str, int, list[tuple[str, str, str, flo
     if len({update[1] for update in decoded}) != len(decoded):  # a holder never sends a device twice (consumer.py)
         return None
     return holder, epoch, decoded
+
+
+def copies_body(claims: list[tuple[str, str, float, str, int]]) -> bytes:
+    """Claims an owner publishes again, each `(device, session, started, holder, epoch)` as `claim_body` has them."""
+    return orjson.dumps({"claims": claims})
+
+
+def decode_copies(body: bytes) -> list[tuple[str, str, float, str, int]] | None:
+    """The claims of `copies_body`, or None when any is not ours to read (or a device is there twice)."""
+    try:
+        claims = orjson.loads(body)["claims"]
+    except (orjson.JSONDecodeError, TypeError, KeyError):
+        return None
+    if not isinstance(claims, list) or not claims:
+        return None
+    decoded = []
+    for claim in claims:
+        if not (isinstance(claim, list) and len(claim) == 5):
+            return None
+        device, session_id, started, holder, epoch = claim
+        if not (isinstance(device, str) and isinstance(session_id, str) and isinstance(started, (int, float))
+                and isinstance(holder, str) and type(epoch) is int):
+            return None
+        decoded.append((device, session_id, float(started), holder, epoch))
+    return decoded if len({claim[0] for claim in decoded}) == len(decoded) else None
 
 
 def ring_probe_body(holder: str, expect: int) -> bytes:

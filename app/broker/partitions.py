@@ -9,7 +9,8 @@ RabbitMQ's metadata store:
         --by name, default exchange--> the holder's own queue --> the session --> the device
 
 A holder publishes a claim to the device's partition when a session starts and a
-release when it ends (consumer.py); the owner decides (directory.py), tells the
+release when it ends (consumer.py: those of one partition travel together, updates.py
+reads them); the owner decides (directory.py), tells the
 holder `routed` (the session may be welcomed) and an older holder `replaced`, and
 passes each command on to the holder, or answers `offline` itself. A claim stays
 unacked while its session lives, so the partition queue holds the directory: when
@@ -41,14 +42,13 @@ from typing import Any
 import orjson
 
 from app import metrics
-from app.broker import frames, routes
+from app.broker import frames, routes, updates
 from app.broker.directory import (
     ACK,
     FLAPPING,
     FORWARD,
     OFFLINE,
     PARK,
-    REFRESH,
     REPLACED,
     ROUTED,
     UNPARKED,
@@ -61,27 +61,21 @@ from app.broker.link import NackStreak, Wire
 from app.broker.messages import (
     AGAIN_HEADER,
     ASK_TYPE,
-    CLAIM_COPY,
-    CLAIM_TYPE,
+    CLAIM_COPIES,
     DEVICE_HEADER,
     FORWARD_TYPE,
     PARTITION_ARGUMENTS,
     PARTITIONS,
     PING,
     PROBE_TYPE,
-    RELEASE_TYPE,
     REPLACED_NOTICE,
     REPLY,
     RING_ANSWER,
     RING_TYPE,
     ROUTED_NOTICE,
     TAG_HEADER,
-    UPDATES_TYPE,
-    claim_body,
-    decode_claim,
-    decode_release,
+    copies_body,
     decode_ring,
-    decode_updates,
     notice_body,
     partition_queue,
     reply_body,
@@ -128,7 +122,7 @@ class PartitionOwner:
         self._todo: deque[tuple[Any, ...]] = deque()
         self._seq = 0  # publishes on our channel since confirm_select, numbered as RabbitMQ numbers them
         # publish seq -> (the receipt to ack once it is confirmed, or 0; what to do if it is refused)
-        self._after: dict[int, tuple[int, Callable[[], None] | None]] = {}
+        self._after: dict[int, tuple[int | tuple[int, ...], Callable[[], None] | None]] = {}
         self._nacks = NackStreak(ROUTING_NACK_STREAK, ROUTING_NACKS_DESPITE_ACKS)
         self._refused = 0  # publishes RabbitMQ nacked since the last tick
         self._answering: set[int] = set()  # receipts whose forward came back: acked by what became of it
@@ -204,12 +198,14 @@ class PartitionOwner:
             self._rejects.clear()
             self._wake()
         due = self.directory.due_refresh(now - CLAIM_REFRESH, REFRESH_BATCH)
-        holders = set()
+        by_partition: dict[int, list[tuple[int, str, Any]]] = {}
         for _, tag, partition, device, entry in due:
-            holders.add(entry.holder)
-            body = claim_body(device, entry.session, entry.started, entry.holder, False, entry.epoch)
-            self._todo.append(("publish", CLAIM_COPY, partition_queue(partition), body, (), tag))
-        for holder in holders:  # a holder that died idle is found out here: its pings come back
+            by_partition.setdefault(partition, []).append((tag, device, entry))
+        for partition, claims in by_partition.items():  # one message a partition; the claims it copies acked once
+            body = copies_body([(device, e.session, e.started, e.holder, e.epoch) for _, device, e in claims])
+            tags = tuple(tag for tag, _, _ in claims)  # it is confirmed (`confirmed`)
+            self._todo.append(("publish", CLAIM_COPIES, partition_queue(partition), body, (), tags))
+        for holder in {entry.holder for *_, entry in due}:  # a holder that died idle is found out: pings come back
             self._todo.append(("publish", PING, holder, b"", (holder,), 0))
         if due:
             self._wake()
@@ -230,7 +226,7 @@ class PartitionOwner:
         self._published(0, refused)
         wire.publish(kind, routing_key, body, (), self._channel_id)
 
-    def _published(self, tag: int, refused: Callable[[], None] | None = None) -> None:
+    def _published(self, tag: int | tuple[int, ...], refused: Callable[[], None] | None = None) -> None:
         self._seq += 1
         self._after[self._seq] = (tag, refused)
 
@@ -241,26 +237,9 @@ class PartitionOwner:
         tag = receipt(partition, tag)
         kind = properties.get("type")
         now = time.monotonic()
-        if kind == CLAIM_TYPE:
-            claim = decode_claim(body)
-            if claim is None:
-                actions: list[Action] = [(ACK, tag)]
-            elif not exchange:  # our own copy (`tick`), not a holder's claim
-                actions = self.directory.refreshed(tag, claim[0], claim[1], now=now)
-            else:
-                device, session, started, holder, fresh, epoch = claim
-                # Redelivered, its place in the order is no news: weighed by hello time, not arrival.
-                actions = self.directory.claim(tag, device, session, started, holder, fresh=fresh and not redelivered,
-                                               partition=partition, now=now, epoch=epoch, redelivered=redelivered)
-        elif kind == UPDATES_TYPE:  # a holder's claims and releases of this partition: acked once all are
-            updates = decode_updates(body)
-            self._shares.expect(tag, 1 if updates is None else len(updates[2]))
-            actions = [(ACK, tag)] if updates is None else self.directory.updated(
-                tag, *updates, partition=partition, now=now, redelivered=redelivered)
-        elif kind == RELEASE_TYPE:
-            release = decode_release(body)
-            actions = [(ACK, tag)] if release is None else self.directory.release(
-                tag, release[0], release[1], will_until=release[2])
+        if kind in updates.KINDS:  # a holder's claims and releases, or our own copies of old claims
+            actions = updates.read(self.directory, self._shares, kind, tag, body, by_name=not exchange,
+                                   partition=partition, now=now, redelivered=redelivered)
         elif kind == RING_TYPE:  # ring.py's `RingCheck`: where did a holder's key land?
             if probe := decode_ring(body, "holder", "expect"):
                 self._todo.append(("publish", RING_ANSWER, str(probe[0]), ring_answer_body(probe[1], partition), (), 0))
@@ -295,8 +274,6 @@ class PartitionOwner:
                     self._forward(tag, holder, device_id, parked, body, False)
             elif what is FLAPPING and self._flapped is not None:
                 self._flapped(action[1])
-            elif what is REFRESH:  # pragma: no cover - produced by `due_refresh` only, in `tick`
-                raise AssertionError("refresh actions are the tick's")
         self._wake()
 
     def _passed_on(self, action: Action, tag: int, device: str, properties: dict[str, Any], body: bytes,
@@ -374,6 +351,8 @@ class PartitionOwner:
             tag, _refused = after.pop(s)
             if tag in answering:
                 answering.discard(tag)  # came back, and acked behind its `offline` answer
+            elif type(tag) is tuple:  # copies of claims (`tick`): the claims they copy are done with
+                todo.extend((ACK, held) for held in tag)
             elif tag:
                 todo.append((ACK, tag))
         if todo:

@@ -703,6 +703,23 @@ def test_bans_about_to_outlive_the_stream_are_published_again(monkeypatch: pytes
             if call[0] == "publish" for kind in [call[1]]] == [(BAN_TYPE, "lock-1")]
 
 
+def test_a_claim_copy_a_dead_owner_took_is_the_claim_of_its_session_for_the_next_owner() -> None:
+    """Past CLAIM_REFRESH an owner publishes a claim again and acks the original once the copy is confirmed:
+    from then on the copy is the only record of the session in the partition. Redelivered to the next
+    owner, it restores the entry (a copy that is not redelivered and names no entry is a session that
+    ended meanwhile: acked, as before)."""
+    link_, wire = consumer()[0], RecordingWire()
+    copy = claim_body("lock-1", "s-1", 1.0, "holder.q", False, 2)
+    link_.owner.delivered(4, 8, True, "", "warren.routes.4", {"type": CLAIM_TYPE}, copy)
+    entry = link_.owner.directory.entries["lock-1"]
+    assert (entry.session, entry.holder, entry.epoch, entry.tag, entry.restored) == ("s-1", "holder.q", 2,
+                                                                                      receipt(4, 8), True)
+    link_.owner.delivered(4, 9, False, "", "warren.routes.4", {"type": CLAIM_TYPE},
+                          claim_body("lock-2", "s-2", 1.0, "holder.q", False, 2))
+    link_.write(wire)
+    assert "lock-2" not in link_.owner.directory.entries and ("ack", 9) in wire.calls and ("ack", 8) not in wire.calls
+
+
 def test_each_partition_is_acked_on_its_own_channel() -> None:
     """RabbitMQ walks a channel's older unacked deliveries on each ack: a command's ack on a channel holding
     every claim of the owner's partitions would walk them all. Each partition has a channel of its own, and

@@ -23,18 +23,24 @@ from app.broker import frames
 from app.broker.consumer import CommandConsumer
 from app.broker.directory import ACK, Directory
 from app.broker.messages import (
+    CLAIM_COPIES,
     CLAIMED,
+    COPIES_TYPE,
+    PING,
     RELEASED,
     RING_ANSWER,
     RING_PROBE,
     UPDATES,
     UPDATES_TYPE,
+    copies_body,
+    decode_copies,
     decode_ring,
     decode_updates,
     partition_queue,
     ring_answer_body,
     updates_body,
 )
+from app.broker.partitions import CLAIM_REFRESH
 from app.broker.receipts import Shares, receipt
 from app.broker.ring import PROBES_PER_PARTITION, RingCheck, partition_of
 from tests.unit.test_broker_links import RecordingWire, ack, consumer
@@ -209,6 +215,51 @@ def test_a_ring_answer_that_cannot_be_read_changes_nothing() -> None:
     assert not link_.ring.holds and not link_.ring.wrong
 
 
+def test_old_claims_are_copied_one_message_a_partition_and_acked_once_it_is_confirmed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    link_, wire = consumer()[0], RecordingWire()
+    deliver_updates(link_, 5, [(CLAIMED, d, f"s-{d}", 1.0, True) for d in ("a", "b", "c")])
+    link_.write(wire)
+    later = time.monotonic() + CLAIM_REFRESH + 1
+    monkeypatch.setattr("app.broker.partitions.time.monotonic", lambda: later)
+    link_.tick(later)
+    link_.write(wire)
+    [copies] = [call for call in wire.calls if call[0] == "publish" and call[1] is CLAIM_COPIES]
+    assert copies[2] == partition_queue(2)
+    assert decode_copies(copies[3]) == [(d, f"s-{d}", 1.0, "holder.q", 1) for d in ("a", "b", "c")]
+    assert [c[2] for c in wire.calls if c[0] == "publish" and c[1] is PING] == ["holder.q"]
+    link_.methods[frames.BASIC_ACK](ack(5, multiple=True))  # three `routed`, the copies and the ping: confirmed
+    link_.write(wire)
+    assert acks(wire) == [5]  # the claims' message: acked once, for its three claims
+    link_.owner.delivered(2, 8, False, "", partition_queue(2), {"type": COPIES_TYPE}, copies[3])
+    assert {e.tag for e in link_.owner.directory.entries.values()} == {receipt(2, 8)}  # the copies hold them now
+    deliver_updates(link_, 9, [(RELEASED, d, f"s-{d}", 0.0, False) for d in ("a", "b", "c")])
+    link_.write(wire)
+    assert acks(wire) == [5, 8, 9]
+
+
+def test_copies_a_dead_owner_took_restore_their_sessions_for_the_next_owner() -> None:
+    link_, wire = consumer()[0], RecordingWire()
+    body = copies_body([("a", "s-a", 1.0, "holder.q", 3), ("b", "s-b", 2.0, "other.q", 1)])
+    link_.owner.delivered(2, 4, True, "", partition_queue(2), {"type": COPIES_TYPE}, body)
+    link_.write(wire)
+    entries = link_.owner.directory.entries
+    assert {d: (e.session, e.holder, e.epoch, e.restored) for d, e in entries.items()} == {
+        "a": ("s-a", "holder.q", 3, True), "b": ("s-b", "other.q", 1, True)}
+    assert acks(wire) == []
+
+
+@pytest.mark.parametrize("body", [
+    b"{}", b'{"claims": []}', b'{"claims": [["a", "s", 1.0, "q"]]}', b'{"claims": [["a", "s", 1.0, "q", "1"]]}',
+    b'{"claims": [["a", "s", 1.0, "q", 1], ["a", "s2", 1.0, "q", 1]]}', b'{"claims": "a"}', b"\xff"])
+def test_copies_that_are_not_ours_to_read_are_acked_and_change_nothing(body: bytes) -> None:
+    assert decode_copies(body) is None
+    link_, wire = consumer()[0], RecordingWire()
+    link_.owner.delivered(2, 4, True, "", partition_queue(2), {"type": COPIES_TYPE}, body)
+    link_.write(wire)
+    assert acks(wire) == [4] and len(link_.owner.directory) == 0
+
+
 def test_shares_count_down_and_forget_what_a_lost_connection_took() -> None:
     shares = Shares()
     shares.expect(1, 3)
@@ -252,12 +303,16 @@ def test_every_delivery_is_acked_exactly_once_and_only_when_none_of_its_entries_
             carry_out(directory.updated(tag, holder, 1, updates, partition=0, now=now))
         elif step[0] == "gone":
             carry_out(directory.holder_gone(step[1], now))
-        else:  # every claim published again: the copy comes back and the original is acked once confirmed
-            for _refresh, tag, _partition, device, entry in directory.due_refresh(now + 1, 100):
+        else:  # every claim published again as one message of copies, as partitions.py's `tick` does: the
+            # copies come back, and the claims they copy are acked once they are confirmed
+            due = directory.due_refresh(now + 1, 100)
+            if due:
                 copy = next(tags)
                 delivered.add(copy)
-                carry_out(directory.refreshed(copy, device, entry.session, now=now))
-                carry_out([(ACK, tag)])
+                shares.expect(copy, len(due))
+                copies = [(device, e.session, e.started, e.holder, e.epoch) for _, _, _, device, e in due]
+                carry_out(directory.copied(copy, copies, partition=0, now=now))
+                carry_out([(ACK, tag) for _, tag, _, _, _ in due])
     for device, entry in list(directory.entries.items()):  # every session ends: then all is acked
         release = next(tags)
         delivered.add(release)
