@@ -50,6 +50,7 @@ from app.broker.messages import (
     REPLACED_TYPE,
     RING_PROBE,
     RING_TYPE,
+    ROUTED_MANY_TYPE,
     ROUTED_TYPE,
     UPDATES,
     Refusal,
@@ -57,6 +58,7 @@ from app.broker.messages import (
     decode_ask,
     decode_notice,
     decode_ring,
+    decode_routed_many,
     parse_command,
     partition_queue,
     release_body,
@@ -247,6 +249,12 @@ class CommandConsumer(Link):
                 inbound.routed(*notice)
             else:
                 inbound.replaced(*notice)
+        elif kind == ROUTED_MANY_TYPE:  # to a holder that sends updates (`_write_together`), so to us
+            sessions = decode_routed_many(body)
+            if sessions is None:
+                log.warning("ignoring routing notices that are not a list of [device, session]")
+            for device, session_id in sessions or ():
+                inbound.routed(device, session_id)
         elif kind == RING_TYPE:
             answer = decode_ring(body, "expect", "landed")
             if answer is not None and isinstance(answer[0], int):

@@ -48,6 +48,7 @@ FORWARD_TYPE = "warren.command"  # a command passed on by its partition's owner 
 CLAIM_TYPE = "warren.claim"
 RELEASE_TYPE = "warren.release"
 ROUTED_TYPE = "warren.routed"
+ROUTED_MANY_TYPE = "warren.routed-many"  # `routed` for many sessions of one holder, to a holder that sent updates
 REPLACED_TYPE = "warren.replaced"
 PING_TYPE = "warren.ping"  # is this holder's queue still there? (returned if not)
 PROBE_TYPE = "warren.probe"  # start-up's check of the alternate exchange; its owner drops it
@@ -99,6 +100,8 @@ ROUTED_NOTICE = PublishKind("", mandatory=True, message_id_at=0,
                      properties=Properties({**_JSON, "type": ROUTED_TYPE}, ("app_id",)))
 REPLACED_NOTICE = PublishKind("", mandatory=True, message_id_at=0,
                        properties=Properties({**_JSON, "type": REPLACED_TYPE}, ("app_id",)))
+ROUTED_MANY = PublishKind("", mandatory=True, message_id_at=0,
+                          properties=Properties({**_JSON, "type": ROUTED_MANY_TYPE}, ("app_id",)))
 PING = PublishKind("", mandatory=True, message_id_at=0, properties=Properties({"type": PING_TYPE}, ("app_id",)))
 """An owner's notices to a holder's queue, by name: mandatory, so that a queue gone says so (a return)."""
 BAN = PublishKind("", mandatory=True, message_id_at=0,
@@ -269,6 +272,23 @@ def decode_ring(body: bytes, first: str, second: str) -> tuple[Any, int] | None:
 def notice_body(device: str, session_id: str) -> bytes:
     """A release, or an owner's `routed` / `replaced`."""
     return orjson.dumps({"device": device, "session": session_id})
+
+
+def routed_many_body(sessions: list[tuple[str, str]]) -> bytes:
+    """`routed` for each `(device, session)`."""
+    return orjson.dumps(sessions)
+
+
+def decode_routed_many(body: bytes) -> list[tuple[str, str]] | None:
+    try:
+        sessions = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(sessions, list) or not all(
+            isinstance(pair, list) and len(pair) == 2 and all(isinstance(part, str) for part in pair)
+            for pair in sessions):
+        return None
+    return [(device, session) for device, session in sessions]
 
 
 def decode_notice(body: bytes) -> tuple[str, str] | None:

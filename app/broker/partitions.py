@@ -72,6 +72,7 @@ from app.broker.messages import (
     REPLY,
     RING_ANSWER,
     RING_TYPE,
+    ROUTED_MANY,
     ROUTED_NOTICE,
     TAG_HEADER,
     copies_body,
@@ -80,6 +81,7 @@ from app.broker.messages import (
     partition_queue,
     reply_body,
     ring_answer_body,
+    routed_many_body,
 )
 from app.broker.receipts import Shares, receipt, split_receipt
 
@@ -238,8 +240,10 @@ class PartitionOwner:
         kind = properties.get("type")
         now = time.monotonic()
         if kind in updates.KINDS:  # a holder's claims and releases, or our own copies of old claims
-            actions = updates.read(self.directory, self._shares, kind, tag, body, by_name=not exchange,
-                                   partition=partition, now=now, redelivered=redelivered)
+            actions, updater = updates.read(self.directory, self._shares, kind, tag, body, by_name=not exchange,
+                                            partition=partition, now=now, redelivered=redelivered)
+            self._carry_out(actions, properties, routing_key, updater)
+            return
         elif kind == RING_TYPE:  # ring.py's `RingCheck`: where did a holder's key land?
             if probe := decode_ring(body, "holder", "expect"):
                 self._todo.append(("publish", RING_ANSWER, str(probe[0]), ring_answer_body(probe[1], partition), (), 0))
@@ -253,17 +257,24 @@ class PartitionOwner:
             actions = [(ACK, tag)]  # a probe, or nothing of ours
         self._carry_out(actions, properties, routing_key)
 
-    def _carry_out(self, actions: list[Action], properties: dict[str, Any], device: str) -> None:
-        todo = self._todo
+    def _carry_out(self, actions: list[Action], properties: dict[str, Any], device: str,
+                   updater: str | None = None) -> None:
+        """`updater`: the holder whose updates these actions answer; its `routed` notices go as one message,
+        after everything else queued for it here (a holder that sends updates reads them, an older one not)."""
+        todo, routed = self._todo, []
         for action in actions:
             what = action[0]
             if what is ACK:
                 todo.append(action)
             elif what is ROUTED or what is REPLACED:
                 _, holder, device_id, session = action
-                if self._told is None or not self._told(holder, what is ROUTED, device_id, session):
-                    notice = ROUTED_NOTICE if what is ROUTED else REPLACED_NOTICE
-                    todo.append(("publish", notice, holder, notice_body(device_id, session), (device_id,), 0))
+                if self._told is not None and self._told(holder, what is ROUTED, device_id, session):
+                    continue
+                if what is ROUTED and holder == updater:
+                    routed.append((device_id, session))
+                    continue
+                notice = ROUTED_NOTICE if what is ROUTED else REPLACED_NOTICE
+                todo.append(("publish", notice, holder, notice_body(device_id, session), (device_id,), 0))
             elif what is OFFLINE:
                 self._answer_offline(action[1], device, properties)
             elif what is UNPARKED:
@@ -274,6 +285,8 @@ class PartitionOwner:
                     self._forward(tag, holder, device_id, parked, body, False)
             elif what is FLAPPING and self._flapped is not None:
                 self._flapped(action[1])
+        if routed:  # after any command passed on to those sessions: it waits for them there (registry.py)
+            todo.append(("publish", ROUTED_MANY, updater, routed_many_body(routed), (updater,), 0))
         self._wake()
 
     def _passed_on(self, action: Action, tag: int, device: str, properties: dict[str, Any], body: bytes,

@@ -28,15 +28,22 @@ KINDS = frozenset((CLAIM_TYPE, RELEASE_TYPE, UPDATES_TYPE, COPIES_TYPE))
 
 
 def read(directory: Directory, shares: Shares, kind: str, tag: int, body: bytes, *, by_name: bool, partition: int,
-         now: float, redelivered: bool) -> list[Action]:
-    """The directory's actions for a routing message of `kind` (one of KINDS) held as receipt `tag`;
+         now: float, redelivered: bool) -> tuple[list[Action], str | None]:
+    """The directory's actions for a routing message of `kind` (one of KINDS) held as receipt `tag`, and the
+    holder that sent it as updates (it reads `routed` for many sessions at once), or None;
     `by_name`: it came through the default exchange (an owner's copy), not the hash exchange."""
     if kind == UPDATES_TYPE:
         updates = decode_updates(body)
         if updates is None:
-            return [(ACK, tag)]
+            return [(ACK, tag)], None
         shares.expect(tag, len(updates[2]))
-        return directory.updated(tag, *updates, partition=partition, now=now, redelivered=redelivered)
+        return directory.updated(tag, *updates, partition=partition, now=now, redelivered=redelivered), updates[0]
+    return _read_one(directory, shares, kind, tag, body, by_name=by_name, partition=partition, now=now,
+                     redelivered=redelivered), None
+
+
+def _read_one(directory: Directory, shares: Shares, kind: str, tag: int, body: bytes, *, by_name: bool,
+              partition: int, now: float, redelivered: bool) -> list[Action]:
     if kind == COPIES_TYPE:
         copies = decode_copies(body)
         if copies is None:

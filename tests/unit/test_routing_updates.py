@@ -28,16 +28,21 @@ from app.broker.messages import (
     COPIES_TYPE,
     PING,
     RELEASED,
+    REPLACED_NOTICE,
     RING_ANSWER,
     RING_PROBE,
+    ROUTED_MANY,
+    ROUTED_MANY_TYPE,
     UPDATES,
     UPDATES_TYPE,
     copies_body,
     decode_copies,
     decode_ring,
     decode_updates,
+    notice_body,
     partition_queue,
     ring_answer_body,
+    routed_many_body,
     updates_body,
 )
 from app.broker.partitions import CLAIM_REFRESH
@@ -182,6 +187,30 @@ def test_the_owner_acks_a_message_of_claims_once_its_last_session_ended() -> Non
     deliver_updates(link_, 7, [(CLAIMED, "c", "s-c2", 2.0, True)])  # a new session of "c" replaces it
     link_.write(wire)
     assert acks(wire) == [6, 5] and link_.owner.directory.entries["c"].tag == receipt(2, 7)
+
+
+def test_the_owner_tells_a_holder_that_sent_updates_routed_for_all_of_them_in_one_message() -> None:
+    """A holder that sends updates reads `routed` for many sessions; the older holder a claim replaced
+    hears `replaced` on its own, as any holder would."""
+    owner_link, wire = consumer()[0], RecordingWire()
+    owner_link.owner.directory.claim(1, "c", "s-old", 0.5, "older.q", fresh=True, partition=2, now=time.monotonic())
+    deliver_updates(owner_link, 5, [(CLAIMED, d, f"s-{d}", 1.0, True) for d in ("a", "b", "c")])
+    owner_link.write(wire)
+    published = [(c[1], c[2], c[3]) for c in wire.calls if c[0] == "publish"]
+    assert published == [(REPLACED_NOTICE, "older.q", notice_body("c", "s-old")),
+                         (ROUTED_MANY, "holder.q", routed_many_body([("a", "s-a"), ("b", "s-b"), ("c", "s-c")]))]
+    holder, heard = consumer()
+    holder._dispatch(1, False, "", holder.queue_name, {"type": ROUTED_MANY_TYPE}, published[1][2])
+    assert heard.calls == [("routed", "a", "s-a"), ("routed", "b", "s-b"), ("routed", "c", "s-c")]
+
+
+@pytest.mark.parametrize("body", [b"nope", b'{"a": 1}', b'[["a"]]', b'[["a", 1]]', b'[["a", "s", "x"]]'])
+def test_routed_notices_that_cannot_be_read_are_logged_and_ignored(body: bytes,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    holder, heard = consumer()
+    with caplog.at_level(logging.WARNING):
+        holder._dispatch(1, False, "", holder.queue_name, {"type": ROUTED_MANY_TYPE}, body)
+    assert heard.calls == [] and "routing notices" in caplog.text
 
 
 def test_a_redelivered_message_of_claims_restates_every_session() -> None:
