@@ -264,7 +264,7 @@ def decode_ring(body: bytes, first: str, second: str) -> tuple[Any, int] | None:
         one, two = message[first], message[second]
     except (orjson.JSONDecodeError, TypeError, KeyError):
         return None
-    if not (isinstance(one, (str, int)) and type(two) is int):
+    if not (type(one) in (str, int) and type(two) is int):
         return None
     return one, two
 

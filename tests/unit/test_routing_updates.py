@@ -38,6 +38,7 @@ from app.broker.messages import (
     copies_body,
     decode_copies,
     decode_ring,
+    decode_routed_many,
     decode_updates,
     notice_body,
     partition_queue,
@@ -347,3 +348,31 @@ def test_every_delivery_is_acked_exactly_once_and_only_when_none_of_its_entries_
         delivered.add(release)
         carry_out(directory.release(release, device, entry.session))
     assert sorted(acked) == sorted(delivered) and len(shares) == 0
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False) | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=6) | st.dictionaries(
+                        st.sampled_from(("holder", "epoch", "updates", "claims", "expect", "landed", "x")), inner,
+                        max_size=4), max_leaves=30)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(JSON.map(orjson.dumps), st.binary(max_size=64)))
+def test_the_routing_parsers_take_any_bytes_and_return_what_they_say_or_none(body: bytes) -> None:
+    """Fuzzed: whatever reaches a partition or a holder's queue, each parser answers None or well-typed values."""
+    updates = decode_updates(body)
+    if updates is not None:
+        holder, epoch, items = updates
+        assert type(holder) is str and type(epoch) is int and items
+        assert all(kind in (CLAIMED, RELEASED) and type(device) is str and type(session) is str
+                   and type(when) is float and type(fresh) is bool for kind, device, session, when, fresh in items)
+        assert len({item[1] for item in items}) == len(items)
+    copies = decode_copies(body)
+    if copies is not None:
+        assert copies and all(type(d) is str and type(s) is str and type(t) is float and type(h) is str
+                              and type(e) is int for d, s, t, h, e in copies)
+    for fields in (("holder", "expect"), ("expect", "landed")):
+        ring = decode_ring(body, *fields)
+        assert ring is None or (type(ring[0]) in (str, int) and type(ring[1]) is int)
+    routed = decode_routed_many(body)
+    assert routed is None or all(type(d) is str and type(s) is str for d, s in routed)
