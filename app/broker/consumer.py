@@ -6,7 +6,9 @@ operators' questions to it by name, and tell it `routed` (a session's claim stan
 welcome it) and `replaced` (a newer session of the device started somewhere: end
 this one); answers to this worker's HTTP API come back to it too. A session's start
 and end are a claim and a release published to its device's partition: no write
-to RabbitMQ's metadata store.
+to RabbitMQ's metadata store. Once this worker's ring check holds (ring.py: it hashes
+device ids as the exchange does, RabbitMQ said so), those of one writer pass and one
+partition go as one message, straight to the partition's queue.
 
 A worker that dies takes its queue with it; the owners find out when something
 sent there comes back, and drop its sessions. After a reconnect the queue is new
