@@ -110,7 +110,7 @@ class CommandConsumer(Link):
         self._refuse, self._reply_received, self._asked = refuse, reply_received, asked
         self._todo: deque[Update] = deque()  # claims and releases, in order
         self._refused: list[Update] = []  # to make again at the next tick
-        self.ring = RingCheck()  # until it holds, claims and releases go one by one through the hash exchange
+        self.ring = RingCheck()  # until it holds (again, at each connect), claims go one by one through the exchange
         self._probes: list[tuple[str, int]] = []  # the ring check's (key, partition expected), to publish
         self.methods = {frames.BASIC_ACK: self.owner.confirmed, frames.BASIC_NACK: self.owner.confirmed}
         self.contents = {frames.BASIC_RETURN: self.owner.returned}
@@ -191,7 +191,7 @@ class CommandConsumer(Link):
         bookkeeping twice over (receipts.py): its second update starts the partition's next message."""
         groups: dict[int, tuple[list[Update], set[str]]] = {}
         for update in updates:
-            partition = partition_of(update[1], self.owner.partitions, _WEIGHT)
+            partition = partition_of(update[1], self.owner.partitions, _WEIGHT, self.ring.order)
             group = groups.get(partition)
             if group is not None and update[1] in group[1]:
                 self._publish_updates(wire, partition, group[0])

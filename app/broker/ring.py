@@ -115,67 +115,69 @@ def bucket_of(key: bytes, buckets: int) -> int:
     return _jump(phash2(key), buckets)
 
 
-def partition_of(device: str, partitions: int, weight: int) -> int:
+def partition_of(device: str, partitions: int, weight: int, order: list[int] | None = None) -> int:
     """The partition (0..partitions-1) RabbitMQ routes `device`'s messages to when `partitions` queues are
-    bound to the consistent-hash exchange in order, each with routing key str(weight)."""
-    return bucket_of(device.encode(), partitions * weight) // weight
+    bound to the consistent-hash exchange, each with routing key str(weight): the `order[k]`-th partition
+    is the k-th one bound (None: bound in order, 0 first)."""
+    bound = bucket_of(device.encode(), partitions * weight) // weight
+    return bound if order is None else order[bound]
 
 
-PROBES_PER_PARTITION = 2  # keys sent to each partition to check the ring: one wrong lands elsewhere
+PROBES_PER_PARTITION = 2  # keys sent for each place on the ring: a key that disagrees with its twin shows up
 
 
 class RingCheck:
-    """Whether `partition_of` is right about the deployment's `warren.routes`, asked of RabbitMQ itself.
+    """Which partition holds each place on `warren.routes`' ring, asked of RabbitMQ itself.
 
     A holder that sends a partition's claims straight to its queue must hash as the exchange does
     (a claim in one partition and its device's commands in another would answer `offline` for a
-    connected device). So at each connect, until it holds, the holder sends keys through the
-    exchange, each with the partition it expects, and their owners answer where each landed
-    (partitions.py). Every partition's keys back where expected: it holds, for this process. One
-    landed elsewhere (the exchange's bindings made in another order or weight, or a RabbitMQ whose
-    plugin hashes otherwise): it never holds, claims keep going one by one through the exchange,
-    and the log says so once. Unanswered (an owner of an older Warren, which drops what it does not
-    read, in a rolling upgrade): asked again at the next connect.
+    connected device). The hash is RabbitMQ's (`bucket_of`); which queue holds each run of
+    `weight` buckets is the order the partitions' bindings were made in, which is not fixed: a
+    RabbitMQ restart rebuilds the ring from its stored bindings, sorted by queue name (`.0`, `.1`,
+    `.10`, ...). So at each connect, until it holds again, the holder sends keys through the
+    exchange, two for each place, and their owners answer where each landed (partitions.py). Every
+    place answered, twice alike, by all the partitions: it holds, with that order (`order`), until the
+    next connect. Two keys of one place landing apart, or a partition twice (the bindings' weights
+    differ, or a RabbitMQ hashes otherwise): it does not hold, claims keep going one by one through
+    the exchange, and the log says why. Unanswered (an owner of an older Warren, which drops what it
+    does not read, in a rolling upgrade): claims go one by one until the next connect asks again.
     """
 
     def __init__(self) -> None:
         self.holds = False
-        self.wrong = False
-        self._waiting: dict[int, int] = {}  # partition -> its keys not yet answered
+        self.order: list[int] | None = None  # the partition at each place, once it holds
+        self._landed: dict[int, list[int]] = {}  # place -> the partitions its keys landed in so far
+        self._places = 0
 
     def probes(self, partitions: int, weight: int) -> list[tuple[str, int]]:
-        """Keys to send through the exchange now, each with the partition it should land in."""
-        if self.holds or self.wrong:
-            return []
-        wanted = {partition: PROBES_PER_PARTITION for partition in range(partitions)}
+        """A connect: forget what held, and the keys to send through the exchange now, each with its place."""
+        self.holds, self.order, self._landed, self._places = False, None, {}, partitions
+        wanted = {place: PROBES_PER_PARTITION for place in range(partitions)}
         keys: list[tuple[str, int]] = []
         while wanted:
             key = f"warren.ring.{secrets.token_hex(8)}"  # a dot: no device id has one
-            partition = partition_of(key, partitions, weight)
-            if partition in wanted:
-                keys.append((key, partition))
-                wanted[partition] -= 1
-                if not wanted[partition]:
-                    del wanted[partition]
-        self._waiting = {partition: PROBES_PER_PARTITION for partition in range(partitions)}
+            place = partition_of(key, partitions, weight)
+            if place in wanted:
+                keys.append((key, place))
+                wanted[place] -= 1
+                if not wanted[place]:
+                    del wanted[place]
         return keys
 
-    def answered(self, expected: int, landed: int) -> None:
-        """An owner says a key expected in partition `expected` landed in `landed`."""
-        if self.holds or self.wrong or expected not in self._waiting:
+    def answered(self, place: int, landed: int) -> None:
+        """An owner says a key for place `place` on the ring landed in partition `landed`."""
+        if self.holds or not 0 <= place < self._places:
             return
-        if expected != landed:
-            self.wrong = True
-            log.error("warren.routes sent a key this worker expected in partition %d to partition %d: its "
-                      "hash ring is not the one app/broker/ring.py computes (bindings made in another order or "
-                      "weight?), so claims and releases go one message each, as RabbitMQ routes them",
-                      expected, landed)
+        every = self._landed
+        every.setdefault(place, []).append(landed)
+        if len(every) < self._places or any(len(keys) < PROBES_PER_PARTITION for keys in every.values()):
             return
-        left = self._waiting.get(expected, 0) - 1
-        if left > 0:
-            self._waiting[expected] = left
+        self._landed = {}
+        order = [keys[0] for _place, keys in sorted(every.items())]
+        if any(len(set(keys)) > 1 for keys in every.values()) or sorted(order) != list(range(self._places)):
+            log.error("warren.routes does not hash device ids as app/broker/ring.py does (its partitions bound "
+                      "with different weights?): claims and releases go one message each, as RabbitMQ routes them")
             return
-        self._waiting.pop(expected, None)
-        if not self._waiting:
-            self.holds = True
-            log.info("warren.routes hashes as ring.py does: claims and releases travel per partition")
+        self.holds, self.order = True, order
+        log.info("warren.routes checked: claims and releases travel per partition (the partitions bound %s)",
+                 "in order" if order == sorted(order) else f"in the order {order}")

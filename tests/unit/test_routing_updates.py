@@ -124,28 +124,55 @@ def test_until_the_ring_is_checked_claims_go_one_by_one_through_the_exchange() -
     assert sent_updates(wire) == [] and [call[2] for call in wire.calls] == ["lock-1"]
 
 
-def test_the_ring_check_holds_once_every_partition_answered_where_expected() -> None:
+def test_the_ring_check_holds_once_every_place_answered_and_learns_the_binding_order() -> None:
     check = RingCheck()
     check.answered(3, 3)  # an answer to nothing asked: no proof of anything
     probes = check.probes(16, 20)
-    assert sorted(expect for _key, expect in probes) == sorted(list(range(16)) * PROBES_PER_PARTITION)
-    assert all(partition_of(key, 16, 20) == expect and "." in key for key, expect in probes)
-    for _key, expect in probes[:-1]:
-        check.answered(expect, expect)
+    assert sorted(place for _key, place in probes) == sorted(list(range(16)) * PROBES_PER_PARTITION)
+    assert all(partition_of(key, 16, 20) == place and "." in key for key, place in probes)
+    for _key, place in probes[:-1]:
+        check.answered(place, place)
         assert not check.holds
     check.answered(probes[-1][1], probes[-1][1])
-    assert check.holds and check.probes(16, 20) == []
+    assert check.holds and check.order == list(range(16))
+    # A RabbitMQ restart rebuilds the ring from its bindings sorted by queue name: .0, .1, .10, ..., .15, .2, ...
+    by_name = sorted(range(16), key=lambda partition: f"warren.routes.{partition}")
+    probes = check.probes(16, 20)  # the next connect asks again
+    assert not check.holds and check.order is None
+    for _key, place in probes:
+        check.answered(place, by_name[place])
+    assert check.holds and check.order == by_name
+    device = "lock-7"
+    assert partition_of(device, 16, 20, check.order) == by_name[partition_of(device, 16, 20)]
 
 
-def test_one_probe_landing_elsewhere_turns_partition_messages_off_for_good(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("landing", ["twins_apart", "a_partition_twice"])
+def test_a_ring_that_is_not_ring_py_s_does_not_hold(landing: str, caplog: pytest.LogCaptureFixture) -> None:
     check = RingCheck()
     probes = check.probes(16, 20)
+    seen: set[int] = set()
     with caplog.at_level(logging.ERROR):
-        check.answered(probes[0][1], (probes[0][1] + 1) % 16)
-    assert check.wrong and not check.holds and "hash ring" in caplog.text
-    for _key, expect in probes[1:]:
-        check.answered(expect, expect)
-    assert not check.holds and check.probes(16, 20) == []  # never asked again
+        for _key, place in probes:
+            if landing == "twins_apart":  # a place's two keys in two partitions: not one run of buckets each
+                landed = place if place not in seen else (place + 1) % 16
+                seen.add(place)
+            else:  # partitions 0 and 1 swallow each other's place: weights that differ
+                landed = 0 if place == 1 else place
+            check.answered(place, landed)
+    assert not check.holds and check.order is None and "does not hash" in caplog.text
+    probes = check.probes(16, 20)  # asked again at the next connect, and this time it holds
+    for _key, place in probes:
+        check.answered(place, place)
+    assert check.holds
+
+
+def test_after_a_connect_claims_go_one_by_one_until_the_ring_is_checked_again() -> None:
+    link_, wire = consumer()[0], RecordingWire()
+    ring_held(link_)
+    link_._probes = link_.ring.probes(16, 20)  # as `setup` at a reconnect leaves them
+    link_.claim("lock-1", 1.0, "s-1")
+    link_.write(wire)
+    assert sent_updates(wire) == [] and [c[2] for c in wire.calls if c[1] is not RING_PROBE] == ["lock-1"]
 
 
 def test_probes_go_through_the_hash_exchange_and_their_owner_says_where_they_landed() -> None:
@@ -164,7 +191,7 @@ def test_probes_go_through_the_hash_exchange_and_their_owner_says_where_they_lan
         RING_ANSWER, link_.queue_name, (expect, elsewhere))
     assert ("ack", 3) in owner_wire.calls
     link_._dispatch(1, False, "", link_.queue_name, {"type": "warren.ring"}, answer[3])
-    assert link_.ring.wrong  # it landed elsewhere: the ring is not ring.py's
+    assert link_.ring._landed == {expect: [elsewhere]}  # heard: one place of 16, not enough to hold yet
 
 
 def deliver_updates(link_: CommandConsumer, tag: int, updates: list[tuple], redelivered: bool = False) -> None:
@@ -242,7 +269,7 @@ def test_a_ring_answer_that_cannot_be_read_changes_nothing() -> None:
     link_ = consumer()[0]
     link_.ring.probes(16, 20)
     link_._dispatch(1, False, "", link_.queue_name, {"type": "warren.ring"}, ring_answer_body(1, 1)[:-3])
-    assert not link_.ring.holds and not link_.ring.wrong
+    assert not link_.ring.holds and link_.ring._landed == {}
 
 
 def test_old_claims_are_copied_one_message_a_partition_and_acked_once_it_is_confirmed(
