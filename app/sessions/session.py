@@ -318,8 +318,10 @@ class Session:
             self.held.append(command)
             if len(self.held) > self.host.config.max_pending_commands:
                 self.held = [held for held in self.held if held.id in self.pending]
-        if self.state is State.ROUTING:  # the command itself proves the route; it follows the welcome
-            self.route_confirmed()
+        # A command held while ROUTING proves nothing: its owner may have passed it on for an older
+        # session of the device that lived in this worker, before it read that session's release and
+        # our claim. Welcomed on it, the device's next command could reach the owner before our claim
+        # and be answered `offline` while connected (section 2.4). Only the owner's `routed` welcomes.
 
     def _write_held(self) -> None:
         """Write the held commands, in order, while they may flow: OPEN, and the transport says so (an MQTT 5
