@@ -50,8 +50,25 @@ TICK = 1.0  # seconds between the writer's periodic work (confirm timeouts, hear
 # reconnect; short enough that acks come again within a few seconds once the queue has a leader. While it
 # has none, this reconnects every NACK_STREAK seconds: one connection and channel a worker, cheap for RabbitMQ.
 NACK_STREAK = 2.0
+HEARTBEATS_OFF = 20  # seconds: with AMQP_HEARTBEAT=0, TCP_USER_TIMEOUT is 2 x this, as with the default heartbeat
 
 Wire = AmqpWire | MemoryWire
+
+
+def socket_settings(heartbeat: int) -> dict[int, int]:
+    """TCP options for a link's socket: how long RabbitMQ may leave what we sent unread.
+
+    py-amqp sets TCP_USER_TIMEOUT to 1 s unless told otherwise, and the kernel then cuts a
+    connection whose peer takes none of our bytes for that long (ETIMEDOUT). RabbitMQ does
+    that on purpose, for longer, whenever its credit flow throttles a connection that
+    publishes faster than its queues take (a stampede's presence events) or a node is merely
+    busy: at 200,000 devices every few minutes a publisher lost its connection to it, and its
+    sessions' events were nacked while it came back. A dead peer is what heartbeats find (two
+    missed); the kernel's limit matches them, so a writer stuck on a dead host's full window
+    gives up no earlier, and no later, than the heartbeats would."""
+    if not hasattr(socket, "TCP_USER_TIMEOUT"):  # not Linux: no such option
+        return {}
+    return {socket.TCP_USER_TIMEOUT: 2 * (heartbeat or HEARTBEATS_OFF) * 1000}
 
 
 def wire_for(url: str) -> type[Wire]:
@@ -200,7 +217,8 @@ class Link:
         started = time.monotonic()
         # The polling interval is memory://'s (how often its reader looks for messages); AMQP ignores it.
         connection = Connection(url, heartbeat=self.heartbeat, connect_timeout=CONNECT_TIMEOUT,
-                                transport_options={"polling_interval": 0.005})
+                                transport_options={"polling_interval": 0.005,
+                                                   "socket_settings": socket_settings(self.heartbeat)})
         # Not `connect()`, which tries again itself after 2 s: a dead node would hold up the failover.
         connection.ensure_connection(max_retries=0, reraise_as_library_errors=False)
         try:

@@ -176,7 +176,8 @@ class Blackhole:
     """A TCP proxy to RabbitMQ that can partition the network: while `partitioned`, bytes
     are held (neither forwarded nor refused) and new connections hang after accept, as
     when a firewall or a broken route drops packets. `heal()` drops the connections that
-    lived through the partition (as the TCP stacks would) and forwards again."""
+    lived through the partition (as the TCP stacks would) and forwards again; `resume()`
+    forwards again on the same connections (a RabbitMQ that stopped reading, then read on)."""
 
     def __init__(self, target: tuple[str, int] = ("127.0.0.1", AMQP_PORT)) -> None:
         self.target = target
@@ -241,6 +242,11 @@ class Blackhole:
 
     def partition(self) -> None:
         self.partitioned = True
+
+    def resume(self) -> None:
+        """Forward again, every connection kept: RabbitMQ only stopped reading for a while (its credit
+        flow holds back a connection that publishes faster than its queues take, or a node is busy)."""
+        self.partitioned = False
 
     def heal(self) -> None:
         self.generation += 1
