@@ -54,6 +54,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from app.broker.claim_ages import ClaimAges
 from app.broker.messages import CLAIMED
 
 
@@ -80,6 +81,7 @@ class Entry:
     # The session was claimed before the last owner died (its claim, or an earlier one of the same
     # session, came back redelivered): a command redelivered with it may go to it (`command`).
     restored: bool = False
+    copied: bool = False  # held by this owner's copy of its claim (`refreshed`), not by the claim's own delivery
 
 
 # Seconds a device whose holder's queue vanished waits for a claim (its holder's, reconnected, or a new
@@ -158,7 +160,7 @@ class Directory:
         self.starts = starts  # None: flapping detection is off (FLAP_MAX=0)
         self.entries: dict[str, Entry] = {}
         self._by_holder: dict[str, set[str]] = {}
-        self._ages: deque[tuple[float, str, int]] = deque()  # (since, device, tag) in delivery order
+        self._ages = ClaimAges()  # when each entry's claim is due to be published again (claim_ages.py)
         self.wills: dict[str, HeldWill] = {}  # device -> the ended session whose will is held, while it is
         self.orphans: dict[str, Orphan] = {}  # device -> its session whose holder is gone, for HOLDER_GRACE
         self._orphan_order: deque[tuple[float, str]] = deque()  # (until, device), to let them go in time
@@ -332,22 +334,28 @@ class Directory:
         current = self.entries.get(device)
         if current is None or current.session != session:
             return [(ACK, tag)]
-        current.tag, current.since = tag, now
-        self._ages.append((now, device, tag))
+        current.tag, current.since, current.copied = tag, now, True
+        self._ages.held(self.entries, now, device, tag, copied=True)
         return []
 
     # -- time -------------------------------------------------------------------------------
+    def due_compaction(self, older_than: float, limit: int) -> list[Action]:
+        """Entries still held by their own claim's delivery, delivered before `older_than`: publish them
+        again, many to a message, so that their partition's channel holds few deliveries (claim_ages.py)."""
+        return self._refresh(self._ages.due(self.entries, copied=False, older_than=older_than, limit=limit))
+
     def due_refresh(self, older_than: float, limit: int) -> list[Action]:
-        """Entries whose claim was delivered before `older_than`: publish each again, so that no
-        delivery stays unacked past RabbitMQ's consumer timeout (which would close our channel)."""
-        actions: list[Action] = []
-        ages = self._ages
-        while ages and ages[0][0] < older_than and len(actions) < limit:
-            _since, device, tag = ages.popleft()
-            entry = self.entries.get(device)
-            if entry is not None and entry.tag == tag:
-                actions.append((REFRESH, tag, entry.partition, device, entry))
-        return actions
+        """Entries held by a copy delivered before `older_than`: publish each again, so that no delivery
+        stays unacked past RabbitMQ's consumer timeout (which would close our channel)."""
+        return self._refresh(self._ages.due(self.entries, copied=True, older_than=older_than, limit=limit))
+
+    def copy_again(self, held: list[tuple[str, int]]) -> None:
+        """RabbitMQ refused the copies of these (device, tag) entries: they are due again at once."""
+        self._ages.again(self.entries, held)
+
+    def _refresh(self, ages: list[tuple[float, str, int]]) -> list[Action]:
+        entries = self.entries
+        return [(REFRESH, tag, entries[device].partition, device, entries[device]) for _, device, tag in ages]
 
     def reset(self) -> None:
         """Our connection is gone and every unacked claim with it: the next owner has them now."""
@@ -364,10 +372,7 @@ class Directory:
     def _put(self, device: str, entry: Entry) -> None:
         self.entries[device] = entry
         self._by_holder.setdefault(entry.holder, set()).add(device)
-        ages = self._ages
-        ages.append((entry.since, device, entry.tag))
-        if len(ages) > 2 * len(self.entries) + 1024:  # replaced claims' ages pile up in a stampede: compact
-            self._ages = deque(sorted((e.since, d, e.tag) for d, e in self.entries.items()))
+        self._ages.held(self.entries, entry.since, device, entry.tag, copied=False)
 
     def _remove(self, device: str, entry: Entry) -> None:
         del self.entries[device]

@@ -26,8 +26,8 @@ holder drops a command id it has already taken). A forward or a notice RabbitMQ
 returns means the holder's queue is gone, and every session it held with it: the
 owner drops them all, and their commands wait for a claim (directory.py, `Orphan`).
 
-Each partition is consumed on a channel of its own, and what the owner holds of a
-delivery is a receipt (receipts.py says why).
+Each partition is consumed on a channel of its own, what the owner holds of a delivery
+is a receipt (receipts.py says why), and claims are published again (claim_ages.py).
 """
 
 from __future__ import annotations
@@ -88,11 +88,13 @@ from app.broker.receipts import Shares, receipt, split_receipt
 log = logging.getLogger("warren.routing")
 
 STANDBY_DELAY = 2.0  # seconds after connecting before a worker subscribes to the partitions it does not prefer
-CLAIM_REFRESH = 600.0  # a claim older than this is published again: RabbitMQ's consumer timeout is 30 min by default
+CLAIM_REFRESH = 600.0  # a copy older than this is published again: RabbitMQ's consumer timeout is 30 min by default
 ROUTING_NACK_STREAK = 1.0  # shorter than the publisher's: a session whose claim is nacked waits for its route
 ROUTING_NACKS_DESPITE_ACKS = 2.0  # nacks for this long, some partitions acking meanwhile: a fresh channel too
-REFRESH_BATCH = 1000  # claims published again per tick, at most
+COMPACT_AFTER = 1.0  # a claim held by its own delivery longer than this is copied with others (`due_compaction`)
+COPY_BATCH = 5000  # claims published again per tick, at most: compacted first, then refreshed
 REJECT = "reject"  # (REJECT, tag): back to its partition queue, to be taken again
+COPIES = "copies"  # (COPIES, partition queue, body, tags, refused): claims published again (`tick`)
 Here = Callable[[str, str, dict[str, Any], bytes, bool], bool]
 Told = Callable[[str, bool, str, str], bool]
 
@@ -171,10 +173,13 @@ class PartitionOwner:
             elif what is REJECT:
                 partition, tag = split_receipt(item[1])
                 wire.reject(tag, self._acking[partition])
+            elif what is COPIES:
+                _, routing_key, body, tags, refused = item
+                self._published(tags, refused)
+                wire.publish(CLAIM_COPIES, routing_key, body, (), channel)
             elif what is FORWARD:
                 _, holder, properties, body, tag = item
-                # Refused (its queue's node going down with it): back to the partition at the next tick,
-                # to be passed on to wherever the device is by then.
+                # Refused (its queue's node going down with it): back to the partition at the next tick.
                 self._published(tag, lambda tag=tag: self._rejects.append(tag))
                 wire.forward(holder, properties, body, channel)
             else:  # a publish: (kind, routing key, body, values, tag to ack once confirmed)
@@ -199,17 +204,20 @@ class PartitionOwner:
             self._todo.extend((REJECT, tag) for tag in self._rejects)
             self._rejects.clear()
             self._wake()
-        due = self.directory.due_refresh(now - CLAIM_REFRESH, REFRESH_BATCH)
+        compacted = self.directory.due_compaction(now - COMPACT_AFTER, COPY_BATCH)  # claim_ages.py says why
+        due = self.directory.due_refresh(now - CLAIM_REFRESH, COPY_BATCH - len(compacted))
         by_partition: dict[int, list[tuple[int, str, Any]]] = {}
-        for _, tag, partition, device, entry in due:
+        for _, tag, partition, device, entry in compacted + due:
             by_partition.setdefault(partition, []).append((tag, device, entry))
         for partition, claims in by_partition.items():  # one message a partition; the claims it copies acked once
             body = copies_body([(device, e.session, e.started, e.holder, e.epoch) for _, device, e in claims])
-            tags = tuple(tag for tag, _, _ in claims)  # it is confirmed (`confirmed`)
-            self._todo.append(("publish", CLAIM_COPIES, partition_queue(partition), body, (), tags))
+            tags = tuple(tag for tag, _, _ in claims)  # it is confirmed (`confirmed`); refused, copied again
+            again = [(device, tag) for tag, device, _ in claims]
+            self._todo.append((COPIES, partition_queue(partition), body, tags,
+                               lambda again=again: self.directory.copy_again(again)))
         for holder in {entry.holder for *_, entry in due}:  # a holder that died idle is found out: pings come back
             self._todo.append(("publish", PING, holder, b"", (holder,), 0))
-        if due:
+        if by_partition:
             self._wake()
 
     def _subscribe(self, count: int) -> None:

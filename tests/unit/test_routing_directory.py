@@ -206,15 +206,35 @@ def test_a_holder_gone_after_its_device_moved_keeps_the_new_session() -> None:
     assert directory.holder_of("lock-1") == "q-b"
 
 
-def test_old_claims_are_due_for_refresh_and_the_copy_takes_over() -> None:
+def test_claims_held_by_their_own_delivery_are_due_for_compaction_then_their_copy_for_refresh() -> None:
+    """A claim is copied once soon (compaction: many to a message, so the partition's channel holds few
+    deliveries); its copy is copied again only after the long refresh age (RabbitMQ's consumer timeout)."""
     directory = Directory()
     claim(directory, 1, "lock-1", "s1", "q-a", now=10.0)
     claim(directory, 2, "lock-2", "s2", "q-a", now=50.0)
-    due = directory.due_refresh(older_than=20.0, limit=10)
+    assert directory.due_refresh(older_than=1e9, limit=10) == []  # no copy yet: nothing to refresh
+    due = directory.due_compaction(older_than=20.0, limit=10)
     assert [(kind, tag, partition, device) for kind, tag, partition, device, _ in due] == [(REFRESH, 1, 3, "lock-1")]
-    assert directory.due_refresh(older_than=20.0, limit=10) == []  # asked once per delivery
+    assert directory.due_compaction(older_than=20.0, limit=10) == []  # asked once per delivery
     assert directory.refreshed(9, "lock-1", "s1", now=60.0) == []
+    assert directory.due_compaction(older_than=1e9, limit=10) == [(REFRESH, 2, 3, "lock-2", directory.entries["lock-2"])]
+    assert directory.due_refresh(older_than=60.0, limit=10) == []
+    assert [action[1] for action in directory.due_refresh(older_than=61.0, limit=10)] == [9]
     assert directory.release(10, "lock-1", "s1") == [(ACK, 9), (ACK, 10)]  # the copy is the entry now
+
+
+def test_a_refused_copy_is_due_again_at_once_unless_its_entry_moved_on() -> None:
+    directory = Directory()
+    claim(directory, 1, "lock-1", "s1", "q-a", now=10.0)
+    claim(directory, 2, "lock-2", "s2", "q-a", now=11.0)
+    claim(directory, 3, "lock-3", "s3", "q-a", now=12.0)
+    assert len(directory.due_compaction(older_than=20.0, limit=10)) == 3
+    directory.refreshed(7, "lock-3", "s3", now=13.0)  # lock-3's copy came back: held by it now
+    claim(directory, 4, "lock-2", "s2-new", "q-b", now=14.0)  # lock-2 moved on
+    directory.copy_again([("lock-1", 1), ("lock-2", 2)])
+    assert [action[1] for action in directory.due_compaction(older_than=0.0, limit=10)] == [1]
+    directory.copy_again([("lock-3", 7)])
+    assert [action[1] for action in directory.due_refresh(older_than=0.0, limit=10)] == [7]
 
 
 def test_a_copy_of_a_claim_replaced_meanwhile_is_just_acked() -> None:
@@ -229,9 +249,9 @@ def test_refresh_skips_replaced_claims_and_respects_the_limit() -> None:
     for tag in range(1, 6):
         claim(directory, tag, f"lock-{tag}", "s", "q-a", now=float(tag))
     claim(directory, 6, "lock-1", "s-new", "q-b", now=100.0)
-    due = directory.due_refresh(older_than=50.0, limit=2)
+    due = directory.due_compaction(older_than=50.0, limit=2)
     assert [action[1] for action in due] == [2, 3]
-    assert [action[1] for action in directory.due_refresh(older_than=50.0, limit=10)] == [4, 5]
+    assert [action[1] for action in directory.due_compaction(older_than=50.0, limit=10)] == [4, 5]
 
 
 def test_the_age_list_stays_bounded_through_a_stampede_of_replacements() -> None:
@@ -239,9 +259,14 @@ def test_the_age_list_stays_bounded_through_a_stampede_of_replacements() -> None
     for tag in range(1, 20001):
         claim(directory, tag, f"lock-{tag % 10}", f"s{tag}", "q-a", now=float(tag))
     assert len(directory) == 10
-    assert len(directory._ages) <= 2 * 10 + 1024 + 1
-    due = directory.due_refresh(older_than=1e9, limit=100)
+    assert len(directory._ages.fresh) <= 2 * 10 + 1024 + 1
+    due = directory.due_compaction(older_than=1e9, limit=100)
     assert sorted(action[1] for action in due) == list(range(19991, 20001))
+    for tag in range(20001, 40001):  # copies of ten sessions, again and again: their ages stay bounded too
+        device = f"lock-{tag % 10}"
+        assert directory.refreshed(tag, device, directory.entries[device].session, now=float(tag)) == []
+    assert len(directory._ages.copied) <= 2 * 10 + 1024 + 1
+    assert sorted(action[1] for action in directory.due_refresh(older_than=1e9, limit=100)) == list(range(39991, 40001))
 
 
 def test_reset_forgets_everything() -> None:
@@ -249,7 +274,7 @@ def test_reset_forgets_everything() -> None:
     claim(directory, 1, "lock-1", "s1", "q-a")
     directory.reset()
     assert len(directory) == 0 and directory.command(2, "lock-1") == (OFFLINE, 2)
-    assert directory.due_refresh(older_than=1e9, limit=10) == []
+    assert directory.due_compaction(older_than=1e9, limit=10) == directory.due_refresh(older_than=1e9, limit=10) == []
 
 
 # -- flapping (PROTOCOL.md section 6): counted where every start of a device passes -------------------

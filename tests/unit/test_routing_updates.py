@@ -46,10 +46,10 @@ from app.broker.messages import (
     routed_many_body,
     updates_body,
 )
-from app.broker.partitions import CLAIM_REFRESH
+from app.broker.partitions import CLAIM_REFRESH, COMPACT_AFTER
 from app.broker.receipts import Shares, receipt
 from app.broker.ring import PROBES_PER_PARTITION, RingCheck, partition_of
-from tests.unit.test_broker_links import RecordingWire, ack, consumer
+from tests.unit.test_broker_links import RecordingWire, ack, consumer, nack
 
 
 def ring_held(link_: CommandConsumer) -> None:
@@ -272,27 +272,64 @@ def test_a_ring_answer_that_cannot_be_read_changes_nothing() -> None:
     assert not link_.ring.holds and link_.ring._landed == {}
 
 
-def test_old_claims_are_copied_one_message_a_partition_and_acked_once_it_is_confirmed(
+def test_claims_are_copied_one_message_a_partition_soon_and_again_after_the_refresh_age(
         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Claims held by their own deliveries are copied together after COMPACT_AFTER (so that the partition's
+    channel holds one delivery, not one a claim: claim_ages.py); the copy is copied again after
+    CLAIM_REFRESH, with a ping to the holder. Each message of claims or copies is acked once it is done."""
     link_, wire = consumer()[0], RecordingWire()
     deliver_updates(link_, 5, [(CLAIMED, d, f"s-{d}", 1.0, True) for d in ("a", "b", "c")])
     link_.write(wire)
-    later = time.monotonic() + CLAIM_REFRESH + 1
-    monkeypatch.setattr("app.broker.partitions.time.monotonic", lambda: later)
-    link_.tick(later)
+    clock = [time.monotonic() + COMPACT_AFTER + 0.5]
+    monkeypatch.setattr("app.broker.partitions.time.monotonic", lambda: clock[0])
+    link_.tick(clock[0])
     link_.write(wire)
     [copies] = [call for call in wire.calls if call[0] == "publish" and call[1] is CLAIM_COPIES]
     assert copies[2] == partition_queue(2)
     assert decode_copies(copies[3]) == [(d, f"s-{d}", 1.0, "holder.q", 1) for d in ("a", "b", "c")]
-    assert [c[2] for c in wire.calls if c[0] == "publish" and c[1] is PING] == ["holder.q"]
-    link_.methods[frames.BASIC_ACK](ack(5, multiple=True))  # three `routed`, the copies and the ping: confirmed
+    assert [c for c in wire.calls if c[0] == "publish" and c[1] is PING] == []  # compaction pings nobody
+    link_.methods[frames.BASIC_ACK](ack(5, multiple=True))  # the `routed` notices and the copies: confirmed
     link_.write(wire)
     assert acks(wire) == [5]  # the claims' message: acked once, for its three claims
     link_.owner.delivered(2, 8, False, "", partition_queue(2), {"type": COPIES_TYPE}, copies[3])
     assert {e.tag for e in link_.owner.directory.entries.values()} == {receipt(2, 8)}  # the copies hold them now
-    deliver_updates(link_, 9, [(RELEASED, d, f"s-{d}", 0.0, False) for d in ("a", "b", "c")])
+    link_.tick(clock[0] + 10)
     link_.write(wire)
-    assert acks(wire) == [5, 8, 9]
+    assert len([c for c in wire.calls if c[0] == "publish" and c[1] is CLAIM_COPIES]) == 1  # not copied again yet
+    clock[0] += CLAIM_REFRESH + 1
+    link_.tick(clock[0])
+    link_.write(wire)
+    again = [call for call in wire.calls if call[0] == "publish" and call[1] is CLAIM_COPIES][1]
+    assert decode_copies(again[3]) == decode_copies(copies[3])
+    assert [c[2] for c in wire.calls if c[0] == "publish" and c[1] is PING] == ["holder.q"]
+    link_.methods[frames.BASIC_ACK](ack(7, multiple=True))
+    link_.write(wire)
+    assert acks(wire) == [5, 8]
+    link_.owner.delivered(2, 9, False, "", partition_queue(2), {"type": COPIES_TYPE}, again[3])
+    deliver_updates(link_, 10, [(RELEASED, d, f"s-{d}", 0.0, False) for d in ("a", "b", "c")])
+    link_.write(wire)
+    assert acks(wire) == [5, 8, 9, 10]
+
+
+def test_copies_refused_by_rabbitmq_are_made_again_at_the_next_tick(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A copy nacked (its partition between leaders) would leave its claims held by their first delivery
+    for good, past RabbitMQ's consumer timeout: they are copied again."""
+    link_, wire = consumer()[0], RecordingWire()
+    deliver_updates(link_, 5, [(CLAIMED, "a", "s-a", 1.0, True)])
+    link_.write(wire)
+    clock = time.monotonic() + COMPACT_AFTER + 0.5
+    monkeypatch.setattr("app.broker.partitions.time.monotonic", lambda: clock)
+    link_.tick(clock)
+    link_.write(wire)
+    link_.methods[frames.BASIC_NACK](nack(2))  # the copies
+    link_.methods[frames.BASIC_ACK](ack(1))  # the `routed` notice (an ack: no streak of nacks)
+    link_.tick(clock + 1)
+    link_.write(wire)
+    copies = [call for call in wire.calls if call[0] == "publish" and call[1] is CLAIM_COPIES]
+    assert len(copies) == 2 and decode_copies(copies[1][3]) == decode_copies(copies[0][3])
+    link_.methods[frames.BASIC_ACK](ack(3))
+    link_.write(wire)
+    assert acks(wire) == [5]
 
 
 def test_copies_a_dead_owner_took_restore_their_sessions_for_the_next_owner() -> None:
@@ -337,7 +374,8 @@ STEP = st.one_of(st.lists(UPDATE, min_size=1, max_size=4, unique_by=lambda u: u[
 @given(st.lists(STEP, max_size=30))
 def test_every_delivery_is_acked_exactly_once_and_only_when_none_of_its_entries_stands(steps: list[tuple]) -> None:
     """Owner-side, directory and shares together, as partitions.py wires them: claims and releases in
-    messages of several, holders found gone, claims published again (`due_refresh`), in any order."""
+    messages of several, holders found gone, claims and copies published again (`due_compaction`,
+    `due_refresh`), in any order."""
     directory, shares, tags, clock = Directory(), Shares(), itertools.count(1), itertools.count(1)
     delivered: set[int] = set()
     acked: list[int] = []
@@ -362,7 +400,7 @@ def test_every_delivery_is_acked_exactly_once_and_only_when_none_of_its_entries_
             carry_out(directory.holder_gone(step[1], now))
         else:  # every claim published again as one message of copies, as partitions.py's `tick` does: the
             # copies come back, and the claims they copy are acked once they are confirmed
-            due = directory.due_refresh(now + 1, 100)
+            due = directory.due_compaction(now + 1, 100) + directory.due_refresh(now + 1, 100)
             if due:
                 copy = next(tags)
                 delivered.add(copy)
