@@ -23,7 +23,7 @@ import orjson
 
 from bench.sampling import TreeGauge, others_cpu_s
 from bench.stampede.backend import AmqpCommands, EventVerifier, HttpCommands
-from bench.stampede.gauges import rabbit_processes, rabbit_rss_mb
+from bench.stampede.gauges import rabbit_cpu_s, rabbit_processes, rabbit_rss_mb
 
 if TYPE_CHECKING:
     from bench.stampede.brokers import Broker
@@ -248,10 +248,11 @@ class Run:
         return self.fleet.totals()
 
     def gauges(self) -> dict[str, Any]:
-        """The server tree's RSS and CPU, RabbitMQ's RSS, and the CPU everything else used, now."""
+        """The server tree's RSS and CPU, RabbitMQ's RSS and CPU, and the CPU everything else used, now."""
         sample: dict[str, Any] = self.gauge.sample() if self.gauge else {}
         if not self.plan.floor:
             sample["rabbit_rss_mb"] = rabbit_rss_mb(self.rabbit_pids())
+            sample["rabbit_cpu_s"] = rabbit_cpu_s(self.rabbit_pids())
         sample["others_cpu_s"] = others_cpu_s(self.measured_pids())
         return sample
 

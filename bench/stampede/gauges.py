@@ -1,4 +1,4 @@
-"""The server's own cost, read from outside: which process tree is the server, and RabbitMQ's memory.
+"""The server's own cost, read from outside: which process tree is the server, and RabbitMQ's memory and CPU.
 
 A gunicorn master forks its workers, so every figure sums the master and all
 its descendants: bench/sampling.py's TreeGauge reads them (RSS every second, PSS
@@ -72,6 +72,21 @@ def rabbit_rss_mb(pids: list[int] | None = None) -> float | None:
         except psutil.Error:
             continue
     return total / MB if read else None
+
+
+def rabbit_cpu_s(pids: list[int] | None = None) -> float | None:
+    """CPU seconds the RabbitMQ nodes have used so far (summed over a cluster's), None when there is none
+    to read. Cumulative: only a difference between two readings means something. On a cluster every
+    quorum queue's write is taken by each of its members, so this is where a cluster's extra cost shows."""
+    total, read = 0.0, False
+    for process in rabbit_processes(pids):
+        try:
+            times = process.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+        read = True
+    return total if read else None
 
 
 def rabbit_breakdown() -> dict[str, float]:

@@ -68,6 +68,8 @@ def ramp(run: Run, options: argparse.Namespace) -> dict[str, Any]:
         "rss_kib_per_session": cost(before, held, held["up"], "rss_mb", KIB_PER_MIB),
         "pss_kib_per_session": cost(before, held, held["up"], "pss_mb", KIB_PER_MIB),
         "cpu_ms_per_session": cost(before, connected, established, "cpu_s", 1000),
+        # RabbitMQ's share (every node's, on a cluster): on one machine it competes with the gateway for the cores.
+        "rabbit_cpu_ms_per_session": cost(before, connected, established, "rabbit_cpu_s", 1000),
         # Already-connected devices ping during the ramp: their share is in cpu_ms_per_session.
         "heartbeats_answered": connected["pongs"] - before["pongs"],
         "other_cpu_cores": busy_cores(before, connected, "others_cpu_s"),
@@ -233,4 +235,5 @@ def reconnect(run: Run, options: argparse.Namespace, jitter: float) -> dict[str,
             "sessions_lost_meanwhile": delta(after["lost"], before["lost"]),
             # Sessions already back keep pinging while the rest reconnect: the server must keep answering.
             "heartbeats_answered_meanwhile": after["pongs"] - before["pongs"],
-            "cpu_ms_per_session": cost(before, after, established, "cpu_s", 1000)}
+            "cpu_ms_per_session": cost(before, after, established, "cpu_s", 1000),
+            "rabbit_cpu_ms_per_session": cost(before, after, established, "rabbit_cpu_s", 1000)}

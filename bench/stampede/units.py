@@ -28,6 +28,8 @@ class Unit:
 
 UNITS = (
     Unit("setup_cpu_us", "CPU per session set-up (ramp)", ("ramp", "cpu_ms_per_session"), 1000, " µs"),
+    Unit("rabbit_setup_cpu_us", "RabbitMQ's CPU per session set-up, every node's (ramp)",
+         ("ramp", "rabbit_cpu_ms_per_session"), 1000, " µs"),
     Unit("heartbeat_cpu_us", "CPU per heartbeat (idle hold window)", ("hold", "cpu_ms_per_heartbeat"),
          1000, " µs"),
     Unit("command_cpu_us", "CPU per command round trip above idle",
@@ -72,6 +74,8 @@ UNITS = (
          ("reconnect_jitter_0s", "seconds_until_all_back"), suffix=" s"),
     Unit("reconnect_cpu_us", "CPU per session re-established (at once)",
          ("reconnect_jitter_0s", "cpu_ms_per_session"), 1000, " µs"),
+    Unit("rabbit_reconnect_cpu_us", "RabbitMQ's CPU per session re-established, every node's (at once)",
+         ("reconnect_jitter_0s", "rabbit_cpu_ms_per_session"), 1000, " µs"),
     Unit("tls_full_ramp", "TLS full handshakes (ramp)", ("ramp", "tls", "full"), compared=False),
     Unit("tls_resumed_share", "TLS reconnects resumed (at once)", ("reconnect_jitter_0s", "tls", "resumed_share"),
          compared=False, digits=4),
