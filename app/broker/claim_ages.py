@@ -53,12 +53,18 @@ class ClaimAges:
                 found.append(age)
         return found
 
-    def again(self, entries: Mapping[str, Any], held: list[tuple[str, int]]) -> None:
-        """Copies RabbitMQ refused: those of their (device, tag) entries that still stand are due at once."""
+    def again(self, entries: Mapping[str, Any], held: list[tuple[str, int]]) -> list[int]:
+        """Copies RabbitMQ refused: those of their (device, tag) entries that still stand are due at once (and
+        no longer being copied); the tags of those that moved on meanwhile are returned, for the owner to ack."""
+        moved_on = []
         for device, tag in reversed(held):
             entry = entries.get(device)
             if entry is not None and entry.tag == tag:
+                entry.copying = 0
                 (self.copied if entry.copied else self.fresh).appendleft((float("-inf"), device, tag))
+            else:
+                moved_on.append(tag)
+        return moved_on[::-1]
 
     def clear(self) -> None:
         self.fresh.clear()

@@ -82,6 +82,9 @@ class Entry:
     # session, came back redelivered): a command redelivered with it may go to it (`command`).
     restored: bool = False
     copied: bool = False  # held by this owner's copy of its claim (`refreshed`), not by the claim's own delivery
+    # The delivery (`tag`) whose copy is on its way: that copy's confirm acks it (or, refused, `copy_again`),
+    # not the session's end, which may come first; and only a copy of the delivery that holds it takes over.
+    copying: int = 0
 
 
 # Seconds a device whose holder's queue vanished waits for a claim (its holder's, reconnected, or a new
@@ -196,7 +199,7 @@ class Directory:
         actions: list[Action] = self._will_dropped(device, started) if fresh else []
         if current is not None:
             self._remove(device, current)
-            actions.append((ACK, current.tag))
+            actions += self._let_go(current)
             if current.session != session:
                 actions.append((REPLACED, current.holder, device, current.session))
         restored = redelivered or (current is not None and current.session == session and current.restored)
@@ -249,7 +252,7 @@ class Directory:
         if will_until is not None:
             self.wills[device] = HeldWill(session, current.holder, will_until)
             self._will_order.append((will_until, device))
-        return [(ACK, current.tag), (ACK, tag)]
+        return [*self._let_go(current), (ACK, tag)]
 
     def _will_dropped(self, device: str, started: float) -> list[Action]:
         """A fresh claim of `device`: the will held for its ended session goes, if the hello came before
@@ -303,7 +306,7 @@ class Directory:
         until = self._gone.setdefault(holder, now + HOLDER_GRACE)  # found gone again: the same grace
         for device in devices:
             entry = self.entries.pop(device)
-            actions.append((ACK, entry.tag))
+            actions += self._let_go(entry)
             self._orphan(device, entry.session, until)
         return actions
 
@@ -332,8 +335,8 @@ class Directory:
         """A claim this owner published again (`due_refresh`) came back: it keeps the entry from now on;
         the earlier claim is acked by whoever confirmed the copy. A stale copy is just acked."""
         current = self.entries.get(device)
-        if current is None or current.session != session:
-            return [(ACK, tag)]
+        if current is None or current.session != session or current.copying != current.tag:
+            return [(ACK, tag)]  # ended, or held by a later claim of the session than the one copied
         current.tag, current.since, current.copied = tag, now, True
         self._ages.held(self.entries, now, device, tag, copied=True)
         return []
@@ -349,13 +352,23 @@ class Directory:
         stays unacked past RabbitMQ's consumer timeout (which would close our channel)."""
         return self._refresh(self._ages.due(self.entries, copied=True, older_than=older_than, limit=limit))
 
-    def copy_again(self, held: list[tuple[str, int]]) -> None:
-        """RabbitMQ refused the copies of these (device, tag) entries: they are due again at once."""
-        self._ages.again(self.entries, held)
+    def copy_again(self, held: list[tuple[str, int]]) -> list[Action]:
+        """RabbitMQ refused the copies of these (device, tag) entries: those that stand are due again at
+        once; the deliveries of those that ended meanwhile are acked here, since their end left them to us."""
+        return [(ACK, tag) for tag in self._ages.again(self.entries, held)]
 
     def _refresh(self, ages: list[tuple[float, str, int]]) -> list[Action]:
-        entries = self.entries
-        return [(REFRESH, tag, entries[device].partition, device, entries[device]) for _, device, tag in ages]
+        actions: list[Action] = []
+        for _, device, tag in ages:
+            entry = self.entries[device]
+            entry.copying = tag
+            actions.append((REFRESH, tag, entry.partition, device, entry))
+        return actions
+
+    @staticmethod
+    def _let_go(entry: Entry) -> list[Action]:
+        """The ack an entry's end owes its delivery: none while a copy of it is on its way (the copy's)."""
+        return [] if entry.copying == entry.tag else [(ACK, entry.tag)]
 
     def reset(self) -> None:
         """Our connection is gone and every unacked claim with it: the next owner has them now."""

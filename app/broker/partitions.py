@@ -214,7 +214,7 @@ class PartitionOwner:
             tags = tuple(tag for tag, _, _ in claims)  # it is confirmed (`confirmed`); refused, copied again
             again = [(device, tag) for tag, device, _ in claims]
             self._todo.append((COPIES, partition_queue(partition), body, tags,
-                               lambda again=again: self.directory.copy_again(again)))
+                               lambda again=again: self._carry_out(self.directory.copy_again(again), {}, "")))
         for holder in {entry.holder for *_, entry in due}:  # a holder that died idle is found out: pings come back
             self._todo.append(("publish", PING, holder, b"", (holder,), 0))
         if by_partition:

@@ -367,25 +367,37 @@ def test_shares_count_down_and_forget_what_a_lost_connection_took() -> None:
 UPDATE = st.tuples(st.sampled_from((CLAIMED, RELEASED)), st.sampled_from(("a", "b", "c", "d")),
                    st.sampled_from(("s1", "s2", "s3")), st.booleans())
 STEP = st.one_of(st.lists(UPDATE, min_size=1, max_size=4, unique_by=lambda u: u[1]).map(lambda u: ("updates", u)),
-                 st.sampled_from(("H1", "H2")).map(lambda h: ("gone", h)), st.just(("refresh",)))
+                 st.sampled_from(("H1", "H2")).map(lambda h: ("gone", h)),
+                 st.sampled_from(("copy", "copy delivered", "copy confirmed", "copy refused")).map(lambda k: (k,)))
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.lists(STEP, max_size=30))
+@settings(max_examples=500, deadline=None)
+@given(st.lists(STEP, max_size=40))
 def test_every_delivery_is_acked_exactly_once_and_only_when_none_of_its_entries_stands(steps: list[tuple]) -> None:
     """Owner-side, directory and shares together, as partitions.py wires them: claims and releases in
     messages of several, holders found gone, claims and copies published again (`due_compaction`,
-    `due_refresh`), in any order."""
+    `due_refresh`), each copy delivered back, confirmed or refused in any order, and any of the rest
+    between (a session released, replaced or its holder gone while its copy is on its way)."""
     directory, shares, tags, clock = Directory(), Shares(), itertools.count(1), itertools.count(1)
     delivered: set[int] = set()
     acked: list[int] = []
+    in_flight: list[tuple[list, bool, bool]] = []  # a copy published: (its REFRESH actions, delivered, confirmed)
 
     def carry_out(actions: list[tuple]) -> None:
         for action in actions:
             if action[0] is ACK and shares.done(action[1]):
                 assert action[1] in delivered and action[1] not in acked, "acked twice, or never delivered"
-                assert all(entry.tag != action[1] for entry in directory.entries.values()), "acked while held"
+                # Held, unless its copy, confirmed, is on its way back (the copy is the entry's record now).
+                assert all(entry.tag != action[1] or entry.copying == action[1]
+                           for entry in directory.entries.values()), "acked while held"
                 acked.append(action[1])
+
+    def deliver_copy(due: list, now: float) -> None:
+        copy = next(tags)
+        delivered.add(copy)
+        shares.expect(copy, len(due))
+        copies = [(device, e.session, e.started, e.holder, e.epoch) for _, _, _, device, e in due]
+        carry_out(directory.copied(copy, copies, partition=0, now=now))
 
     for step in steps:
         now = float(next(clock))
@@ -398,16 +410,28 @@ def test_every_delivery_is_acked_exactly_once_and_only_when_none_of_its_entries_
             carry_out(directory.updated(tag, holder, 1, updates, partition=0, now=now))
         elif step[0] == "gone":
             carry_out(directory.holder_gone(step[1], now))
-        else:  # every claim published again as one message of copies, as partitions.py's `tick` does: the
-            # copies come back, and the claims they copy are acked once they are confirmed
+        elif step[0] == "copy":  # as partitions.py's `tick`: every claim due, in one message of copies
             due = directory.due_compaction(now + 1, 100) + directory.due_refresh(now + 1, 100)
             if due:
-                copy = next(tags)
-                delivered.add(copy)
-                shares.expect(copy, len(due))
-                copies = [(device, e.session, e.started, e.holder, e.epoch) for _, _, _, device, e in due]
-                carry_out(directory.copied(copy, copies, partition=0, now=now))
+                in_flight.append((due, False, False))
+        elif in_flight:
+            due, was_delivered, was_confirmed = in_flight.pop(0)
+            if step[0] == "copy delivered" and not was_delivered:
+                deliver_copy(due, now)
+                was_delivered = True
+            elif step[0] == "copy confirmed" and not was_confirmed:  # the claims it copies are done with
                 carry_out([(ACK, tag) for _, tag, _, _, _ in due])
+                was_confirmed = True
+            elif step[0] == "copy refused" and not was_delivered and not was_confirmed:
+                carry_out(directory.copy_again([(device, tag) for _, tag, _, device, _ in due]))
+                continue
+            if not (was_delivered and was_confirmed):
+                in_flight.append((due, was_delivered, was_confirmed))
+    for due, was_delivered, was_confirmed in in_flight:  # every copy on its way arrives and is confirmed
+        if not was_delivered:
+            deliver_copy(due, float(next(clock)))
+        if not was_confirmed:
+            carry_out([(ACK, tag) for _, tag, _, _, _ in due])
     for device, entry in list(directory.entries.items()):  # every session ends: then all is acked
         release = next(tags)
         delivered.add(release)
