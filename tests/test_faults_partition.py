@@ -1,13 +1,16 @@
 """A network partition between the gateway and RabbitMQ: packets dropped, nothing closed.
 
 Unlike a broker restart, nobody tells the gateway: only AMQP heartbeats (20 s, two
-missed) and publisher-confirm timeouts (10 s) can. Through a proxy of our own, so the
-shared RabbitMQ is not disturbed.
+missed) and publisher-confirm timeouts (10 s) can. And the same proxy holding our bytes
+for a few seconds only, as RabbitMQ's credit flow does: that must cost nothing. Through a
+proxy of our own, so the shared RabbitMQ is not disturbed.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -20,13 +23,26 @@ from support.waiting import wait_until
 pytestmark = pytest.mark.slow
 
 
-def test_partition_detected_by_heartbeats_and_healed_without_device_reconnects(tmp_path):
+@contextmanager
+def device_behind_a_proxy(tmp_path, prefix: str, **env: str) -> Iterator[tuple]:
+    """A one-worker gateway that reaches RabbitMQ through a `Blackhole` proxy, a device connected to it, and a
+    queue that witnesses the device's events: (proxy, gateway, client, witness)."""
     proxy = Blackhole()
-    gateway = launch(tmp_path, workers=1, AMQP_URL=proxy.url)
-    device = unique("fxp")
+    gateway = launch(tmp_path, workers=1, AMQP_URL=proxy.url, **env)
+    device = unique(prefix)
     witness = DurableQueue(f"{device}.#")
     client = connect(gateway.tcp, device)
     try:
+        yield proxy, gateway, client, witness
+    finally:
+        client.close()
+        witness.delete()
+        gateway.stop()
+        proxy.close()
+
+
+def test_partition_detected_by_heartbeats_and_healed_without_device_reconnects(tmp_path):
+    with device_behind_a_proxy(tmp_path, "fxp") as (proxy, gateway, client, witness):
         assert send_event(client, "before")["type"] == "ack"
         proxy.partition()
         cut = time.monotonic()
@@ -61,11 +77,6 @@ def test_partition_detected_by_heartbeats_and_healed_without_device_reconnects(t
               f"flowing after {recovered:.1f}s; the session survived throughout")
         ids = {body["id"] for body in witness.drain()}
         assert {"before", "after"} <= ids
-    finally:
-        client.close()
-        witness.delete()
-        gateway.stop()
-        proxy.close()
 
 
 def test_rabbitmq_not_reading_for_seconds_costs_no_connection(tmp_path):
@@ -75,13 +86,8 @@ def test_rabbitmq_not_reading_for_seconds_costs_no_connection(tmp_path):
     200,000 devices publishers were lost every few minutes. Here the proxy holds our bytes for
     4 s, after the gateway sent more than the sockets between can hold: no connection is lost,
     and every event is acked once RabbitMQ reads on (CONFIRM_TIMEOUT, 10 s, is not reached)."""
-    proxy = Blackhole()
-    gateway = launch(tmp_path, workers=1, AMQP_URL=proxy.url, MAX_FRAME_BYTES=str(256 * 1024),
-                     EVENT_RATE="1000", EVENT_BURST="1000")
-    device = unique("fxs")
-    witness = DurableQueue(f"{device}.#")
-    client = connect(gateway.tcp, device)
-    try:
+    with device_behind_a_proxy(tmp_path, "fxs", MAX_FRAME_BYTES=str(256 * 1024), EVENT_RATE="1000",
+                               EVENT_BURST="1000") as (proxy, gateway, client, witness):
         assert send_event(client, "before")["type"] == "ack"
         proxy.partition()
         blob = "x" * (200 * 1024)
@@ -97,8 +103,3 @@ def test_rabbitmq_not_reading_for_seconds_costs_no_connection(tmp_path):
         assert answers == dict.fromkeys(ids, "ack"), {k: v for k, v in answers.items() if v != "ack"}
         assert "lost RabbitMQ" not in gateway.log()
         assert {body["id"] for body in witness.drain()} >= {"before", *ids}
-    finally:
-        client.close()
-        witness.delete()
-        gateway.stop()
-        proxy.close()
