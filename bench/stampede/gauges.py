@@ -10,6 +10,7 @@ it says how disturbed a figure is.
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Callable
 
 import psutil
 
@@ -64,29 +65,27 @@ def rabbit_processes(pids: list[int] | None = None) -> list[psutil.Process]:
 
 def rabbit_rss_mb(pids: list[int] | None = None) -> float | None:
     """RSS of the RabbitMQ nodes (summed over a cluster's), None when there is none to read."""
-    total, read = 0, False
-    for process in rabbit_processes(pids):
-        try:
-            total += process.memory_info().rss
-            read = True
-        except psutil.Error:
-            continue
-    return total / MB if read else None
+    total = _summed_over_nodes(pids, lambda process: process.memory_info().rss)
+    return None if total is None else total / MB
 
 
 def rabbit_cpu_s(pids: list[int] | None = None) -> float | None:
     """CPU seconds the RabbitMQ nodes have used so far (summed over a cluster's), None when there is none
     to read. Cumulative: only a difference between two readings means something. On a cluster every
     quorum queue's write is taken by each of its members, so this is where a cluster's extra cost shows."""
-    total, read = 0.0, False
+    return _summed_over_nodes(pids, lambda process: sum(process.cpu_times()[:2]))  # user + system
+
+
+def _summed_over_nodes(pids: list[int] | None, read: Callable[[psutil.Process], float]) -> float | None:
+    """`read` of every RabbitMQ node this run drives, summed; None when none could be read."""
+    total, found = 0.0, False
     for process in rabbit_processes(pids):
         try:
-            times = process.cpu_times()
+            total += read(process)
         except psutil.Error:
             continue
-        total += times.user + times.system
-        read = True
-    return total if read else None
+        found = True
+    return total if found else None
 
 
 def rabbit_breakdown() -> dict[str, float]:
