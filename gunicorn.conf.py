@@ -13,6 +13,7 @@ import socket
 import sys
 import tempfile
 
+import app.standby  # noqa: F401 - its board is made here, in the master, so every forked worker shares it
 from app.config import ConfigError, load
 from app.tls.contexts import build_contexts, check_gunicorn_ssl, load_tls
 from app.tls.crl import stale_lines

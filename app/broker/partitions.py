@@ -16,8 +16,8 @@ passes each command on to the holder, or answers `offline` itself. A claim stays
 unacked while its session lives, so the partition queue holds the directory: when
 an owner dies RabbitMQ redelivers every live claim, in order and ahead of anything
 newer, to the next subscriber, which rebuilds the directory before it reads a
-later command. Every worker subscribes to every partition (at once to its share,
-after STANDBY_DELAY to the rest, so that owners spread over the workers).
+later command. Every worker subscribes to every partition: at once to its share, to the
+rest once its instance's workers took theirs (app/standby.py), so that owners spread.
 
 What the owner publishes goes on a channel in confirm mode, and what it took from
 a partition is acked only once that is confirmed: an owner that dies in between
@@ -84,10 +84,10 @@ from app.broker.messages import (
     routed_many_body,
 )
 from app.broker.receipts import Shares, receipt, split_receipt
+from app.standby import BOARD, StandbyBoard
 
 log = logging.getLogger("warren.routing")
 
-STANDBY_DELAY = 2.0  # seconds after connecting before a worker subscribes to the partitions it does not prefer
 CLAIM_REFRESH = 600.0  # a copy older than this is published again: RabbitMQ's consumer timeout is 30 min by default
 ROUTING_NACK_STREAK = 1.0  # shorter than the publisher's: a session whose claim is nacked waits for its route
 ROUTING_NACKS_DESPITE_ACKS = 2.0  # nacks for this long, some partitions acking meanwhile: a fresh channel too
@@ -108,17 +108,18 @@ class PartitionOwner:
 
     def __init__(self, slot: int, slots: int, wake: Callable[[], None], queue_type: str = "quorum",
                  here: Here | None = None, told: Told | None = None, starts: Starts | None = None,
-                 flapped: Callable[[str], None] | None = None) -> None:
+                 flapped: Callable[[str], None] | None = None, board: StandbyBoard = BOARD) -> None:
         """`here(holder, device, properties, body, again)` takes a forward in-process when `holder` is this
         worker's own queue (True): a device held by its partition's owner costs no second trip through
         RabbitMQ; `told(holder, routed, device, session)` does so for a `routed` or `replaced` notice.
-        `starts` counts sessions started; `flapped(device)` bans a device that starts too many (None: off)."""
+        `starts` counts starts, `flapped(device)` bans a device starting too often (None: off); `board`: standby.py."""
         self.directory = Directory(starts)
         self.partitions = PARTITIONS  # as many as `setup` declared (one on the in-process broker)
         self._shares = Shares()  # deliveries of many updates, acked once each of them is done
         self._here, self._told, self._flapped, self._wake = here, told, flapped, wake
-        self._queue_arguments = PARTITION_ARGUMENTS[queue_type]
-        self._preferred = [p for p in range(PARTITIONS) if p % max(1, slots) == slot % max(1, slots)]
+        self._queue_arguments: dict[str, Any] = PARTITION_ARGUMENTS[queue_type]
+        self._slot, self._slots, self._board = slot % max(1, slots), max(1, slots), board
+        self._preferred = [p for p in range(PARTITIONS) if p % self._slots == self._slot]
         self._wire: Wire | None = None  # this connection's, from `setup` until `on_lost`
         self._channel_id = 0  # where we publish, in confirm mode
         self._consuming: list[Any] = []  # by partition: the channel it is consumed on (see the module's docstring)
@@ -131,8 +132,7 @@ class PartitionOwner:
         self._refused = 0  # publishes RabbitMQ nacked since the last tick
         self._answering: set[int] = set()  # receipts whose forward came back: acked by what became of it
         self._rejects: list[int] = []  # receipts of refused forwards, requeued at the next tick
-        self._unsubscribed: list[int] = []  # partitions to subscribe to, at STANDBY_DELAY after connecting
-        self._standby_at = 0.0
+        self._unsubscribed, self._connected_at = [], 0.0  # partitions we do not prefer, until we stand by
 
     # -- the link's setup ------------------------------------------------------------------------
     def setup(self, wire: Wire, now: float) -> None:
@@ -146,8 +146,9 @@ class PartitionOwner:
         self._seq = 0
         preferred = [p for p in self._preferred if p < partitions] or list(range(partitions))
         self._unsubscribed = preferred + [p for p in range(partitions) if p not in preferred]
-        self._standby_at = now + STANDBY_DELAY
+        self._connected_at = now
         self._subscribe(len(preferred))
+        self._board.took_own(self._slot, now)
 
     def on_lost(self) -> None:
         """Our connection is gone, and every delivery we held unacked went back to its partition."""
@@ -194,7 +195,7 @@ class PartitionOwner:
         if self._refused:
             log.warning("RabbitMQ refused %d routing publishes (a queue between leaders): made again", self._refused)
             self._refused = 0
-        if self._unsubscribed and now >= self._standby_at:
+        if self._unsubscribed and self._board.may_stand_by(self._slots, self._connected_at, now):
             self._subscribe(len(self._unsubscribed))
         self.directory.forget_old(now, time.time())
         expired = self.directory.expire_orphans(now)
@@ -396,5 +397,3 @@ class PartitionOwner:
             if not self._passed_on(action, tag, device, properties, body, False):
                 self._answer_offline(tag, device, properties)
         self._carry_out(actions, properties, "")
-
-

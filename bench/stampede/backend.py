@@ -97,12 +97,19 @@ class BrokerClient:
             gevent.sleep(RETRY_SECONDS)
 
     def serve(self) -> None:
+        """Read and tick forever, letting the controller's other greenlets run after every read.
+
+        A read that finds its bytes already buffered never blocks, so it never yields: in a
+        stampede the event verifier's 400,000 presence events would keep the controller
+        from sampling, from reading its load processes' reports and from sending commands
+        for minutes (the gateway's timeline had gaps of 130 s where the floor's had none)."""
         while True:
             self.tick()
             try:
                 self.connection.connection.drain_events(timeout=self.read_timeout)
             except TimeoutError:
                 continue
+            gevent.sleep(0)
 
     def setup(self, channel: amqp.Channel) -> None:
         raise NotImplementedError
