@@ -40,6 +40,10 @@ class StandbyBoard:
         """The worker of `slot` has subscribed to the partitions it prefers."""
         _STAMP.pack_into(self._stamps, (slot % SLOTS) * _STAMP.size, time.monotonic() if now is None else now)
 
+    def left(self, slot: int) -> None:
+        """The worker of `slot` lost its connection: until it takes its own again, others wait for it."""
+        _STAMP.pack_into(self._stamps, (slot % SLOTS) * _STAMP.size, 0.0)
+
     def may_stand_by(self, slots: int, connected_at: float, now: float) -> bool:
         """Whether a worker that connected at `connected_at` may subscribe to the partitions it does not prefer."""
         return now >= connected_at + STANDBY_MAX or self.all_took_own(slots, connected_at - STANDBY_MAX, now)

@@ -153,6 +153,7 @@ class PartitionOwner:
     def on_lost(self) -> None:
         """Our connection is gone, and every delivery we held unacked went back to its partition."""
         self.directory.reset()
+        self._board.left(self._slot)  # a worker reconnecting first must not stand by for our partitions
         for held in (self._shares, self._todo, self._after, self._answering, self._rejects):
             held.clear()
         self._nacks = NackStreak(ROUTING_NACK_STREAK, ROUTING_NACKS_DESPITE_ACKS)  # a new channel: no streak

@@ -105,3 +105,16 @@ def test_an_owner_stands_by_after_standby_max_whatever_the_board_says(monkeypatc
     assert wire.subscribed == ["warren.routes.0", "warren.routes.12"]
     owner.tick(1000.0 + STANDBY_MAX)
     assert len(wire.subscribed) == 16
+
+
+def test_a_worker_that_lost_its_connection_is_waited_for_until_it_takes_its_own_again() -> None:
+    """RabbitMQ closed both workers' connections: the first back must not stand by for the other's
+    partitions on the strength of that one's stamp from before its loss."""
+    board = StandbyBoard()
+    board.took_own(0, now=100.0)
+    board.took_own(1, now=100.5)
+    board.left(1)
+    board.took_own(0, now=102.0)  # worker 0 reconnected first
+    assert not board.may_stand_by(2, connected_at=102.0, now=110.0)
+    board.took_own(1, now=111.0)
+    assert board.may_stand_by(2, connected_at=102.0, now=111.0 + SETTLE)
