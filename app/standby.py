@@ -11,7 +11,8 @@ and with a fixed 2 s delay the first to connect owned 9 of the 16 partitions in 
 So the workers of one gunicorn instance share a board: an anonymous shared mapping that
 the master makes before it forks (gunicorn.conf.py imports this module), one stamp per
 worker slot. A worker stamps its slot (`took_own`) once it has subscribed to its own
-partitions, and stands by once every slot's stamp is recent and SETTLE old (`all_took_own`),
+partitions, clears it when its connection goes (`left`: one back first must wait for it),
+and stands by once every slot's stamp is recent and SETTLE old (`all_took_own`),
 or STANDBY_MAX after its connect whatever the board says (a worker that never came up, or
 a lone worker reconnecting long after the others: waiting costs nothing then, since the
 others stand by already). Outside gunicorn (tests, one process) the board is the
@@ -38,11 +39,14 @@ class StandbyBoard:
 
     def took_own(self, slot: int, now: float | None = None) -> None:
         """The worker of `slot` has subscribed to the partitions it prefers."""
-        _STAMP.pack_into(self._stamps, (slot % SLOTS) * _STAMP.size, time.monotonic() if now is None else now)
+        self._stamp(slot, time.monotonic() if now is None else now)
 
     def left(self, slot: int) -> None:
         """The worker of `slot` lost its connection: until it takes its own again, others wait for it."""
-        _STAMP.pack_into(self._stamps, (slot % SLOTS) * _STAMP.size, 0.0)
+        self._stamp(slot, 0.0)
+
+    def _stamp(self, slot: int, value: float) -> None:
+        _STAMP.pack_into(self._stamps, (slot % SLOTS) * _STAMP.size, value)
 
     def may_stand_by(self, slots: int, connected_at: float, now: float) -> bool:
         """Whether a worker that connected at `connected_at` may subscribe to the partitions it does not prefer."""
